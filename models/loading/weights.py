@@ -1,0 +1,74 @@
+"""Fill a model's parameters from tensors named as in Hugging Face checkpoints, checking shapes.
+
+Every source format (safetensors, GGUF) is first mapped to HF names and HF layouts ([out, in]
+for projections); this file alone knows how HF tensors map onto our NNX parameter tree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import ModelConfig
+
+TensorGetter = Callable[[str], np.ndarray]  # HF tensor name -> array (raises KeyError if absent)
+
+
+def _hf_name(path: tuple) -> str:
+    """Our parameter path -> the HF tensor name (Llama naming)."""
+    parts = [str(p) for p in path]
+    if parts[0] == "embed_tokens":
+        return "model.embed_tokens.weight"
+    if parts[0] == "lm_head":
+        return f"lm_head.{'weight' if parts[-1] == 'kernel' else 'bias'}"
+    leaf = "weight" if parts[-1] in ("kernel", "weight") else "bias"
+    return "model." + ".".join(parts[:-1] + [leaf])
+
+
+def _to_ours(hf: np.ndarray, ours_shape: tuple[int, ...], is_kernel: bool, n_in: int) -> np.ndarray:
+    """HF layout -> ours: projections [out, in] become [*in_shape, *out_shape]."""
+    if not is_kernel:
+        return hf.reshape(ours_shape)
+    in_size = math.prod(ours_shape[:n_in])
+    return hf.reshape(-1, in_size).T.reshape(ours_shape)
+
+
+def _expected_hf_shape(ours_shape: tuple[int, ...], is_kernel: bool, n_in: int, name: str) -> tuple[int, ...]:
+    if name == "model.embed_tokens.weight":
+        return ours_shape
+    if not is_kernel:
+        return (math.prod(ours_shape),) if len(ours_shape) > 1 else ours_shape
+    return (math.prod(ours_shape[n_in:]), math.prod(ours_shape[:n_in]))
+
+
+def _kernel_inputs(path: tuple) -> int:
+    """Number of input axes of a projection kernel (o_proj reads [heads, head_dim])."""
+    return 2 if "o_proj" in [str(p) for p in path] else 1
+
+
+def fill_params(abstract_model: nnx.Module, get_tensor: TensorGetter, dtype: jnp.dtype,
+                sharding_for: Callable[[tuple], jax.sharding.Sharding | None] = lambda path: None) -> nnx.Module:
+    """Materialise `abstract_model` (from nnx.eval_shape) tensor by tensor from `get_tensor`."""
+    graphdef, state = nnx.split(abstract_model)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        name = _hf_name(path)
+        is_kernel = str(path[-1]) == "kernel"
+        n_in = _kernel_inputs(path)
+        ours_shape = tuple(var.get_value().shape)
+        try:
+            hf = get_tensor(name)
+        except KeyError:
+            raise ValueError(f"checkpoint is missing tensor {name!r}") from None
+        expected = _expected_hf_shape(ours_shape, is_kernel, n_in, name)
+        if tuple(hf.shape) != expected:
+            raise ValueError(f"tensor {name!r} has shape {tuple(hf.shape)} but the config expects {expected}")
+        value = jnp.asarray(_to_ours(np.asarray(hf), ours_shape, is_kernel, n_in), dtype=dtype)
+        sharding = sharding_for(path)
+        flat.append((path, var.replace(jax.device_put(value, sharding) if sharding else value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
