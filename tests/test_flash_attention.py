@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import ops
+from test_kernel_lowering import race_checked_interpret
 
 
 def attention_np(q, k, v, q_pos, causal, window, sinks, scale):
@@ -108,3 +109,40 @@ def test_bad_arguments_raise():
   q, k, v, _ = random_qkv(0, 1, 4, 2, 2, 2, 8)
   with pytest.raises(ValueError, match="more queries"):
     fa.flash_attention_reference(q, k, v)
+
+
+SMALL_BLOCKS = fa.FlashAttentionConfig(block_rows=64, block_kv=64)
+
+# (B, T, S, Hq, Hkv, D, causal, window, sinks, dtype): several row tiles and KV blocks, T < S,
+# S not a multiple of block_kv, GQA 1/4/8, a window cutting through blocks, sinks.
+KERNEL_CASES = {
+    "gqa4_chunk_after_context_sinks": (1, 40, 150, 8, 2, 64, True, None, True, jnp.bfloat16),
+    "gqa1_window_multi_block": (2, 100, 100, 2, 2, 64, True, 30, False, jnp.bfloat16),
+    "gqa8_f16_window_sinks": (1, 24, 130, 8, 1, 64, True, 70, True, jnp.float16),
+    "f32_noncausal_head_dim_128": (1, 20, 70, 4, 4, 128, False, None, False, jnp.float32),
+    "f32_tiny_llama_head_dim_16": (2, 9, 9, 4, 2, 16, True, None, True, jnp.float32),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_kernel_interpret_matches_float64(name):
+  b, t, s, hq, hkv, d, causal, window, with_sinks, dtype = KERNEL_CASES[name]
+  q, k, v, sinks = random_qkv(len(name), b, t, s, hq, hkv, d, dtype, with_sinks)
+  with race_checked_interpret() as params:
+    got = fa.flash_attention_kernel(q, k, v, causal=causal, sliding_window=window, sinks=sinks,
+                                    interpret=params, config=SMALL_BLOCKS)
+  assert got.dtype == dtype
+  want = flash_np(q, k, v, causal, window, sinks, None)
+  tol = 1e-4 if dtype == jnp.float32 else 3e-2  # f32 stays f32 in interpret mode
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.slow
+def test_ops_interpret_matches_xla():
+  q, k, v, sinks = random_qkv(13, 1, 16, 32, 4, 1, 64, jnp.bfloat16, with_sinks=True)
+  with race_checked_interpret():
+    got = ops.flash_attention(q, k, v, sinks=sinks, impl="interpret")
+  want = ops.flash_attention(q, k, v, sinks=sinks, impl="xla")
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=3e-2, rtol=3e-2)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import ops
+from test_kernel_lowering import race_checked_interpret
 
 
 def grouped_np(lhs, rhs, group_sizes, group_offset=0):
@@ -79,3 +80,52 @@ def test_ops_xla_and_bad_arguments():
     ops.grouped_matmul(lhs, rhs, group_sizes, impl="fast")
   with pytest.raises(ValueError, match="contracting"):
     gmm.grouped_matmul_reference(lhs, rhs[:, :4], group_sizes)
+
+
+SMALL_TILES = gmm.GroupedMatmulConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
+
+# (M, K, N, group_sizes, num_rhs, group_offset): M not a multiple of the tile, empty groups,
+# groups straddling tiles, padding rows, an expert-parallel shard that starts mid-tile.
+KERNEL_CASES = {
+    "ragged_empty_groups_padding": (150, 128, 128, [30, 0, 100, 7], None, 0),
+    "one_row_groups_many_tiles": (70, 64, 192, [1, 1, 0, 64, 2], None, 0),
+    "shard_starts_mid_tile": (100, 128, 64, [13, 40, 0, 30, 9], 2, 1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_kernel_interpret_matches_float64(name):
+  m, k, n, sizes, num_rhs, offset = KERNEL_CASES[name]
+  lhs, rhs, group_sizes = random_gmm(len(name), m, k, n, sizes, num_rhs, jnp.bfloat16)
+  with race_checked_interpret() as params:
+    got = gmm.grouped_matmul_kernel(lhs, rhs, group_sizes, group_offset=offset,
+                                    interpret=params, config=SMALL_TILES)
+  assert got.dtype == jnp.bfloat16
+  want = grouped_np(lhs, rhs, sizes, offset)
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_ops_interpret_f32_tiny_dims_matches_xla():
+  """f32 stays f32 in interpret mode; K=32 and N=48 (tiny test models) are padded to tiles."""
+  lhs, rhs, group_sizes = random_gmm(12, 40, 32, 48, [16, 0, 20])
+  with race_checked_interpret():
+    got = ops.grouped_matmul(lhs, rhs, group_sizes, impl="interpret")
+  want = ops.grouped_matmul(lhs, rhs, group_sizes, impl="xla")
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_tile_schedule_covers_each_row_once():
+  sizes, start, m, block_m = jnp.asarray([5, 0, 70, 1, 0, 60]), jnp.int32(3), 150, 64
+  group, block, lo, hi = map(np.asarray, gmm.tile_schedule(sizes, start, m, block_m))
+  assert len(group) == -(-m // block_m) + len(sizes) - 1
+  owner = np.full(m, -1)
+  for g, b, a, e in zip(group, block, lo, hi):
+    assert b * block_m <= a and (e <= a or e <= (b + 1) * block_m)
+    assert (owner[a:e] == -1).all()
+    owner[a:e] = g
+  want = np.full(m, -1)
+  want[3:139] = np.repeat(np.arange(6), [5, 0, 70, 1, 0, 60])
+  np.testing.assert_array_equal(owner, want)

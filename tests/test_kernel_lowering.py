@@ -18,6 +18,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh
 
+from pallas_kernels import flash_attention as fa
+from pallas_kernels import grouped_matmul as gmm
+from pallas_kernels import ops
 from pallas_kernels import paged_attention as pa
 
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
@@ -34,7 +37,12 @@ def race_checked_interpret():
   """Yields GPU interpret params with race detection; fails on races; always resets state.
 
   Interpreter state is process-global and an exception leaves it dirty, so reset on both ends.
+  On an H100/H200 it yields None instead: the same tests then run the compiled kernels
+  (scripts/gpu_checklist.sh).
   """
+  if ops.is_sm90_gpu():
+    yield None
+    return
   gpu_interpret.reset_gpu_interpret_mode_state()
   try:
     yield plgpu.InterpretGPUParams(detect_races=True)
@@ -99,6 +107,13 @@ PAGED_SHAPES = {
 }
 
 
+def test_paged_attention_f32_cache_lowers_as_bf16():
+  """Compiled for the GPU, an f32 cache goes through the kernel as bf16 (f32 wgmma is tf32)."""
+  args = [jax.ShapeDtypeStruct(a.shape, jnp.float32 if a.dtype == BF16 else a.dtype)
+          for a in paged_args(batch=4, q_len=1, hq=8, hkv=2, d=64, page_size=16, context=512)]
+  assert "mosaic_gpu" in lower_for_cuda(pa.paged_attention_kernel, *args)
+
+
 @pytest.mark.parametrize("name", list(PAGED_SHAPES))
 def test_paged_attention_lowers_for_h100(name):
   batch, q_len, hq, hkv, d, page_size, context, window, with_sinks = PAGED_SHAPES[name]
@@ -107,3 +122,49 @@ def test_paged_attention_lowers_for_h100(name):
   f = lambda *a: pa.paged_attention_kernel(*a[:5], sliding_window=window, sinks=a[5])
   text = lower_for_cuda(f, *args, sinks)
   assert "mosaic_gpu" in text
+
+
+# name: (M rows = tokens x top-k, K, N, experts): gpt-oss-120b (hidden = intermediate = 2880,
+# gate and up fused) and DeepSeek-V3 (hidden 7168, moe intermediate 2048) expert GEMMs.
+GROUPED_SHAPES = {
+    "gpt_oss_120b_gate_up": (4096 * 4, 2880, 2 * 2880, 128),
+    "gpt_oss_120b_down": (4096 * 4, 2880, 2880, 128),
+    "deepseek_v3_gate_up": (4096 * 8, 7168, 2 * 2048, 256),
+    "deepseek_v3_down_decode": (64 * 8, 2048, 7168, 256),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUPED_SHAPES))
+def test_grouped_matmul_lowers_for_h100(name):
+  m, k, n, experts = GROUPED_SHAPES[name]
+  args = (sds((m, k)), sds((experts, k, n)), sds((experts,), jnp.int32))
+  assert "mosaic_gpu" in lower_for_cuda(gmm.grouped_matmul_kernel, *args)
+
+
+def test_grouped_matmul_expert_shard_lowers_for_h100():
+  m, k, n, experts = GROUPED_SHAPES["gpt_oss_120b_down"]
+  args = (sds((m, k)), sds((experts // 8, k, n)), sds((experts,), jnp.int32),
+          sds((), jnp.int32))
+  f = lambda lhs, rhs, sizes, offset: gmm.grouped_matmul_kernel(lhs, rhs, sizes,
+                                                                group_offset=offset)
+  assert "mosaic_gpu" in lower_for_cuda(f, *args)
+
+
+# name: (batch, T, S, Hq, Hkv, D, window, sinks): Llama-3-8B prefill 1k-8k and a chunk after
+# context; gpt-oss-120b (64 q heads, 8 kv heads, head_dim 64, window 128, sinks).
+FLASH_SHAPES = {
+    "llama3_8b_prefill_1k": (8, 1024, 1024, 32, 8, 128, None, False),
+    "llama3_8b_prefill_8k": (1, 8192, 8192, 32, 8, 128, None, False),
+    "llama3_8b_chunk_512_after_4k": (1, 512, 4608, 32, 8, 128, None, False),
+    "gpt_oss_prefill_4k_window_sinks": (1, 4096, 4096, 64, 8, 64, 128, True),
+}
+
+
+@pytest.mark.parametrize("name", list(FLASH_SHAPES))
+def test_flash_attention_lowers_for_h100(name):
+  batch, t, s, hq, hkv, d, window, with_sinks = FLASH_SHAPES[name]
+  args = (sds((batch, t, hq, d)), sds((batch, s, hkv, d)), sds((batch, s, hkv, d)),
+          sds((hq,), jnp.float32) if with_sinks else None)
+  f = lambda q, k, v, sinks: fa.flash_attention_kernel(q, k, v, sliding_window=window,
+                                                       sinks=sinks)
+  assert "mosaic_gpu" in lower_for_cuda(f, *args)

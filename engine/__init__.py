@@ -1,0 +1,7 @@
+"""The serving engine: paged KV cache, continuous batching, jitted multi-step decode."""
+
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.request import RequestOutput, SamplingParams
+
+__all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,80 @@
+"""EngineConfig: every engine knob in one frozen, self-validating object, plus its shape buckets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def powers_of_two_upto(limit: int, start: int = 1) -> tuple[int, ...]:
+    """start, 2*start, ... up to the first value >= limit (so every size <= limit has a bucket)."""
+    out = [start]
+    while out[-1] < limit:
+        out.append(out[-1] * 2)
+    return tuple(out)
+
+
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= n."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest shape bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Cache geometry, batching limits and step shapes.
+
+    max_num_batched_tokens bounds the tokens of one prefill step (chunked prefill splits longer
+    prompts into chunks of at most prefill_chunk tokens); decode_steps decode steps (sampling
+    included) run inside one jitted call between host checks of the stop conditions.
+    """
+
+    max_model_len: int
+    page_size: int = 16
+    num_pages: int | None = None
+    max_num_seqs: int = 64
+    prefill_chunk: int = 512
+    max_num_batched_tokens: int = 2048
+    decode_steps: int = 4
+    attention_impl: str = "auto"
+    kv_cache_bytes: int = 4 << 30  # pool budget when num_pages is None
+    min_context_bucket: int = 256  # smallest block-table width, in tokens
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "page_size", "max_num_seqs", "prefill_chunk",
+                     "max_num_batched_tokens", "decode_steps", "kv_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_chunk > self.max_num_batched_tokens:
+            raise ValueError(f"prefill_chunk={self.prefill_chunk} exceeds "
+                             f"max_num_batched_tokens={self.max_num_batched_tokens}")
+        if self.num_pages is not None and self.num_pages - 1 < self.pages_per_seq:
+            raise ValueError(f"num_pages={self.num_pages} is too small to hold even one request of "
+                             f"max_model_len={self.max_model_len} tokens: it needs {self.pages_per_seq} pages "
+                             f"of {self.page_size} tokens plus the reserved null page")
+
+    @property
+    def pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        return powers_of_two_upto(self.max_num_seqs)
+
+    @property
+    def chunk_buckets(self) -> tuple[int, ...]:
+        return powers_of_two_upto(self.prefill_chunk, start=min(16, self.prefill_chunk))
+
+    @property
+    def page_buckets(self) -> tuple[int, ...]:
+        """Block-table widths: powers of two from min_context_bucket tokens up to max_model_len + decode_steps.
+
+        Short contexts share one bucket: attending over a few padded pages costs less than compiling.
+        """
+        most = -(-(self.max_model_len + self.decode_steps) // self.page_size)
+        return powers_of_two_upto(most, start=min(most, max(1, self.min_context_bucket // self.page_size)))
+
+    def prefill_rows(self, chunk: int) -> int:
+        """Most prefill rows of width `chunk` one step may hold."""
+        return max(1, min(self.max_num_seqs, self.max_num_batched_tokens // chunk))

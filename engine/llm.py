@@ -1,0 +1,200 @@
+"""LLM: the engine's public API (generate, stream, chat) and its step loop.
+
+A step is: the scheduler picks prefill chunks or decode requests, the runner runs one jitted
+call, and the host appends the sampled tokens, checks stop conditions and frees finished pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from engine import kv_cache
+from engine.config import EngineConfig
+from engine.page_allocator import PageAllocator
+from engine.request import Request, RequestOutput, SamplingParams, Status
+from engine.runner import ModelRunner, StepResult
+from engine.scheduler import Scheduler
+from models import LoadedModel, load_model
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """Paged-KV, continuously batched generation over one model."""
+
+    def __init__(self, model: str | LoadedModel = "smollm2-135m-instruct", *, dtype: str = "float32",
+                 page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 64,
+                 max_model_len: int | None = None, attention_impl: str = "auto", decode_steps: int = 4,
+                 prefill_chunk: int = 512, max_num_batched_tokens: int = 2048,
+                 kv_cache_bytes: int = 4 << 30, seed: int = 0):
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
+        cfg = self.model.config
+        max_model_len = max_model_len or cfg.max_position_embeddings
+        if max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context "
+                             f"({cfg.max_position_embeddings} tokens)")
+        config = EngineConfig(max_model_len=max_model_len, page_size=page_size, num_pages=num_pages,
+                              max_num_seqs=max_num_seqs, prefill_chunk=min(prefill_chunk, max_num_batched_tokens),
+                              max_num_batched_tokens=max_num_batched_tokens, decode_steps=decode_steps,
+                              attention_impl=attention_impl, kv_cache_bytes=kv_cache_bytes)
+        if num_pages is None:
+            useful = max_num_seqs * (config.pages_per_seq + 1)
+            num_pages = kv_cache.pages_for_budget(cfg, page_size, self.model.dtype, kv_cache_bytes, useful)
+            config = dataclasses.replace(config, num_pages=num_pages)
+        self.config = config
+        logging.info(kv_cache.summary(cfg, num_pages, page_size, self.model.dtype))
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(config, self.allocator)
+        cache = kv_cache.allocate(cfg, num_pages, page_size, self.model.dtype)
+        self.runner = ModelRunner(self.model.model, cache, config)
+        self._ids = itertools.count()
+        self._seeds = np.random.default_rng(seed)
+        tokenizer = self.model.tokenizer
+        self._eos = set(tokenizer.eos_token_ids) if tokenizer else set()
+
+    # ---- requests -------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.model.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token-id lists")
+            return self.model.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def _validate(self, ids: list[int]) -> None:
+        vocab, limit = self.model.config.vocab_size, self.config.max_model_len
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= limit:
+            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {limit} "
+                             f"(the prompt plus at least one output token must fit)")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> Request:
+        """Validate and enqueue; a bad request raises ValueError and leaves the others untouched."""
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        self._validate(ids)
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**32))
+        request = Request(next(self._ids), ids, params, seed,
+                          max_total_len=min(len(ids) + params.max_tokens, self.config.max_model_len))
+        self.scheduler.add(request)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one engine step; returns the requests that finished in it."""
+        plan = self.scheduler.schedule()
+        finished = []
+        if plan.prefill:
+            result = self.runner.prefill(plan.prefill)
+            now = time.perf_counter()
+            for i, chunk in enumerate(plan.prefill):
+                chunk.request.num_computed = chunk.start + chunk.length
+                if chunk.completes_prefill and self._append(chunk.request, result, i, 0, now):
+                    finished.append(chunk.request)
+        elif plan.decode:
+            result = self.runner.decode(plan.decode)
+            now = time.perf_counter()
+            for i, request in enumerate(plan.decode):
+                for j in range(self.config.decode_steps):
+                    request.num_computed += 1
+                    if self._append(request, result, i, j, now):
+                        finished.append(request)
+                        break
+        for request in finished:
+            self.scheduler.finish(request)
+        return finished
+
+    def _append(self, request: Request, result: StepResult, row: int, col: int, now: float) -> bool:
+        """Record one sampled token; True when the request is finished."""
+        token = int(result.tokens[row, col])
+        request.output_token_ids.append(token)
+        request.output_logprobs.append(float(result.logprobs[row, col]))
+        request.metrics.token_times.append(now)
+        if request.metrics.first_token is None:
+            request.metrics.first_token = now
+        params = request.params
+        reason = None
+        if (token in self._eos and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"
+        elif len(request.tokens) >= request.max_total_len:
+            reason = "length"
+        if params.stop and self._hit_stop_string(request):
+            reason = "stop"
+        if reason:
+            request.finish_reason = reason
+            request.metrics.finished = now
+            if not params.stop:
+                request.text = self._decode(request.output_token_ids)
+        return reason is not None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.model.tokenizer.decode(ids) if self.model.tokenizer else ""
+
+    def _hit_stop_string(self, request: Request) -> bool:
+        """Update the text; on a stop string, cut the text before it."""
+        request.text = self._decode(request.output_token_ids)
+        hits = [i for i in (request.text.find(s) for s in request.params.stop) if i >= 0]
+        if hits:
+            request.text = request.text[:min(hits)]
+        return bool(hits)
+
+    # ---- convenience APIs -----------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
+                 = None, *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in prompt order. All are validated before any starts."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        for i, prompt in enumerate(prompts):
+            try:
+                self._validate(self._prompt_ids(prompt))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        requests = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        with tqdm(total=len(requests), disable=not use_tqdm, desc="generate") as bar:
+            while any(r.status is not Status.FINISHED for r in requests):
+                bar.update(sum(r in requests for r in self.step()))
+        return [r.output() for r in requests]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas as tokens arrive (other requests in flight keep being served)."""
+        return self.stream_request(self.add_request(prompt, params))
+
+    def stream_request(self, request: Request) -> Iterator[str]:
+        """`stream` for a request already added with `add_request` (its metrics stay readable)."""
+        emitted = 0
+        while request.status is not Status.FINISHED:
+            self.step()
+            text = request.text if request.status is Status.FINISHED else self._decode(request.output_token_ids)
+            if request.params.stop and request.status is not Status.FINISHED:
+                text = text[:max(0, len(text) - max(map(len, request.params.stop)) + 1)]
+            text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its next byte
+            if len(text) > emitted:
+                yield text[emitted:]
+                emitted = len(text)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, *,
+             use_tqdm: bool = False) -> RequestOutput:
+        """Apply the checkpoint's chat template and generate the assistant's reply."""
+        if self.model.tokenizer is None:
+            raise ValueError("this model has no tokenizer (and so no chat template)")
+        return self.generate([self.model.tokenizer.apply_chat_template(messages)], params, use_tqdm=use_tqdm)[0]
+
+    def warmup(self) -> int:
+        """Compile every shape bucket now (with all-padding batches); returns the number of shapes."""
+        return self.runner.warmup()

@@ -1,0 +1,83 @@
+"""On-device sampling for a whole batch: greedy, temperature, top-k, top-p, min-p, per-request seeds.
+
+A row's randomness is one uniform drawn from key(seed) folded with the position of the token being
+sampled, so a request's tokens never depend on which other requests share its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.request import SamplingParams
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling parameters [B]. top_k <= 0 disables top-k."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    seed: jax.Array
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], rows: int) -> "SamplingTensors":
+        """Host-side arrays for `rows` rows; padding rows are greedy."""
+        def column(values: list, fill, dtype) -> np.ndarray:
+            return np.array(values + [fill] * (rows - len(values)), dtype=dtype)
+        return cls(column([p.temperature for p in params], 0.0, np.float32),
+                   column([p.top_k for p in params], -1, np.int32),
+                   column([p.top_p for p in params], 1.0, np.float32),
+                   column([p.min_p for p in params], 0.0, np.float32),
+                   column(seeds, 0, np.uint32))
+
+
+def filtered_logits(logits: jax.Array, s: SamplingTensors) -> jax.Array:
+    """Temperature-scaled logits [B, V] with -inf outside top-k, then top-p, then min-p."""
+    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+    needs_sort = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
+    scaled = jax.lax.cond(needs_sort, _top_k_top_p, lambda x, _: x, scaled, s)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    keep = probs >= s.min_p[:, None] * probs.max(axis=-1, keepdims=True)
+    return jnp.where(keep, scaled, -jnp.inf)
+
+
+def _top_k_top_p(scaled: jax.Array, s: SamplingTensors) -> jax.Array:
+    vocab = scaled.shape[-1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)[:, None]
+    rank = jnp.arange(vocab)[None, :]
+    probs = jax.nn.softmax(jnp.where(rank < k, sorted_desc, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    num_keep = jnp.sum((rank < k) & (mass_before < s.top_p[:, None]), axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_desc, jnp.maximum(num_keep, 1) - 1, axis=-1)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def _inverse_cdf_sample(logits: jax.Array, s: SamplingTensors, positions: jax.Array) -> jax.Array:
+    """One uniform per row and a cumulative sum: cheaper than a Gumbel draw per vocab entry."""
+    probs = jax.nn.softmax(filtered_logits(logits, s), axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions)
+    u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]: never lands on a zero-probability token
+    index = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
+    return jnp.minimum(index, logits.shape[-1] - 1).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, s: SamplingTensors, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Token ids [B] and their log-probabilities under the unfiltered model distribution [B].
+
+    positions [B]: the position the sampled token will occupy (its random stream index).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = jax.lax.cond(jnp.all(s.temperature == 0), lambda: greedy,
+                          lambda: jnp.where(s.temperature == 0, greedy, _inverse_cdf_sample(logits, s, positions)))
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,56 @@
+"""Stream a completion (or a chat answer) to stdout, then one line of timings.
+
+  python scripts/generate.py --model=smollm2-135m-instruct --chat --prompt="What is the capital of France?"
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from absl import app, flags  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+
+MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "preset, .gguf file, HF dir or orbax dir")
+PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "the prompt (a user message with --chat)")
+CHAT = flags.DEFINE_bool("chat", False, "wrap the prompt in the checkpoint's chat template")
+DTYPE = flags.DEFINE_string("dtype", "float32", "parameter and cache dtype")
+MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "most tokens to generate")
+TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy")
+TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+TOP_K = flags.DEFINE_integer("top_k", -1, "-1 disables top-k")
+MIN_P = flags.DEFINE_float("min_p", 0.0, "min-p filter")
+SEED = flags.DEFINE_integer("seed", None, "per-request sampling seed")
+PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "tokens per KV page")
+NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from the memory budget)")
+MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 8, "most concurrent sequences")
+MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 2048, "longest prompt + output")
+DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted call")
+ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "pallas", "interpret", "xla"], "attention ops")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    llm = LLM(MODEL.value, dtype=DTYPE.value, page_size=PAGE_SIZE.value, num_pages=NUM_PAGES.value,
+              max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
+              decode_steps=DECODE_STEPS.value, attention_impl=ATTENTION_IMPL.value)
+    params = SamplingParams(temperature=TEMPERATURE.value, top_p=TOP_P.value, top_k=TOP_K.value,
+                            min_p=MIN_P.value, seed=SEED.value, max_tokens=MAX_TOKENS.value)
+    prompt = PROMPT.value
+    if CHAT.value:
+        prompt = llm.model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    start = time.perf_counter()
+    request = llm.add_request(prompt, params)
+    for delta in llm.stream_request(request):
+        print(delta, end="", flush=True)
+    end = time.perf_counter()
+    n = len(request.output_token_ids)
+    decode_s = request.metrics.token_times[-1] - request.metrics.token_times[0]
+    print(f"\n[TTFT {request.metrics.ttft * 1e3:.0f} ms (includes compilation) | {n} tokens in {end - start:.2f} s | "
+          f"decode {(n - 1) / decode_s if decode_s > 0 else float('nan'):.1f} tok/s | finish: {request.finish_reason}]")
+
+
+if __name__ == "__main__":
+    app.run(main)

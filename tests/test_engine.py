@@ -1,0 +1,177 @@
+"""The engine end to end on tiny-llama and SmolLM2: greedy parity with the no-cache forward,
+preemption, compilation counting, seeds, stop conditions and bad input."""
+
+import numpy as np
+import pytest
+
+from engine import LLM, SamplingParams
+from models import load_model
+from tests.engine_helpers import count_compilations, greedy_reference
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama")
+
+
+def tiny_llm(model, **overrides) -> LLM:
+    kwargs = dict(page_size=8, max_model_len=128, max_num_seqs=8, prefill_chunk=32,
+                  max_num_batched_tokens=64, decode_steps=4)
+    return LLM(model, **{**kwargs, **overrides})
+
+
+def random_prompts(seed: int, n: int, vocab: int, low: int, high: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, vocab, rng.integers(low, high))] for _ in range(n)]
+
+
+def test_tiny_greedy_matches_forward(tiny):
+    """16 prompts crossing page (8) and chunk (32) boundaries at concurrency 8."""
+    prompts = random_prompts(0, 16, 256, 1, 100)
+    llm = tiny_llm(tiny)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == greedy_reference(tiny, prompts, GREEDY.max_tokens, pad_to=128)
+    assert all(o.finish_reason == "length" for o in outs)
+
+
+def test_smollm2_greedy_matches_forward(smollm2):
+    prompts = random_prompts(1, 16, smollm2.config.vocab_size, 2, 60)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    llm = LLM(smollm2, page_size=16, max_model_len=128, max_num_seqs=8, prefill_chunk=32,
+              max_num_batched_tokens=128, decode_steps=3)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == greedy_reference(smollm2, prompts, params.max_tokens, pad_to=72)
+
+
+def test_smollm2_chat_answer(smollm2, smollm2_reference):
+    llm = LLM(smollm2, max_model_len=256, max_num_seqs=2)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0.0, max_tokens=32))
+    assert out.token_ids == list(smollm2_reference["greedy_chat_ids"])
+    assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
+    assert out.metrics.ttft > 0 and out.metrics.e2e >= out.metrics.ttft and out.metrics.tpot > 0
+
+
+def test_preemption_keeps_outputs_and_frees_pages(tiny):
+    prompts = random_prompts(2, 12, 256, 20, 60)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    expected = [o.token_ids for o in tiny_llm(tiny).generate(prompts, params, use_tqdm=False)]
+    # The workload needs ~8 x 90 / 8 = 90 pages at once; give it 17 (one max_model_len request).
+    small = tiny_llm(tiny, num_pages=17)
+    preemptions = []
+    original = small.scheduler._preempt
+    small.scheduler._preempt = lambda r: (preemptions.append(r.request_id), original(r))
+    outs = small.generate(prompts, params, use_tqdm=False)
+    assert preemptions, "the small pool should have forced preemption"
+    assert [o.token_ids for o in outs] == expected
+    assert small.allocator.num_free == small.config.num_pages - 1
+
+
+def test_no_recompilation_in_steady_state(tiny):
+    llm = tiny_llm(tiny)
+    llm.warmup()
+    rng = np.random.default_rng(3)
+    prompts = random_prompts(4, 100, 256, 1, 100)
+    params = [SamplingParams(temperature=float(rng.choice([0.0, 0.7, 1.3])), top_k=int(rng.choice([-1, 5])),
+                             top_p=float(rng.choice([1.0, 0.9])), min_p=float(rng.choice([0.0, 0.1])),
+                             max_tokens=int(rng.integers(1, 25)), seed=int(rng.integers(1000)))
+              for _ in prompts]
+    with count_compilations() as compiles:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert compiles[0] == 0
+    assert all(1 <= len(o.token_ids) <= p.max_tokens for o, p in zip(outs, params))
+
+
+def test_seeded_sampling_independent_of_batch(tiny):
+    prompt = random_prompts(5, 1, 256, 10, 11)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=1234, ignore_eos=True)
+    alone = tiny_llm(tiny).generate([prompt], params, use_tqdm=False)[0].token_ids
+    others = random_prompts(6, 7, 256, 5, 40)
+    mixed = tiny_llm(tiny).generate(others[:3] + [prompt] + others[3:],
+                                    [SamplingParams(temperature=1.0, max_tokens=20)] * 3 + [params]
+                                    + [SamplingParams(temperature=1.0, max_tokens=20)] * 4, use_tqdm=False)
+    assert mixed[3].token_ids == alone
+    unseeded = tiny_llm(tiny).generate([prompt], SamplingParams(temperature=1.0, max_tokens=20, seed=99,
+                                                                ignore_eos=True), use_tqdm=False)[0]
+    assert unseeded.token_ids != alone  # the seed matters
+
+
+def test_stop_conditions(smollm2):
+    llm = LLM(smollm2, max_model_len=256, max_num_seqs=4)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = smollm2.tokenizer.apply_chat_template(messages)
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=32, stop=["France"]), use_tqdm=False)[0]
+    assert out.text == "The capital of " and out.finish_reason == "stop"
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=(3575,)),
+                       use_tqdm=False)[0]
+    assert out.token_ids == [504, 3575] and out.finish_reason == "stop"
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3, logprobs=True), use_tqdm=False)[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+    assert len(out.logprobs) == 3 and all(lp <= 0 for lp in out.logprobs)
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.token_ids) == 12 and out.token_ids[7] == 2  # went on past <|im_end|>
+    streamed = "".join(llm.stream(prompt, SamplingParams(temperature=0.0, max_tokens=32)))
+    assert streamed == "The capital of France is Paris."
+
+
+def test_logprobs_match_forward(tiny):
+    prompt = random_prompts(7, 1, 256, 12, 13)[0]
+    out = tiny_llm(tiny).generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, logprobs=True),
+                                  use_tqdm=False)[0]
+    logits = np.asarray(tiny.forward([prompt]))[0, -1].astype(np.float64)
+    expected = logits[out.token_ids[0]] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    assert abs(out.logprobs[0] - expected) < 1e-4
+
+
+@pytest.mark.parametrize("prompt,params,message", [
+    ([], None, "prompt is empty"),
+    (list(range(128)), None, "prompt has 128 tokens but max_model_len is 128"),
+    ([1, 2, 256], None, "token id 256 is outside the vocabulary"),
+    ([1, -1], None, "token id -1 is outside the vocabulary"),
+])
+def test_bad_requests_rejected_while_others_continue(tiny, prompt, params, message):
+    llm = tiny_llm(tiny)
+    good = [llm.add_request(p, GREEDY) for p in random_prompts(8, 3, 256, 5, 30)]
+    llm.step()
+    with pytest.raises(ValueError, match=message):
+        llm.add_request(prompt, params)
+    while llm.has_unfinished():
+        llm.step()
+    assert all(len(r.output_token_ids) == GREEDY.max_tokens for r in good)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_tokens=0), "max_tokens must be >= 1"),
+    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-2), "top_k must be -1"),
+    (dict(min_p=-0.1), r"min_p must be in \[0, 1\]"),
+    (dict(min_p=1.1), r"min_p must be in \[0, 1\]"),
+])
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_pool_too_small_for_one_request(tiny):
+    with pytest.raises(ValueError, match="num_pages=10 is too small to hold even one request of max_model_len=128"):
+        tiny_llm(tiny, num_pages=10)
+
+
+def test_generate_names_the_bad_prompt(tiny):
+    llm = tiny_llm(tiny)
+    with pytest.raises(ValueError, match="prompt 1: prompt is empty"):
+        llm.generate([[1, 2], []], GREEDY, use_tqdm=False)
+    assert not llm.has_unfinished()
+
+
+def test_interpret_kernels_match_xla(tiny):
+    """The engine through the Pallas kernels (GPU interpret mode on CPU) picks the same greedy tokens."""
+    prompts = random_prompts(9, 2, 256, 5, 20)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    xla = tiny_llm(tiny, attention_impl="xla", max_num_seqs=2).generate(prompts, params, use_tqdm=False)
+    interpret = tiny_llm(tiny, attention_impl="interpret", max_num_seqs=2).generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in interpret] == [o.token_ids for o in xla]
