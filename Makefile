@@ -33,3 +33,20 @@ test: setup
 
 clean:
 	rm -rf $(VENV)
+
+# Baselines for scripts/benchmark_serving.py --baseline=transformers,llamacpp: a separate Python 3.11
+# venv (torch CPU, transformers, accelerate, gguf; llama-cpp-python built from source, ~5 min).
+BASELINE_VENV := .venv-baselines
+TORCH_WHEEL := /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
+
+.PHONY: baselines
+baselines: setup
+	@PY311=$$(command -v python3.11 2>/dev/null); \
+	for d in $$HOME/.pyenv/versions/3.11*/bin/python3.11; do [ -z "$$PY311" ] && [ -x "$$d" ] && PY311=$$d; done; \
+	if [ -z "$$PY311" ]; then echo "error: Python 3.11 not found" >&2; exit 1; fi; \
+	[ -x $(BASELINE_VENV)/bin/python ] || $$PY311 -m venv $(BASELINE_VENV)
+	$(BASELINE_VENV)/bin/python -m pip install -q --upgrade pip
+	if [ -f $(TORCH_WHEEL) ]; then $(BASELINE_VENV)/bin/python -m pip install -q $(TORCH_WHEEL); \
+	else $(BASELINE_VENV)/bin/python -m pip install -q torch; fi
+	$(BASELINE_VENV)/bin/python -m pip install -q transformers accelerate gguf numpy absl-py
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BASELINE_VENV)/bin/python -m pip install -q llama-cpp-python

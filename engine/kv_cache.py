@@ -23,9 +23,23 @@ def pages_for_budget(config: ModelConfig, page_size: int, dtype: jnp.dtype, budg
     return min(budget_bytes // bytes_per_page(config, page_size, dtype), max_useful_pages + 1)
 
 
-def allocate(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> list[LayerCache]:
-    shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+def page_shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+    """The shape of one layer's K (or V) pages; for MLA the single latent "head" of
+    kv_lora_rank + qk_rope_head_dim values per token."""
+    if config.kv_lora_rank:
+        return (1, num_pages, page_size, config.kv_lora_rank + config.qk_rope_head_dim)
+    return (config.num_kv_heads, num_pages, page_size, config.head_dim)
+
+
+def allocate(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype,
+             sharding: jax.sharding.Sharding | None = None) -> list[LayerCache]:
+    """Zeroed K and V pages per layer (MLA: one latent tensor per layer), created directly in their
+    shards when `sharding` is given (sharding.rules.cache_sharding: kv heads over "tensor",
+    replicated when fewer than its size)."""
+    shape = page_shape(config, num_pages, page_size)
+    per_layer = 1 if config.kv_lora_rank else 2
+    return [tuple(jnp.zeros(shape, dtype, device=sharding) for _ in range(per_layer))
+            for _ in range(config.num_layers)]
 
 
 def summary(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> str:

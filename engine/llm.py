@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from engine import kv_cache
@@ -22,6 +23,7 @@ from engine.request import Request, RequestOutput, SamplingParams, Status
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import Scheduler
 from models import LoadedModel, load_model
+from sharding.rules import cache_sharding, shard_model
 
 Prompt = str | Sequence[int]
 
@@ -33,8 +35,17 @@ class LLM:
                  page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 64,
                  max_model_len: int | None = None, attention_impl: str = "auto", decode_steps: int = 4,
                  prefill_chunk: int = 512, max_num_batched_tokens: int = 2048,
-                 kv_cache_bytes: int = 4 << 30, seed: int = 0):
-        self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype)
+                 kv_cache_bytes: int = 4 << 30, seed: int = 0, mesh: Mesh | None = None):
+        """mesh: shard the parameters (sharding/rules.py, the model's rules) and the KV cache over it.
+
+        The cache splits its kv heads over "tensor"; with fewer kv heads than the tensor size every
+        device holds all of them (replicated), and the page pool is replicated over "data" and
+        "expert" (pages are shared by all sequences of the batch).
+        """
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, mesh=mesh)
+        if mesh is not None and self.model.mesh is None:
+            self.model = dataclasses.replace(self.model, model=shard_model(self.model.model, mesh, self.model.rules),
+                                             mesh=mesh)
         cfg = self.model.config
         max_model_len = max_model_len or cfg.max_position_embeddings
         if max_model_len > cfg.max_position_embeddings:
@@ -52,7 +63,9 @@ class LLM:
         logging.info(kv_cache.summary(cfg, num_pages, page_size, self.model.dtype))
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(config, self.allocator)
-        cache = kv_cache.allocate(cfg, num_pages, page_size, self.model.dtype)
+        sharding = None if self.model.mesh is None else cache_sharding(
+            kv_cache.page_shape(cfg, num_pages, page_size), self.model.mesh, self.model.rules)
+        cache = kv_cache.allocate(cfg, num_pages, page_size, self.model.dtype, sharding)
         self.runner = ModelRunner(self.model.model, cache, config)
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(seed)

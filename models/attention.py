@@ -32,23 +32,30 @@ class AttentionMetadata:
 
 
 def write_pages(pages: jax.Array, new_bqhd: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-    """Scatter new K or V [B, Q, Hkv, D] into pages [Hkv, N, P, D] at flat slots [B, Q]."""
-    hkv, num_pages, page_size, d = pages.shape
-    flat = pages.reshape(hkv, num_pages * page_size, d)
+    """Scatter new K or V [B, Q, Hkv, D] into pages [Hkv, N, P, D] at flat slots [B, Q].
+
+    Indexing (page, offset) directly, not a reshaped flat view: XLA then updates the donated
+    cache in place instead of copying the whole layer's pages every step.
+    """
+    hkv, _, page_size, d = pages.shape
+    slots = slot_mapping.reshape(-1)
     new_hnd = new_bqhd.reshape(-1, hkv, d).transpose(1, 0, 2).astype(pages.dtype)
-    return flat.at[:, slot_mapping.reshape(-1)].set(new_hnd).reshape(pages.shape)
+    return pages.at[:, slots // page_size, slots % page_size].set(new_hnd)
 
 
 class Attention(nnx.Module):
-    """GQA attention: q/k/v projections, rotary, attention through `pallas_kernels.ops`, output."""
+    """GQA attention: q/k/v/o projections (biases if config.attention_bias), rotary, attention
+    through `pallas_kernels.ops`; per-layer sliding window and learned sinks (gpt-oss) from config."""
 
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, layer: int = 0):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         bias = config.attention_bias
         self.q_proj = Linear((d,), (h, hd), ("embed", "q_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
         self.k_proj = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear((h, hd), (d,), ("q_heads", "head_dim", "embed"), dtype=dtype, rngs=rngs)
+        self.o_proj = Linear((h, hd), (d,), ("q_heads", "head_dim", "embed"), bias=bias, dtype=dtype, rngs=rngs)
+        self.sinks = nnx.Param(jnp.zeros((h,), dtype), logical_axes=("q_heads",)) if config.attention_sinks else None
+        self.sliding_window = config.layer_sliding_window(layer)
         self.rotary = RotaryEmbedding(config)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, cache: LayerCache | None,
@@ -56,12 +63,13 @@ class Attention(nnx.Module):
         q = self.rotary(self.q_proj(x_btd), positions_bt)  # [B, T, Hq, D]
         k = self.rotary(self.k_proj(x_btd), positions_bt)  # [B, T, Hkv, D]
         v = self.v_proj(x_btd)
+        kwargs = dict(sliding_window=self.sliding_window, sinks=None if self.sinks is None else self.sinks[...],
+                      impl=attention_impl)
         if cache is None:
-            out = ops.flash_attention(q, k, v, causal=True, impl=attention_impl)
+            out = ops.flash_attention(q, k, v, causal=True, **kwargs)
         else:
             k_pages = write_pages(cache[0], k, metadata.slot_mapping)
             v_pages = write_pages(cache[1], v, metadata.slot_mapping)
             cache = (k_pages, v_pages)
-            out = ops.paged_attention(q, k_pages, v_pages, metadata.block_tables,
-                                      metadata.context_lens, impl=attention_impl)
+            out = ops.paged_attention(q, k_pages, v_pages, metadata.block_tables, metadata.context_lens, **kwargs)
         return self.o_proj(out.astype(x_btd.dtype)), cache

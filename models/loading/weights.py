@@ -17,6 +17,10 @@ from flax import nnx
 from models.config import ModelConfig
 
 TensorGetter = Callable[[str], np.ndarray]  # HF tensor name -> array (raises KeyError if absent)
+# A model's own mapping for parameters the Llama naming does not cover: (our parameter path, its
+# shape, the getter) -> the array in our layout, or None to fall back to the default mapping
+# (raises KeyError if a tensor is absent).
+ParamLoader = Callable[[tuple[str, ...], tuple[int, ...], TensorGetter], "np.ndarray | None"]
 
 
 def _hf_name(path: tuple) -> str:
@@ -51,24 +55,44 @@ def _kernel_inputs(path: tuple) -> int:
     return 2 if "o_proj" in [str(p) for p in path] else 1
 
 
+def default_param(path: tuple, ours_shape: tuple[int, ...], get_tensor: TensorGetter) -> np.ndarray:
+    """One parameter through the Llama naming, shape-checked against the HF layout."""
+    name = _hf_name(path)
+    is_kernel = str(path[-1]) == "kernel"
+    n_in = _kernel_inputs(path)
+    hf = get_tensor(name)
+    expected = _expected_hf_shape(ours_shape, is_kernel, n_in, name)
+    if tuple(hf.shape) != expected:
+        raise ValueError(f"tensor {name!r} has shape {tuple(hf.shape)} but the config expects {expected}")
+    return _to_ours(np.asarray(hf), ours_shape, is_kernel, n_in)
+
+
+def _load_param(path: tuple, ours_shape: tuple[int, ...], get_tensor: TensorGetter,
+                param_loader: ParamLoader | None) -> np.ndarray:
+    try:
+        special = None if param_loader is None else param_loader(tuple(str(p) for p in path), ours_shape, get_tensor)
+        if special is None:
+            return default_param(path, ours_shape, get_tensor)
+    except KeyError as e:
+        raise ValueError(f"checkpoint is missing tensor {e.args[0]!r}") from None
+    if tuple(special.shape) != ours_shape:
+        raise ValueError(f"parameter {'.'.join(map(str, path))} loads with shape {tuple(special.shape)} "
+                         f"but the config expects {ours_shape}")
+    return special
+
+
 def fill_params(abstract_model: nnx.Module, get_tensor: TensorGetter, dtype: jnp.dtype,
-                sharding_for: Callable[[tuple], jax.sharding.Sharding | None] = lambda path: None) -> nnx.Module:
-    """Materialise `abstract_model` (from nnx.eval_shape) tensor by tensor from `get_tensor`."""
+                sharding_for: Callable[[tuple], jax.sharding.Sharding | None] = lambda path: None,
+                param_loader: ParamLoader | None = None) -> nnx.Module:
+    """Materialise `abstract_model` (from nnx.eval_shape) tensor by tensor from `get_tensor`.
+
+    param_loader: the architecture's mapping for parameters outside the Llama naming.
+    """
     graphdef, state = nnx.split(abstract_model)
     flat = []
     for path, var in nnx.to_flat_state(state):
-        name = _hf_name(path)
-        is_kernel = str(path[-1]) == "kernel"
-        n_in = _kernel_inputs(path)
         ours_shape = tuple(var.get_value().shape)
-        try:
-            hf = get_tensor(name)
-        except KeyError:
-            raise ValueError(f"checkpoint is missing tensor {name!r}") from None
-        expected = _expected_hf_shape(ours_shape, is_kernel, n_in, name)
-        if tuple(hf.shape) != expected:
-            raise ValueError(f"tensor {name!r} has shape {tuple(hf.shape)} but the config expects {expected}")
-        value = jnp.asarray(_to_ours(np.asarray(hf), ours_shape, is_kernel, n_in), dtype=dtype)
+        value = jnp.asarray(_load_param(path, ours_shape, get_tensor, param_loader), dtype=dtype)
         sharding = sharding_for(path)
         flat.append((path, var.replace(jax.device_put(value, sharding) if sharding else value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,0 +1,224 @@
+"""DeepSeek-V3: multi-head latent attention (MLA) and sigmoid group-routed MoE with a shared expert.
+
+MLA compresses each token's keys and values into a latent c (kv_lora_rank values, RMS-normed)
+plus one shared rotary key k_rope (qk_rope_head_dim values). Per head h:
+  k_h = [c W_uk_h, k_rope],  v_h = c W_uv_h  (W_uk, W_uv: the two halves of kv_b_proj)
+The no-cache forward expands k and v this way. The paged cache holds only [c, k_rope] (one "kv
+head" of kv_lora_rank + qk_rope_head_dim values) and attends with absorbed projections:
+  q_h . k_h = (q_nope_h W_uk_h^T) . c + q_rope_h . k_rope,   out_h = (sum_s p_s c_s) W_uv_h
+so the latent serves as both key and value of a single-head paged attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.attention import AttentionMetadata, write_pages
+from models.config import ModelConfig
+from models.layers import MLP, Embedding, Linear, RMSNorm, RotaryEmbedding
+from models.loading.weights import TensorGetter, default_param
+from models.moe import MoE
+from pallas_kernels import ops
+
+LatentCache = tuple[jax.Array]  # ([1, num_pages, page_size, kv_lora_rank + qk_rope_head_dim],)
+LORA_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with their default eps
+
+
+def softmax_scale(config: ModelConfig) -> float:
+    """1/sqrt(qk head dim), times YaRN's mscale(factor, mscale_all_dim)^2 when that is set."""
+    scale = config.head_dim ** -0.5
+    s = config.rope_scaling
+    if s is not None and s.kind == "yarn" and s.mscale_all_dim and s.factor > 1:
+        scale *= (0.1 * s.mscale_all_dim * math.log(s.factor) + 1.0) ** 2
+    return scale
+
+
+class MLAttention(nnx.Module):
+    """Multi-head latent attention; `__call__` picks the expanded (no cache) or the absorbed path."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        c = config
+        d, h, bias = c.hidden_size, c.num_heads, c.attention_bias
+        if c.q_lora_rank:
+            self.q_a_proj = Linear((d,), (c.q_lora_rank,), ("embed", "q_lora"), bias=bias, dtype=dtype, rngs=rngs)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, LORA_NORM_EPS, dtype=dtype)
+            self.q_b_proj = Linear((c.q_lora_rank,), (h, c.head_dim), ("q_lora", "q_heads", "head_dim"),
+                                   dtype=dtype, rngs=rngs)
+        else:
+            self.q_proj = Linear((d,), (h, c.head_dim), ("embed", "q_heads", "head_dim"), dtype=dtype, rngs=rngs)
+        self.kv_a_proj_with_mqa = Linear((d,), (c.kv_lora_rank + c.qk_rope_head_dim,), ("embed", "kv_lora"),
+                                         bias=bias, dtype=dtype, rngs=rngs)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LORA_NORM_EPS, dtype=dtype)
+        self.kv_b_proj = Linear((c.kv_lora_rank,), (h, c.qk_nope_head_dim + c.v_head_dim),
+                                ("kv_lora", "q_heads", "head_dim"), dtype=dtype, rngs=rngs)
+        self.o_proj = Linear((h, c.v_head_dim), (d,), ("q_heads", "head_dim", "embed"), bias=bias, dtype=dtype, rngs=rngs)
+        # The rotary embedding sees only the rope dims (a plain, non-MLA config of that head size).
+        self.rotary = RotaryEmbedding(dataclasses.replace(c, head_dim=c.qk_rope_head_dim, kv_lora_rank=0))
+        self.config = c
+        self.scale = softmax_scale(c)
+
+    def _rope(self, x_btnr: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        """Rotary on the rope dims; DeepSeek's interleaved pairs (x0, x1), (x2, x3) become halves first."""
+        if self.config.rope_interleave:
+            x_btnr = jnp.concatenate([x_btnr[..., 0::2], x_btnr[..., 1::2]], axis=-1)
+        return self.rotary(x_btnr, positions_bt)
+
+    def _queries(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """q_nope [B, T, H, nope] and rotated q_rope [B, T, H, rope]."""
+        if self.config.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_btd)))
+        else:
+            q = self.q_proj(x_btd)
+        q_nope, q_rope = jnp.split(q, [self.config.qk_nope_head_dim], axis=-1)
+        return q_nope, self._rope(q_rope, positions_bt)
+
+    def _latent(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Normed latent c [B, T, L] and rotated shared key k_rope [B, T, 1, rope]."""
+        c_kv, k_rope = jnp.split(self.kv_a_proj_with_mqa(x_btd), [self.config.kv_lora_rank], axis=-1)
+        return self.kv_a_layernorm(c_kv), self._rope(k_rope[:, :, None, :], positions_bt)
+
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, cache: LatentCache | None,
+                 metadata: AttentionMetadata | None, attention_impl: str) -> tuple[jax.Array, LatentCache | None]:
+        q_nope, q_rope = self._queries(x_btd, positions_bt)
+        c_btl, k_rope = self._latent(x_btd, positions_bt)
+        if cache is None:
+            out = self._expanded(q_nope, q_rope, c_btl, k_rope, attention_impl)
+        else:
+            out, cache = self._absorbed(q_nope, q_rope, c_btl, k_rope, cache, metadata, attention_impl)
+        return self.o_proj(out.astype(x_btd.dtype)), cache
+
+    def _expanded(self, q_nope: jax.Array, q_rope: jax.Array, c_btl: jax.Array, k_rope: jax.Array,
+                  impl: str) -> jax.Array:
+        """Per-head K [B, T, H, nope + rope] and V from the latent; causal flash attention."""
+        c = self.config
+        k_nope, v = jnp.split(self.kv_b_proj(c_btl), [c.qk_nope_head_dim], axis=-1)
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], c.qk_rope_head_dim))], axis=-1)
+        v_padded = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, c.head_dim - c.v_head_dim)))  # ops want one D
+        out = ops.flash_attention(q, k, v_padded, causal=True, scale=self.scale, impl=impl)
+        return out[..., :c.v_head_dim]
+
+    def _absorbed(self, q_nope: jax.Array, q_rope: jax.Array, c_btl: jax.Array, k_rope: jax.Array,
+                  cache: LatentCache, metadata: AttentionMetadata, impl: str) -> tuple[jax.Array, LatentCache]:
+        """Write [c, k_rope] into the latent pages; single-kv-head paged attention in latent space."""
+        nope = self.config.qk_nope_head_dim
+        w_kv = self.kv_b_proj.kernel[...]  # [L, H, nope + v]
+        w_uk, w_uv = w_kv[..., :nope], w_kv[..., nope:]
+        q_latent = jnp.einsum("bthn,lhn->bthl", q_nope, w_uk)
+        q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)  # [B, T, H, L + rope]
+        latent = jnp.concatenate([c_btl[:, :, None, :], k_rope.astype(c_btl.dtype)], axis=-1)  # [B, T, 1, L + rope]
+        pages = write_pages(cache[0], latent, metadata.slot_mapping)
+        out = ops.paged_attention(q, pages, pages, metadata.block_tables, metadata.context_lens,
+                                  scale=self.scale, impl=impl)
+        out_latent = out[..., :self.config.kv_lora_rank]  # the value is the latent part
+        return jnp.einsum("bthl,lhv->bthv", out_latent, w_uv), (pages,)
+
+
+class DeepseekBlock(nnx.Module):
+    """x + mla(norm(x)), then x + ffn(norm(x)); ffn is a dense MLP in the first layers, else MoE."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.self_attn = MLAttention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.is_moe = config.is_moe_layer(layer)
+        self.mlp = (MoE(config, dtype=dtype, rngs=rngs) if self.is_moe else
+                    MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None,
+                 metadata: AttentionMetadata | None, impl: str) -> tuple[jax.Array, LatentCache | None]:
+        h, cache = self.self_attn(self.input_layernorm(x), positions, cache, metadata, impl)
+        x = x + h
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, impl) if self.is_moe else self.mlp(h)), cache
+
+
+class MultiTokenPredictor(nnx.Module):
+    """One multi-token-prediction module (DeepSeek-V3 paper, section 2.2): the main model's hidden
+    state at t (hnorm) and the embedding of token t+1 (enorm), concatenated and projected
+    (eh_proj), go through one more block; shared_head_norm, then the shared LM head, predict token
+    t+2. Its weights load now; speculative decoding will run it (embeddings and head are shared)."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.enorm = RMSNorm(d, eps, dtype=dtype)
+        self.hnorm = RMSNorm(d, eps, dtype=dtype)
+        self.eh_proj = Linear((2 * d,), (d,), ("mlp", "embed"), dtype=dtype, rngs=rngs)
+        self.block = DeepseekBlock(config, layer, dtype=dtype, rngs=rngs)
+        self.shared_head_norm = RMSNorm(d, eps, dtype=dtype)
+
+
+class DeepseekV3(nnx.Module):
+    """The decoder stack. `__call__` returns final hidden states; `logits` applies the LM head."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DeepseekBlock(config, i, dtype=dtype, rngs=rngs) for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = Linear((config.hidden_size,), (config.vocab_size,), ("embed", "vocab"), dtype=dtype, rngs=rngs)
+        self.mtp = nnx.List([MultiTokenPredictor(config, config.num_layers + i, dtype=dtype, rngs=rngs)
+                             for i in range(config.num_mtp_layers)])
+
+    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_cache: list[LatentCache] | None = None,
+                 metadata: AttentionMetadata | None = None, *, attention_impl: str = "auto"
+                 ) -> tuple[jax.Array, list[LatentCache] | None]:
+        """Hidden states [B, T, D] after the final norm, and the updated per-layer latent pages.
+
+        attention_impl also picks the grouped-GEMM implementation of the experts.
+        """
+        x = self.embed_tokens(tokens_bt)
+        new_cache = [] if kv_cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions_bt, None if kv_cache is None else kv_cache[i], metadata, attention_impl)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        return self.norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [..., vocab] from final hidden states."""
+        return self.lm_head(hidden).astype(jnp.float32)
+
+
+
+def _stacked_experts(prefix: str, leaf: str, num_experts: int, get_tensor: TensorGetter) -> np.ndarray:
+    """Per-expert HF tensors experts.{i}.{gate,up,down}_proj.weight ([out, in]) -> our stacked [E, in, out]."""
+    def expert(i: int) -> np.ndarray:
+        if leaf == "down_proj":
+            return get_tensor(f"{prefix}.{i}.down_proj.weight").T
+        gate = get_tensor(f"{prefix}.{i}.gate_proj.weight").T
+        return np.concatenate([gate, get_tensor(f"{prefix}.{i}.up_proj.weight").T], axis=-1)
+    return np.stack([expert(i) for i in range(num_experts)])
+
+
+def _mtp_hf_path(config: ModelConfig, path: tuple[str, ...]) -> tuple[str, ...]:
+    """mtp.{i}.X -> layers.{num_layers + i}.X, the MTP module's place in the released checkpoints."""
+    rest = path[2:]
+    if rest[0] == "block":
+        rest = rest[1:]
+    elif rest[0] == "shared_head_norm":
+        rest = ("shared_head", "norm", *rest[1:])
+    return ("layers", str(config.num_layers + int(path[1])), *rest)
+
+
+def load_hf_param(config: ModelConfig, path: tuple[str, ...], shape: tuple[int, ...],
+                  get_tensor: TensorGetter) -> np.ndarray | None:
+    """Our parameter at `path` from DeepSeek-V3 HF tensors, for the names the Llama mapping lacks:
+    the router (HF `mlp.gate`), the per-expert weights and the MTP modules. None: default mapping."""
+    if path[0] == "mtp":
+        hf_path = _mtp_hf_path(config, path)
+        special = load_hf_param(config, hf_path, shape, get_tensor)
+        return default_param(hf_path, shape, get_tensor) if special is None else special
+    prefix = "model." + ".".join(path[:-1])
+    if path[-2] == "router":
+        gate = prefix[: -len("router")] + "gate"
+        return get_tensor(f"{gate}.weight").T if path[-1] == "kernel" else get_tensor(f"{gate}.{path[-1]}")
+    if path[-2] == "experts":
+        return _stacked_experts(prefix, path[-1], config.num_experts, get_tensor)
+    return None

@@ -1,0 +1,151 @@
+"""Mixture of experts: a router picks k experts per token, the experts run as grouped GEMMs.
+
+Two routing rules:
+  softmax_topk     (gpt-oss)      top-k of the router logits, softmax over those k;
+  sigmoid_grouped  (DeepSeek-V3)  sigmoid scores; choose with scores + a correction bias, first
+                                  the top `topk_group` of `n_group` groups (each scored by its two
+                                  best experts), then the top k experts inside them; weights are the
+                                  uncorrected scores, normalized, times `routed_scaling_factor`.
+The expert MLPs run on tokens sorted by expert through `ops.grouped_matmul`; impl="dense" runs
+every expert on every token and masks (the reference backend the tests compare against).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import MLP, _normal
+from pallas_kernels import ops
+from sharding import expert_parallel
+
+DENSE = "dense"  # the reference backend's impl name, beside ops.IMPLS
+
+
+def softmax_topk(logits_ne: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """gpt-oss routing: weights [N, k] = softmax of the k largest logits, expert ids [N, k]."""
+    top_nk, ids_nk = jax.lax.top_k(logits_ne, k)
+    return jax.nn.softmax(top_nk, axis=-1), ids_nk
+
+
+def sigmoid_grouped_topk(logits_ne: jax.Array, correction_bias_e: jax.Array, k: int, n_group: int,
+                         topk_group: int, normalize: bool, scale: float) -> tuple[jax.Array, jax.Array]:
+    """DeepSeek-V3 routing: group-limited top-k on sigmoid scores + correction bias."""
+    n, e = logits_ne.shape
+    scores_ne = jax.nn.sigmoid(logits_ne)
+    choice_ne = scores_ne + correction_bias_e
+    group_scores_ng = jax.lax.top_k(choice_ne.reshape(n, n_group, e // n_group), 2)[0].sum(-1)
+    _, groups_nt = jax.lax.top_k(group_scores_ng, topk_group)
+    group_mask_ng = jax.nn.one_hot(groups_nt, n_group, dtype=jnp.bool_).any(axis=1)
+    expert_mask_ne = jnp.repeat(group_mask_ng, e // n_group, axis=1)
+    _, ids_nk = jax.lax.top_k(jnp.where(expert_mask_ne, choice_ne, -jnp.inf), k)
+    weights_nk = jnp.take_along_axis(scores_ne, ids_nk, axis=1)
+    if normalize:
+        weights_nk = weights_nk / (weights_nk.sum(-1, keepdims=True) + 1e-20)
+    return weights_nk * scale, ids_nk
+
+
+class Router(nnx.Module):
+    """Router logits in float32 (linear, with a bias for gpt-oss) and the config's routing rule."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, e = config.hidden_size, config.num_experts
+        self.config = config
+        softmax = config.router == "softmax_topk"
+        self.kernel = nnx.Param(_normal(rngs, (d, e), dtype), logical_axes=("embed", "experts"))
+        self.bias = nnx.Param(jnp.zeros((e,), dtype), logical_axes=("experts",)) if softmax else None
+        self.e_score_correction_bias = (None if softmax else nnx.Param(
+            jnp.zeros((e,), jnp.float32), logical_axes=("experts",)))
+
+    def __call__(self, x_nd: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Routing weights [N, k] float32 and expert ids [N, k] int32."""
+        c = self.config
+        logits_ne = jnp.einsum("nd,de->ne", x_nd.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        if c.router == "softmax_topk":
+            return softmax_topk(logits_ne + self.bias[...].astype(jnp.float32), c.num_experts_per_tok)
+        return sigmoid_grouped_topk(logits_ne, self.e_score_correction_bias[...], c.num_experts_per_tok,
+                                    c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+
+
+def expert_activation(h_mf: jax.Array, config: ModelConfig) -> jax.Array:
+    """[gate | up] halves -> the gated hidden [M, F/2]."""
+    gate, up = jnp.split(h_mf, 2, axis=-1)
+    if config.expert_activation == "swiglu":
+        return jax.nn.silu(gate) * up
+    # gpt-oss: gate clamped above, up clamped both sides, sigmoid gain alpha, (up + 1) * glu.
+    gate = jnp.minimum(gate, config.swiglu_limit)
+    up = jnp.clip(up, -config.swiglu_limit, config.swiglu_limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * config.swiglu_alpha))
+
+
+class Experts(nnx.Module):
+    """E expert MLPs: gate_up_proj [E, D, 2I] ([gate | up] halves), down_proj [E, I, D], optional biases."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        e, d, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.config = config
+        self.gate_up_proj = nnx.Param(_normal(rngs, (e, d, 2 * i), dtype),
+                                      logical_axes=("experts", "embed", "expert_mlp"))
+        self.down_proj = nnx.Param(_normal(rngs, (e, i, d), dtype), logical_axes=("experts", "expert_mlp", "embed"))
+        biased = config.expert_activation == "gpt_oss_swiglu"
+        self.gate_up_proj_bias = (nnx.Param(jnp.zeros((e, 2 * i), dtype), logical_axes=("experts", "expert_mlp"))
+                                  if biased else None)
+        self.down_proj_bias = (nnx.Param(jnp.zeros((e, d), dtype), logical_axes=("experts", "embed"))
+                               if biased else None)
+
+    def _bias(self, bias: nnx.Param | None, expert_ids: jax.Array) -> jax.Array | float:
+        return 0.0 if bias is None else jnp.take(bias[...], expert_ids, axis=0)
+
+    def grouped(self, x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array, impl: str) -> jax.Array:
+        """Sort the N*k (token, expert) pairs by expert, two grouped GEMMs, weighted scatter-add."""
+        n, k = ids_nk.shape
+        flat_ids = ids_nk.reshape(-1)
+        order = jnp.argsort(flat_ids, stable=True)  # [N*k] pair index, grouped by expert
+        sorted_ids = flat_ids[order]
+        token = order // k
+        group_sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
+        h = ops.grouped_matmul(x_nd[token], self.gate_up_proj[...], group_sizes, impl=impl)
+        h = expert_activation(h + self._bias(self.gate_up_proj_bias, sorted_ids), self.config)
+        y = ops.grouped_matmul(h.astype(x_nd.dtype), self.down_proj[...], group_sizes, impl=impl)
+        y = (y + self._bias(self.down_proj_bias, sorted_ids)).astype(jnp.float32)
+        y = y * weights_nk.reshape(-1)[order][:, None]
+        return jnp.zeros((n, x_nd.shape[1]), jnp.float32).at[token].add(y).astype(x_nd.dtype)
+
+    def dense(self, x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array) -> jax.Array:
+        """Reference: every expert on every token, combined with the (mostly zero) routing weights."""
+        h = jnp.einsum("nd,edf->enf", x_nd, self.gate_up_proj[...], preferred_element_type=jnp.float32)
+        if self.gate_up_proj_bias is not None:
+            h = h + self.gate_up_proj_bias[...][:, None, :]
+        h = expert_activation(h, self.config).astype(x_nd.dtype)
+        y = jnp.einsum("enf,efd->end", h, self.down_proj[...], preferred_element_type=jnp.float32)
+        if self.down_proj_bias is not None:
+            y = y + self.down_proj_bias[...][:, None, :]
+        combine_ne = jnp.einsum("nk,nke->ne", weights_nk,
+                                jax.nn.one_hot(ids_nk, self.config.num_experts, dtype=jnp.float32))
+        return jnp.einsum("ne,end->nd", combine_ne, y).astype(x_nd.dtype)
+
+
+class MoE(nnx.Module):
+    """Routed experts plus optional always-on shared experts (DeepSeek)."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.router = Router(config, dtype=dtype, rngs=rngs)
+        self.experts = Experts(config, dtype=dtype, rngs=rngs)
+        shared = config.moe_intermediate_size * config.num_shared_experts
+        self.shared_experts = MLP(config.hidden_size, shared, dtype=dtype, rngs=rngs) if shared else None
+
+    def __call__(self, x_btd: jax.Array, impl: str = "auto") -> jax.Array:
+        """x [B, T, D] -> [B, T, D]. impl: an `ops` impl for the grouped GEMMs, or "dense"."""
+        x_nd = x_btd.reshape(-1, x_btd.shape[-1])
+        weights_nk, ids_nk = self.router(x_nd)
+        if impl == DENSE:
+            y_nd = self.experts.dense(x_nd, weights_nk, ids_nk)
+        else:  # expert-parallel when the experts were placed split over a mesh axis (sharding/)
+            y_nd = expert_parallel.sharded_experts(self.experts, x_nd, weights_nk, ids_nk,
+                                                   lambda h: expert_activation(h, self.experts.config), impl)
+            if y_nd is None:
+                y_nd = self.experts.grouped(x_nd, weights_nk, ids_nk, impl)
+        y = y_nd.reshape(x_btd.shape)
+        return y if self.shared_experts is None else y + self.shared_experts(x_btd)

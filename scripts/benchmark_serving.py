@@ -1,0 +1,327 @@
+"""InferenceMAX-style serving benchmark: a closed-loop concurrency sweep, one JSON, Pareto plots.
+
+    .venv/bin/python scripts/benchmark_serving.py --model=smollm2-135m-instruct --isl=256 --osl=256 \
+        --concurrency=1,2,4,8,16,32,64 --baseline=transformers,llamacpp \
+        --output=benchmarks/results/cpu-smollm2-float32.json
+
+Random-token prompts from a fixed seed, input/output lengths uniform in [r*L, L], ignore_eos. At
+each concurrency a warm-up wave (which also compiles that point's shape buckets) runs first and
+is not scored; then exactly `concurrency` requests stay in flight (a new one is added whenever
+one finishes) until `num_prompts` have finished. The JSON layout is in docs/benchmarks.md and
+benchmarks/schema.json; baselines run in the `make baselines` venv through scripts/baselines.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import roofline  # noqa: E402
+from engine.llm import LLM  # noqa: E402
+from engine.metrics import HOURLY_RATES_USD, RequestTiming, cost_per_million_tokens, pareto_frontier, point_metrics  # noqa: E402,E501
+from engine.request import SamplingParams  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from models.loaded_model import EMBEDDED_WEIGHTS, embedded_weights_path  # noqa: E402
+
+SCHEMA_VERSION = 1
+REPO = Path(__file__).resolve().parents[1]
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Preset name, .gguf file or checkpoint dir.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Engine weight and KV dtype.")
+_OUTPUT = flags.DEFINE_string("output", "benchmarks/results/benchmark.json", "Result JSON path.")
+_ISL = flags.DEFINE_integer("isl", 256, "Maximum input length L (lengths uniform in [r*L, L]).")
+_OSL = flags.DEFINE_integer("osl", 256, "Maximum output length L (lengths uniform in [r*L, L]).")
+_RANGE_RATIO = flags.DEFINE_float("range_ratio", 0.8, "r: the shortest length as a fraction of L.")
+_CONCURRENCY = flags.DEFINE_list("concurrency", ["1", "2", "4", "8", "16", "32", "64"], "Concurrency points.")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None, "Requests per point (default 10 x concurrency).")
+_MAX_NUM_PROMPTS = flags.DEFINE_integer("max_num_prompts", 640, "Cap on requests per point.")
+_SEED = flags.DEFINE_integer("seed", 0, "Workload seed (prompts, lengths).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy, as vLLM's bench).")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "Engine decode steps per host sync.")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Engine KV page size.")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Engine prefill chunk.")
+_MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", 2048, "Engine prefill token budget per step.")
+_WARMUP = flags.DEFINE_bool("warmup", True, "Run an unscored warm-up wave at each point first.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 1, "Devices the throughput is divided by.")
+_RATE = flags.DEFINE_float("hourly_rate", None, "$ per device-hour; default from the GPU table, else --cpu_rate.")
+_CPU_RATE = flags.DEFINE_float("cpu_rate", 0.10, "$ per hour for a CPU device (a small cloud VM).")
+_BASELINE = flags.DEFINE_list("baseline", [], "Baselines to run beside the engine: transformers, llamacpp.")
+_BASELINE_PYTHON = flags.DEFINE_string("baseline_python", ".venv-baselines/bin/python",
+                                       "Python of the `make baselines` venv.")
+_BASELINE_GGUF = flags.DEFINE_string("baseline_gguf", None, "GGUF for the baselines (default: the model's).")
+_BASELINE_BATCHES = flags.DEFINE_integer("baseline_batches", 1, "transformers: batches of `concurrency` per point.")
+_LLAMACPP_PROMPTS = flags.DEFINE_integer("llamacpp_num_prompts", 4, "llama.cpp: requests (one stream).")
+_PEAK_BW = flags.DEFINE_float("peak_bandwidth_gb_s", None, "Device bandwidth; set with --peak_tflop_s to skip "
+                               "the table and the CPU probe.")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflop_s", None, "Device matmul peak in the engine dtype.")
+_PLOT = flags.DEFINE_bool("plot", True, "Write PNG plots beside the JSON (scripts/plot_results.py).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Random-token prompts and their output lengths."""
+
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What every point shares: lengths, sampling, device pricing and roofline peaks."""
+
+    isl: int
+    osl: int
+    range_ratio: float
+    seed: int
+    temperature: float
+    hourly_rate: float
+    num_devices: int
+    peaks: roofline.DevicePeaks
+
+
+def uniform_lengths(rng: np.random.Generator, n: int, length: int, ratio: float) -> np.ndarray:
+    """n integers uniform in [max(1, floor(ratio * length)), length]."""
+    return rng.integers(max(1, int(ratio * length)), length + 1, size=n)
+
+
+def make_workload(seed: int, n: int, isl: int, osl: int, ratio: float, vocab_size: int, stream: int = 0) -> Workload:
+    """Deterministic in (seed, stream): the same call gives the same prompts to every system."""
+    rng = np.random.default_rng([seed, stream])
+    input_lens = uniform_lengths(rng, n, isl, ratio)
+    output_lens = uniform_lengths(rng, n, osl, ratio)
+    prompts = [rng.integers(0, vocab_size, size=int(m)).tolist() for m in input_lens]
+    return Workload(prompts, [int(x) for x in output_lens])
+
+
+def run_closed_loop(llm: LLM, workload: Workload, concurrency: int, temperature: float,
+                    desc: str) -> tuple[list[RequestTiming], float]:
+    """Keep exactly `concurrency` requests in flight until all finish; timings and wall seconds."""
+    pending = collections.deque(zip(workload.prompts, workload.output_lens))
+    in_flight, done = set(), []
+    start = time.perf_counter()
+    with tqdm(total=len(pending), desc=desc, leave=False) as bar:
+        while pending or in_flight:
+            while pending and len(in_flight) < concurrency:
+                prompt, n = pending.popleft()
+                params = SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True)
+                in_flight.add(llm.add_request(prompt, params))
+            for request in llm.step():
+                in_flight.discard(request)
+                done.append(request)
+                bar.update(1)
+    duration = time.perf_counter() - start
+    timings = [RequestTiming(r.metrics.arrival, tuple(r.metrics.token_times), len(r.prompt_token_ids)) for r in done]
+    return timings, duration
+
+
+def roofline_summary(config: ModelConfig, workload: Workload, concurrency: int, duration: float,
+                     peaks: roofline.DevicePeaks, weight_bytes: float, kv_bytes: int) -> dict:
+    """Ideal (roofline) seconds for this point's work and the fraction of it the run reached."""
+    ideal = roofline.ideal_serving_seconds(config, [len(p) for p in workload.prompts], workload.output_lens,
+                                           concurrency, peaks, weight_bytes, kv_bytes)
+    context = int(np.mean([len(p) for p in workload.prompts]) + np.mean(workload.output_lens) / 2)
+    step = peaks.seconds(roofline.decode_step_cost(config, [context] * concurrency, weight_bytes, kv_bytes))
+    return {"ideal_s": ideal, "fraction": ideal / duration, "decode_bound_tok_s": concurrency / step,
+            "weight_bytes_per_param": weight_bytes, "kv_bytes_per_value": kv_bytes}
+
+
+def score_point(system: str, dtype: str, timings: list[RequestTiming], duration: float, concurrency: int,
+                settings: Settings, roof: dict) -> dict:
+    """One point's JSON record: metrics, interactivity, cost and roofline fraction."""
+    m = point_metrics(timings, concurrency, settings.num_devices, duration)
+    record = {"system": system, "dtype": dtype, **dataclasses.asdict(m)}
+    record["cost_per_million_output_tokens_usd"] = cost_per_million_tokens(settings.hourly_rate, m.output_tok_s)
+    record["cost_per_million_total_tokens_usd"] = cost_per_million_tokens(settings.hourly_rate, m.total_tok_s)
+    record["roofline"] = roof
+    return record
+
+
+def engine_points(llm: LLM, settings: Settings, concurrencies: list[int], num_prompts: list[int],
+                  dtype: str) -> list[dict]:
+    """The engine's sweep: per point a warm-up wave, then the scored closed loop."""
+    config, item = llm.model.config, jnp.dtype(llm.model.dtype).itemsize
+    vocab, points = config.vocab_size, []
+    for c, n in zip(concurrencies, num_prompts):
+        if _WARMUP.value:
+            warm = make_workload(settings.seed, c, settings.isl, settings.osl, settings.range_ratio, vocab, 10_000 + c)
+            run_closed_loop(llm, warm, c, settings.temperature, f"warm-up c={c}")
+        workload = make_workload(settings.seed, n, settings.isl, settings.osl, settings.range_ratio, vocab, c)
+        timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"jaxserve c={c}")
+        roof = roofline_summary(config, workload, c, duration, settings.peaks, item, item)
+        points.append(score_point("jaxserve", dtype, timings, duration, c, settings, roof))
+        logging.info("c=%d: %.1f output tok/s, %.1f tok/s/user, roofline %.0f%%", c, points[-1]["output_tok_s"],
+                     points[-1]["interactivity"], 100 * roof["fraction"])
+    return points
+
+
+def baseline_job(systems: list[str], gguf: Path, settings: Settings, concurrencies: list[int], vocab: int,
+                 dtype: str) -> dict:
+    """The job file for scripts/baselines.py: each system's points with the engine's own prompts."""
+    def point(c: int, n: int) -> dict:
+        w = make_workload(settings.seed, n, settings.isl, settings.osl, settings.range_ratio, vocab, c)
+        return {"concurrency": c, "prompts": w.prompts, "output_lens": w.output_lens}
+    points = {"transformers": [point(c, c * _BASELINE_BATCHES.value) for c in concurrencies],
+              "llamacpp": [point(1, _LLAMACPP_PROMPTS.value)] if 1 in concurrencies else []}
+    return {"gguf": str(gguf), "dtype": dtype, "threads": os.cpu_count(), "systems": {s: points[s] for s in systems}}
+
+
+def run_baselines(systems: list[str], gguf: Path, settings: Settings, concurrencies: list[int],
+                  config: ModelConfig, dtype: str) -> tuple[list[dict], dict]:
+    """Run scripts/baselines.py in the baseline venv; score its timings like the engine's."""
+    job = baseline_job(systems, gguf, settings, concurrencies, config.vocab_size, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, out_path = Path(tmp, "job.json"), Path(tmp, "timings.json")
+        job_path.write_text(json.dumps(job))
+        subprocess.run([_BASELINE_PYTHON.value, str(REPO / "scripts/baselines.py"), f"--job={job_path}",
+                        f"--output={out_path}"], check=True)
+        result = json.loads(out_path.read_text())
+    dtype_bytes = {"transformers": (jnp.dtype(dtype).itemsize, jnp.dtype(dtype).itemsize),
+                   "llamacpp": (20 / 32, 2)}  # Q4_1: 20 bytes per 32 weights; f16 KV cache
+    points = []
+    for system in systems:
+        for raw, spec in zip(result[system], job["systems"][system]):
+            timings = [RequestTiming(r["arrival"], tuple(r["token_times"]), r["num_prompt_tokens"])
+                       for r in raw["requests"]]
+            workload = Workload(spec["prompts"], spec["output_lens"])
+            roof = roofline_summary(config, workload, raw["concurrency"], raw["duration_s"], settings.peaks,
+                                    *dtype_bytes[system])
+            label = "Q4_1" if system == "llamacpp" else dtype
+            points.append(score_point(system, label, timings, raw["duration_s"], raw["concurrency"], settings, roof))
+    return points, result["versions"]
+
+
+def mark_frontier(points: list[dict]) -> None:
+    """Set `on_frontier` per system: no other point of that system beats it on both axes."""
+    for system in {p["system"] for p in points}:
+        mine = [p for p in points if p["system"] == system]
+        keep = set(pareto_frontier([(p["output_tok_s"], p["interactivity"]) for p in mine]))
+        for i, p in enumerate(mine):
+            p["on_frontier"] = i in keep
+
+
+def hourly_rate(device_kind: str) -> float:
+    if _RATE.value is not None:
+        return _RATE.value
+    for key, rate in HOURLY_RATES_USD.items():
+        if key in device_kind.lower():
+            return rate
+    return _CPU_RATE.value
+
+
+def peaks_from_flags(dtype: str) -> roofline.DevicePeaks:
+    """--peak_* flags when both are set, else the GPU table or a CPU probe."""
+    if (_PEAK_BW.value is None) != (_PEAK_TFLOPS.value is None):
+        raise app.UsageError("set both --peak_bandwidth_gb_s and --peak_tflop_s, or neither")
+    if _PEAK_BW.value is not None:
+        return roofline.DevicePeaks(f"{jax.devices()[0].device_kind} ({dtype})", _PEAK_BW.value * 1e9,
+                                    _PEAK_TFLOPS.value * 1e12, source="flag")
+    return roofline.device_peaks(dtype)
+
+
+def default_gguf(model: str) -> Path:
+    if model.endswith(".gguf"):
+        return Path(model)
+    if model in EMBEDDED_WEIGHTS:
+        return embedded_weights_path(model)
+    raise app.UsageError(f"--baseline needs a GGUF: pass --baseline_gguf for {model!r}")
+
+
+def report_header(llm: LLM, settings: Settings, started: datetime.datetime) -> dict:
+    """Model, device, engine and workload sections of the result JSON."""
+    device, config = jax.devices()[0], llm.model.config
+    peaks = settings.peaks
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "started_at": started.isoformat(timespec="seconds"),
+        "model": {"name": config.name, "num_params": config.num_params, "dtype": jnp.dtype(llm.model.dtype).name,
+                  "config": dataclasses.asdict(config)},
+        "device": {"platform": device.platform, "kind": device.device_kind, "count": settings.num_devices,
+                   "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                   "hourly_rate_usd": settings.hourly_rate, "peak_bandwidth_gb_s": peaks.bandwidth / 1e9,
+                   "peak_tflop_s": peaks.flops / 1e12, "peaks_source": peaks.source},
+        "engine": dataclasses.asdict(llm.config),
+        "workload": {"isl": settings.isl, "osl": settings.osl, "range_ratio": settings.range_ratio,
+                     "seed": settings.seed, "temperature": settings.temperature, "ignore_eos": True,
+                     "warmup": _WARMUP.value},
+    }
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    started = datetime.datetime.now().astimezone()
+    concurrencies = sorted({int(c) for c in _CONCURRENCY.value})
+    num_prompts = [min(_NUM_PROMPTS.value or 10 * c, _MAX_NUM_PROMPTS.value) for c in concurrencies]
+    num_prompts = [max(n, c) for n, c in zip(num_prompts, concurrencies)]
+    llm = LLM(_MODEL.value, dtype=_DTYPE.value, max_num_seqs=max(concurrencies),
+              max_model_len=_ISL.value + _OSL.value, decode_steps=_DECODE_STEPS.value, page_size=_PAGE_SIZE.value,
+              prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value)
+    settings = Settings(_ISL.value, _OSL.value, _RANGE_RATIO.value, _SEED.value, _TEMPERATURE.value,
+                        hourly_rate(jax.devices()[0].device_kind), _NUM_DEVICES.value,
+                        peaks_from_flags(_DTYPE.value))
+    logging.info("peaks: %s", settings.peaks)
+    points = engine_points(llm, settings, concurrencies, num_prompts, _DTYPE.value)
+    versions = {"jax": jax.__version__}
+    if _BASELINE.value:
+        gguf = Path(_BASELINE_GGUF.value) if _BASELINE_GGUF.value else default_gguf(_MODEL.value)
+        more, baseline_versions = run_baselines(_BASELINE.value, gguf, settings, concurrencies,
+                                                llm.model.config, "float32")
+        points += more
+        versions.update(baseline_versions)
+    mark_frontier(points)
+    report = report_header(llm, settings, started)
+    report.update(versions=versions, finished_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  points=points)
+    output = Path(_OUTPUT.value)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(finite_or_null(report), indent=1, allow_nan=False))
+    print(format_table(points))
+    if _PLOT.value:
+        from plot_results import plot_files  # noqa: PLC0415 (scripts/ is on sys.path; matplotlib only when plotting)
+        for path in plot_files([output], output.with_suffix("")):
+            print(f"wrote {path}")
+    print(f"wrote {output}")
+
+
+def finite_or_null(value):
+    """The report with NaN and infinities as null (JSON has neither)."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def format_table(points: list[dict]) -> str:
+    """A Markdown table of the headline numbers of every point."""
+    rows = ["| system | dtype | conc | out tok/s/dev | tok/s/user | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+            "| E2E p50 s | roofline | $/M out |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        rows.append(f"| {p['system']} | {p['dtype']} | {p['concurrency']} | {p['output_tok_s']:.1f} | "
+                    f"{p['interactivity']:.1f} | {p['ttft_ms']['median']:.0f} | {p['ttft_ms']['p99']:.0f} | "
+                    f"{p['tpot_ms']['median']:.1f} | {p['e2e_ms']['median'] / 1e3:.1f} | "
+                    f"{100 * p['roofline']['fraction']:.0f}% | {p['cost_per_million_output_tokens_usd']:.2f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,146 @@
+"""Ahead-of-time memory plan of a full-size model on a mesh of simulated devices (JSON out).
+
+Lowers and compiles the engine's prefill and decode steps from abstract shapes
+(jax.ShapeDtypeStruct with shardings; nothing is allocated) and reports per device: parameter
+bytes, KV-cache bytes at --batch x --context, XLA's temporary bytes (compiled.memory_analysis())
+and every collective of each step with its bytes (parsed from the partitioned HLO).
+
+  python scripts/plan_sharding.py --model=gpt-oss-120b --expert=8 --rules=expert_dp \\
+      --batch=256 --context=8192 --hbm_gib=80
+
+Caveat: on CPU the attention runs as the XLA reference, which gathers each sequence's pages into
+a temporary (the Pallas kernels on sm_90 do not), so temp bytes are an upper bound there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "gpt-oss-120b", "A preset of models/config.py.")
+flags.DEFINE_integer("data", 1, "Mesh data axis.")
+flags.DEFINE_integer("tensor", 1, "Mesh tensor axis.")
+flags.DEFINE_integer("expert", 1, "Mesh expert axis.")
+flags.DEFINE_string("rules", "default", "Rule table of sharding/rules.py (default, expert_dp, tensor_experts).")
+flags.DEFINE_integer("devices", 8, "Simulated CPU devices (must equal data x tensor x expert).")
+flags.DEFINE_integer("batch", 256, "Decode batch (sequences in flight).")
+flags.DEFINE_integer("context", 8192, "Tokens of context per sequence held in the KV cache.")
+flags.DEFINE_integer("prefill_tokens", 8192, "Tokens of one prefill step (one row).")
+flags.DEFINE_integer("page_size", 16, "KV-cache page size.")
+flags.DEFINE_string("dtype", "bfloat16", "Parameter, activation and KV-cache dtype.")
+flags.DEFINE_float("hbm_gib", 80.0, "Device memory to check the plan against (H100 80, H200 141).")
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    import jax
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def batch_input(shape, dtype, mesh, rules):
+    """A ShapeDtypeStruct split over the batch axes when they divide its rows, else replicated."""
+    import jax
+    from sharding.rules import batch_sharding
+    shards = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
+    sharding = (batch_sharding(shape, mesh, rules) if shape[0] % shards == 0
+                else jax.NamedSharding(mesh, jax.P()))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def abstract_cache(model, config, num_pages: int, dtype, mesh, rules):
+    """The paged cache as sharded ShapeDtypeStructs (MLA models: their latent pages)."""
+    import jax
+    from engine import kv_cache
+    from sharding.rules import cache_sharding
+    if hasattr(model, "init_cache"):
+        shapes = jax.eval_shape(lambda: model.init_cache(num_pages, FLAGS.page_size, dtype))
+    else:
+        shapes = jax.eval_shape(lambda: kv_cache.allocate(config, num_pages, FLAGS.page_size, dtype))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache_sharding(x.shape, mesh, rules)),
+                        shapes)
+
+
+def step_inputs(rows: int, width: int, pages: int, mesh, rules) -> dict:
+    """Abstract engine-step inputs: tokens/positions [rows, width], block tables, sampling."""
+    import jax
+    import jax.numpy as jnp
+    from engine.sampler import SamplingTensors
+    sampling = jax.tree.map(lambda x: batch_input(x.shape, x.dtype, mesh, rules),
+                            SamplingTensors.build([], [], rows))
+    return {"grid": batch_input((rows, width), jnp.int32, mesh, rules),
+            "rows": batch_input((rows,), jnp.int32, mesh, rules),
+            "active": batch_input((rows,), jnp.bool_, mesh, rules),
+            "tables": batch_input((rows, pages), jnp.int32, mesh, rules), "sampling": sampling}
+
+
+def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, object]:
+    """Compiled prefill (one row of --prefill_tokens) and decode (--batch rows, one step)."""
+    from engine.runner import _decode_loop, _prefill_step
+    from models.attention import AttentionMetadata
+    pages_per_seq = -(-FLAGS.context // FLAGS.page_size)
+    pre = step_inputs(1, FLAGS.prefill_tokens, pages_per_seq, mesh, rules)
+    metadata = AttentionMetadata(pre["grid"], pre["tables"], pre["rows"])
+    prefill = _prefill_step.lower(graphdef, "auto", state, cache, pre["grid"], pre["grid"], metadata,
+                                  pre["sampling"]).compile()
+    dec = step_inputs(FLAGS.batch, 1, pages_per_seq, mesh, rules)
+    decode = _decode_loop.lower(graphdef, "auto", FLAGS.page_size, 1, state, cache, dec["rows"], dec["rows"],
+                                dec["tables"], dec["active"], dec["sampling"]).compile()
+    return {"prefill": prefill, "decode": decode}
+
+
+def plan() -> dict:
+    """The whole report for the flags."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from models.config import get_preset
+    from models.loaded_model import abstract_model
+    from sharding import RULES, make_mesh
+    from sharding.hlo import collectives, memory
+    from sharding.rules import place_abstract
+
+    config, dtype, rules = get_preset(FLAGS.model), jnp.dtype(FLAGS.dtype), RULES[FLAGS.rules]
+    mesh = make_mesh(FLAGS.data, FLAGS.tensor, FLAGS.expert)
+    model = place_abstract(abstract_model(config, dtype), mesh, rules)
+    graphdef, state = nnx.split(model)
+    shards = math.prod(mesh.shape[a] for a in rules.mesh_axes("pages"))
+    num_pages = -(-(FLAGS.batch * -(-FLAGS.context // FLAGS.page_size) + 1) // shards) * shards
+    cache = abstract_cache(model, config, num_pages, dtype, mesh, rules)
+    params = [x for path, x in nnx.to_flat_state(state) if path[0] != "mtp"]
+    param_count = sum(math.prod(v.get_value().shape) for v in params)
+    report = {
+        "model": FLAGS.model, "mesh": dict(mesh.shape), "rules": rules.name, "dtype": dtype.name,
+        "devices": jax.device_count(), "batch": FLAGS.batch, "context": FLAGS.context,
+        "prefill_tokens": FLAGS.prefill_tokens, "param_count": param_count,
+        "config_num_params": config.num_params, "param_count_rel_error": param_count / config.num_params - 1,
+        "per_device": {"param_bytes": per_device_bytes(state), "kv_cache_bytes": per_device_bytes(cache),
+                       "kv_cache_pages": num_pages},
+    }
+    for name, compiled in compile_steps(graphdef, state, cache, mesh, rules).items():
+        report[name] = {"memory": memory(compiled), "collectives": collectives(compiled.as_text())}
+    return _fit(report)
+
+
+def _fit(report: dict) -> dict:
+    """Adds the peak per device (params + cache + the larger step temporary) and the verdict."""
+    temp = max(report[s]["memory"]["temp_bytes"] for s in ("prefill", "decode"))
+    peak = report["per_device"]["param_bytes"] + report["per_device"]["kv_cache_bytes"] + temp
+    report["per_device"]["peak_bytes"] = peak
+    report["per_device"]["peak_gib"] = round(peak / 2**30, 2)
+    report["hbm_gib"] = FLAGS.hbm_gib
+    report["fits"] = peak <= FLAGS.hbm_gib * 2**30
+    return report
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", FLAGS.devices)
+    print(json.dumps(plan(), indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

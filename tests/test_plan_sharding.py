@@ -1,0 +1,47 @@
+"""plan_sharding.py on 8 simulated devices: gpt-oss-120b compiles from abstract shapes within the
+time limit, its parameter count matches the config, and the report is self-consistent."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sharding.hlo import collectives, shape_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_collectives_parsed_from_hlo():
+    hlo = """
+  %all-reduce.1 = f32[8,128]{1,0} all-reduce(f32[8,128]{1,0} %x), replica_groups={{0,1}}, to_apply=%add
+  %a2a = (bf16[2,4]{1,0}, bf16[2,4]{1,0}) all-to-all(bf16[2,4]{1,0} %p, bf16[2,4]{1,0} %q), dimensions={0}
+  %ag = bf16[16]{0} all-gather-start(bf16[2]{0} %y), dimensions={0}
+  %add.3 = f32[8,128]{1,0} add(f32[8,128]{1,0} %a, f32[8,128]{1,0} %b)
+"""
+    assert shape_bytes("(f32[8,128], bf16[4])") == 8 * 128 * 4 + 8
+    assert collectives(hlo) == {"all-reduce": {"count": 1, "bytes": 4096}, "all-to-all": {"count": 1, "bytes": 32},
+                                "all-gather": {"count": 1, "bytes": 32}}
+
+
+@pytest.mark.timeout(300)
+def test_gpt_oss_120b_plan_on_8_devices():
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "scripts/plan_sharding.py", "--model=gpt-oss-120b", "--expert=8",
+                             "--rules=expert_dp", "--batch=64", "--context=2048", "--prefill_tokens=2048"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert elapsed < 120, f"plan took {elapsed:.0f} s"
+    assert report["devices"] == 8 and report["mesh"] == {"data": 1, "tensor": 1, "expert": 8}
+    assert abs(report["param_count_rel_error"]) < 0.01
+    per_device = report["per_device"]
+    # Experts (most of the model) split 8 ways, attention and embeddings replicated.
+    assert report["param_count"] * 2 / 8 < per_device["param_bytes"] < report["param_count"] * 2 / 4
+    # 64 x 2048 tokens x 36 layers x K,V x 8 heads x 64 x bf16, pages split over the 8 expert groups.
+    assert per_device["kv_cache_bytes"] == pytest.approx(64 * 2048 * 36 * 2 * 8 * 64 * 2 / 8, rel=0.01)
+    assert "all-to-all" in report["prefill"]["collectives"]  # prefill dispatches all-to-all
+    assert report["decode"]["memory"]["temp_bytes"] > 0

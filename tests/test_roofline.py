@@ -1,0 +1,81 @@
+"""Roofline bytes and FLOPs against hand-computed numbers for tiny-llama.
+
+tiny-llama: vocab 256, hidden 64, MLP 128, 2 layers, 4 heads, 2 KV heads of 16, untied embeddings.
+Per layer: attention 64*16*(2*4+2*2) = 12288, MLP 3*64*128 = 24576, norms 128 -> 36992;
+total 2*36992 + 2*256*64 + 64 = 106816; read per step (the input embedding is only gathered) 90432.
+KV per token: 2 (K, V) * 2 layers * 2 heads * 16 * 4 bytes = 512; attention FLOPs per key per
+layer: 2 * 4 heads * (16 + 16) = 256.
+"""
+
+import dataclasses
+
+import pytest
+
+from engine import roofline
+from models.config import get_preset
+
+TINY = get_preset("tiny-llama")
+
+
+def test_param_counts():
+    assert TINY.num_params == 106816
+    assert roofline.weight_params_read(TINY, 1) == 90432
+    assert roofline.matmul_params_per_token(TINY) == 90432
+    tied = dataclasses.replace(TINY, tie_word_embeddings=True)
+    assert roofline.weight_params_read(tied, 1) == tied.num_params  # the tied table is the LM head
+
+
+def test_decode_step_cost():
+    cost = roofline.decode_step_cost(TINY, [10, 20], weight_bytes=4, kv_dtype_bytes=4)
+    # weights 90432*4 + KV writes 2*512 + KV reads 2 layers * 256 B * 30 tokens
+    assert cost.bytes == 361728 + 1024 + 15360
+    # 2 FLOPs * 90432 weights * 2 tokens + 256 * 30 keys * 2 layers
+    assert cost.flops == 361728 + 15360
+
+
+def test_prefill_chunk_cost():
+    cost = roofline.prefill_chunk_cost(TINY, chunk=3, start=2, weight_bytes=4, kv_dtype_bytes=4)
+    assert cost.bytes == 361728 + 3 * 512 + 2 * 256 * 2  # weights, 3 KV writes, 2 cached tokens read
+    assert cost.flops == 2 * 90432 * 3 + 256 * 2 * (3 + 4 + 5)  # queries at positions 3, 4, 5 (causal)
+
+
+def test_sliding_window_caps_keys():
+    windowed = dataclasses.replace(TINY, layer_types=("sliding_attention", "full_attention"), sliding_window=4)
+    cost = roofline.attention_cost(windowed, [10], [10], kv_dtype_bytes=4)
+    assert cost.flops == 256 * (4 + 10) and cost.bytes == 256 * (4 + 10)
+
+
+def test_moe_active_experts():
+    moe = get_preset("tiny-gpt-oss")  # 4 experts, top-2, both layers MoE
+    assert roofline.active_experts(moe, 1) == pytest.approx(2.0)
+    assert roofline.active_experts(moe, 2) == pytest.approx(3.0)  # 4 * (1 - (1/2)^2)
+    expert = 3 * 64 * 32 + 2 * 32 + 64
+    untied = moe.num_params - moe.vocab_size * moe.hidden_size
+    assert roofline.weight_params_read(moe, 1) == pytest.approx(untied - 2 * 2 * expert)
+    assert roofline.weight_params_read(moe, 2) == pytest.approx(untied - 2 * 1 * expert)
+    assert roofline.matmul_params_per_token(moe) == untied - 2 * 2 * expert
+
+
+def test_device_seconds_take_the_slower_roof():
+    peaks = roofline.DevicePeaks("test", bandwidth=100.0, flops=1000.0)
+    assert peaks.seconds(roofline.StepCost(bytes=200.0, flops=1000.0)) == 2.0
+    assert peaks.seconds(roofline.StepCost(bytes=50.0, flops=3000.0)) == 3.0
+
+
+def test_ideal_serving_seconds():
+    peaks = roofline.DevicePeaks("test", bandwidth=1e9, flops=1e12)
+    got = roofline.ideal_serving_seconds(TINY, [8, 8], [5, 5], concurrency=2, peaks=peaks, weight_bytes=4,
+                                         kv_dtype_bytes=4, prefill_chunk=4)
+    prefill = sum(peaks.seconds(roofline.prefill_chunk_cost(TINY, 4, s, 4, 4)) for s in (0, 4)) * 2
+    decode = 8 / 2 * peaks.seconds(roofline.decode_step_cost(TINY, [10, 10], 4, 4))  # mean context 8 + 5/2
+    assert got == pytest.approx(prefill + decode)
+
+
+def test_gpu_table():
+    assert roofline.GPU_PEAKS["h100"].bandwidth == 3.35e12 and roofline.GPU_PEAKS["h100"].flops == 989e12
+    assert roofline.GPU_PEAKS["h200"].bandwidth == 4.8e12 and roofline.GPU_PEAKS["b200"].bandwidth == 8e12
+
+
+def test_probe_peaks_are_positive():
+    peaks = roofline.probe_peaks(bandwidth_mib=8, matmul_n=128, repeats=1)
+    assert peaks.source == "probe" and peaks.bandwidth > 1e8 and peaks.flops > 1e8
