@@ -12,7 +12,7 @@ from models.config import ModelConfig
 from models.layers import Linear, RotaryEmbedding
 from pallas_kernels import ops
 
-LayerCache = tuple[jax.Array, jax.Array]  # K and V pages, each [Hkv, num_pages, page_size, D]
+LayerCache = tuple[jax.Array, ...]  # K and V pages [Hkv, num_pages, page_size, D] (MLA: one latent tensor)
 
 
 @jax.tree_util.register_dataclass

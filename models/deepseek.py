@@ -21,7 +21,8 @@ from flax import nnx
 
 from models.attention import AttentionMetadata, write_pages
 from models.config import ModelConfig
-from models.layers import MLP, Embedding, Linear, RMSNorm, RotaryEmbedding
+from models.decoder import Decoder, DecoderBlock
+from models.layers import MLP, Linear, RMSNorm, RotaryEmbedding
 from models.loading.weights import TensorGetter, default_param
 from models.moe import MoE
 from pallas_kernels import ops
@@ -120,23 +121,11 @@ class MLAttention(nnx.Module):
         return jnp.einsum("bthl,lhv->bthv", out_latent, w_uv), (pages,)
 
 
-class DeepseekBlock(nnx.Module):
-    """x + mla(norm(x)), then x + ffn(norm(x)); ffn is a dense MLP in the first layers, else MoE."""
-
-    def __init__(self, config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.self_attn = MLAttention(config, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.is_moe = config.is_moe_layer(layer)
-        self.mlp = (MoE(config, dtype=dtype, rngs=rngs) if self.is_moe else
-                    MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs))
-
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None,
-                 metadata: AttentionMetadata | None, impl: str) -> tuple[jax.Array, LatentCache | None]:
-        h, cache = self.self_attn(self.input_layernorm(x), positions, cache, metadata, impl)
-        x = x + h
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, impl) if self.is_moe else self.mlp(h)), cache
+def deepseek_block(config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> DecoderBlock:
+    """MLA + a dense MLP in the first layers, MLA + MoE after."""
+    ffn = (MoE(config, dtype=dtype, rngs=rngs) if config.is_moe_layer(layer) else
+           MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs))
+    return DecoderBlock(config, MLAttention(config, dtype=dtype, rngs=rngs), ffn, dtype=dtype)
 
 
 class MultiTokenPredictor(nnx.Module):
@@ -150,41 +139,18 @@ class MultiTokenPredictor(nnx.Module):
         self.enorm = RMSNorm(d, eps, dtype=dtype)
         self.hnorm = RMSNorm(d, eps, dtype=dtype)
         self.eh_proj = Linear((2 * d,), (d,), ("mlp", "embed"), dtype=dtype, rngs=rngs)
-        self.block = DeepseekBlock(config, layer, dtype=dtype, rngs=rngs)
+        self.block = deepseek_block(config, layer, dtype=dtype, rngs=rngs)
         self.shared_head_norm = RMSNorm(d, eps, dtype=dtype)
 
 
-class DeepseekV3(nnx.Module):
-    """The decoder stack. `__call__` returns final hidden states; `logits` applies the LM head."""
+class DeepseekV3(Decoder):
+    """The DeepSeek-V3 assembly, plus the MTP modules (weights only until speculative decoding)."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-        self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DeepseekBlock(config, i, dtype=dtype, rngs=rngs) for i in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.lm_head = Linear((config.hidden_size,), (config.vocab_size,), ("embed", "vocab"), dtype=dtype, rngs=rngs)
+        super().__init__(config, lambda layer: deepseek_block(config, layer, dtype=dtype, rngs=rngs),
+                         dtype=dtype, rngs=rngs)
         self.mtp = nnx.List([MultiTokenPredictor(config, config.num_layers + i, dtype=dtype, rngs=rngs)
                              for i in range(config.num_mtp_layers)])
-
-    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_cache: list[LatentCache] | None = None,
-                 metadata: AttentionMetadata | None = None, *, attention_impl: str = "auto"
-                 ) -> tuple[jax.Array, list[LatentCache] | None]:
-        """Hidden states [B, T, D] after the final norm, and the updated per-layer latent pages.
-
-        attention_impl also picks the grouped-GEMM implementation of the experts.
-        """
-        x = self.embed_tokens(tokens_bt)
-        new_cache = [] if kv_cache is not None else None
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions_bt, None if kv_cache is None else kv_cache[i], metadata, attention_impl)
-            if new_cache is not None:
-                new_cache.append(layer_cache)
-        return self.norm(x), new_cache
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """float32 logits [..., vocab] from final hidden states."""
-        return self.lm_head(hidden).astype(jnp.float32)
-
 
 
 def _stacked_experts(prefix: str, leaf: str, num_experts: int, get_tensor: TensorGetter) -> np.ndarray:

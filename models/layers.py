@@ -67,7 +67,9 @@ class MLP(nnx.Module):
         self.up_proj = Linear((dim,), (hidden,), ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.down_proj = Linear((hidden,), (dim,), ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, impl: str = "auto") -> jax.Array:
+        """impl is accepted so every feed-forward has one interface; a dense MLP has no kernel choice."""
+        del impl
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -66,6 +66,7 @@ _BASELINE = flags.DEFINE_list("baseline", [], "Baselines to run beside the engin
 _BASELINE_PYTHON = flags.DEFINE_string("baseline_python", ".venv-baselines/bin/python",
                                        "Python of the `make baselines` venv.")
 _BASELINE_GGUF = flags.DEFINE_string("baseline_gguf", None, "GGUF for the baselines (default: the model's).")
+_BASELINE_DTYPE = flags.DEFINE_string("baseline_dtype", "float32", "transformers' torch dtype.")
 _BASELINE_BATCHES = flags.DEFINE_integer("baseline_batches", 1, "transformers: batches of `concurrency` per point.")
 _LLAMACPP_PROMPTS = flags.DEFINE_integer("llamacpp_num_prompts", 4, "llama.cpp: requests (one stream).")
 _PEAK_BW = flags.DEFINE_float("peak_bandwidth_gb_s", None, "Device bandwidth; set with --peak_tflop_s to skip "
@@ -94,6 +95,19 @@ class Settings:
     hourly_rate: float
     num_devices: int
     peaks: roofline.DevicePeaks
+    warmup: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineSpec:
+    """Which baselines run, where (venv python, GGUF) and how much of each point they get."""
+
+    systems: list[str]
+    python: str
+    gguf: Path
+    dtype: str
+    batches: int  # transformers: batches of `concurrency` prompts per point
+    llamacpp_prompts: int
 
 
 def uniform_lengths(rng: np.random.Generator, n: int, length: int, ratio: float) -> np.ndarray:
@@ -159,8 +173,8 @@ def engine_points(llm: LLM, settings: Settings, concurrencies: list[int], num_pr
     config, item = llm.model.config, jnp.dtype(llm.model.dtype).itemsize
     vocab, points = config.vocab_size, []
     for c, n in zip(concurrencies, num_prompts):
-        if _WARMUP.value:
-            warm = make_workload(settings.seed, c, settings.isl, settings.osl, settings.range_ratio, vocab, 10_000 + c)
+        if settings.warmup:  # full-length requests, so the longest context's page bucket compiles here too
+            warm = make_workload(settings.seed, c, settings.isl, settings.osl, 1.0, vocab, 10_000 + c)
             run_closed_loop(llm, warm, c, settings.temperature, f"warm-up c={c}")
         workload = make_workload(settings.seed, n, settings.isl, settings.osl, settings.range_ratio, vocab, c)
         timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"jaxserve c={c}")
@@ -171,38 +185,39 @@ def engine_points(llm: LLM, settings: Settings, concurrencies: list[int], num_pr
     return points
 
 
-def baseline_job(systems: list[str], gguf: Path, settings: Settings, concurrencies: list[int], vocab: int,
-                 dtype: str) -> dict:
+def baseline_job(spec: BaselineSpec, settings: Settings, concurrencies: list[int], vocab: int) -> dict:
     """The job file for scripts/baselines.py: each system's points with the engine's own prompts."""
     def point(c: int, n: int) -> dict:
         w = make_workload(settings.seed, n, settings.isl, settings.osl, settings.range_ratio, vocab, c)
         return {"concurrency": c, "prompts": w.prompts, "output_lens": w.output_lens}
-    points = {"transformers": [point(c, c * _BASELINE_BATCHES.value) for c in concurrencies],
-              "llamacpp": [point(1, _LLAMACPP_PROMPTS.value)] if 1 in concurrencies else []}
-    return {"gguf": str(gguf), "dtype": dtype, "threads": os.cpu_count(), "systems": {s: points[s] for s in systems}}
+    points = {"transformers": [point(c, c * spec.batches) for c in concurrencies],
+              "llamacpp": [point(1, spec.llamacpp_prompts)] if 1 in concurrencies else []}
+    return {"gguf": str(spec.gguf), "dtype": spec.dtype, "threads": os.cpu_count(),
+            "systems": {s: points[s] for s in spec.systems}}
 
 
-def run_baselines(systems: list[str], gguf: Path, settings: Settings, concurrencies: list[int],
-                  config: ModelConfig, dtype: str) -> tuple[list[dict], dict]:
+def run_baselines(spec: BaselineSpec, settings: Settings, concurrencies: list[int],
+                  config: ModelConfig) -> tuple[list[dict], dict]:
     """Run scripts/baselines.py in the baseline venv; score its timings like the engine's."""
-    job = baseline_job(systems, gguf, settings, concurrencies, config.vocab_size, dtype)
+    job = baseline_job(spec, settings, concurrencies, config.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp, "job.json"), Path(tmp, "timings.json")
         job_path.write_text(json.dumps(job))
-        subprocess.run([_BASELINE_PYTHON.value, str(REPO / "scripts/baselines.py"), f"--job={job_path}",
+        subprocess.run([spec.python, str(REPO / "scripts/baselines.py"), f"--job={job_path}",
                         f"--output={out_path}"], check=True)
         result = json.loads(out_path.read_text())
-    dtype_bytes = {"transformers": (jnp.dtype(dtype).itemsize, jnp.dtype(dtype).itemsize),
+    item = jnp.dtype(spec.dtype).itemsize
+    dtype_bytes = {"transformers": (item, item),
                    "llamacpp": (20 / 32, 2)}  # Q4_1: 20 bytes per 32 weights; f16 KV cache
     points = []
-    for system in systems:
+    for system in spec.systems:
         for raw, spec in zip(result[system], job["systems"][system]):
             timings = [RequestTiming(r["arrival"], tuple(r["token_times"]), r["num_prompt_tokens"])
                        for r in raw["requests"]]
             workload = Workload(spec["prompts"], spec["output_lens"])
             roof = roofline_summary(config, workload, raw["concurrency"], raw["duration_s"], settings.peaks,
                                     *dtype_bytes[system])
-            label = "Q4_1" if system == "llamacpp" else dtype
+            label = "Q4_1" if system == "llamacpp" else spec.dtype
             points.append(score_point(system, label, timings, raw["duration_s"], raw["concurrency"], settings, roof))
     return points, result["versions"]
 
@@ -216,22 +231,23 @@ def mark_frontier(points: list[dict]) -> None:
             p["on_frontier"] = i in keep
 
 
-def hourly_rate(device_kind: str) -> float:
-    if _RATE.value is not None:
-        return _RATE.value
+def hourly_rate(device_kind: str, override: float | None, cpu_rate: float) -> float:
+    """$ per device-hour: the override, else the GPU table, else the CPU rate."""
+    if override is not None:
+        return override
     for key, rate in HOURLY_RATES_USD.items():
         if key in device_kind.lower():
             return rate
-    return _CPU_RATE.value
+    return cpu_rate
 
 
-def peaks_from_flags(dtype: str) -> roofline.DevicePeaks:
-    """--peak_* flags when both are set, else the GPU table or a CPU probe."""
-    if (_PEAK_BW.value is None) != (_PEAK_TFLOPS.value is None):
+def device_peaks(dtype: str, bandwidth_gb_s: float | None, tflop_s: float | None) -> roofline.DevicePeaks:
+    """Given peaks when both are set, else the GPU table or a CPU probe."""
+    if (bandwidth_gb_s is None) != (tflop_s is None):
         raise app.UsageError("set both --peak_bandwidth_gb_s and --peak_tflop_s, or neither")
-    if _PEAK_BW.value is not None:
-        return roofline.DevicePeaks(f"{jax.devices()[0].device_kind} ({dtype})", _PEAK_BW.value * 1e9,
-                                    _PEAK_TFLOPS.value * 1e12, source="flag")
+    if bandwidth_gb_s is not None:
+        return roofline.DevicePeaks(f"{jax.devices()[0].device_kind} ({dtype})", bandwidth_gb_s * 1e9,
+                                    tflop_s * 1e12, source="flag")
     return roofline.device_peaks(dtype)
 
 
@@ -259,13 +275,13 @@ def report_header(llm: LLM, settings: Settings, started: datetime.datetime) -> d
         "engine": dataclasses.asdict(llm.config),
         "workload": {"isl": settings.isl, "osl": settings.osl, "range_ratio": settings.range_ratio,
                      "seed": settings.seed, "temperature": settings.temperature, "ignore_eos": True,
-                     "warmup": _WARMUP.value},
+                     "warmup": settings.warmup},
     }
 
 
 def main(argv: list[str]) -> None:
     del argv
-    started = datetime.datetime.now().astimezone()
+    started, load_at_start = datetime.datetime.now().astimezone(), list(os.getloadavg())
     concurrencies = sorted({int(c) for c in _CONCURRENCY.value})
     num_prompts = [min(_NUM_PROMPTS.value or 10 * c, _MAX_NUM_PROMPTS.value) for c in concurrencies]
     num_prompts = [max(n, c) for n, c in zip(num_prompts, concurrencies)]
@@ -273,26 +289,33 @@ def main(argv: list[str]) -> None:
               max_model_len=_ISL.value + _OSL.value, decode_steps=_DECODE_STEPS.value, page_size=_PAGE_SIZE.value,
               prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value)
     settings = Settings(_ISL.value, _OSL.value, _RANGE_RATIO.value, _SEED.value, _TEMPERATURE.value,
-                        hourly_rate(jax.devices()[0].device_kind), _NUM_DEVICES.value,
-                        peaks_from_flags(_DTYPE.value))
+                        hourly_rate(jax.devices()[0].device_kind, _RATE.value, _CPU_RATE.value), _NUM_DEVICES.value,
+                        device_peaks(_DTYPE.value, _PEAK_BW.value, _PEAK_TFLOPS.value), _WARMUP.value)
     logging.info("peaks: %s", settings.peaks)
     points = engine_points(llm, settings, concurrencies, num_prompts, _DTYPE.value)
     versions = {"jax": jax.__version__}
     if _BASELINE.value:
         gguf = Path(_BASELINE_GGUF.value) if _BASELINE_GGUF.value else default_gguf(_MODEL.value)
-        more, baseline_versions = run_baselines(_BASELINE.value, gguf, settings, concurrencies,
-                                                llm.model.config, "float32")
+        spec = BaselineSpec(_BASELINE.value, _BASELINE_PYTHON.value, gguf, _BASELINE_DTYPE.value,
+                            _BASELINE_BATCHES.value, _LLAMACPP_PROMPTS.value)
+        more, baseline_versions = run_baselines(spec, settings, concurrencies, llm.model.config)
         points += more
         versions.update(baseline_versions)
     mark_frontier(points)
     report = report_header(llm, settings, started)
     report.update(versions=versions, finished_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                   points=points)
-    output = Path(_OUTPUT.value)
+    # Other jobs on a shared CPU skew the numbers: keep the 1/5/15-minute load averages beside them.
+    report["device"].update(load_average_at_start=load_at_start, load_average_at_end=list(os.getloadavg()))
+    write_outputs(report, Path(_OUTPUT.value), _PLOT.value)
+
+
+def write_outputs(report: dict, output: Path, plot: bool) -> None:
+    """The JSON, the table on stdout and (plot) PNGs named after the JSON."""
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(finite_or_null(report), indent=1, allow_nan=False))
-    print(format_table(points))
-    if _PLOT.value:
+    print(format_table(report["points"]))
+    if plot:
         from plot_results import plot_files  # noqa: PLC0415 (scripts/ is on sys.path; matplotlib only when plotting)
         for path in plot_files([output], output.with_suffix("")):
             print(f"wrote {path}")

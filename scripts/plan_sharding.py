@@ -28,7 +28,8 @@ flags.DEFINE_string("rules", "default", "Rule table of sharding/rules.py (defaul
 flags.DEFINE_integer("devices", 8, "Simulated CPU devices (must equal data x tensor x expert).")
 flags.DEFINE_integer("batch", 256, "Decode batch (sequences in flight).")
 flags.DEFINE_integer("context", 8192, "Tokens of context per sequence held in the KV cache.")
-flags.DEFINE_integer("prefill_tokens", 8192, "Tokens of one prefill step (one row).")
+flags.DEFINE_integer("prefill_rows", 4, "Rows of one prefill step (engine: max_num_batched_tokens / chunk).")
+flags.DEFINE_integer("prefill_chunk", 512, "Tokens per row of one prefill step (engine: prefill_chunk).")
 flags.DEFINE_integer("page_size", 16, "KV-cache page size.")
 flags.DEFINE_string("dtype", "bfloat16", "Parameter, activation and KV-cache dtype.")
 flags.DEFINE_float("hbm_gib", 80.0, "Device memory to check the plan against (H100 80, H200 141).")
@@ -76,11 +77,12 @@ def step_inputs(rows: int, width: int, pages: int, mesh, rules) -> dict:
 
 
 def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, object]:
-    """Compiled prefill (one row of --prefill_tokens) and decode (--batch rows, one step)."""
+    """Compiled prefill (--prefill_rows x --prefill_chunk new tokens, each row attending over
+    --context) and decode (--batch rows, one step)."""
     from engine.runner import _decode_loop, _prefill_step
     from models.attention import AttentionMetadata
     pages_per_seq = -(-FLAGS.context // FLAGS.page_size)
-    pre = step_inputs(1, FLAGS.prefill_tokens, pages_per_seq, mesh, rules)
+    pre = step_inputs(FLAGS.prefill_rows, FLAGS.prefill_chunk, pages_per_seq, mesh, rules)
     metadata = AttentionMetadata(pre["grid"], pre["tables"], pre["rows"])
     prefill = _prefill_step.lower(graphdef, "auto", state, cache, pre["grid"], pre["grid"], metadata,
                                   pre["sampling"]).compile()
@@ -113,13 +115,13 @@ def plan() -> dict:
     report = {
         "model": FLAGS.model, "mesh": dict(mesh.shape), "rules": rules.name, "dtype": dtype.name,
         "devices": jax.device_count(), "batch": FLAGS.batch, "context": FLAGS.context,
-        "prefill_tokens": FLAGS.prefill_tokens, "param_count": param_count,
+        "prefill": {"rows": FLAGS.prefill_rows, "chunk": FLAGS.prefill_chunk}, "param_count": param_count,
         "config_num_params": config.num_params, "param_count_rel_error": param_count / config.num_params - 1,
         "per_device": {"param_bytes": per_device_bytes(state), "kv_cache_bytes": per_device_bytes(cache),
                        "kv_cache_pages": num_pages},
     }
     for name, compiled in compile_steps(graphdef, state, cache, mesh, rules).items():
-        report[name] = {"memory": memory(compiled), "collectives": collectives(compiled.as_text())}
+        report[name] = {**report.get(name, {}), "memory": memory(compiled), "collectives": collectives(compiled.as_text())}
     return _fit(report)
 
 

@@ -30,7 +30,7 @@ def test_collectives_parsed_from_hlo():
 def test_gpt_oss_120b_plan_on_8_devices():
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "scripts/plan_sharding.py", "--model=gpt-oss-120b", "--expert=8",
-                             "--rules=expert_dp", "--batch=64", "--context=2048", "--prefill_tokens=2048"],
+                             "--rules=expert_dp", "--batch=64", "--context=2048"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]

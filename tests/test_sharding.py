@@ -22,8 +22,7 @@ from models.loaded_model import LoadedModel, random_model
 from sharding import EXPERT_DP_RULES, ShardingRules, cache_sharding, make_mesh, shard_model
 from sharding import expert_parallel as ep
 
-EIGHT = jax.device_count() >= 8
-needs_8 = pytest.mark.skipif(not EIGHT, reason="runs in the 8-device subprocess (test_sharded_suite)")
+needs_8 = pytest.mark.eight_devices  # conftest.py runs these only in the 8-device subprocess
 MESHES = {"tp2_ep4": dict(tensor=2, expert=4), "dp2_tp2_ep2": dict(data=2, tensor=2, expert=2),
           "ep8": dict(expert=8), "tp8": dict(tensor=8)}
 # Shrunk presets, widened where a mesh needs it: 8 query heads for tensor=8 (kv heads stay below
@@ -32,7 +31,7 @@ VARIANTS = {"tiny-llama": dict(num_heads=8), "tiny-gpt-oss": dict(num_heads=8, n
             "tiny-deepseek-v3": dict(num_heads=8, num_kv_heads=8)}
 
 
-@pytest.mark.skipif(EIGHT, reason="this is the subprocess")
+@pytest.mark.launches_eight_devices
 def test_sharded_suite():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     root = Path(__file__).resolve().parents[1]

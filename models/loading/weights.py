@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import ModelConfig
 
 TensorGetter = Callable[[str], np.ndarray]  # HF tensor name -> array (raises KeyError if absent)
 # A model's own mapping for parameters the Llama naming does not cover: (our parameter path, its

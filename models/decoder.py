@@ -1,0 +1,76 @@
+"""The decoder skeleton every model shares: pre-norm residual blocks between an embedding and an LM head.
+
+A model assembly (llama.py, gpt_oss.py, deepseek.py) only says which attention and which
+feed-forward each block holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import AttentionMetadata, LayerCache
+from models.config import ModelConfig
+from models.layers import Embedding, Linear, RMSNorm
+
+
+class DecoderBlock(nnx.Module):
+    """x + attn(norm(x)), then x + ffn(norm(x)).
+
+    attention(x, positions, cache, metadata, impl) -> (out, cache); ffn(x, impl) -> out.
+    """
+
+    def __init__(self, config: ModelConfig, attention: nnx.Module, ffn: nnx.Module, *, dtype: jnp.dtype):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.self_attn = attention
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.mlp = ffn
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
+                 metadata: AttentionMetadata | None, impl: str) -> tuple[jax.Array, LayerCache | None]:
+        h, cache = self.self_attn(self.input_layernorm(x), positions, cache, metadata, impl)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x), impl), cache
+
+
+BlockFactory = Callable[[int], DecoderBlock]  # layer index -> block
+
+
+class Decoder(nnx.Module):
+    """Embedding, blocks, final norm and LM head (tied to the embedding when the config says so).
+
+    `__call__` returns final hidden states and the updated cache; `logits` applies the LM head, so
+    the engine computes logits only for the positions it samples.
+    """
+
+    def __init__(self, config: ModelConfig, make_block: BlockFactory, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([make_block(i) for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Linear((config.hidden_size,), (config.vocab_size,), ("embed", "vocab"), dtype=dtype, rngs=rngs))
+
+    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_cache: list[LayerCache] | None = None,
+                 metadata: AttentionMetadata | None = None, *, attention_impl: str = "auto"
+                 ) -> tuple[jax.Array, list[LayerCache] | None]:
+        """Hidden states [B, T, D] after the final norm, and the updated per-layer cache.
+
+        attention_impl picks the attention kernels and the experts' grouped GEMM (pallas_kernels.ops).
+        """
+        x = self.embed_tokens(tokens_bt)
+        new_cache = [] if kv_cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions_bt, None if kv_cache is None else kv_cache[i], metadata, attention_impl)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        return self.norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [..., vocab] from final hidden states."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden).astype(jnp.float32)
