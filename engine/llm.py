@@ -42,31 +42,14 @@ class LLM:
         device holds all of them (replicated), and the page pool is replicated over "data" and
         "expert" (pages are shared by all sequences of the batch).
         """
-        self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, mesh=mesh)
-        if mesh is not None and self.model.mesh is None:
-            self.model = dataclasses.replace(self.model, model=shard_model(self.model.model, mesh, self.model.rules),
-                                             mesh=mesh)
-        cfg = self.model.config
-        max_model_len = max_model_len or cfg.max_position_embeddings
-        if max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's context "
-                             f"({cfg.max_position_embeddings} tokens)")
-        config = EngineConfig(max_model_len=max_model_len, page_size=page_size, num_pages=num_pages,
-                              max_num_seqs=max_num_seqs, prefill_chunk=min(prefill_chunk, max_num_batched_tokens),
-                              max_num_batched_tokens=max_num_batched_tokens, decode_steps=decode_steps,
-                              attention_impl=attention_impl, kv_cache_bytes=kv_cache_bytes)
-        if num_pages is None:
-            useful = max_num_seqs * (config.pages_per_seq + 1)
-            num_pages = kv_cache.pages_for_budget(cfg, page_size, self.model.dtype, kv_cache_bytes, useful)
-            config = dataclasses.replace(config, num_pages=num_pages)
-        self.config = config
-        logging.info(kv_cache.summary(cfg, num_pages, page_size, self.model.dtype))
-        self.allocator = PageAllocator(num_pages)
-        self.scheduler = Scheduler(config, self.allocator)
-        sharding = None if self.model.mesh is None else cache_sharding(
-            kv_cache.page_shape(cfg, num_pages, page_size), self.model.mesh, self.model.rules)
-        cache = kv_cache.allocate(cfg, num_pages, page_size, self.model.dtype, sharding)
-        self.runner = ModelRunner(self.model.model, cache, config)
+        self.model = _placed_model(model, dtype, mesh)
+        self.config = _engine_config(self.model, max_model_len=max_model_len, page_size=page_size,
+                                     num_pages=num_pages, max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk,
+                                     max_num_batched_tokens=max_num_batched_tokens, decode_steps=decode_steps,
+                                     attention_impl=attention_impl, kv_cache_bytes=kv_cache_bytes)
+        self.allocator = PageAllocator(self.config.num_pages)
+        self.scheduler = Scheduler(self.config, self.allocator)
+        self.runner = ModelRunner(self.model.model, _allocate_cache(self.model, self.config), self.config)
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(seed)
         tokenizer = self.model.tokenizer
@@ -211,3 +194,38 @@ class LLM:
     def warmup(self) -> int:
         """Compile every shape bucket now (with all-padding batches); returns the number of shapes."""
         return self.runner.warmup()
+
+
+def _placed_model(model: str | LoadedModel, dtype: str, mesh: Mesh | None) -> LoadedModel:
+    """Load `model` (unless given loaded) and place its parameters on `mesh`."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, mesh=mesh)
+    if mesh is not None and loaded.mesh is None:
+        loaded = dataclasses.replace(loaded, model=shard_model(loaded.model, mesh, loaded.rules), mesh=mesh)
+    return loaded
+
+
+def _engine_config(model: LoadedModel, *, max_model_len: int | None, num_pages: int | None,
+                   prefill_chunk: int, max_num_batched_tokens: int, kv_cache_bytes: int, **kwargs) -> EngineConfig:
+    """The EngineConfig, max_model_len defaulting to the model's context and the page pool sized
+    from kv_cache_bytes when num_pages is None (never more pages than max_num_seqs can use)."""
+    cfg = model.config
+    max_model_len = max_model_len or cfg.max_position_embeddings
+    if max_model_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's context "
+                         f"({cfg.max_position_embeddings} tokens)")
+    config = EngineConfig(max_model_len=max_model_len, num_pages=num_pages,
+                          prefill_chunk=min(prefill_chunk, max_num_batched_tokens),
+                          max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes, **kwargs)
+    if num_pages is None:
+        useful = config.max_num_seqs * (config.pages_per_seq + 1)
+        num_pages = kv_cache.pages_for_budget(cfg, config.page_size, model.dtype, kv_cache_bytes, useful)
+        config = dataclasses.replace(config, num_pages=num_pages)
+    logging.info(kv_cache.summary(cfg, config.num_pages, config.page_size, model.dtype))
+    return config
+
+
+def _allocate_cache(model: LoadedModel, config: EngineConfig) -> list:
+    """Zeroed pages, sharded on the model's mesh: kv heads over "tensor" (sharding/rules.py)."""
+    shape = kv_cache.page_shape(model.config, config.num_pages, config.page_size)
+    sharding = None if model.mesh is None else cache_sharding(shape, model.mesh, model.rules)
+    return kv_cache.allocate(model.config, config.num_pages, config.page_size, model.dtype, sharding)

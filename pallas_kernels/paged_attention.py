@@ -39,16 +39,20 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
   s_len = block_tables.shape[1] * page_size
   k = k_pages[:, block_tables].reshape(hkv, b, s_len, d)  # [Hkv, B, S, D]
   v = v_pages[:, block_tables].reshape(hkv, b, s_len, d)
-  q_bqkgd = q.reshape(b, q_len, hkv, hq // hkv, d)
-  s = jnp.einsum("bqkgd,kbsd->bkgqs", q_bqkgd, k, preferred_element_type=jnp.float32) * scale
+  # Batch axes (Hkv, B) lead in both matmuls, as in the gathered pages, so XLA never transposes
+  # the gathered K/V (that copy doubled this function's time at batch 32 on CPU); only the much
+  # smaller queries and scores are transposed.
+  q_kbgqd = q.reshape(b, q_len, hkv, hq // hkv, d).transpose(2, 0, 3, 1, 4)
+  s = jnp.einsum("kbgqd,kbsd->kbgqs", q_kbgqd, k, preferred_element_type=jnp.float32) * scale
+  s = s.transpose(1, 0, 2, 3, 4)  # [B, Hkv, G, Q, S]
   lens = context_lens.astype(jnp.int32)[:, None, None]  # [B, 1, 1]
   q_pos = lens - q_len + jnp.arange(q_len)[None, :, None]  # [B, Q, 1]
   k_pos = jnp.arange(s_len)[None, None, :]  # [1, 1, S]
   mask = visible_mask(q_pos, k_pos, True, sliding_window) & (k_pos < lens) & (q_pos >= 0)
   sinks_kg = None if sinks is None else sinks.astype(jnp.float32).reshape(hkv, hq // hkv)
   p = masked_softmax_ref(s, mask[:, None, None], sinks_kg)  # [B, Hkv, G, Q, S]
-  o = jnp.einsum("bkgqs,kbsd->bqkgd", p, v.astype(jnp.float32))
-  return o.reshape(b, q_len, hq, d).astype(q.dtype)
+  o = jnp.einsum("kbgqs,kbsd->kbgqd", p.transpose(1, 0, 2, 3, 4), v.astype(jnp.float32))
+  return o.transpose(1, 3, 0, 2, 4).reshape(b, q_len, hq, d).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
