@@ -18,70 +18,74 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
-def check_attention_args(q_heads: int, kv_heads: int, sliding_window: int | None,
-                         sinks: jax.Array | None) -> None:
-  """Validates the arguments shared by flash and paged attention."""
-  if kv_heads == 0 or q_heads % kv_heads:
-    raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
-  if sliding_window is not None and sliding_window < 1:
-    raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-  if sinks is not None and sinks.shape != (q_heads,):
-    raise ValueError(f"sinks must have shape ({q_heads},), got {sinks.shape}")
+def check_attention_args(q_heads: int, kv_heads: int, sliding_window: int | None, sinks: jax.Array | None) -> None:
+    """Validates the arguments shared by flash and paged attention."""
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if sinks is not None and sinks.shape != (q_heads,):
+        raise ValueError(f"sinks must have shape ({q_heads},), got {sinks.shape}")
 
 
-def visible_mask(q_pos: jax.Array, k_pos: jax.Array, causal: bool,
-                 sliding_window: int | None) -> jax.Array:
-  """Which keys each query sees: k <= q (causal) and k > q - window. Broadcasts its inputs."""
-  mask = jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
-  if causal:
-    mask &= k_pos <= q_pos
-  if sliding_window is not None:
-    mask &= k_pos > q_pos - sliding_window
-  return mask
+def visible_mask(q_pos: jax.Array, k_pos: jax.Array, causal: bool, sliding_window: int | None) -> jax.Array:
+    """Which keys each query sees: k <= q (causal) and k > q - window. Broadcasts its inputs."""
+    mask = jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
+    if causal:
+        mask &= k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
 
 
 def masked_softmax_ref(s: jax.Array, mask: jax.Array, sinks: jax.Array | None) -> jax.Array:
-  """Float32 softmax over the last axis of s [B, Hkv, G, T, S] where mask is True.
+    """Float32 softmax over the last axis of s [B, Hkv, G, T, S] where mask is True.
 
-  sinks [Hkv, G] (or None) adds exp(sink - m) to each row's denominator (gpt-oss). A row with
-  no visible key and no sink gives all-zero weights instead of NaN.
-  """
-  s = jnp.where(mask, s, -jnp.inf)
-  m_i = s.max(axis=-1)  # [B, Hkv, G, T]
-  if sinks is not None:
-    m_i = jnp.maximum(m_i, sinks[None, :, :, None])
-  m_i = jnp.where(jnp.isfinite(m_i), m_i, 0.0)
-  p = jnp.exp(s - m_i[..., None])
-  l_i = p.sum(axis=-1)
-  if sinks is not None:
-    l_i += jnp.exp(sinks[None, :, :, None] - m_i)
-  return p / jnp.where(l_i > 0, l_i, 1.0)[..., None]
+    sinks [Hkv, G] (or None) adds exp(sink - m) to each row's denominator (gpt-oss). A row with
+    no visible key and no sink gives all-zero weights instead of NaN.
+    """
+    s = jnp.where(mask, s, -jnp.inf)
+    m_i = s.max(axis=-1)  # [B, Hkv, G, T]
+    if sinks is not None:
+        m_i = jnp.maximum(m_i, sinks[None, :, :, None])
+    m_i = jnp.where(jnp.isfinite(m_i), m_i, 0.0)
+    p = jnp.exp(s - m_i[..., None])
+    l_i = p.sum(axis=-1)
+    if sinks is not None:
+        l_i += jnp.exp(sinks[None, :, :, None] - m_i)
+    return p / jnp.where(l_i > 0, l_i, 1.0)[..., None]
 
 
-def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                              sliding_window: int | None = None,
-                              sinks: jax.Array | None = None,
-                              scale: float | None = None) -> jax.Array:
-  """Attention of the last T positions over S keys in plain jnp (what the engine runs on CPU).
+def flash_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    sinks: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention of the last T positions over S keys in plain jnp (what the engine runs on CPU).
 
-  q [B, T, Hq, D]; k, v [B, S, Hkv, D]; sinks [Hq] or None; scale None means 1/sqrt(D).
-  Returns [B, T, Hq, D] in q.dtype.
-  """
-  b, t, hq, d = q.shape
-  s_len, hkv = k.shape[1], k.shape[2]
-  check_attention_args(hq, hkv, sliding_window, sinks)
-  if t > s_len:
-    raise ValueError(f"more queries ({t}) than keys ({s_len})")
-  scale = d ** -0.5 if scale is None else scale
-  q_btkgd = q.reshape(b, t, hkv, hq // hkv, d)
-  s = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k, preferred_element_type=jnp.float32) * scale
-  q_pos = jnp.arange(t)[:, None] + (s_len - t)  # [T, 1]
-  k_pos = jnp.arange(s_len)[None, :]  # [1, S]
-  mask = visible_mask(q_pos, k_pos, causal, sliding_window)
-  sinks_kg = None if sinks is None else sinks.astype(jnp.float32).reshape(hkv, hq // hkv)
-  p = masked_softmax_ref(s, mask, sinks_kg)  # [B, Hkv, G, T, S]
-  o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
-  return o.reshape(b, t, hq, d).astype(q.dtype)
+    q [B, T, Hq, D]; k, v [B, S, Hkv, D]; sinks [Hq] or None; scale None means 1/sqrt(D).
+    Returns [B, T, Hq, D] in q.dtype.
+    """
+    b, t, hq, d = q.shape
+    s_len, hkv = k.shape[1], k.shape[2]
+    check_attention_args(hq, hkv, sliding_window, sinks)
+    if t > s_len:
+        raise ValueError(f"more queries ({t}) than keys ({s_len})")
+    scale = d**-0.5 if scale is None else scale
+    q_btkgd = q.reshape(b, t, hkv, hq // hkv, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k, preferred_element_type=jnp.float32) * scale
+    q_pos = jnp.arange(t)[:, None] + (s_len - t)  # [T, 1]
+    k_pos = jnp.arange(s_len)[None, :]  # [1, S]
+    mask = visible_mask(q_pos, k_pos, causal, sliding_window)
+    sinks_kg = None if sinks is None else sinks.astype(jnp.float32).reshape(hkv, hq // hkv)
+    p = masked_softmax_ref(s, mask, sinks_kg)  # [B, Hkv, G, T, S]
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
+    return o.reshape(b, t, hq, d).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,256 +105,290 @@ HEAD_DIM_MULTIPLE = 64  # a 128-byte swizzled SMEM row of bf16
 
 @dataclasses.dataclass(frozen=True)
 class FlashAttentionConfig:
-  """Block sizes: block_rows (query rows x heads) per program, block_kv keys per step."""
-  block_rows: int = 128
-  block_kv: int = 64  # 128 x 128 with head_dim 128 overflows the 227 KiB of SMEM
+    """Block sizes: block_rows (query rows x heads) per program, block_kv keys per step."""
 
-  def __post_init__(self):
-    if self.block_rows % 64 or self.block_kv % 64:
-      raise ValueError(f"block_rows and block_kv must be multiples of 64 (wgmma): {self}")
+    block_rows: int = 128
+    block_kv: int = 64  # 128 x 128 with head_dim 128 overflows the 227 KiB of SMEM
+
+    def __post_init__(self):
+        if self.block_rows % 64 or self.block_kv % 64:
+            raise ValueError(f"block_rows and block_kv must be multiples of 64 (wgmma): {self}")
 
 
 def flash_attention_config(device_kind: str) -> FlashAttentionConfig:
-  """The frozen block sizes per device kind (H100 and H200 share them; CPU interprets them)."""
-  if "H200" in device_kind or "H100" in device_kind:
-    return FlashAttentionConfig(block_rows=128, block_kv=64)
-  return FlashAttentionConfig()
+    """The frozen block sizes per device kind (H100 and H200 share them; CPU interprets them)."""
+    if "H200" in device_kind or "H100" in device_kind:
+        return FlashAttentionConfig(block_rows=128, block_kv=64)
+    return FlashAttentionConfig()
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockedAttention:
-  """Compile-time facts of one blocked-attention kernel."""
-  q_len: int
-  group: int  # query heads per KV head
-  block_rows: int
-  block_kv: int
-  num_splits: int
-  scale: float
-  window: int | None
-  causal: bool
-  dtype: Any  # bf16 or f16: what wgmma multiplies
+    """Compile-time facts of one blocked-attention kernel."""
+
+    q_len: int
+    group: int  # query heads per KV head
+    block_rows: int
+    block_kv: int
+    num_splits: int
+    scale: float
+    window: int | None
+    causal: bool
+    dtype: Any  # bf16 or f16: what wgmma multiplies
 
 
-def kv_block_range(length: jax.Array, tile: jax.Array, split: jax.Array,
-                   st: BlockedAttention) -> tuple[jax.Array, jax.Array]:
-  """KV blocks [first, last) a program reads: causal end, window start, then its split's share."""
-  qi_lo = lax.div(tile * st.block_rows, st.group)
-  qi_hi = jnp.minimum(lax.div((tile + 1) * st.block_rows - 1, st.group), st.q_len - 1)
-  end_pos = length
-  if st.causal:
-    end_pos = jnp.maximum(length - st.q_len + qi_hi + 1, 0)  # one past the last visible key
-  last = lax.div(end_pos + st.block_kv - 1, st.block_kv)
-  first = jnp.int32(0)
-  if st.window is not None:
-    start_pos = jnp.maximum(length - st.q_len + qi_lo - st.window + 1, 0)
-    first = jnp.minimum(lax.div(start_pos, st.block_kv), last)
-  per_split = lax.div(last - first + st.num_splits - 1, st.num_splits)
-  split_last = jnp.minimum(first + (split + 1) * per_split, last)
-  return jnp.minimum(first + split * per_split, split_last), split_last
+def kv_block_range(
+    length: jax.Array, tile: jax.Array, split: jax.Array, st: BlockedAttention
+) -> tuple[jax.Array, jax.Array]:
+    """KV blocks [first, last) a program reads: causal end, window start, then its split's share."""
+    qi_lo = lax.div(tile * st.block_rows, st.group)
+    qi_hi = jnp.minimum(lax.div((tile + 1) * st.block_rows - 1, st.group), st.q_len - 1)
+    end_pos = length
+    if st.causal:
+        end_pos = jnp.maximum(length - st.q_len + qi_hi + 1, 0)  # one past the last visible key
+    last = lax.div(end_pos + st.block_kv - 1, st.block_kv)
+    first = jnp.int32(0)
+    if st.window is not None:
+        start_pos = jnp.maximum(length - st.q_len + qi_lo - st.window + 1, 0)
+        first = jnp.minimum(lax.div(start_pos, st.block_kv), last)
+    per_split = lax.div(last - first + st.num_splits - 1, st.num_splits)
+    split_last = jnp.minimum(first + (split + 1) * per_split, last)
+    return jnp.minimum(first + split * per_split, split_last), split_last
 
 
-def _block_mask(length: jax.Array, tile: jax.Array, blk: jax.Array,
-                st: BlockedAttention) -> jax.Array:
-  """[block_rows, block_kv] bool: the key exists and the row's query sees it."""
-  shape = (st.block_rows, st.block_kv)
-  rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  q_pos = length - st.q_len + lax.div(rows + tile * st.block_rows, st.group)
-  k_pos = cols + blk * st.block_kv
-  mask = k_pos < length
-  if st.causal:
-    mask &= k_pos <= q_pos
-  if st.window is not None:
-    mask &= k_pos > q_pos - st.window
-  return mask
+def _block_mask(length: jax.Array, tile: jax.Array, blk: jax.Array, st: BlockedAttention) -> jax.Array:
+    """[block_rows, block_kv] bool: the key exists and the row's query sees it."""
+    shape = (st.block_rows, st.block_kv)
+    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    q_pos = length - st.q_len + lax.div(rows + tile * st.block_rows, st.group)
+    k_pos = cols + blk * st.block_kv
+    mask = k_pos < length
+    if st.causal:
+        mask &= k_pos <= q_pos
+    if st.window is not None:
+        mask &= k_pos > q_pos - st.window
+    return mask
 
 
 def _wgmma_f32(a_smem, b_smem, shape: tuple[int, int]) -> jax.Array:
-  """a @ b on wgmma into a fresh float32 accumulator, returned in registers."""
-  def scope(acc_ref):
-    plgpu.wgmma(acc_ref, a_smem, b_smem)
-    return acc_ref[...]
-  return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
+    """a @ b on wgmma into a fresh float32 accumulator, returned in registers."""
+
+    def scope(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, b_smem)
+        return acc_ref[...]
+
+    return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
 
 
 def attention_scratch(st: BlockedAttention, head_dim: int, loads_per_block: int) -> list:
-  """SMEM and barriers of attention_program: q, 2 K/V slots, P, output, lse; barriers."""
-  swizzle_elems = 128 // jnp.dtype(st.dtype).itemsize  # one 128-byte swizzle row
-  swizzled = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(128))
-  smem = lambda shape: plgpu.SMEM(shape, st.dtype, transforms=swizzled)
-  kv_slots = (2, st.block_kv, head_dim)
-  return [
-      smem((st.block_rows, head_dim)), smem(kv_slots), smem(kv_slots),
-      smem((st.block_rows, st.block_kv)),
-      plgpu.SMEM((st.block_rows, head_dim), jnp.float32),
-      plgpu.SMEM((st.block_rows,), jnp.float32),
-      plgpu.Barrier(),
-      plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=2),
-      plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=2),
-  ]
+    """SMEM and barriers of attention_program: q, 2 K/V slots, P, output, lse; barriers."""
+    swizzle_elems = 128 // jnp.dtype(st.dtype).itemsize  # one 128-byte swizzle row
+    swizzled = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(128))
+    smem = lambda shape: plgpu.SMEM(shape, st.dtype, transforms=swizzled)
+    kv_slots = (2, st.block_kv, head_dim)
+    return [
+        smem((st.block_rows, head_dim)),
+        smem(kv_slots),
+        smem(kv_slots),
+        smem((st.block_rows, st.block_kv)),
+        plgpu.SMEM((st.block_rows, head_dim), jnp.float32),
+        plgpu.SMEM((st.block_rows,), jnp.float32),
+        plgpu.Barrier(),
+        plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=2),
+        plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=2),
+    ]
 
 
-def attention_program(q_ref, o_ref, lse_ref, scratch, *, load_kv: Callable, length: jax.Array,
-                      st: BlockedAttention) -> None:
-  """The body of one (batch, kv_head, tile, split) program; load_kv(blk, slot, k, v, kb, vb)
-  issues the TMA copies of KV block blk into SMEM slot `slot`, arriving on kb/vb[slot]."""
-  q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars = scratch
-  b, h = lax.axis_index("batch"), lax.axis_index("kv_head")
-  tile, split = lax.axis_index("tile"), lax.axis_index("split")
-  first, last = kv_block_range(length, tile, split, st)
-  rows = pl.ds(tile * st.block_rows, st.block_rows)
-  plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar)
-  load = lambda blk, slot: load_kv(blk, slot, k_smem, v_smem, k_bars, v_bars)
-  pl.when(first < last)(lambda: load(first, 0))
-  plgpu.barrier_wait(q_bar)
+def attention_program(
+    q_ref, o_ref, lse_ref, scratch, *, load_kv: Callable, length: jax.Array, st: BlockedAttention
+) -> None:
+    """The body of one (batch, kv_head, tile, split) program; load_kv(blk, slot, k, v, kb, vb)
+    issues the TMA copies of KV block blk into SMEM slot `slot`, arriving on kb/vb[slot]."""
+    q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars = scratch
+    b, h = lax.axis_index("batch"), lax.axis_index("kv_head")
+    tile, split = lax.axis_index("tile"), lax.axis_index("split")
+    first, last = kv_block_range(length, tile, split, st)
+    rows = pl.ds(tile * st.block_rows, st.block_rows)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar)
+    load = lambda blk, slot: load_kv(blk, slot, k_smem, v_smem, k_bars, v_bars)
+    pl.when(first < last)(lambda: load(first, 0))
+    plgpu.barrier_wait(q_bar)
 
-  def step(i, carry):
-    acc, m_i, l_i = carry
-    blk, slot = first + i, lax.rem(i, 2)
-    # The other slot was last read by the previous step's (completed) wgmma: refill it now.
-    pl.when(blk + 1 < last)(lambda: load(blk + 1, 1 - slot))
-    plgpu.barrier_wait(k_bars.at[slot])
-    s = _wgmma_f32(q_smem, k_smem.at[slot].T, (st.block_rows, st.block_kv)) * st.scale
-    s = jnp.where(_block_mask(length, tile, blk, st), s, -jnp.inf)
-    m_new = jnp.maximum(m_i, s.max(axis=1))
-    alpha = jnp.exp(m_i - m_new)
-    p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-    l_i = l_i * alpha + p.sum(axis=1)
-    p_smem[...] = p.astype(st.dtype)
+    def step(i, carry):
+        acc, m_i, l_i = carry
+        blk, slot = first + i, lax.rem(i, 2)
+        # The other slot was last read by the previous step's (completed) wgmma: refill it now.
+        pl.when(blk + 1 < last)(lambda: load(blk + 1, 1 - slot))
+        plgpu.barrier_wait(k_bars.at[slot])
+        s = _wgmma_f32(q_smem, k_smem.at[slot].T, (st.block_rows, st.block_kv)) * st.scale
+        s = jnp.where(_block_mask(length, tile, blk, st), s, -jnp.inf)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp(m_i - m_new)
+        p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        p_smem[...] = p.astype(st.dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_wait(v_bars.at[slot])
+        pv = _wgmma_f32(p_smem, v_smem.at[slot], acc.shape)
+        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l_i
+
+    reduced = plgpu.Layout.WGMMA.reduce(1)
+    acc = plgpu.layout_cast(jnp.zeros(o_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
+    m_i = plgpu.layout_cast(jnp.full((st.block_rows,), NO_LOGIT, jnp.float32), reduced)
+    l_i = plgpu.layout_cast(jnp.zeros((st.block_rows,), jnp.float32), reduced)
+    acc, m_i, l_i = lax.fori_loop(0, last - first, step, (acc, m_i, l_i))
+    # l_i >= 1 once any key was seen (the running maximum contributes exp(0)); 0 means none.
+    l_i = jnp.maximum(l_i, 1.0)
+    o_smem[...] = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
+    lse_smem[...] = m_i + jnp.log(l_i)
     plgpu.commit_smem()
-    plgpu.barrier_wait(v_bars.at[slot])
-    pv = _wgmma_f32(p_smem, v_smem.at[slot], acc.shape)
-    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l_i
-
-  reduced = plgpu.Layout.WGMMA.reduce(1)
-  acc = plgpu.layout_cast(jnp.zeros(o_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
-  m_i = plgpu.layout_cast(jnp.full((st.block_rows,), NO_LOGIT, jnp.float32), reduced)
-  l_i = plgpu.layout_cast(jnp.zeros((st.block_rows,), jnp.float32), reduced)
-  acc, m_i, l_i = lax.fori_loop(0, last - first, step, (acc, m_i, l_i))
-  # l_i >= 1 once any key was seen (the running maximum contributes exp(0)); 0 means none.
-  l_i = jnp.maximum(l_i, 1.0)
-  o_smem[...] = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
-  lse_smem[...] = m_i + jnp.log(l_i)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, split, rows])
-  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, split, rows])
-  plgpu.wait_smem_to_gmem(0)
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, split, rows])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, split, rows])
+    plgpu.wait_smem_to_gmem(0)
 
 
-def run_blocked_attention(body: Callable, q_rows: jax.Array, operands: tuple,
-                          st: BlockedAttention, loads_per_block: int, name: str,
-                          interpret: Any) -> tuple[jax.Array, jax.Array]:
-  """Launches body(q_ref, *operand_refs, o_ref, lse_ref, *scratch) over (B, Hkv, tiles, splits).
+def run_blocked_attention(
+    body: Callable,
+    q_rows: jax.Array,
+    operands: tuple,
+    st: BlockedAttention,
+    loads_per_block: int,
+    name: str,
+    interpret: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Launches body(q_ref, *operand_refs, o_ref, lse_ref, *scratch) over (B, Hkv, tiles, splits).
 
-  q_rows [B, Hkv, R, D] -> partial outputs [B, Hkv, splits, R, D] f32, lse [B, Hkv, splits, R].
-  """
-  b, hkv, rows, d = q_rows.shape
-  kernel = plgpu.kernel(
-      body,
-      out_type=(jax.ShapeDtypeStruct((b, hkv, st.num_splits, rows, d), jnp.float32),
-                jax.ShapeDtypeStruct((b, hkv, st.num_splits, rows), jnp.float32)),
-      scratch_types=attention_scratch(st, d, loads_per_block),
-      grid=(b, hkv, rows // st.block_rows, st.num_splits),
-      grid_names=("batch", "kv_head", "tile", "split"),
-      kernel_name=f"{name}_r{st.block_rows}_kv{st.block_kv}_s{st.num_splits}",
-      interpret=interpret,
-  )
-  return kernel(q_rows, *operands)
+    q_rows [B, Hkv, R, D] -> partial outputs [B, Hkv, splits, R, D] f32, lse [B, Hkv, splits, R].
+    """
+    b, hkv, rows, d = q_rows.shape
+    kernel = plgpu.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct((b, hkv, st.num_splits, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, st.num_splits, rows), jnp.float32),
+        ),
+        scratch_types=attention_scratch(st, d, loads_per_block),
+        grid=(b, hkv, rows // st.block_rows, st.num_splits),
+        grid_names=("batch", "kv_head", "tile", "split"),
+        kernel_name=f"{name}_r{st.block_rows}_kv{st.block_kv}_s{st.num_splits}",
+        interpret=interpret,
+    )
+    return kernel(q_rows, *operands)
 
 
 def to_rows(q: jax.Array, num_kv_heads: int, block_rows: int) -> jax.Array:
-  """[B, T, Hq, D] -> [B, Hkv, R, D], row = t * G + g, zero-padded to whole row tiles."""
-  b, t, hq, d = q.shape
-  group = hq // num_kv_heads
-  q_rows = q.reshape(b, t, num_kv_heads, group, d).transpose(0, 2, 1, 3, 4)
-  q_rows = q_rows.reshape(b, num_kv_heads, t * group, d)
-  pad = -(t * group) % block_rows
-  return jnp.pad(q_rows, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    """[B, T, Hq, D] -> [B, Hkv, R, D], row = t * G + g, zero-padded to whole row tiles."""
+    b, t, hq, d = q.shape
+    group = hq // num_kv_heads
+    q_rows = q.reshape(b, t, num_kv_heads, group, d).transpose(0, 2, 1, 3, 4)
+    q_rows = q_rows.reshape(b, num_kv_heads, t * group, d)
+    pad = -(t * group) % block_rows
+    return jnp.pad(q_rows, ((0, 0), (0, 0), (0, pad), (0, 0)))
 
 
 def from_rows(o_rows: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Inverse of to_rows: [B, Hkv, R, D] (padded) -> [B, T, Hq, D]."""
-  b, t, hq, d = shape
-  hkv = o_rows.shape[1]
-  o = o_rows[:, :, :t * (hq // hkv)].reshape(b, hkv, t, hq // hkv, d)
-  return o.transpose(0, 2, 1, 3, 4).reshape(shape)
+    """Inverse of to_rows: [B, Hkv, R, D] (padded) -> [B, T, Hq, D]."""
+    b, t, hq, d = shape
+    hkv = o_rows.shape[1]
+    o = o_rows[:, :, : t * (hq // hkv)].reshape(b, hkv, t, hq // hkv, d)
+    return o.transpose(0, 2, 1, 3, 4).reshape(shape)
 
 
 def merge_partials(o_part: jax.Array, lse: jax.Array, sinks: jax.Array | None) -> jax.Array:
-  """Merges split outputs by log-sum-exp; the sink (per head, [Hq]) joins the denominator once.
+    """Merges split outputs by log-sum-exp; the sink (per head, [Hq]) joins the denominator once.
 
-  o_part [B, Hkv, S, R, D], lse [B, Hkv, S, R] -> [B, Hkv, R, D] float32.
-  """
-  hkv, rows = o_part.shape[1], o_part.shape[3]
-  if sinks is None:
-    sink_rows = jnp.full((hkv, rows), -jnp.inf)
-  else:
-    group = sinks.shape[0] // hkv
-    sink_rows = sinks.astype(jnp.float32).reshape(hkv, group)[:, jnp.arange(rows) % group]
-  m = jnp.maximum(lse.max(axis=2), sink_rows)  # [B, Hkv, R]
-  w = jnp.exp(lse - m[:, :, None])
-  denom = w.sum(axis=2) + jnp.exp(sink_rows - m)
-  return jnp.einsum("bksr,bksrd->bkrd", w, o_part) / denom[..., None]
+    o_part [B, Hkv, S, R, D], lse [B, Hkv, S, R] -> [B, Hkv, R, D] float32.
+    """
+    hkv, rows = o_part.shape[1], o_part.shape[3]
+    if sinks is None:
+        sink_rows = jnp.full((hkv, rows), -jnp.inf)
+    else:
+        group = sinks.shape[0] // hkv
+        sink_rows = sinks.astype(jnp.float32).reshape(hkv, group)[:, jnp.arange(rows) % group]
+    m = jnp.maximum(lse.max(axis=2), sink_rows)  # [B, Hkv, R]
+    w = jnp.exp(lse - m[:, :, None])
+    denom = w.sum(axis=2) + jnp.exp(sink_rows - m)
+    return jnp.einsum("bksr,bksrd->bkrd", w, o_part) / denom[..., None]
 
 
 def mma_dtype(dtype: Any, interpret: Any) -> Any:
-  """What wgmma multiplies: bf16/f16 as they are; f32 too when interpreting (CPU engine runs in
-  f32 and should match the XLA path); anything else as bf16 (the GPU's f32 wgmma is tf32 with
-  layout limits)."""
-  if dtype in (jnp.bfloat16, jnp.float16) or (interpret is not None and dtype == jnp.float32):
-    return dtype
-  return jnp.bfloat16
+    """What wgmma multiplies: bf16/f16 as they are; f32 too when interpreting (CPU engine runs in
+    f32 and should match the XLA path); anything else as bf16 (the GPU's f32 wgmma is tf32 with
+    layout limits)."""
+    if dtype in (jnp.bfloat16, jnp.float16) or (interpret is not None and dtype == jnp.float32):
+        return dtype
+    return jnp.bfloat16
 
 
 def pad_last(x: jax.Array, multiple: int) -> jax.Array:
-  """Zero-pads the last axis to a multiple of `multiple` (head_dim, for 128-byte swizzled rows).
+    """Zero-pads the last axis to a multiple of `multiple` (head_dim, for 128-byte swizzled rows).
 
-  Zero q/k columns leave the logits unchanged; zero v columns give output columns to drop.
-  """
-  pad = [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % multiple)]
-  return jnp.pad(x, pad)
-
-
-def _flash_body(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch, st: BlockedAttention,
-                kv_len: int):
-  """Contiguous KV: block blk of batch b, KV head h is k[b, blk*block_kv : +block_kv, h]."""
-  b, h = lax.axis_index("batch"), lax.axis_index("kv_head")
-
-  def load_kv(blk, slot, k_smem, v_smem, k_bars, v_bars):
-    keys = (b, pl.ds(blk * st.block_kv, st.block_kv), h)
-    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bars.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bars.at[slot])
-
-  attention_program(q_ref, o_ref, lse_ref, scratch, load_kv=load_kv,
-                    length=jnp.int32(kv_len), st=st)
+    Zero q/k columns leave the logits unchanged; zero v columns give output columns to drop.
+    """
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % multiple)]
+    return jnp.pad(x, pad)
 
 
-def flash_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                           sliding_window: int | None = None, sinks: jax.Array | None = None,
-                           scale: float | None = None, interpret: Any = None,
-                           config: FlashAttentionConfig | None = None) -> jax.Array:
-  """Prefill attention on the Mosaic GPU kernel (same contract as flash_attention_reference).
+def _flash_body(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch, st: BlockedAttention, kv_len: int):
+    """Contiguous KV: block blk of batch b, KV head h is k[b, blk*block_kv : +block_kv, h]."""
+    b, h = lax.axis_index("batch"), lax.axis_index("kv_head")
 
-  interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
-  Multiplies in mma_dtype with f32 softmax. Keys are zero-padded to whole KV blocks (the mask
-  hides them) and head_dim to a multiple of 64 (a copy; real models have 64 or 128).
-  """
-  b, t, hq, d = q.shape
-  s_len, hkv = k.shape[1], k.shape[2]
-  check_attention_args(hq, hkv, sliding_window, sinks)
-  if t > s_len:
-    raise ValueError(f"more queries ({t}) than keys ({s_len})")
-  config = config or flash_attention_config(jax.devices()[0].device_kind)
-  dtype = mma_dtype(q.dtype, interpret)
-  q_pad = pad_last(q.astype(dtype), HEAD_DIM_MULTIPLE)
-  st = BlockedAttention(q_len=t, group=hq // hkv, block_rows=config.block_rows,
-                        block_kv=config.block_kv, num_splits=1,
-                        scale=d ** -0.5 if scale is None else scale, window=sliding_window,
-                        causal=causal, dtype=dtype)
-  pad = ((0, 0), (0, -s_len % config.block_kv), (0, 0), (0, 0))
-  k, v = (jnp.pad(pad_last(x.astype(dtype), HEAD_DIM_MULTIPLE), pad) for x in (k, v))
-  o_part, lse = run_blocked_attention(
-      functools.partial(_flash_body, st=st, kv_len=s_len),
-      to_rows(q_pad, hkv, config.block_rows), (k, v), st, 1, "flash_attention", interpret)
-  out = from_rows(merge_partials(o_part, lse, sinks), q_pad.shape)
-  return out[..., :d].astype(q.dtype)
+    def load_kv(blk, slot, k_smem, v_smem, k_bars, v_bars):
+        keys = (b, pl.ds(blk * st.block_kv, st.block_kv), h)
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bars.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bars.at[slot])
+
+    attention_program(q_ref, o_ref, lse_ref, scratch, load_kv=load_kv, length=jnp.int32(kv_len), st=st)
+
+
+def flash_attention_kernel(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    sinks: jax.Array | None = None,
+    scale: float | None = None,
+    interpret: Any = None,
+    config: FlashAttentionConfig | None = None,
+) -> jax.Array:
+    """Prefill attention on the Mosaic GPU kernel (same contract as flash_attention_reference).
+
+    interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
+    Multiplies in mma_dtype with f32 softmax. Keys are zero-padded to whole KV blocks (the mask
+    hides them) and head_dim to a multiple of 64 (a copy; real models have 64 or 128).
+    """
+    b, t, hq, d = q.shape
+    s_len, hkv = k.shape[1], k.shape[2]
+    check_attention_args(hq, hkv, sliding_window, sinks)
+    if t > s_len:
+        raise ValueError(f"more queries ({t}) than keys ({s_len})")
+    config = config or flash_attention_config(jax.devices()[0].device_kind)
+    dtype = mma_dtype(q.dtype, interpret)
+    q_pad = pad_last(q.astype(dtype), HEAD_DIM_MULTIPLE)
+    st = BlockedAttention(
+        q_len=t,
+        group=hq // hkv,
+        block_rows=config.block_rows,
+        block_kv=config.block_kv,
+        num_splits=1,
+        scale=d**-0.5 if scale is None else scale,
+        window=sliding_window,
+        causal=causal,
+        dtype=dtype,
+    )
+    pad = ((0, 0), (0, -s_len % config.block_kv), (0, 0), (0, 0))
+    k, v = (jnp.pad(pad_last(x.astype(dtype), HEAD_DIM_MULTIPLE), pad) for x in (k, v))
+    o_part, lse = run_blocked_attention(
+        functools.partial(_flash_body, st=st, kv_len=s_len),
+        to_rows(q_pad, hkv, config.block_rows),
+        (k, v),
+        st,
+        1,
+        "flash_attention",
+        interpret,
+    )
+    out = from_rows(merge_partials(o_part, lse, sinks), q_pad.shape)
+    return out[..., :d].astype(q.dtype)

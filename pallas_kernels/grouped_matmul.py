@@ -24,39 +24,39 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
 def check_grouped_matmul_args(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
-  """Validates ranks and matching dimensions."""
-  if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
-    raise ValueError(f"want lhs [M,K], rhs [G,K,N], group_sizes [G]; got {lhs.shape}, "
-                     f"{rhs.shape}, {group_sizes.shape}")
-  if lhs.shape[1] != rhs.shape[1]:
-    raise ValueError(f"contracting dims differ: lhs {lhs.shape}, rhs {rhs.shape}")
-  if group_sizes.shape[0] < rhs.shape[0]:
-    raise ValueError(f"{group_sizes.shape[0]} group sizes for {rhs.shape[0]} rhs groups")
+    """Validates ranks and matching dimensions."""
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
+        raise ValueError(
+            f"want lhs [M,K], rhs [G,K,N], group_sizes [G]; got {lhs.shape}, " f"{rhs.shape}, {group_sizes.shape}"
+        )
+    if lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"contracting dims differ: lhs {lhs.shape}, rhs {rhs.shape}")
+    if group_sizes.shape[0] < rhs.shape[0]:
+        raise ValueError(f"{group_sizes.shape[0]} group sizes for {rhs.shape[0]} rhs groups")
 
 
-def local_groups(group_sizes: jax.Array, num_local: int,
-                 group_offset: jax.Array | int) -> tuple[jax.Array, jax.Array]:
-  """The shard's group sizes [G_local] and the first row of its first group (a scalar)."""
-  group_sizes = group_sizes.astype(jnp.int32)
-  offset = jnp.asarray(group_offset, jnp.int32)
-  start = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < offset, group_sizes, 0))
-  sizes = jax.lax.dynamic_slice_in_dim(group_sizes, offset, num_local)
-  return sizes, start
+def local_groups(group_sizes: jax.Array, num_local: int, group_offset: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+    """The shard's group sizes [G_local] and the first row of its first group (a scalar)."""
+    group_sizes = group_sizes.astype(jnp.int32)
+    offset = jnp.asarray(group_offset, jnp.int32)
+    start = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < offset, group_sizes, 0))
+    sizes = jax.lax.dynamic_slice_in_dim(group_sizes, offset, num_local)
+    return sizes, start
 
 
-def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-                             group_offset: jax.Array | int = 0) -> jax.Array:
-  """The grouped GEMM through jax.lax.ragged_dot: lhs [M, K], rhs [G, K, N] -> [M, N]."""
-  check_grouped_matmul_args(lhs, rhs, group_sizes)
-  m = lhs.shape[0]
-  sizes, start = local_groups(group_sizes, rhs.shape[0], group_offset)
-  # ragged_dot wants the shard's first row at row 0: rotate, multiply, rotate back.
-  out = jax.lax.ragged_dot(jnp.roll(lhs, -start, axis=0), rhs, sizes,
-                           preferred_element_type=jnp.float32)
-  out = jnp.roll(out, start, axis=0)
-  rows = jnp.arange(m)[:, None]
-  keep = (rows >= start) & (rows < start + jnp.sum(sizes))
-  return jnp.where(keep, out, 0.0).astype(lhs.dtype)
+def grouped_matmul_reference(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, group_offset: jax.Array | int = 0
+) -> jax.Array:
+    """The grouped GEMM through jax.lax.ragged_dot: lhs [M, K], rhs [G, K, N] -> [M, N]."""
+    check_grouped_matmul_args(lhs, rhs, group_sizes)
+    m = lhs.shape[0]
+    sizes, start = local_groups(group_sizes, rhs.shape[0], group_offset)
+    # ragged_dot wants the shard's first row at row 0: rotate, multiply, rotate back.
+    out = jax.lax.ragged_dot(jnp.roll(lhs, -start, axis=0), rhs, sizes, preferred_element_type=jnp.float32)
+    out = jnp.roll(out, start, axis=0)
+    rows = jnp.arange(m)[:, None]
+    keep = (rows >= start) & (rows < start + jnp.sum(sizes))
+    return jnp.where(keep, out, 0.0).astype(lhs.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,137 +71,146 @@ def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Ar
 
 @dataclasses.dataclass(frozen=True)
 class GroupedMatmulConfig:
-  """Tile sizes: block_m rows x block_n columns per program, block_k per pipeline step."""
-  block_m: int = 128
-  block_n: int = 128
-  block_k: int = 64
-  max_concurrent_steps: int = 4
+    """Tile sizes: block_m rows x block_n columns per program, block_k per pipeline step."""
 
-  def __post_init__(self):
-    if self.block_m % 64 or self.block_n % 64 or self.block_k % 64:
-      raise ValueError(f"block sizes must be multiples of 64: {self}")
-    if self.max_concurrent_steps < 2:
-      raise ValueError(f"max_concurrent_steps must be >= 2: {self}")
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    max_concurrent_steps: int = 4
+
+    def __post_init__(self):
+        if self.block_m % 64 or self.block_n % 64 or self.block_k % 64:
+            raise ValueError(f"block sizes must be multiples of 64: {self}")
+        if self.max_concurrent_steps < 2:
+            raise ValueError(f"max_concurrent_steps must be >= 2: {self}")
 
 
 def grouped_matmul_config(device_kind: str) -> GroupedMatmulConfig:
-  """The frozen tile sizes per device kind (H100 and H200 share them; CPU interprets them)."""
-  if "H200" in device_kind or "H100" in device_kind:
-    return GroupedMatmulConfig(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)
-  return GroupedMatmulConfig()
+    """The frozen tile sizes per device kind (H100 and H200 share them; CPU interprets them)."""
+    if "H200" in device_kind or "H100" in device_kind:
+        return GroupedMatmulConfig(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)
+    return GroupedMatmulConfig()
 
 
-def tile_schedule(sizes: jax.Array, start: jax.Array, m: int,
-                  block_m: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Per schedule entry: (group, row block, first row, end row); unused entries have end <= first.
+def tile_schedule(
+    sizes: jax.Array, start: jax.Array, m: int, block_m: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per schedule entry: (group, row block, first row, end row); unused entries have end <= first.
 
-  sizes [G] are the local groups' sizes, laid out from row `start`. Returns four int32 [T] with
-  T = cdiv(m, block_m) + G - 1.
-  """
-  num_entries = pl.cdiv(m, block_m) + sizes.shape[0] - 1
-  ends = start + jnp.cumsum(sizes)
-  begins = ends - sizes
-  first_block = begins // block_m
-  counts = jnp.where(sizes > 0, (ends - 1) // block_m - first_block + 1, 0)
-  offsets = jnp.cumsum(counts) - counts
-  t = jnp.arange(num_entries, dtype=jnp.int32)
-  group = jnp.clip(jnp.searchsorted(offsets + counts, t, side="right"), 0, sizes.shape[0] - 1)
-  block = first_block[group] + t - offsets[group]
-  used = t < counts.sum()
-  row_lo = jnp.maximum(begins[group], block * block_m)
-  row_hi = jnp.where(used, jnp.minimum(ends[group], (block + 1) * block_m), row_lo)
-  return (group.astype(jnp.int32), jnp.where(used, block, 0).astype(jnp.int32),
-          row_lo.astype(jnp.int32), row_hi.astype(jnp.int32))
+    sizes [G] are the local groups' sizes, laid out from row `start`. Returns four int32 [T] with
+    T = cdiv(m, block_m) + G - 1.
+    """
+    num_entries = pl.cdiv(m, block_m) + sizes.shape[0] - 1
+    ends = start + jnp.cumsum(sizes)
+    begins = ends - sizes
+    first_block = begins // block_m
+    counts = jnp.where(sizes > 0, (ends - 1) // block_m - first_block + 1, 0)
+    offsets = jnp.cumsum(counts) - counts
+    t = jnp.arange(num_entries, dtype=jnp.int32)
+    group = jnp.clip(jnp.searchsorted(offsets + counts, t, side="right"), 0, sizes.shape[0] - 1)
+    block = first_block[group] + t - offsets[group]
+    used = t < counts.sum()
+    row_lo = jnp.maximum(begins[group], block * block_m)
+    row_hi = jnp.where(used, jnp.minimum(ends[group], (block + 1) * block_m), row_lo)
+    return (
+        group.astype(jnp.int32),
+        jnp.where(used, block, 0).astype(jnp.int32),
+        row_lo.astype(jnp.int32),
+        row_hi.astype(jnp.int32),
+    )
 
 
 def _store_rows(o_smem, o_ref, row_lo, row_hi, block, ni, cfg: GroupedMatmulConfig) -> None:
-  """Copies tile rows [row_lo, row_hi) (global rows of row block `block`) to o_ref.
+    """Copies tile rows [row_lo, row_hi) (global rows of row block `block`) to o_ref.
 
-  A TMA's extent is static, so rows go out in power-of-two pieces picked by the bits of the
-  dynamic count: 5 rows = one 4-row store + one 1-row store.
-  """
-  count = row_hi - row_lo
-  offset = row_lo - block * cfg.block_m
-  for bit in reversed(range(int(math.log2(cfg.block_m)) + 1)):
-    rows = 1 << bit
+    A TMA's extent is static, so rows go out in power-of-two pieces picked by the bits of the
+    dynamic count: 5 rows = one 4-row store + one 1-row store.
+    """
+    count = row_hi - row_lo
+    offset = row_lo - block * cfg.block_m
+    for bit in reversed(range(int(math.log2(cfg.block_m)) + 1)):
+        rows = 1 << bit
 
-    @pl.when(count & rows != 0)
-    def _store():
-      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(offset, rows)],
-                              o_ref.at[pl.ds(block * cfg.block_m + offset, rows),
-                                       pl.ds(ni * cfg.block_n, cfg.block_n)])
+        @pl.when(count & rows != 0)
+        def _store():
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[pl.ds(offset, rows)],
+                o_ref.at[pl.ds(block * cfg.block_m + offset, rows), pl.ds(ni * cfg.block_n, cfg.block_n)],
+            )
 
-    offset += count & rows
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        offset += count & rows
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _gmm_body(group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, o_smem, *,
-              cfg: GroupedMatmulConfig, k: int):
-  """Program (t, n): one schedule entry's row block times one column block of its group's rhs."""
-  t, ni = jax.lax.axis_index("entry"), jax.lax.axis_index("n")
-  group, block, row_lo, row_hi = group_ref[t], block_ref[t], lo_ref[t], hi_ref[t]
+def _gmm_body(
+    group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, o_smem, *, cfg: GroupedMatmulConfig, k: int
+):
+    """Program (t, n): one schedule entry's row block times one column block of its group's rhs."""
+    t, ni = jax.lax.axis_index("entry"), jax.lax.axis_index("n")
+    group, block, row_lo, row_hi = group_ref[t], block_ref[t], lo_ref[t], hi_ref[t]
 
-  @pl.when(row_lo < row_hi)
-  def _compute():
-    def acc_scope(acc_ref):
-      plgpu.emit_pipeline(
-          lambda _, lhs_smem, rhs_smem: plgpu.wgmma(acc_ref, lhs_smem, rhs_smem),
-          grid=(k // cfg.block_k,),
-          in_specs=[
-              plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda kk: (block, kk),
-                              delay_release=1),
-              plgpu.BlockSpec((cfg.block_k, cfg.block_n), lambda kk: (kk, ni),
-                              delay_release=1),
-          ],
-          max_concurrent_steps=cfg.max_concurrent_steps,
-      )(lhs_ref, rhs_ref.at[group])
-      return acc_ref[...]
+    @pl.when(row_lo < row_hi)
+    def _compute():
+        def acc_scope(acc_ref):
+            plgpu.emit_pipeline(
+                lambda _, lhs_smem, rhs_smem: plgpu.wgmma(acc_ref, lhs_smem, rhs_smem),
+                grid=(k // cfg.block_k,),
+                in_specs=[
+                    plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda kk: (block, kk), delay_release=1),
+                    plgpu.BlockSpec((cfg.block_k, cfg.block_n), lambda kk: (kk, ni), delay_release=1),
+                ],
+                max_concurrent_steps=cfg.max_concurrent_steps,
+            )(lhs_ref, rhs_ref.at[group])
+            return acc_ref[...]
 
-    acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n), jnp.float32))
-    o_smem[...] = acc.astype(o_smem.dtype)
-    plgpu.commit_smem()
-    _store_rows(o_smem, o_ref, row_lo, row_hi, block, ni, cfg)
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n), jnp.float32))
+        o_smem[...] = acc.astype(o_smem.dtype)
+        plgpu.commit_smem()
+        _store_rows(o_smem, o_ref, row_lo, row_hi, block, ni, cfg)
 
 
 def _pick_block_n(n: int, preferred: int) -> int:
-  """The preferred column tile if it divides N (a multiple of 64), else 192, 128 or 64."""
-  return next(b for b in (preferred, 192, 128, 64) if n % b == 0)
+    """The preferred column tile if it divides N (a multiple of 64), else 192, 128 or 64."""
+    return next(b for b in (preferred, 192, 128, 64) if n % b == 0)
 
 
-def grouped_matmul_kernel(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-                          group_offset: jax.Array | int = 0, interpret: Any = None,
-                          config: GroupedMatmulConfig | None = None) -> jax.Array:
-  """The grouped GEMM on the Mosaic GPU kernel (same contract as grouped_matmul_reference).
+def grouped_matmul_kernel(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    group_offset: jax.Array | int = 0,
+    interpret: Any = None,
+    config: GroupedMatmulConfig | None = None,
+) -> jax.Array:
+    """The grouped GEMM on the Mosaic GPU kernel (same contract as grouped_matmul_reference).
 
-  interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
-  Multiplies bf16/f16 (and f32 when interpreting) with f32 accumulation; other dtypes go in as
-  bf16. M, K and N are zero-padded to whole tiles (a copy only when they are not already).
-  """
-  check_grouped_matmul_args(lhs, rhs, group_sizes)
-  config = config or grouped_matmul_config(jax.devices()[0].device_kind)
-  (m, k), n = lhs.shape, rhs.shape[2]
-  m_pad, k_pad, n_pad = (-(-x // b) * b for x, b in ((m, config.block_m), (k, config.block_k),
-                                                      (n, 64)))
-  cfg = dataclasses.replace(config, block_n=_pick_block_n(n_pad, config.block_n))
-  sizes, start = local_groups(group_sizes, rhs.shape[0], group_offset)
-  schedule = tile_schedule(sizes, start, m, cfg.block_m)
-  keep = lhs.dtype in (jnp.bfloat16, jnp.float16) or (interpret is not None
-                                                       and lhs.dtype == jnp.float32)
-  dtype = lhs.dtype if keep else jnp.bfloat16
-  lhs_pad = jnp.pad(lhs.astype(dtype), ((0, m_pad - m), (0, k_pad - k)))
-  rhs_pad = jnp.pad(rhs.astype(dtype), ((0, 0), (0, k_pad - k), (0, n_pad - n)))
-  kernel = plgpu.kernel(
-      functools.partial(_gmm_body, cfg=cfg, k=k_pad),
-      out_type=jax.ShapeDtypeStruct((m_pad, n_pad), dtype),
-      scratch_types=[plgpu.SMEM((cfg.block_m, cfg.block_n), dtype)],
-      grid=(schedule[0].shape[0], n_pad // cfg.block_n),
-      grid_names=("entry", "n"),
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      kernel_name=f"grouped_matmul_m{cfg.block_m}_n{cfg.block_n}_k{cfg.block_k}",
-      interpret=interpret,
-  )
-  out = kernel(*schedule, lhs_pad, rhs_pad)[:m, :n]
-  rows = jnp.arange(m)[:, None]
-  covered = (rows >= start) & (rows < start + jnp.sum(sizes))
-  return jnp.where(covered, out, 0).astype(lhs.dtype)
+    interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
+    Multiplies bf16/f16 (and f32 when interpreting) with f32 accumulation; other dtypes go in as
+    bf16. M, K and N are zero-padded to whole tiles (a copy only when they are not already).
+    """
+    check_grouped_matmul_args(lhs, rhs, group_sizes)
+    config = config or grouped_matmul_config(jax.devices()[0].device_kind)
+    (m, k), n = lhs.shape, rhs.shape[2]
+    m_pad, k_pad, n_pad = (-(-x // b) * b for x, b in ((m, config.block_m), (k, config.block_k), (n, 64)))
+    cfg = dataclasses.replace(config, block_n=_pick_block_n(n_pad, config.block_n))
+    sizes, start = local_groups(group_sizes, rhs.shape[0], group_offset)
+    schedule = tile_schedule(sizes, start, m, cfg.block_m)
+    keep = lhs.dtype in (jnp.bfloat16, jnp.float16) or (interpret is not None and lhs.dtype == jnp.float32)
+    dtype = lhs.dtype if keep else jnp.bfloat16
+    lhs_pad = jnp.pad(lhs.astype(dtype), ((0, m_pad - m), (0, k_pad - k)))
+    rhs_pad = jnp.pad(rhs.astype(dtype), ((0, 0), (0, k_pad - k), (0, n_pad - n)))
+    kernel = plgpu.kernel(
+        functools.partial(_gmm_body, cfg=cfg, k=k_pad),
+        out_type=jax.ShapeDtypeStruct((m_pad, n_pad), dtype),
+        scratch_types=[plgpu.SMEM((cfg.block_m, cfg.block_n), dtype)],
+        grid=(schedule[0].shape[0], n_pad // cfg.block_n),
+        grid_names=("entry", "n"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name=f"grouped_matmul_m{cfg.block_m}_n{cfg.block_n}_k{cfg.block_k}",
+        interpret=interpret,
+    )
+    out = kernel(*schedule, lhs_pad, rhs_pad)[:m, :n]
+    rows = jnp.arange(m)[:, None]
+    covered = (rows >= start) & (rows < start + jnp.sum(sizes))
+    return jnp.where(covered, out, 0).astype(lhs.dtype)

@@ -22,68 +22,86 @@ SM90_KINDS = ("H100", "H200")
 
 
 def is_sm90_gpu() -> bool:
-  """True when the default device is an H100/H200, the GPUs the Mosaic kernels target."""
-  device = jax.devices()[0]
-  return device.platform == "gpu" and any(k in device.device_kind for k in SM90_KINDS)
+    """True when the default device is an H100/H200, the GPUs the Mosaic kernels target."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and any(k in device.device_kind for k in SM90_KINDS)
 
 
 def resolve_impl(impl: str) -> str:
-  """Maps impl to "pallas", "interpret" or "xla"; raises ValueError naming an unknown impl."""
-  if impl not in IMPLS:
-    raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
-  if impl == "auto":
-    return "pallas" if is_sm90_gpu() else "xla"
-  return impl
+    """Maps impl to "pallas", "interpret" or "xla"; raises ValueError naming an unknown impl."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        return "pallas" if is_sm90_gpu() else "xla"
+    return impl
 
 
 def _interpret_params(impl: str) -> plgpu.InterpretGPUParams | None:
-  """Interpret-mode parameters for impl "interpret"; None compiles the kernel for the GPU."""
-  return plgpu.InterpretGPUParams() if impl == "interpret" else None
+    """Interpret-mode parameters for impl "interpret"; None compiles the kernel for the GPU."""
+    return plgpu.InterpretGPUParams() if impl == "interpret" else None
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                    sliding_window: int | None = None, sinks: jax.Array | None = None,
-                    scale: float | None = None, impl: str = "auto") -> jax.Array:
-  """Prefill attention. q [B,T,Hq,D], k/v [B,S,Hkv,D], T <= S; query i sits at position S-T+i.
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    sinks: jax.Array | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """Prefill attention. q [B,T,Hq,D], k/v [B,S,Hkv,D], T <= S; query i sits at position S-T+i.
 
-  sliding_window=w: a query at position p sees keys p-w+1 .. p. sinks [Hq]: one logit per head
-  joins the softmax denominator. scale None means 1/sqrt(D). Returns [B,T,Hq,D] in q.dtype.
-  """
-  kwargs = dict(causal=causal, sliding_window=sliding_window, sinks=sinks, scale=scale)
-  impl = resolve_impl(impl)
-  if impl == "xla":
-    return fa.flash_attention_reference(q, k, v, **kwargs)
-  return fa.flash_attention_kernel(q, k, v, **kwargs, interpret=_interpret_params(impl))
-
-
-def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                    block_tables: jax.Array, context_lens: jax.Array, *,
-                    sliding_window: int | None = None, sinks: jax.Array | None = None,
-                    scale: float | None = None, impl: str = "auto") -> jax.Array:
-  """The last Q tokens of each sequence attend (causally) to the sequence's KV pages.
-
-  q [B,Q,Hq,D]; k/v_pages [Hkv, num_pages, page_size, D]; block_tables [B, max_pages] int32
-  (padded with the null page 0); context_lens [B] int32 counts all tokens including the Q new
-  ones. A row with context_len 0 gives zeros. Returns [B,Q,Hq,D] in q.dtype.
-  """
-  kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
-  args = (q, k_pages, v_pages, block_tables, context_lens)
-  impl = resolve_impl(impl)
-  if impl == "xla":
-    return pa.paged_attention_reference(*args, **kwargs)
-  return pa.paged_attention_kernel(*args, **kwargs, interpret=_interpret_params(impl))
+    sliding_window=w: a query at position p sees keys p-w+1 .. p. sinks [Hq]: one logit per head
+    joins the softmax denominator. scale None means 1/sqrt(D). Returns [B,T,Hq,D] in q.dtype.
+    """
+    kwargs = dict(causal=causal, sliding_window=sliding_window, sinks=sinks, scale=scale)
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return fa.flash_attention_reference(q, k, v, **kwargs)
+    return fa.flash_attention_kernel(q, k, v, **kwargs, interpret=_interpret_params(impl))
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-                   group_offset: jax.Array | int = 0, impl: str = "auto") -> jax.Array:
-  """MoE grouped GEMM: lhs [M,K] rows sorted by group, rhs [G,K,N], group_sizes [G] -> [M,N].
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    context_lens: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    sinks: jax.Array | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """The last Q tokens of each sequence attend (causally) to the sequence's KV pages.
 
-  Rows past sum(group_sizes) give zeros; float32 accumulation, output in lhs.dtype. With
-  group_offset, group_sizes may list more groups than rhs holds: rhs holds groups
-  group_offset .. group_offset+G-1 and rows of other groups give zeros (expert parallelism).
-  """
-  impl = resolve_impl(impl)
-  if impl == "xla":
-    return gmm.grouped_matmul_reference(lhs, rhs, group_sizes, group_offset=group_offset)
-  return gmm.grouped_matmul_kernel(lhs, rhs, group_sizes, group_offset=group_offset,
-                                   interpret=_interpret_params(impl))
+    q [B,Q,Hq,D]; k/v_pages [Hkv, num_pages, page_size, D]; block_tables [B, max_pages] int32
+    (padded with the null page 0); context_lens [B] int32 counts all tokens including the Q new
+    ones. A row with context_len 0 gives zeros. Returns [B,Q,Hq,D] in q.dtype.
+    """
+    kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
+    args = (q, k_pages, v_pages, block_tables, context_lens)
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return pa.paged_attention_reference(*args, **kwargs)
+    return pa.paged_attention_kernel(*args, **kwargs, interpret=_interpret_params(impl))
+
+
+def grouped_matmul(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, group_offset: jax.Array | int = 0, impl: str = "auto"
+) -> jax.Array:
+    """MoE grouped GEMM: lhs [M,K] rows sorted by group, rhs [G,K,N], group_sizes [G] -> [M,N].
+
+    Rows past sum(group_sizes) give zeros; float32 accumulation, output in lhs.dtype. With
+    group_offset, group_sizes may list more groups than rhs holds: rhs holds groups
+    group_offset .. group_offset+G-1 and rows of other groups give zeros (expert parallelism).
+    """
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return gmm.grouped_matmul_reference(lhs, rhs, group_sizes, group_offset=group_offset)
+    return gmm.grouped_matmul_kernel(
+        lhs, rhs, group_sizes, group_offset=group_offset, interpret=_interpret_params(impl)
+    )

@@ -22,37 +22,43 @@ from pallas_kernels import flash_attention as fa
 from pallas_kernels.flash_attention import check_attention_args, masked_softmax_ref, visible_mask
 
 
-def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                              block_tables: jax.Array, context_lens: jax.Array, *,
-                              sliding_window: int | None = None,
-                              sinks: jax.Array | None = None,
-                              scale: float | None = None) -> jax.Array:
-  """Gathers each sequence's pages and attends with a position mask (jit-friendly, static shapes).
+def paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    context_lens: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    sinks: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Gathers each sequence's pages and attends with a position mask (jit-friendly, static shapes).
 
-  q [B, Q, Hq, D]; returns [B, Q, Hq, D] in q.dtype. A row with context_len 0 (or a query whose
-  position is negative because context_len < Q) gives zeros.
-  """
-  b, q_len, hq, d = q.shape
-  hkv, _, page_size, _ = k_pages.shape
-  check_attention_args(hq, hkv, sliding_window, sinks)
-  scale = d ** -0.5 if scale is None else scale
-  s_len = block_tables.shape[1] * page_size
-  k = k_pages[:, block_tables].reshape(hkv, b, s_len, d)  # [Hkv, B, S, D]
-  v = v_pages[:, block_tables].reshape(hkv, b, s_len, d)
-  # Batch axes (Hkv, B) lead in both matmuls, as in the gathered pages, so XLA never transposes
-  # the gathered K/V (that copy doubled this function's time at batch 32 on CPU); only the much
-  # smaller queries and scores are transposed.
-  q_kbgqd = q.reshape(b, q_len, hkv, hq // hkv, d).transpose(2, 0, 3, 1, 4)
-  s = jnp.einsum("kbgqd,kbsd->kbgqs", q_kbgqd, k, preferred_element_type=jnp.float32) * scale
-  s = s.transpose(1, 0, 2, 3, 4)  # [B, Hkv, G, Q, S]
-  lens = context_lens.astype(jnp.int32)[:, None, None]  # [B, 1, 1]
-  q_pos = lens - q_len + jnp.arange(q_len)[None, :, None]  # [B, Q, 1]
-  k_pos = jnp.arange(s_len)[None, None, :]  # [1, 1, S]
-  mask = visible_mask(q_pos, k_pos, True, sliding_window) & (k_pos < lens) & (q_pos >= 0)
-  sinks_kg = None if sinks is None else sinks.astype(jnp.float32).reshape(hkv, hq // hkv)
-  p = masked_softmax_ref(s, mask[:, None, None], sinks_kg)  # [B, Hkv, G, Q, S]
-  o = jnp.einsum("kbgqs,kbsd->kbgqd", p.transpose(1, 0, 2, 3, 4), v.astype(jnp.float32))
-  return o.transpose(1, 3, 0, 2, 4).reshape(b, q_len, hq, d).astype(q.dtype)
+    q [B, Q, Hq, D]; returns [B, Q, Hq, D] in q.dtype. A row with context_len 0 (or a query whose
+    position is negative because context_len < Q) gives zeros.
+    """
+    b, q_len, hq, d = q.shape
+    hkv, _, page_size, _ = k_pages.shape
+    check_attention_args(hq, hkv, sliding_window, sinks)
+    scale = d**-0.5 if scale is None else scale
+    s_len = block_tables.shape[1] * page_size
+    k = k_pages[:, block_tables].reshape(hkv, b, s_len, d)  # [Hkv, B, S, D]
+    v = v_pages[:, block_tables].reshape(hkv, b, s_len, d)
+    # Batch axes (Hkv, B) lead in both matmuls, as in the gathered pages, so XLA never transposes
+    # the gathered K/V (that copy doubled this function's time at batch 32 on CPU); only the much
+    # smaller queries and scores are transposed.
+    q_kbgqd = q.reshape(b, q_len, hkv, hq // hkv, d).transpose(2, 0, 3, 1, 4)
+    s = jnp.einsum("kbgqd,kbsd->kbgqs", q_kbgqd, k, preferred_element_type=jnp.float32) * scale
+    s = s.transpose(1, 0, 2, 3, 4)  # [B, Hkv, G, Q, S]
+    lens = context_lens.astype(jnp.int32)[:, None, None]  # [B, 1, 1]
+    q_pos = lens - q_len + jnp.arange(q_len)[None, :, None]  # [B, Q, 1]
+    k_pos = jnp.arange(s_len)[None, None, :]  # [1, 1, S]
+    mask = visible_mask(q_pos, k_pos, True, sliding_window) & (k_pos < lens) & (q_pos >= 0)
+    sinks_kg = None if sinks is None else sinks.astype(jnp.float32).reshape(hkv, hq // hkv)
+    p = masked_softmax_ref(s, mask[:, None, None], sinks_kg)  # [B, Hkv, G, Q, S]
+    o = jnp.einsum("kbgqs,kbsd->kbgqd", p.transpose(1, 0, 2, 3, 4), v.astype(jnp.float32))
+    return o.transpose(1, 3, 0, 2, 4).reshape(b, q_len, hq, d).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,92 +72,114 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
 
 @dataclasses.dataclass(frozen=True)
 class PagedAttentionConfig:
-  """Block sizes of the paged kernel.
+    """Block sizes of the paged kernel.
 
-  block_rows: query rows (Q x query heads per KV head) per program; wgmma wants M % 64 == 0.
-  block_kv: tokens per KV step, a whole number of pages; bf16 PV wants a multiple of 64.
-  num_sms: streaming multiprocessors to fill when choosing the number of KV splits.
-  max_splits: upper bound on KV splits per (sequence, KV head, row tile).
-  """
-  block_rows: int = 64
-  block_kv: int = 128
-  num_sms: int = 132
-  max_splits: int = 16
+    block_rows: query rows (Q x query heads per KV head) per program; wgmma wants M % 64 == 0.
+    block_kv: tokens per KV step, a whole number of pages; bf16 PV wants a multiple of 64.
+    num_sms: streaming multiprocessors to fill when choosing the number of KV splits.
+    max_splits: upper bound on KV splits per (sequence, KV head, row tile).
+    """
 
-  def __post_init__(self):
-    if self.block_rows % 64 or self.block_kv % 64:
-      raise ValueError(f"block_rows and block_kv must be multiples of 64: {self}")
-    if self.num_sms < 1 or self.max_splits < 1:
-      raise ValueError(f"num_sms and max_splits must be positive: {self}")
+    block_rows: int = 64
+    block_kv: int = 128
+    num_sms: int = 132
+    max_splits: int = 16
+
+    def __post_init__(self):
+        if self.block_rows % 64 or self.block_kv % 64:
+            raise ValueError(f"block_rows and block_kv must be multiples of 64: {self}")
+        if self.num_sms < 1 or self.max_splits < 1:
+            raise ValueError(f"num_sms and max_splits must be positive: {self}")
 
 
 def paged_attention_config(device_kind: str) -> PagedAttentionConfig:
-  """The frozen block sizes per device kind (H100 and H200 share them; CPU interprets them)."""
-  if "H200" in device_kind or "H100" in device_kind:
-    return PagedAttentionConfig(block_rows=64, block_kv=128, num_sms=132, max_splits=16)
-  return PagedAttentionConfig()
+    """The frozen block sizes per device kind (H100 and H200 share them; CPU interprets them)."""
+    if "H200" in device_kind or "H100" in device_kind:
+        return PagedAttentionConfig(block_rows=64, block_kv=128, num_sms=132, max_splits=16)
+    return PagedAttentionConfig()
 
 
 def _num_splits(programs: int, max_blocks: int, config: PagedAttentionConfig) -> int:
-  """KV splits so that programs x splits roughly fills the SMs (flash-decoding at small batch)."""
-  wanted = -(-config.num_sms // programs)
-  return max(1, min(wanted, config.max_splits, max_blocks))
+    """KV splits so that programs x splits roughly fills the SMs (flash-decoding at small batch)."""
+    wanted = -(-config.num_sms // programs)
+    return max(1, min(wanted, config.max_splits, max_blocks))
 
 
-def _paged_body(q_ref, k_ref, v_ref, tables_ref, lens_ref, o_ref, lse_ref, *scratch,
-                st: fa.BlockedAttention, page_size: int):
-  """Paged KV: block blk of sequence b is its pages blk*ppb .. blk*ppb+ppb-1 of KV head h."""
-  b, h = lax.axis_index("batch"), lax.axis_index("kv_head")
-  pages_per_block = st.block_kv // page_size
+def _paged_body(
+    q_ref, k_ref, v_ref, tables_ref, lens_ref, o_ref, lse_ref, *scratch, st: fa.BlockedAttention, page_size: int
+):
+    """Paged KV: block blk of sequence b is its pages blk*ppb .. blk*ppb+ppb-1 of KV head h."""
+    b, h = lax.axis_index("batch"), lax.axis_index("kv_head")
+    pages_per_block = st.block_kv // page_size
 
-  def load_kv(blk, slot, k_smem, v_smem, k_bars, v_bars):
-    for i in range(pages_per_block):
-      page = tables_ref[b, blk * pages_per_block + i]
-      dst = pl.ds(i * page_size, page_size)
-      plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, dst], k_bars.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, dst], v_bars.at[slot])
+    def load_kv(blk, slot, k_smem, v_smem, k_bars, v_bars):
+        for i in range(pages_per_block):
+            page = tables_ref[b, blk * pages_per_block + i]
+            dst = pl.ds(i * page_size, page_size)
+            plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, dst], k_bars.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, dst], v_bars.at[slot])
 
-  fa.attention_program(q_ref, o_ref, lse_ref, scratch, load_kv=load_kv, length=lens_ref[b],
-                       st=st)
+    fa.attention_program(q_ref, o_ref, lse_ref, scratch, load_kv=load_kv, length=lens_ref[b], st=st)
 
 
-def paged_attention_kernel(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                           block_tables: jax.Array, context_lens: jax.Array, *,
-                           sliding_window: int | None = None, sinks: jax.Array | None = None,
-                           scale: float | None = None, interpret: Any = None,
-                           config: PagedAttentionConfig | None = None) -> jax.Array:
-  """Paged attention on the Mosaic GPU kernel (same contract as paged_attention_reference).
+def paged_attention_kernel(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    context_lens: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    sinks: jax.Array | None = None,
+    scale: float | None = None,
+    interpret: Any = None,
+    config: PagedAttentionConfig | None = None,
+) -> jax.Array:
+    """Paged attention on the Mosaic GPU kernel (same contract as paged_attention_reference).
 
-  interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
-  Multiplies in fa.mma_dtype with f32 softmax. A cache of another dtype (f32 on the GPU) or a
-  head_dim that is not a multiple of 64 costs a converted copy of the cache: keep the GPU cache in
-  bf16 with head_dim 64 or 128. page_size must divide block_kv or be a multiple of 64.
-  """
-  b, q_len, hq, d = q.shape
-  hkv, _, page_size, _ = k_pages.shape
-  check_attention_args(hq, hkv, sliding_window, sinks)
-  config = config or paged_attention_config(jax.devices()[0].device_kind)
-  block_kv = max(config.block_kv, page_size)
-  if block_kv % page_size or block_kv % 64:
-    raise ValueError(f"page_size {page_size} must divide {block_kv} or be a multiple of 64")
-  dtype = fa.mma_dtype(q.dtype, interpret)
-  q_pad = fa.pad_last(q.astype(dtype), fa.HEAD_DIM_MULTIPLE)
-  q_rows = fa.to_rows(q_pad, hkv, config.block_rows)
-  pages_per_block = block_kv // page_size
-  max_blocks = pl.cdiv(block_tables.shape[1], pages_per_block)
-  splits = _num_splits(b * hkv * (q_rows.shape[2] // config.block_rows), max_blocks, config)
-  st = fa.BlockedAttention(q_len=q_len, group=hq // hkv, block_rows=config.block_rows,
-                           block_kv=block_kv, num_splits=splits,
-                           scale=d ** -0.5 if scale is None else scale, window=sliding_window,
-                           causal=True, dtype=dtype)
-  # Whole blocks of table entries: the last block may read padding entries (the null page).
-  tables = jnp.pad(block_tables.astype(jnp.int32),
-                   ((0, 0), (0, max_blocks * pages_per_block - block_tables.shape[1])))
-  k_pages, v_pages = (fa.pad_last(x.astype(dtype), fa.HEAD_DIM_MULTIPLE)
-                      for x in (k_pages, v_pages))
-  operands = (k_pages, v_pages, tables, context_lens.astype(jnp.int32))
-  o_part, lse = fa.run_blocked_attention(
-      functools.partial(_paged_body, st=st, page_size=page_size), q_rows, operands, st,
-      pages_per_block, "paged_attention", interpret)
-  out = fa.from_rows(fa.merge_partials(o_part, lse, sinks), q_pad.shape)
-  return out[..., :d].astype(q.dtype)
+    interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
+    Multiplies in fa.mma_dtype with f32 softmax. A cache of another dtype (f32 on the GPU) or a
+    head_dim that is not a multiple of 64 costs a converted copy of the cache: keep the GPU cache in
+    bf16 with head_dim 64 or 128. page_size must divide block_kv or be a multiple of 64.
+    """
+    b, q_len, hq, d = q.shape
+    hkv, _, page_size, _ = k_pages.shape
+    check_attention_args(hq, hkv, sliding_window, sinks)
+    config = config or paged_attention_config(jax.devices()[0].device_kind)
+    block_kv = max(config.block_kv, page_size)
+    if block_kv % page_size or block_kv % 64:
+        raise ValueError(f"page_size {page_size} must divide {block_kv} or be a multiple of 64")
+    dtype = fa.mma_dtype(q.dtype, interpret)
+    q_pad = fa.pad_last(q.astype(dtype), fa.HEAD_DIM_MULTIPLE)
+    q_rows = fa.to_rows(q_pad, hkv, config.block_rows)
+    pages_per_block = block_kv // page_size
+    max_blocks = pl.cdiv(block_tables.shape[1], pages_per_block)
+    splits = _num_splits(b * hkv * (q_rows.shape[2] // config.block_rows), max_blocks, config)
+    st = fa.BlockedAttention(
+        q_len=q_len,
+        group=hq // hkv,
+        block_rows=config.block_rows,
+        block_kv=block_kv,
+        num_splits=splits,
+        scale=d**-0.5 if scale is None else scale,
+        window=sliding_window,
+        causal=True,
+        dtype=dtype,
+    )
+    # Whole blocks of table entries: the last block may read padding entries (the null page).
+    tables = jnp.pad(
+        block_tables.astype(jnp.int32), ((0, 0), (0, max_blocks * pages_per_block - block_tables.shape[1]))
+    )
+    k_pages, v_pages = (fa.pad_last(x.astype(dtype), fa.HEAD_DIM_MULTIPLE) for x in (k_pages, v_pages))
+    operands = (k_pages, v_pages, tables, context_lens.astype(jnp.int32))
+    o_part, lse = fa.run_blocked_attention(
+        functools.partial(_paged_body, st=st, page_size=page_size),
+        q_rows,
+        operands,
+        st,
+        pages_per_block,
+        "paged_attention",
+        interpret,
+    )
+    out = fa.from_rows(fa.merge_partials(o_part, lse, sinks), q_pad.shape)
+    return out[..., :d].astype(q.dtype)

@@ -12,50 +12,49 @@ from test_kernel_lowering import race_checked_interpret
 
 
 def attention_np(q, k, v, q_pos, causal, window, sinks, scale):
-  """Float64 attention of one sequence, one head and one query at a time.
+    """Float64 attention of one sequence, one head and one query at a time.
 
-  q [T, Hq, D]; k, v [S, Hkv, D] (keys at positions 0..S-1); q_pos [T].
-  """
-  t_len, hq, d = q.shape
-  s_len, hkv, _ = k.shape
-  out = np.zeros((t_len, hq, d))
-  k_pos = np.arange(s_len)
-  for h in range(hq):
-    kh = h // (hq // hkv)
-    for t in range(t_len):
-      vis = np.ones(s_len, bool)
-      if causal:
-        vis &= k_pos <= q_pos[t]
-      if window is not None:
-        vis &= k_pos > q_pos[t] - window
-      logits = (k[vis, kh] @ q[t, h]) * scale
-      all_logits = logits if sinks is None else np.append(logits, sinks[h])
-      if all_logits.size == 0:
-        continue
-      m = all_logits.max()
-      out[t, h] = np.exp(logits - m) @ v[vis, kh] / np.exp(all_logits - m).sum()
-  return out
+    q [T, Hq, D]; k, v [S, Hkv, D] (keys at positions 0..S-1); q_pos [T].
+    """
+    t_len, hq, d = q.shape
+    s_len, hkv, _ = k.shape
+    out = np.zeros((t_len, hq, d))
+    k_pos = np.arange(s_len)
+    for h in range(hq):
+        kh = h // (hq // hkv)
+        for t in range(t_len):
+            vis = np.ones(s_len, bool)
+            if causal:
+                vis &= k_pos <= q_pos[t]
+            if window is not None:
+                vis &= k_pos > q_pos[t] - window
+            logits = (k[vis, kh] @ q[t, h]) * scale
+            all_logits = logits if sinks is None else np.append(logits, sinks[h])
+            if all_logits.size == 0:
+                continue
+            m = all_logits.max()
+            out[t, h] = np.exp(logits - m) @ v[vis, kh] / np.exp(all_logits - m).sum()
+    return out
 
 
 def flash_np(q, k, v, causal, window, sinks, scale):
-  """Float64 flash_attention over a batch: query i sits at position S - T + i."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  sinks = None if sinks is None else np.asarray(sinks, np.float64)
-  t_len, s_len = q.shape[1], k.shape[1]
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
-  q_pos = np.arange(t_len) + s_len - t_len
-  return np.stack([attention_np(q[b], k[b], v[b], q_pos, causal, window, sinks, scale)
-                   for b in range(q.shape[0])])
+    """Float64 flash_attention over a batch: query i sits at position S - T + i."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    sinks = None if sinks is None else np.asarray(sinks, np.float64)
+    t_len, s_len = q.shape[1], k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_pos = np.arange(t_len) + s_len - t_len
+    return np.stack([attention_np(q[b], k[b], v[b], q_pos, causal, window, sinks, scale) for b in range(q.shape[0])])
 
 
 def random_qkv(seed, b, t, s, hq, hkv, d, dtype=jnp.float32, with_sinks=False):
-  """Normal q/k/v (and sinks when asked) from a seed."""
-  kq, kk, kv, ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(kq, (b, t, hq, d), dtype)
-  k = jax.random.normal(kk, (b, s, hkv, d), dtype)
-  v = jax.random.normal(kv, (b, s, hkv, d), dtype)
-  sinks = jax.random.normal(ks, (hq,), jnp.float32) * 2 if with_sinks else None
-  return q, k, v, sinks
+    """Normal q/k/v (and sinks when asked) from a seed."""
+    kq, kk, kv, ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(kq, (b, t, hq, d), dtype)
+    k = jax.random.normal(kk, (b, s, hkv, d), dtype)
+    v = jax.random.normal(kv, (b, s, hkv, d), dtype)
+    sinks = jax.random.normal(ks, (hq,), jnp.float32) * 2 if with_sinks else None
+    return q, k, v, sinks
 
 
 # (B, T, S, Hq, Hkv, D, causal, window, sinks): GQA 1/4/8, T < S and T == S, window edges.
@@ -72,43 +71,42 @@ REFERENCE_CASES = [
 
 @pytest.mark.parametrize("seed,case", list(enumerate(REFERENCE_CASES)))
 def test_reference_matches_float64(seed, case):
-  b, t, s, hq, hkv, d, causal, window, with_sinks = case
-  q, k, v, sinks = random_qkv(seed, b, t, s, hq, hkv, d, with_sinks=with_sinks)
-  got = fa.flash_attention_reference(q, k, v, causal=causal, sliding_window=window, sinks=sinks)
-  want = flash_np(q, k, v, causal, window, sinks, None)
-  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+    b, t, s, hq, hkv, d, causal, window, with_sinks = case
+    q, k, v, sinks = random_qkv(seed, b, t, s, hq, hkv, d, with_sinks=with_sinks)
+    got = fa.flash_attention_reference(q, k, v, causal=causal, sliding_window=window, sinks=sinks)
+    want = flash_np(q, k, v, causal, window, sinks, None)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 
 def test_reference_bf16_keeps_dtype_and_custom_scale():
-  q, k, v, sinks = random_qkv(3, 2, 8, 12, 8, 2, 64, jnp.bfloat16, with_sinks=True)
-  got = fa.flash_attention_reference(q, k, v, sinks=sinks, scale=0.3)
-  assert got.dtype == jnp.bfloat16
-  want = flash_np(q, k, v, True, None, sinks, 0.3)
-  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=2e-2)
+    q, k, v, sinks = random_qkv(3, 2, 8, 12, 8, 2, 64, jnp.bfloat16, with_sinks=True)
+    got = fa.flash_attention_reference(q, k, v, sinks=sinks, scale=0.3)
+    assert got.dtype == jnp.bfloat16
+    want = flash_np(q, k, v, True, None, sinks, 0.3)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=2e-2)
 
 
 def test_ops_xla_matches_reference_under_jit():
-  q, k, v, sinks = random_qkv(5, 1, 6, 10, 4, 2, 16, with_sinks=True)
-  f = jax.jit(lambda q, k, v, s: ops.flash_attention(q, k, v, sliding_window=3, sinks=s,
-                                                     impl="xla"))
-  want = flash_np(q, k, v, True, 3, sinks, None)
-  np.testing.assert_allclose(np.asarray(f(q, k, v, sinks)), want, atol=2e-5, rtol=2e-5)
+    q, k, v, sinks = random_qkv(5, 1, 6, 10, 4, 2, 16, with_sinks=True)
+    f = jax.jit(lambda q, k, v, s: ops.flash_attention(q, k, v, sliding_window=3, sinks=s, impl="xla"))
+    want = flash_np(q, k, v, True, 3, sinks, None)
+    np.testing.assert_allclose(np.asarray(f(q, k, v, sinks)), want, atol=2e-5, rtol=2e-5)
 
 
 def test_auto_is_xla_on_cpu_and_unknown_impl_raises():
-  assert ops.resolve_impl("auto") == "xla"
-  q, k, v, _ = random_qkv(0, 1, 2, 2, 2, 2, 8)
-  with pytest.raises(ValueError, match="'triton'"):
-    ops.flash_attention(q, k, v, impl="triton")
+    assert ops.resolve_impl("auto") == "xla"
+    q, k, v, _ = random_qkv(0, 1, 2, 2, 2, 2, 8)
+    with pytest.raises(ValueError, match="'triton'"):
+        ops.flash_attention(q, k, v, impl="triton")
 
 
 def test_bad_arguments_raise():
-  q, k, v, _ = random_qkv(0, 1, 4, 2, 3, 2, 8)
-  with pytest.raises(ValueError, match="multiple of kv heads"):
-    fa.flash_attention_reference(q, k, v)
-  q, k, v, _ = random_qkv(0, 1, 4, 2, 2, 2, 8)
-  with pytest.raises(ValueError, match="more queries"):
-    fa.flash_attention_reference(q, k, v)
+    q, k, v, _ = random_qkv(0, 1, 4, 2, 3, 2, 8)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        fa.flash_attention_reference(q, k, v)
+    q, k, v, _ = random_qkv(0, 1, 4, 2, 2, 2, 8)
+    with pytest.raises(ValueError, match="more queries"):
+        fa.flash_attention_reference(q, k, v)
 
 
 SMALL_BLOCKS = fa.FlashAttentionConfig(block_rows=64, block_kv=64)
@@ -127,22 +125,22 @@ KERNEL_CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(KERNEL_CASES))
 def test_kernel_interpret_matches_float64(name):
-  b, t, s, hq, hkv, d, causal, window, with_sinks, dtype = KERNEL_CASES[name]
-  q, k, v, sinks = random_qkv(len(name), b, t, s, hq, hkv, d, dtype, with_sinks)
-  with race_checked_interpret() as params:
-    got = fa.flash_attention_kernel(q, k, v, causal=causal, sliding_window=window, sinks=sinks,
-                                    interpret=params, config=SMALL_BLOCKS)
-  assert got.dtype == dtype
-  want = flash_np(q, k, v, causal, window, sinks, None)
-  tol = 1e-4 if dtype == jnp.float32 else 3e-2  # f32 stays f32 in interpret mode
-  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
+    b, t, s, hq, hkv, d, causal, window, with_sinks, dtype = KERNEL_CASES[name]
+    q, k, v, sinks = random_qkv(len(name), b, t, s, hq, hkv, d, dtype, with_sinks)
+    with race_checked_interpret() as params:
+        got = fa.flash_attention_kernel(
+            q, k, v, causal=causal, sliding_window=window, sinks=sinks, interpret=params, config=SMALL_BLOCKS
+        )
+    assert got.dtype == dtype
+    want = flash_np(q, k, v, causal, window, sinks, None)
+    tol = 1e-4 if dtype == jnp.float32 else 3e-2  # f32 stays f32 in interpret mode
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
 
 
 @pytest.mark.slow
 def test_ops_interpret_matches_xla():
-  q, k, v, sinks = random_qkv(13, 1, 16, 32, 4, 1, 64, jnp.bfloat16, with_sinks=True)
-  with race_checked_interpret():
-    got = ops.flash_attention(q, k, v, sinks=sinks, impl="interpret")
-  want = ops.flash_attention(q, k, v, sinks=sinks, impl="xla")
-  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                             atol=3e-2, rtol=3e-2)
+    q, k, v, sinks = random_qkv(13, 1, 16, 32, 4, 1, 64, jnp.bfloat16, with_sinks=True)
+    with race_checked_interpret():
+        got = ops.flash_attention(q, k, v, sinks=sinks, impl="interpret")
+    want = ops.flash_attention(q, k, v, sinks=sinks, impl="xla")
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)

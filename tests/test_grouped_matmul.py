@@ -12,24 +12,24 @@ from test_kernel_lowering import race_checked_interpret
 
 
 def grouped_np(lhs, rhs, group_sizes, group_offset=0):
-  """Float64 grouped matmul, one group at a time; rows of other groups stay zero."""
-  lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-  out = np.zeros((lhs.shape[0], rhs.shape[2]))
-  ends = np.cumsum(group_sizes)
-  for g in range(rhs.shape[0]):
-    end = ends[group_offset + g]
-    start = end - group_sizes[group_offset + g]
-    out[start:end] = lhs[start:end] @ rhs[g]
-  return out
+    """Float64 grouped matmul, one group at a time; rows of other groups stay zero."""
+    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+    out = np.zeros((lhs.shape[0], rhs.shape[2]))
+    ends = np.cumsum(group_sizes)
+    for g in range(rhs.shape[0]):
+        end = ends[group_offset + g]
+        start = end - group_sizes[group_offset + g]
+        out[start:end] = lhs[start:end] @ rhs[g]
+    return out
 
 
 def random_gmm(seed, m, k, n, group_sizes, num_rhs=None, dtype=jnp.float32):
-  """Random lhs [M,K], rhs [G,K,N] and group sizes as an int32 array."""
-  kl, kr = jax.random.split(jax.random.key(seed))
-  num_rhs = len(group_sizes) if num_rhs is None else num_rhs
-  lhs = jax.random.normal(kl, (m, k), dtype)
-  rhs = jax.random.normal(kr, (num_rhs, k, n), dtype)
-  return lhs, rhs, jnp.asarray(group_sizes, jnp.int32)
+    """Random lhs [M,K], rhs [G,K,N] and group sizes as an int32 array."""
+    kl, kr = jax.random.split(jax.random.key(seed))
+    num_rhs = len(group_sizes) if num_rhs is None else num_rhs
+    lhs = jax.random.normal(kl, (m, k), dtype)
+    rhs = jax.random.normal(kr, (num_rhs, k, n), dtype)
+    return lhs, rhs, jnp.asarray(group_sizes, jnp.int32)
 
 
 # (M, K, N, group_sizes): empty groups (first, middle, last), padding rows, one group, all empty.
@@ -45,41 +45,39 @@ REFERENCE_CASES = [
 
 @pytest.mark.parametrize("seed,case", list(enumerate(REFERENCE_CASES)))
 def test_reference_matches_float64(seed, case):
-  m, k, n, sizes = case
-  lhs, rhs, group_sizes = random_gmm(seed, m, k, n, sizes)
-  got = gmm.grouped_matmul_reference(lhs, rhs, group_sizes)
-  np.testing.assert_allclose(np.asarray(got), grouped_np(lhs, rhs, sizes), atol=1e-4, rtol=1e-4)
+    m, k, n, sizes = case
+    lhs, rhs, group_sizes = random_gmm(seed, m, k, n, sizes)
+    got = gmm.grouped_matmul_reference(lhs, rhs, group_sizes)
+    np.testing.assert_allclose(np.asarray(got), grouped_np(lhs, rhs, sizes), atol=1e-4, rtol=1e-4)
 
 
 def test_group_offset_shards_sum_to_the_full_product():
-  sizes = [4, 0, 5, 3, 6, 2]
-  lhs, rhs, group_sizes = random_gmm(7, 24, 16, 8, sizes)
-  shards = [jax.jit(gmm.grouped_matmul_reference)(lhs, rhs[o:o + 2], group_sizes,
-                                                  group_offset=jnp.int32(o))
-            for o in (0, 2, 4)]
-  for o, shard in zip((0, 2, 4), shards):
-    np.testing.assert_allclose(np.asarray(shard), grouped_np(lhs, rhs[o:o + 2], sizes, o),
-                               atol=1e-4, rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(sum(shards)), grouped_np(lhs, rhs, sizes),
-                             atol=1e-4, rtol=1e-4)
+    sizes = [4, 0, 5, 3, 6, 2]
+    lhs, rhs, group_sizes = random_gmm(7, 24, 16, 8, sizes)
+    shards = [
+        jax.jit(gmm.grouped_matmul_reference)(lhs, rhs[o : o + 2], group_sizes, group_offset=jnp.int32(o))
+        for o in (0, 2, 4)
+    ]
+    for o, shard in zip((0, 2, 4), shards):
+        np.testing.assert_allclose(np.asarray(shard), grouped_np(lhs, rhs[o : o + 2], sizes, o), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(sum(shards)), grouped_np(lhs, rhs, sizes), atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_accumulates_in_f32():
-  lhs, rhs, group_sizes = random_gmm(8, 16, 512, 8, [7, 9], dtype=jnp.bfloat16)
-  got = gmm.grouped_matmul_reference(lhs, rhs, group_sizes)
-  assert got.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(got, np.float32), grouped_np(lhs, rhs, [7, 9]),
-                             atol=0.25, rtol=1e-2)
+    lhs, rhs, group_sizes = random_gmm(8, 16, 512, 8, [7, 9], dtype=jnp.bfloat16)
+    got = gmm.grouped_matmul_reference(lhs, rhs, group_sizes)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), grouped_np(lhs, rhs, [7, 9]), atol=0.25, rtol=1e-2)
 
 
 def test_ops_xla_and_bad_arguments():
-  lhs, rhs, group_sizes = random_gmm(9, 10, 8, 4, [4, 4])
-  got = jax.jit(lambda *a: ops.grouped_matmul(*a, impl="xla"))(lhs, rhs, group_sizes)
-  np.testing.assert_allclose(np.asarray(got), grouped_np(lhs, rhs, [4, 4]), atol=1e-4)
-  with pytest.raises(ValueError, match="'fast'"):
-    ops.grouped_matmul(lhs, rhs, group_sizes, impl="fast")
-  with pytest.raises(ValueError, match="contracting"):
-    gmm.grouped_matmul_reference(lhs, rhs[:, :4], group_sizes)
+    lhs, rhs, group_sizes = random_gmm(9, 10, 8, 4, [4, 4])
+    got = jax.jit(lambda *a: ops.grouped_matmul(*a, impl="xla"))(lhs, rhs, group_sizes)
+    np.testing.assert_allclose(np.asarray(got), grouped_np(lhs, rhs, [4, 4]), atol=1e-4)
+    with pytest.raises(ValueError, match="'fast'"):
+        ops.grouped_matmul(lhs, rhs, group_sizes, impl="fast")
+    with pytest.raises(ValueError, match="contracting"):
+        gmm.grouped_matmul_reference(lhs, rhs[:, :4], group_sizes)
 
 
 SMALL_TILES = gmm.GroupedMatmulConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
@@ -96,36 +94,37 @@ KERNEL_CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(KERNEL_CASES))
 def test_kernel_interpret_matches_float64(name):
-  m, k, n, sizes, num_rhs, offset = KERNEL_CASES[name]
-  lhs, rhs, group_sizes = random_gmm(len(name), m, k, n, sizes, num_rhs, jnp.bfloat16)
-  with race_checked_interpret() as params:
-    got = gmm.grouped_matmul_kernel(lhs, rhs, group_sizes, group_offset=offset,
-                                    interpret=params, config=SMALL_TILES)
-  assert got.dtype == jnp.bfloat16
-  want = grouped_np(lhs, rhs, sizes, offset)
-  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=1e-2)
+    m, k, n, sizes, num_rhs, offset = KERNEL_CASES[name]
+    lhs, rhs, group_sizes = random_gmm(len(name), m, k, n, sizes, num_rhs, jnp.bfloat16)
+    with race_checked_interpret() as params:
+        got = gmm.grouped_matmul_kernel(
+            lhs, rhs, group_sizes, group_offset=offset, interpret=params, config=SMALL_TILES
+        )
+    assert got.dtype == jnp.bfloat16
+    want = grouped_np(lhs, rhs, sizes, offset)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=1e-2)
 
 
 @pytest.mark.slow
 def test_ops_interpret_f32_tiny_dims_matches_xla():
-  """f32 stays f32 in interpret mode; K=32 and N=48 (tiny test models) are padded to tiles."""
-  lhs, rhs, group_sizes = random_gmm(12, 40, 32, 48, [16, 0, 20])
-  with race_checked_interpret():
-    got = ops.grouped_matmul(lhs, rhs, group_sizes, impl="interpret")
-  want = ops.grouped_matmul(lhs, rhs, group_sizes, impl="xla")
-  assert got.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+    """f32 stays f32 in interpret mode; K=32 and N=48 (tiny test models) are padded to tiles."""
+    lhs, rhs, group_sizes = random_gmm(12, 40, 32, 48, [16, 0, 20])
+    with race_checked_interpret():
+        got = ops.grouped_matmul(lhs, rhs, group_sizes, impl="interpret")
+    want = ops.grouped_matmul(lhs, rhs, group_sizes, impl="xla")
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
 
 
 def test_tile_schedule_covers_each_row_once():
-  sizes, start, m, block_m = jnp.asarray([5, 0, 70, 1, 0, 60]), jnp.int32(3), 150, 64
-  group, block, lo, hi = map(np.asarray, gmm.tile_schedule(sizes, start, m, block_m))
-  assert len(group) == -(-m // block_m) + len(sizes) - 1
-  owner = np.full(m, -1)
-  for g, b, a, e in zip(group, block, lo, hi):
-    assert b * block_m <= a and (e <= a or e <= (b + 1) * block_m)
-    assert (owner[a:e] == -1).all()
-    owner[a:e] = g
-  want = np.full(m, -1)
-  want[3:139] = np.repeat(np.arange(6), [5, 0, 70, 1, 0, 60])
-  np.testing.assert_array_equal(owner, want)
+    sizes, start, m, block_m = jnp.asarray([5, 0, 70, 1, 0, 60]), jnp.int32(3), 150, 64
+    group, block, lo, hi = map(np.asarray, gmm.tile_schedule(sizes, start, m, block_m))
+    assert len(group) == -(-m // block_m) + len(sizes) - 1
+    owner = np.full(m, -1)
+    for g, b, a, e in zip(group, block, lo, hi):
+        assert b * block_m <= a and (e <= a or e <= (b + 1) * block_m)
+        assert (owner[a:e] == -1).all()
+        owner[a:e] = g
+    want = np.full(m, -1)
+    want[3:139] = np.repeat(np.arange(6), [5, 0, 70, 1, 0, 60])
+    np.testing.assert_array_equal(owner, want)

@@ -28,71 +28,80 @@ BF16 = jnp.bfloat16
 
 
 def abstract_h100():
-  """Context in which kernels that ask for the device see an H100."""
-  return jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=H100))
+    """Context in which kernels that ask for the device see an H100."""
+    return jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=H100))
 
 
 @contextlib.contextmanager
 def race_checked_interpret():
-  """Yields GPU interpret params with race detection; fails on races; always resets state.
+    """Yields GPU interpret params with race detection; fails on races; always resets state.
 
-  Interpreter state is process-global and an exception leaves it dirty, so reset on both ends.
-  On an H100/H200 it yields None instead: the same tests then run the compiled kernels
-  (scripts/gpu_checklist.sh).
-  """
-  if ops.is_sm90_gpu():
-    yield None
-    return
-  gpu_interpret.reset_gpu_interpret_mode_state()
-  try:
-    yield plgpu.InterpretGPUParams(detect_races=True)
-    assert not gpu_interpret.get_races().races_found, "interpret mode found a data race"
-  finally:
+    Interpreter state is process-global and an exception leaves it dirty, so reset on both ends.
+    On an H100/H200 it yields None instead: the same tests then run the compiled kernels
+    (scripts/gpu_checklist.sh).
+    """
+    if ops.is_sm90_gpu():
+        yield None
+        return
     gpu_interpret.reset_gpu_interpret_mode_state()
+    try:
+        yield plgpu.InterpretGPUParams(detect_races=True)
+        assert not gpu_interpret.get_races().races_found, "interpret mode found a data race"
+    finally:
+        gpu_interpret.reset_gpu_interpret_mode_state()
 
 
 def lower_for_cuda(f, *args):
-  """Lowers jit(f) for CUDA under the abstract H100; returns the StableHLO text."""
-  with abstract_h100():
-    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    """Lowers jit(f) for CUDA under the abstract H100; returns the StableHLO text."""
+    with abstract_h100():
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def sds(shape, dtype=BF16):
-  return jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def test_interpret_mode_poisons_unwritten_outputs():
-  """The poisoning the interpret tests rely on: an output element nobody writes reads NaN."""
-  def body(x_ref, o_ref, smem, barrier):
-    plgpu.copy_gmem_to_smem(x_ref, smem, barrier)
-    plgpu.barrier_wait(barrier)
-    plgpu.copy_smem_to_gmem(smem, o_ref.at[pl.ds(0, 64)])
-    plgpu.wait_smem_to_gmem(0)
+    """The poisoning the interpret tests rely on: an output element nobody writes reads NaN."""
 
-  x = jnp.ones((64, 64), jnp.float32)
-  with race_checked_interpret() as params:
-    out = plgpu.kernel(body, out_type=sds((128, 64), jnp.float32), interpret=params,
-                       scratch_types=[plgpu.SMEM((64, 64), jnp.float32), plgpu.Barrier()])(x)
-  out = np.asarray(out)
-  np.testing.assert_array_equal(out[:64], 1.0)
-  assert np.isnan(out[64:]).all()
+    def body(x_ref, o_ref, smem, barrier):
+        plgpu.copy_gmem_to_smem(x_ref, smem, barrier)
+        plgpu.barrier_wait(barrier)
+        plgpu.copy_smem_to_gmem(smem, o_ref.at[pl.ds(0, 64)])
+        plgpu.wait_smem_to_gmem(0)
+
+    x = jnp.ones((64, 64), jnp.float32)
+    with race_checked_interpret() as params:
+        out = plgpu.kernel(
+            body,
+            out_type=sds((128, 64), jnp.float32),
+            interpret=params,
+            scratch_types=[plgpu.SMEM((64, 64), jnp.float32), plgpu.Barrier()],
+        )(x)
+    out = np.asarray(out)
+    np.testing.assert_array_equal(out[:64], 1.0)
+    assert np.isnan(out[64:]).all()
 
 
 def test_lowering_catches_shared_memory_overflow():
-  """Cross-lowering is a real check: a config too big for an H100's SMEM must fail."""
-  args = paged_args(batch=8, q_len=1, hq=32, hkv=8, d=128, page_size=16, context=4096)
-  f = functools.partial(pa.paged_attention_kernel, config=pa.PagedAttentionConfig(block_kv=1024))
-  with pytest.raises(ValueError, match="shared memory"):
-    lower_for_cuda(f, *args)
+    """Cross-lowering is a real check: a config too big for an H100's SMEM must fail."""
+    args = paged_args(batch=8, q_len=1, hq=32, hkv=8, d=128, page_size=16, context=4096)
+    f = functools.partial(pa.paged_attention_kernel, config=pa.PagedAttentionConfig(block_kv=1024))
+    with pytest.raises(ValueError, match="shared memory"):
+        lower_for_cuda(f, *args)
 
 
 def paged_args(batch, q_len, hq, hkv, d, page_size, context):
-  """Abstract paged-attention inputs with one page table row per sequence."""
-  max_pages = context // page_size
-  pages = batch * max_pages + 1
-  return (sds((batch, q_len, hq, d)), sds((hkv, pages, page_size, d)),
-          sds((hkv, pages, page_size, d)), sds((batch, max_pages), jnp.int32),
-          sds((batch,), jnp.int32))
+    """Abstract paged-attention inputs with one page table row per sequence."""
+    max_pages = context // page_size
+    pages = batch * max_pages + 1
+    return (
+        sds((batch, q_len, hq, d)),
+        sds((hkv, pages, page_size, d)),
+        sds((hkv, pages, page_size, d)),
+        sds((batch, max_pages), jnp.int32),
+        sds((batch,), jnp.int32),
+    )
 
 
 # name: (batch, Q, Hq, Hkv, D, page_size, context, window, sinks)
@@ -108,20 +117,22 @@ PAGED_SHAPES = {
 
 
 def test_paged_attention_f32_cache_lowers_as_bf16():
-  """Compiled for the GPU, an f32 cache goes through the kernel as bf16 (f32 wgmma is tf32)."""
-  args = [jax.ShapeDtypeStruct(a.shape, jnp.float32 if a.dtype == BF16 else a.dtype)
-          for a in paged_args(batch=4, q_len=1, hq=8, hkv=2, d=64, page_size=16, context=512)]
-  assert "mosaic_gpu" in lower_for_cuda(pa.paged_attention_kernel, *args)
+    """Compiled for the GPU, an f32 cache goes through the kernel as bf16 (f32 wgmma is tf32)."""
+    args = [
+        jax.ShapeDtypeStruct(a.shape, jnp.float32 if a.dtype == BF16 else a.dtype)
+        for a in paged_args(batch=4, q_len=1, hq=8, hkv=2, d=64, page_size=16, context=512)
+    ]
+    assert "mosaic_gpu" in lower_for_cuda(pa.paged_attention_kernel, *args)
 
 
 @pytest.mark.parametrize("name", list(PAGED_SHAPES))
 def test_paged_attention_lowers_for_h100(name):
-  batch, q_len, hq, hkv, d, page_size, context, window, with_sinks = PAGED_SHAPES[name]
-  args = paged_args(batch, q_len, hq, hkv, d, page_size, context)
-  sinks = sds((hq,), jnp.float32) if with_sinks else None
-  f = lambda *a: pa.paged_attention_kernel(*a[:5], sliding_window=window, sinks=a[5])
-  text = lower_for_cuda(f, *args, sinks)
-  assert "mosaic_gpu" in text
+    batch, q_len, hq, hkv, d, page_size, context, window, with_sinks = PAGED_SHAPES[name]
+    args = paged_args(batch, q_len, hq, hkv, d, page_size, context)
+    sinks = sds((hq,), jnp.float32) if with_sinks else None
+    f = lambda *a: pa.paged_attention_kernel(*a[:5], sliding_window=window, sinks=a[5])
+    text = lower_for_cuda(f, *args, sinks)
+    assert "mosaic_gpu" in text
 
 
 # name: (M rows = tokens x top-k, K, N, experts): gpt-oss-120b (hidden = intermediate = 2880,
@@ -136,18 +147,16 @@ GROUPED_SHAPES = {
 
 @pytest.mark.parametrize("name", list(GROUPED_SHAPES))
 def test_grouped_matmul_lowers_for_h100(name):
-  m, k, n, experts = GROUPED_SHAPES[name]
-  args = (sds((m, k)), sds((experts, k, n)), sds((experts,), jnp.int32))
-  assert "mosaic_gpu" in lower_for_cuda(gmm.grouped_matmul_kernel, *args)
+    m, k, n, experts = GROUPED_SHAPES[name]
+    args = (sds((m, k)), sds((experts, k, n)), sds((experts,), jnp.int32))
+    assert "mosaic_gpu" in lower_for_cuda(gmm.grouped_matmul_kernel, *args)
 
 
 def test_grouped_matmul_expert_shard_lowers_for_h100():
-  m, k, n, experts = GROUPED_SHAPES["gpt_oss_120b_down"]
-  args = (sds((m, k)), sds((experts // 8, k, n)), sds((experts,), jnp.int32),
-          sds((), jnp.int32))
-  f = lambda lhs, rhs, sizes, offset: gmm.grouped_matmul_kernel(lhs, rhs, sizes,
-                                                                group_offset=offset)
-  assert "mosaic_gpu" in lower_for_cuda(f, *args)
+    m, k, n, experts = GROUPED_SHAPES["gpt_oss_120b_down"]
+    args = (sds((m, k)), sds((experts // 8, k, n)), sds((experts,), jnp.int32), sds((), jnp.int32))
+    f = lambda lhs, rhs, sizes, offset: gmm.grouped_matmul_kernel(lhs, rhs, sizes, group_offset=offset)
+    assert "mosaic_gpu" in lower_for_cuda(f, *args)
 
 
 # name: (batch, T, S, Hq, Hkv, D, window, sinks): Llama-3-8B prefill 1k-8k and a chunk after
@@ -162,9 +171,12 @@ FLASH_SHAPES = {
 
 @pytest.mark.parametrize("name", list(FLASH_SHAPES))
 def test_flash_attention_lowers_for_h100(name):
-  batch, t, s, hq, hkv, d, window, with_sinks = FLASH_SHAPES[name]
-  args = (sds((batch, t, hq, d)), sds((batch, s, hkv, d)), sds((batch, s, hkv, d)),
-          sds((hq,), jnp.float32) if with_sinks else None)
-  f = lambda q, k, v, sinks: fa.flash_attention_kernel(q, k, v, sliding_window=window,
-                                                       sinks=sinks)
-  assert "mosaic_gpu" in lower_for_cuda(f, *args)
+    batch, t, s, hq, hkv, d, window, with_sinks = FLASH_SHAPES[name]
+    args = (
+        sds((batch, t, hq, d)),
+        sds((batch, s, hkv, d)),
+        sds((batch, s, hkv, d)),
+        sds((hq,), jnp.float32) if with_sinks else None,
+    )
+    f = lambda q, k, v, sinks: fa.flash_attention_kernel(q, k, v, sliding_window=window, sinks=sinks)
+    assert "mosaic_gpu" in lower_for_cuda(f, *args)

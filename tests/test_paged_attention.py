@@ -14,41 +14,46 @@ from test_kernel_lowering import race_checked_interpret
 NULL_PAGE_VALUE = 50.0  # page 0 holds finite garbage: reading it unmasked shows up at once
 
 
-def random_paged(seed, context_lens, q_len, hq, hkv, d, page_size, max_pages,
-                 dtype=jnp.float32, with_sinks=False):
-  """Random q, pages and shuffled block tables (padded with the null page 0) for the lengths."""
-  rng = np.random.default_rng(seed)
-  b = len(context_lens)
-  num_pages = 1 + b * max_pages + 3
-  k_pages = rng.normal(size=(hkv, num_pages, page_size, d))
-  v_pages = rng.normal(size=(hkv, num_pages, page_size, d))
-  k_pages[:, 0] = v_pages[:, 0] = NULL_PAGE_VALUE
-  free = list(rng.permutation(np.arange(1, num_pages)))
-  block_tables = np.zeros((b, max_pages), np.int32)
-  for i, n in enumerate(context_lens):
-    used = -(-n // page_size)
-    assert used <= max_pages
-    block_tables[i, :used] = [free.pop() for _ in range(used)]
-  q = rng.normal(size=(b, q_len, hq, d))
-  sinks = jnp.asarray(rng.normal(size=(hq,)) * 2, jnp.float32) if with_sinks else None
-  return (jnp.asarray(q, dtype), jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype),
-          jnp.asarray(block_tables), jnp.asarray(context_lens, jnp.int32), sinks)
+def random_paged(seed, context_lens, q_len, hq, hkv, d, page_size, max_pages, dtype=jnp.float32, with_sinks=False):
+    """Random q, pages and shuffled block tables (padded with the null page 0) for the lengths."""
+    rng = np.random.default_rng(seed)
+    b = len(context_lens)
+    num_pages = 1 + b * max_pages + 3
+    k_pages = rng.normal(size=(hkv, num_pages, page_size, d))
+    v_pages = rng.normal(size=(hkv, num_pages, page_size, d))
+    k_pages[:, 0] = v_pages[:, 0] = NULL_PAGE_VALUE
+    free = list(rng.permutation(np.arange(1, num_pages)))
+    block_tables = np.zeros((b, max_pages), np.int32)
+    for i, n in enumerate(context_lens):
+        used = -(-n // page_size)
+        assert used <= max_pages
+        block_tables[i, :used] = [free.pop() for _ in range(used)]
+    q = rng.normal(size=(b, q_len, hq, d))
+    sinks = jnp.asarray(rng.normal(size=(hq,)) * 2, jnp.float32) if with_sinks else None
+    return (
+        jnp.asarray(q, dtype),
+        jnp.asarray(k_pages, dtype),
+        jnp.asarray(v_pages, dtype),
+        jnp.asarray(block_tables),
+        jnp.asarray(context_lens, jnp.int32),
+        sinks,
+    )
 
 
 def paged_np(q, k_pages, v_pages, block_tables, context_lens, window, sinks, scale=None):
-  """Float64 paged attention, one sequence at a time from its own pages."""
-  q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
-  sinks = None if sinks is None else np.asarray(sinks, np.float64)
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
-  page_size = k_pages.shape[2]
-  out = np.zeros_like(q)
-  for b, n in enumerate(np.asarray(context_lens)):
-    pages = np.asarray(block_tables)[b, :-(-n // page_size)]
-    k = k_pages[:, pages].reshape(k_pages.shape[0], -1, q.shape[-1])[:, :n].transpose(1, 0, 2)
-    v = v_pages[:, pages].reshape(v_pages.shape[0], -1, q.shape[-1])[:, :n].transpose(1, 0, 2)
-    q_pos = n - q.shape[1] + np.arange(q.shape[1])
-    out[b] = attention_np(q[b], k, v, q_pos, True, window, sinks, scale)
-  return out
+    """Float64 paged attention, one sequence at a time from its own pages."""
+    q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
+    sinks = None if sinks is None else np.asarray(sinks, np.float64)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    page_size = k_pages.shape[2]
+    out = np.zeros_like(q)
+    for b, n in enumerate(np.asarray(context_lens)):
+        pages = np.asarray(block_tables)[b, : -(-n // page_size)]
+        k = k_pages[:, pages].reshape(k_pages.shape[0], -1, q.shape[-1])[:, :n].transpose(1, 0, 2)
+        v = v_pages[:, pages].reshape(v_pages.shape[0], -1, q.shape[-1])[:, :n].transpose(1, 0, 2)
+        q_pos = n - q.shape[1] + np.arange(q.shape[1])
+        out[b] = attention_np(q[b], k, v, q_pos, True, window, sinks, scale)
+    return out
 
 
 # (context_lens, Q, Hq, Hkv, D, page_size, max_pages, window, sinks): ragged lengths, partly
@@ -66,50 +71,46 @@ REFERENCE_CASES = [
 
 @pytest.mark.parametrize("seed,case", list(enumerate(REFERENCE_CASES)))
 def test_reference_matches_float64(seed, case):
-  lens, q_len, hq, hkv, d, page_size, max_pages, window, with_sinks = case
-  *args, sinks = random_paged(seed, lens, q_len, hq, hkv, d, page_size, max_pages,
-                              with_sinks=with_sinks)
-  got = pa.paged_attention_reference(*args, sliding_window=window, sinks=sinks)
-  want = paged_np(*args, window, sinks)
-  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+    lens, q_len, hq, hkv, d, page_size, max_pages, window, with_sinks = case
+    *args, sinks = random_paged(seed, lens, q_len, hq, hkv, d, page_size, max_pages, with_sinks=with_sinks)
+    got = pa.paged_attention_reference(*args, sliding_window=window, sinks=sinks)
+    want = paged_np(*args, window, sinks)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 
 def test_context_len_zero_gives_zeros_not_nan():
-  *args, sinks = random_paged(1, [0, 0], 2, 4, 2, 16, 8, 2, with_sinks=True)
-  got = pa.paged_attention_reference(*args, sinks=sinks)
-  np.testing.assert_array_equal(np.asarray(got), 0.0)
+    *args, sinks = random_paged(1, [0, 0], 2, 4, 2, 16, 8, 2, with_sinks=True)
+    got = pa.paged_attention_reference(*args, sinks=sinks)
+    np.testing.assert_array_equal(np.asarray(got), 0.0)
 
 
 def test_reference_bf16_keeps_dtype_and_custom_scale():
-  *args, sinks = random_paged(2, [13, 29], 3, 8, 1, 64, 8, 4, jnp.bfloat16, with_sinks=True)
-  got = pa.paged_attention_reference(*args, sinks=sinks, scale=0.2)
-  assert got.dtype == jnp.bfloat16
-  want = paged_np(*args, None, sinks, scale=0.2)
-  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=2e-2)
+    *args, sinks = random_paged(2, [13, 29], 3, 8, 1, 64, 8, 4, jnp.bfloat16, with_sinks=True)
+    got = pa.paged_attention_reference(*args, sinks=sinks, scale=0.2)
+    assert got.dtype == jnp.bfloat16
+    want = paged_np(*args, None, sinks, scale=0.2)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=2e-2)
 
 
 def test_ops_xla_matches_reference_under_jit():
-  *args, sinks = random_paged(4, [9, 22, 1], 2, 4, 2, 16, 4, 6, with_sinks=True)
-  f = jax.jit(lambda *a: ops.paged_attention(*a, sliding_window=5, sinks=sinks, impl="xla"))
-  want = paged_np(*args, 5, sinks)
-  np.testing.assert_allclose(np.asarray(f(*args)), want, atol=2e-5, rtol=2e-5)
+    *args, sinks = random_paged(4, [9, 22, 1], 2, 4, 2, 16, 4, 6, with_sinks=True)
+    f = jax.jit(lambda *a: ops.paged_attention(*a, sliding_window=5, sinks=sinks, impl="xla"))
+    want = paged_np(*args, 5, sinks)
+    np.testing.assert_allclose(np.asarray(f(*args)), want, atol=2e-5, rtol=2e-5)
 
 
 def test_unknown_impl_raises():
-  *args, _ = random_paged(0, [3], 1, 2, 2, 8, 4, 1)
-  with pytest.raises(ValueError, match="'cuda'"):
-    ops.paged_attention(*args, impl="cuda")
+    *args, _ = random_paged(0, [3], 1, 2, 2, 8, 4, 1)
+    with pytest.raises(ValueError, match="'cuda'"):
+        ops.paged_attention(*args, impl="cuda")
 
 
 # Interpret-mode kernel cases, small but on every edge: (context_lens, Q, Hq, Hkv, D, page_size,
 # max_pages, window, sinks, block_kv, max_splits, dtype).
 KERNEL_CASES = {
-    "decode_gqa4_ragged_sinks_splits": ([5, 170, 0, 33], 1, 8, 2, 64, 16, 11, None, True, 64, 2,
-                                        jnp.bfloat16),
-    "verify_gqa1_window_small_pages": ([1, 145], 3, 2, 2, 64, 8, 19, 70, False, 64, 1,
-                                       jnp.bfloat16),
-    "chunk_gqa8_two_row_tiles_window": ([12, 190], 10, 8, 1, 64, 32, 6, 7, True, 64, 2,
-                                        jnp.float16),
+    "decode_gqa4_ragged_sinks_splits": ([5, 170, 0, 33], 1, 8, 2, 64, 16, 11, None, True, 64, 2, jnp.bfloat16),
+    "verify_gqa1_window_small_pages": ([1, 145], 3, 2, 2, 64, 8, 19, 70, False, 64, 1, jnp.bfloat16),
+    "chunk_gqa8_two_row_tiles_window": ([12, 190], 10, 8, 1, 64, 32, 6, 7, True, 64, 2, jnp.float16),
     "f32_inputs_head_dim_128": ([130, 17], 2, 4, 1, 128, 16, 9, None, False, 64, 1, jnp.float32),
     "f32_tiny_llama_head_dim_16": ([70, 0, 9], 1, 4, 2, 16, 16, 5, None, True, 64, 2, jnp.float32),
 }
@@ -118,25 +119,21 @@ KERNEL_CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(KERNEL_CASES))
 def test_kernel_interpret_matches_float64(name):
-  (lens, q_len, hq, hkv, d, page_size, max_pages, window, with_sinks, block_kv, max_splits,
-   dtype) = KERNEL_CASES[name]
-  *args, sinks = random_paged(len(name), lens, q_len, hq, hkv, d, page_size, max_pages, dtype,
-                              with_sinks=with_sinks)
-  config = pa.PagedAttentionConfig(block_kv=block_kv, max_splits=max_splits)
-  with race_checked_interpret() as params:
-    got = pa.paged_attention_kernel(*args, sliding_window=window, sinks=sinks,
-                                    interpret=params, config=config)
-  assert got.dtype == dtype
-  want = paged_np(*args, window, sinks)
-  tol = 1e-4 if dtype == jnp.float32 else 3e-2  # f32 stays f32 in interpret mode
-  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
+    lens, q_len, hq, hkv, d, page_size, max_pages, window, with_sinks, block_kv, max_splits, dtype = KERNEL_CASES[name]
+    *args, sinks = random_paged(len(name), lens, q_len, hq, hkv, d, page_size, max_pages, dtype, with_sinks=with_sinks)
+    config = pa.PagedAttentionConfig(block_kv=block_kv, max_splits=max_splits)
+    with race_checked_interpret() as params:
+        got = pa.paged_attention_kernel(*args, sliding_window=window, sinks=sinks, interpret=params, config=config)
+    assert got.dtype == dtype
+    want = paged_np(*args, window, sinks)
+    tol = 1e-4 if dtype == jnp.float32 else 3e-2  # f32 stays f32 in interpret mode
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
 
 
 @pytest.mark.slow
 def test_ops_interpret_matches_xla():
-  *args, sinks = random_paged(11, [9, 40], 2, 4, 2, 64, 16, 3, jnp.bfloat16, with_sinks=True)
-  with race_checked_interpret():
-    got = ops.paged_attention(*args, sinks=sinks, impl="interpret")
-  want = ops.paged_attention(*args, sinks=sinks, impl="xla")
-  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                             atol=3e-2, rtol=3e-2)
+    *args, sinks = random_paged(11, [9, 40], 2, 4, 2, 64, 16, 3, jnp.bfloat16, with_sinks=True)
+    with race_checked_interpret():
+        got = ops.paged_attention(*args, sinks=sinks, impl="interpret")
+    want = ops.paged_attention(*args, sinks=sinks, impl="xla")
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
