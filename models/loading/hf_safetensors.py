@@ -107,7 +107,8 @@ class SafetensorsCheckpoint:
         return np.asarray(self.get_raw(name), dtype=np.float32)
 
     def get_raw(self, name: str) -> np.ndarray:
-        """One tensor in its stored dtype (uint8 for packed fp4 / e8m0 scales); KeyError if absent."""
+        """One tensor in its stored dtype (uint8 for packed fp4 / e8m0 scales), memory-mapped: only
+        the parts used are read; KeyError if absent."""
         path = self.directory / self.weight_map[name]
         try:
             return _read_tensor(path, name)
@@ -116,17 +117,23 @@ class SafetensorsCheckpoint:
 
 
 def _read_tensor(path: Path, name: str) -> np.ndarray:
-    """Read one tensor straight from the file layout (8-byte header size, JSON header, data):
-    safetensors' numpy reader cannot produce bf16 or fp8 arrays."""
+    """Memory-map one tensor straight from the file layout (8-byte header size, JSON header, data).
+
+    Nothing is read until the array is used, and then only the bytes used: a sharded load reads
+    just each shard's slice. (safetensors' numpy reader cannot produce bf16 or fp8 arrays.)
+    """
     with open(path, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
         info = json.loads(f.read(header_size))[name]
-        start, end = info["data_offsets"]
-        f.seek(8 + header_size + start)
-        data = f.read(end - start)
     if info["dtype"] not in _DTYPES:
         raise ValueError(f"unsupported safetensors dtype {info['dtype']}")
-    return np.frombuffer(data, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+    dtype, shape = np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"])
+    start, end = info["data_offsets"]
+    if end - start != dtype.itemsize * int(np.prod(shape)):
+        raise ValueError(f"header gives {end - start} bytes for shape {shape} of {info['dtype']}")
+    if end == start:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + header_size + start, shape=shape)
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:

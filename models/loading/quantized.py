@@ -48,9 +48,10 @@ def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray, block: tupl
 
 
 def tensor_getter(ckpt: SafetensorsCheckpoint, quantization_config: dict[str, Any] | None) -> TensorGetter:
-    """A getter serving bf16-named float32 tensors, dequantizing per the checkpoint's quant_method."""
+    """A getter serving tensors under their bf16 names, dequantizing (to float32) per the checkpoint's
+    quant_method. Unquantized checkpoints get lazy memory-mapped arrays in their stored dtype."""
     if not quantization_config:
-        return ckpt.get_tensor
+        return ckpt.get_raw
     method = quantization_config.get("quant_method")
     if method == "mxfp4":
         return lambda name: _mxfp4_tensor(ckpt, name)

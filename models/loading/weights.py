@@ -63,7 +63,7 @@ def default_param(path: tuple, ours_shape: tuple[int, ...], get_tensor: TensorGe
     expected = _expected_hf_shape(ours_shape, is_kernel, n_in, name)
     if tuple(hf.shape) != expected:
         raise ValueError(f"tensor {name!r} has shape {tuple(hf.shape)} but the config expects {expected}")
-    return _to_ours(np.asarray(hf), ours_shape, is_kernel, n_in)
+    return _to_ours(hf, ours_shape, is_kernel, n_in)  # a view: a lazy (memory-mapped) tensor stays lazy
 
 
 def _load_param(path: tuple, ours_shape: tuple[int, ...], get_tensor: TensorGetter,
@@ -91,7 +91,19 @@ def fill_params(abstract_model: nnx.Module, get_tensor: TensorGetter, dtype: jnp
     flat = []
     for path, var in nnx.to_flat_state(state):
         ours_shape = tuple(var.get_value().shape)
-        value = jnp.asarray(_load_param(path, ours_shape, get_tensor, param_loader), dtype=dtype)
-        sharding = sharding_for(path)
-        flat.append((path, var.replace(jax.device_put(value, sharding) if sharding else value)))
+        value = _load_param(path, ours_shape, get_tensor, param_loader)
+        flat.append((path, var.replace(_place(value, dtype, sharding_for(path)))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def read_shard(value: np.ndarray, index: tuple[slice, ...], dtype: jnp.dtype) -> np.ndarray:
+    """One shard of a parameter in our layout; on a memory-mapped tensor only its bytes are read."""
+    return np.asarray(value[index], dtype=dtype)
+
+
+def _place(value: np.ndarray, dtype: jnp.dtype, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """Device array of `value`; with a sharding, each device's shard is read separately (a process
+    reads only the shards its devices hold)."""
+    if sharding is None:
+        return jnp.asarray(read_shard(value, (), dtype))
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: read_shard(value, index, dtype))
