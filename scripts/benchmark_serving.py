@@ -211,10 +211,10 @@ def run_baselines(spec: BaselineSpec, settings: Settings, concurrencies: list[in
                    "llamacpp": (20 / 32, 2)}  # Q4_1: 20 bytes per 32 weights; f16 KV cache
     points = []
     for system in spec.systems:
-        for raw, spec in zip(result[system], job["systems"][system]):
+        for raw, sent in zip(result[system], job["systems"][system]):
             timings = [RequestTiming(r["arrival"], tuple(r["token_times"]), r["num_prompt_tokens"])
                        for r in raw["requests"]]
-            workload = Workload(spec["prompts"], spec["output_lens"])
+            workload = Workload(sent["prompts"], sent["output_lens"])
             roof = roofline_summary(config, workload, raw["concurrency"], raw["duration_s"], settings.peaks,
                                     *dtype_bytes[system])
             label = "Q4_1" if system == "llamacpp" else spec.dtype
@@ -294,20 +294,29 @@ def main(argv: list[str]) -> None:
     logging.info("peaks: %s", settings.peaks)
     points = engine_points(llm, settings, concurrencies, num_prompts, _DTYPE.value)
     versions = {"jax": jax.__version__}
+    header = report_header(llm, settings, started)
+    output = Path(_OUTPUT.value)
+    # The engine's points are saved before the (slow) baselines run, then rewritten with them.
+    write_outputs(finish_report(header, points, versions, load_at_start), output, _PLOT.value and not _BASELINE.value)
     if _BASELINE.value:
         gguf = Path(_BASELINE_GGUF.value) if _BASELINE_GGUF.value else default_gguf(_MODEL.value)
         spec = BaselineSpec(_BASELINE.value, _BASELINE_PYTHON.value, gguf, _BASELINE_DTYPE.value,
                             _BASELINE_BATCHES.value, _LLAMACPP_PROMPTS.value)
         more, baseline_versions = run_baselines(spec, settings, concurrencies, llm.model.config)
-        points += more
         versions.update(baseline_versions)
+        write_outputs(finish_report(header, points + more, versions, load_at_start), output, _PLOT.value)
+
+
+def finish_report(header: dict, points: list[dict], versions: dict, load_at_start: list[float]) -> dict:
+    """The header plus points (with their frontier flags), versions, finish time and load averages."""
+    points = [dict(p) for p in points]
     mark_frontier(points)
-    report = report_header(llm, settings, started)
-    report.update(versions=versions, finished_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  points=points)
+    report = {**header, "versions": versions, "points": points,
+              "finished_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     # Other jobs on a shared CPU skew the numbers: keep the 1/5/15-minute load averages beside them.
-    report["device"].update(load_average_at_start=load_at_start, load_average_at_end=list(os.getloadavg()))
-    write_outputs(report, Path(_OUTPUT.value), _PLOT.value)
+    report["device"] = {**header["device"], "load_average_at_start": load_at_start,
+                        "load_average_at_end": list(os.getloadavg())}
+    return report
 
 
 def write_outputs(report: dict, output: Path, plot: bool) -> None:

@@ -69,24 +69,30 @@ REFERENCE_CASES = [
 ]
 
 
+JNP_IMPLEMENTATIONS = {"reference": pa.paged_attention_reference, "blocked": pa.paged_attention_blocked}
+
+
+@pytest.mark.parametrize("impl", list(JNP_IMPLEMENTATIONS))
 @pytest.mark.parametrize("seed,case", list(enumerate(REFERENCE_CASES)))
-def test_reference_matches_float64(seed, case):
+def test_reference_matches_float64(seed, case, impl):
     lens, q_len, hq, hkv, d, page_size, max_pages, window, with_sinks = case
     *args, sinks = random_paged(seed, lens, q_len, hq, hkv, d, page_size, max_pages, with_sinks=with_sinks)
-    got = pa.paged_attention_reference(*args, sliding_window=window, sinks=sinks)
+    got = JNP_IMPLEMENTATIONS[impl](*args, sliding_window=window, sinks=sinks)
     want = paged_np(*args, window, sinks)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 
-def test_context_len_zero_gives_zeros_not_nan():
+@pytest.mark.parametrize("impl", list(JNP_IMPLEMENTATIONS))
+def test_context_len_zero_gives_zeros_not_nan(impl):
     *args, sinks = random_paged(1, [0, 0], 2, 4, 2, 16, 8, 2, with_sinks=True)
-    got = pa.paged_attention_reference(*args, sinks=sinks)
+    got = JNP_IMPLEMENTATIONS[impl](*args, sinks=sinks)
     np.testing.assert_array_equal(np.asarray(got), 0.0)
 
 
-def test_reference_bf16_keeps_dtype_and_custom_scale():
+@pytest.mark.parametrize("impl", list(JNP_IMPLEMENTATIONS))
+def test_reference_bf16_keeps_dtype_and_custom_scale(impl):
     *args, sinks = random_paged(2, [13, 29], 3, 8, 1, 64, 8, 4, jnp.bfloat16, with_sinks=True)
-    got = pa.paged_attention_reference(*args, sinks=sinks, scale=0.2)
+    got = JNP_IMPLEMENTATIONS[impl](*args, sinks=sinks, scale=0.2)
     assert got.dtype == jnp.bfloat16
     want = paged_np(*args, None, sinks, scale=0.2)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=2e-2)
