@@ -63,7 +63,7 @@ def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: i
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_steps(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: int):
+def jitted_steps(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: int):
     """The jitted prefill and decode functions with the static arguments closed over.
 
     Cached, so engines over the same model share compilations; closing over the GraphDef (rather
@@ -81,7 +81,7 @@ class ModelRunner:
         graphdef, self.state = nnx.split(model)
         self.cache = cache
         self.config = config
-        self.prefill_fn, self.decode_fn = _jitted_steps(graphdef, config.attention_impl, config.page_size,
+        self.prefill_fn, self.decode_fn = jitted_steps(graphdef, config.attention_impl, config.page_size,
                                                         config.decode_steps)
 
     def warmup(self) -> int:

@@ -79,16 +79,16 @@ def step_inputs(rows: int, width: int, pages: int, mesh, rules) -> dict:
 def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, object]:
     """Compiled prefill (--prefill_rows x --prefill_chunk new tokens, each row attending over
     --context) and decode (--batch rows, one step)."""
-    from engine.runner import _decode_loop, _prefill_step
+    from engine.runner import jitted_steps
     from models.attention import AttentionMetadata
+    prefill_fn, decode_fn = jitted_steps(graphdef, "auto", FLAGS.page_size, 1)
     pages_per_seq = -(-FLAGS.context // FLAGS.page_size)
     pre = step_inputs(FLAGS.prefill_rows, FLAGS.prefill_chunk, pages_per_seq, mesh, rules)
     metadata = AttentionMetadata(pre["grid"], pre["tables"], pre["rows"])
-    prefill = _prefill_step.lower(graphdef, "auto", state, cache, pre["grid"], pre["grid"], metadata,
-                                  pre["sampling"]).compile()
+    prefill = prefill_fn.lower(state, cache, pre["grid"], pre["grid"], metadata, pre["sampling"]).compile()
     dec = step_inputs(FLAGS.batch, 1, pages_per_seq, mesh, rules)
-    decode = _decode_loop.lower(graphdef, "auto", FLAGS.page_size, 1, state, cache, dec["rows"], dec["rows"],
-                                dec["tables"], dec["active"], dec["sampling"]).compile()
+    decode = decode_fn.lower(state, cache, dec["rows"], dec["rows"], dec["tables"], dec["active"],
+                             dec["sampling"]).compile()
     return {"prefill": prefill, "decode": decode}
 
 
