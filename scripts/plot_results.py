@@ -59,8 +59,14 @@ def plot_pareto(points: list[dict], path: Path) -> Path:
             lw=1, label="Pareto frontier")
     ax.set(xlabel="interactivity (tok/s/user)", ylabel="output throughput (tok/s/device)", xscale="log",
            yscale="log", title=f"throughput vs interactivity ({points[0]['device']}); labels: concurrency")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    return _save(fig, [ax], path)
+
+
+def _save(fig, axes, path: Path) -> Path:
+    """Grid and legend on every axis, then write the PNG and free the figure."""
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -77,12 +83,7 @@ def plot_latency(points: list[dict], path: Path) -> Path:
     for ax, name in zip(axes, ("TTFT", "TPOT")):
         ax.set(xlabel="concurrency", ylabel=f"median {name} (ms)", xscale="log", yscale="log", title=name)
         ax.set_xscale("log", base=2)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path)
 
 
 def plot_files(paths: list[Path], prefix: Path) -> list[Path]:
