@@ -5,7 +5,7 @@
         --output=benchmarks/results/cpu-smollm2-float32.json
 
 Random-token prompts from a fixed seed, input/output lengths uniform in [r*L, L], ignore_eos. At
-each concurrency a warm-up wave (which also compiles that point's shape buckets) runs first and
+each concurrency a warm-up wave runs first (after `LLM.warmup` compiled every shape bucket) and
 is not scored; then exactly `concurrency` requests stay in flight (a new one is added whenever
 one finishes) until `num_prompts` have finished. The JSON layout is in docs/benchmarks.md and
 benchmarks/schema.json; baselines run in the `make baselines` venv through scripts/baselines.py.
@@ -14,6 +14,7 @@ benchmarks/schema.json; baselines run in the `make baselines` venv through scrip
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -124,6 +126,22 @@ def make_workload(seed: int, n: int, isl: int, osl: int, ratio: float, vocab_siz
     return Workload(prompts, [int(x) for x in output_lens])
 
 
+@contextlib.contextmanager
+def counting_compilations() -> Iterator[list[int]]:
+    """Counts XLA compilations inside the block (`n[0]`): a scored point should have none."""
+    count = [0]
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        del duration, kwargs
+        count[0] += event == "/jax/core/compile/backend_compile_duration"
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def run_closed_loop(llm: LLM, workload: Workload, concurrency: int, temperature: float,
                     desc: str) -> tuple[list[RequestTiming], float]:
     """Keep exactly `concurrency` requests in flight until all finish; timings and wall seconds."""
@@ -169,19 +187,25 @@ def score_point(system: str, dtype: str, timings: list[RequestTiming], duration:
 
 def engine_points(llm: LLM, settings: Settings, concurrencies: list[int], num_prompts: list[int],
                   dtype: str) -> list[dict]:
-    """The engine's sweep: per point a warm-up wave, then the scored closed loop."""
+    """The engine's sweep: every shape bucket compiled first, per point a warm-up wave, then the
+    scored closed loop (each point records the compilations it saw: 0 unless a bucket was missed)."""
     config, item = llm.model.config, jnp.dtype(llm.model.dtype).itemsize
     vocab, points = config.vocab_size, []
+    if settings.warmup:
+        start = time.perf_counter()
+        logging.info("compiled %d shape buckets in %.0f s", llm.warmup(), time.perf_counter() - start)
     for c, n in zip(concurrencies, num_prompts):
-        if settings.warmup:  # full-length requests, so the longest context's page bucket compiles here too
+        if settings.warmup:
             warm = make_workload(settings.seed, c, settings.isl, settings.osl, 1.0, vocab, 10_000 + c)
             run_closed_loop(llm, warm, c, settings.temperature, f"warm-up c={c}")
         workload = make_workload(settings.seed, n, settings.isl, settings.osl, settings.range_ratio, vocab, c)
-        timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"jaxserve c={c}")
+        with counting_compilations() as compilations:
+            timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"jaxserve c={c}")
         roof = roofline_summary(config, workload, c, duration, settings.peaks, item, item)
-        points.append(score_point("jaxserve", dtype, timings, duration, c, settings, roof))
-        logging.info("c=%d: %.1f output tok/s, %.1f tok/s/user, roofline %.0f%%", c, points[-1]["output_tok_s"],
-                     points[-1]["interactivity"], 100 * roof["fraction"])
+        points.append({**score_point("jaxserve", dtype, timings, duration, c, settings, roof),
+                       "compilations": compilations[0]})
+        logging.info("c=%d: %.1f output tok/s, %.1f tok/s/user, roofline %.0f%%, %d compilations", c,
+                     points[-1]["output_tok_s"], points[-1]["interactivity"], 100 * roof["fraction"], compilations[0])
     return points
 
 
