@@ -6,11 +6,12 @@ import dataclasses
 
 
 def powers_of_two_upto(limit: int, start: int = 1) -> tuple[int, ...]:
-    """start, 2*start, ... up to the first value >= limit (so every size <= limit has a bucket)."""
+    """start, 2*start, ... below limit, then limit itself: every size <= limit has a bucket, and the
+    largest is no bigger than needed (516 tokens of 16-token pages: 33 pages, not 64)."""
     out = [start]
-    while out[-1] < limit:
+    while out[-1] * 2 < limit:
         out.append(out[-1] * 2)
-    return tuple(out)
+    return tuple(out) + ((limit,) if out[-1] < limit else ())
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -68,7 +69,7 @@ class EngineConfig:
 
     @property
     def page_buckets(self) -> tuple[int, ...]:
-        """Block-table widths: powers of two from min_context_bucket tokens up to max_model_len + decode_steps.
+        """Block-table widths: powers of two from min_context_bucket tokens, then max_model_len + decode_steps.
 
         Short contexts share one bucket: attending over a few padded pages costs less than compiling.
         """

@@ -14,7 +14,6 @@ benchmarks/schema.json; baselines run in the `make baselines` venv through scrip
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -24,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -36,6 +34,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import roofline  # noqa: E402
+from engine.compilations import count_compilations  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.metrics import HOURLY_RATES_USD, RequestTiming, cost_per_million_tokens, pareto_frontier, point_metrics  # noqa: E402,E501
 from engine.request import SamplingParams  # noqa: E402
@@ -126,22 +125,6 @@ def make_workload(seed: int, n: int, isl: int, osl: int, ratio: float, vocab_siz
     return Workload(prompts, [int(x) for x in output_lens])
 
 
-@contextlib.contextmanager
-def counting_compilations() -> Iterator[list[int]]:
-    """Counts XLA compilations inside the block (`n[0]`): a scored point should have none."""
-    count = [0]
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        del duration, kwargs
-        count[0] += event == "/jax/core/compile/backend_compile_duration"
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def run_closed_loop(llm: LLM, workload: Workload, concurrency: int, temperature: float,
                     desc: str) -> tuple[list[RequestTiming], float]:
     """Keep exactly `concurrency` requests in flight until all finish; timings and wall seconds."""
@@ -199,7 +182,7 @@ def engine_points(llm: LLM, settings: Settings, concurrencies: list[int], num_pr
             warm = make_workload(settings.seed, c, settings.isl, settings.osl, 1.0, vocab, 10_000 + c)
             run_closed_loop(llm, warm, c, settings.temperature, f"warm-up c={c}")
         workload = make_workload(settings.seed, n, settings.isl, settings.osl, settings.range_ratio, vocab, c)
-        with counting_compilations() as compilations:
+        with count_compilations() as compilations:
             timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"jaxserve c={c}")
         roof = roofline_summary(config, workload, c, duration, settings.peaks, item, item)
         points.append({**score_point("jaxserve", dtype, timings, duration, c, settings, roof),

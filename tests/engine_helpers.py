@@ -1,8 +1,5 @@
-"""Shared helpers for engine tests: a reference greedy decoder and a compilation counter."""
+"""Shared helpers for engine tests: a reference greedy decoder through the no-cache forward."""
 
-import contextlib
-
-import jax
 import numpy as np
 
 from models import LoadedModel
@@ -19,19 +16,3 @@ def greedy_reference(model: LoadedModel, prompts: list[list[int]], max_tokens: i
         for i, s in enumerate(seqs):
             s.append(int(logits[i, len(s) - 1].argmax()))
     return [s[len(p):] for s, p in zip(seqs, prompts)]
-
-
-@contextlib.contextmanager
-def count_compilations():
-    """Counts XLA backend compilations inside the block: `with count_compilations() as n: ...; n[0]`."""
-    count = [0]
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.compilations import count_compilations
 from models import load_model
-from tests.engine_helpers import count_compilations, greedy_reference
+from tests.engine_helpers import greedy_reference
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 

@@ -1,0 +1,32 @@
+"""EngineConfig's shape buckets: every size has one, and none is larger than the engine can use."""
+
+import pytest
+
+from engine.config import EngineConfig, bucket, powers_of_two_upto
+
+
+@pytest.mark.parametrize("limit,start,expected", [
+    (64, 1, (1, 2, 4, 8, 16, 32, 64)),
+    (48, 1, (1, 2, 4, 8, 16, 32, 48)),
+    (33, 16, (16, 32, 33)),
+    (16, 16, (16,)),
+    (1, 1, (1,)),
+])
+def test_powers_of_two_end_at_the_limit(limit, start, expected):
+    assert powers_of_two_upto(limit, start) == expected
+
+
+def test_every_size_gets_the_smallest_fitting_bucket():
+    buckets = powers_of_two_upto(100)
+    for n in range(1, 101):
+        b = bucket(n, buckets)
+        assert b >= n and all(x < n for x in buckets if x < b)
+    with pytest.raises(ValueError, match="exceeds the largest shape bucket 100"):
+        bucket(101, buckets)
+
+
+def test_engine_buckets_cover_max_model_len_without_doubling_it():
+    config = EngineConfig(max_model_len=512, page_size=16, decode_steps=4, max_num_seqs=48, prefill_chunk=512)
+    assert config.page_buckets == (16, 32, 33)  # 516 tokens need 33 pages, not a 64-page table
+    assert config.batch_buckets[-1] == 48
+    assert config.chunk_buckets == (16, 32, 64, 128, 256, 512)
