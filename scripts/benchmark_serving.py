@@ -7,7 +7,7 @@
 Random-token prompts from a fixed seed, input/output lengths uniform in [r*L, L], ignore_eos. At
 each concurrency a warm-up wave runs first (after `LLM.warmup` compiled every shape bucket) and
 is not scored; then exactly `concurrency` requests stay in flight (a new one is added whenever
-one finishes) until `num_prompts` have finished. The JSON layout is in docs/benchmarks.md and
+one finishes) until `num_prompts` have finished. The JSON layout is in the README and
 benchmarks/schema.json; baselines run in the `make baselines` venv through scripts/baselines.py.
 """
 
