@@ -1,7 +1,7 @@
 """InferenceMAX-style serving benchmark: a closed-loop concurrency sweep, one JSON, Pareto plots.
 
     .venv/bin/python scripts/benchmark_serving.py --model=smollm2-135m-instruct --isl=256 --osl=256 \
-        --concurrency=1,2,4,8,16,32,64 --baseline=transformers,llamacpp \
+        --concurrency=1,2,4,8,16,32,64 --max_num_prompts=160 --baseline=transformers,llamacpp \
         --output=benchmarks/results/cpu-smollm2-float32.json
 
 Random-token prompts from a fixed seed, input/output lengths uniform in [r*L, L], ignore_eos. At
