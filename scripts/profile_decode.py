@@ -30,6 +30,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import roofline  # noqa: E402
+from engine.config import bucket  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
@@ -63,7 +64,7 @@ def scattered_tables(runner: ModelRunner, batch: int, tokens: int, seed: int = 0
     """Block tables [batch, bucketed width] holding `tokens` tokens each, on randomly chosen pages."""
     cfg = runner.config
     pages = -(-tokens // cfg.page_size)
-    width = next(w for w in cfg.page_buckets if w >= pages)
+    width = bucket(pages, cfg.page_buckets)
     chosen = np.random.default_rng(seed).permutation(np.arange(1, cfg.num_pages))[:batch * pages]
     tables = np.zeros((batch, width), np.int32)
     tables[:, :pages] = chosen.reshape(batch, pages)
