@@ -1,10 +1,12 @@
 """The one entry point models call for attention and grouped GEMM.
 
 impl chooses the implementation:
-  "auto"      Pallas (Mosaic GPU) on an sm_90 GPU (H100/H200), the XLA reference elsewhere;
+  "auto"      Pallas (Mosaic GPU) on an sm_90 GPU (H100/H200), "cpu" on a CPU, "xla" elsewhere;
   "pallas"    the Mosaic GPU kernel, compiled for the GPU;
   "interpret" the same kernel in Pallas GPU interpret mode (runs on CPU; slow, for tests);
-  "xla"       plain jnp (for paged attention the blocked online-softmax version of the reference).
+  "xla"       plain jnp (for paged attention the blocked online-softmax version of the reference);
+  "cpu"       paged attention by the C++ XLA FFI kernel (cpu_paged_attention.cc), plain jnp for the
+              other ops. "auto" falls back to "xla" where that kernel cannot be built or used.
 impl is a Python string, so it is static under jit.
 """
 
@@ -13,11 +15,12 @@ from __future__ import annotations
 import jax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import cpu_paged_attention as cpa
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import paged_attention as pa
 
-IMPLS = ("auto", "pallas", "interpret", "xla")
+IMPLS = ("auto", "pallas", "interpret", "xla", "cpu")
 SM90_KINDS = ("H100", "H200")
 
 
@@ -28,11 +31,11 @@ def is_sm90_gpu() -> bool:
 
 
 def resolve_impl(impl: str) -> str:
-    """Maps impl to "pallas", "interpret" or "xla"; raises ValueError naming an unknown impl."""
+    """Maps impl to "pallas", "interpret", "xla" or "cpu"; raises ValueError naming an unknown impl."""
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
-        return "pallas" if is_sm90_gpu() else "xla"
+        return "pallas" if is_sm90_gpu() else "cpu" if jax.default_backend() == "cpu" else "xla"
     return impl
 
 
@@ -59,7 +62,7 @@ def flash_attention(
     """
     kwargs = dict(causal=causal, sliding_window=sliding_window, sinks=sinks, scale=scale)
     impl = resolve_impl(impl)
-    if impl == "xla":
+    if impl in ("xla", "cpu"):
         return fa.flash_attention_reference(q, k, v, **kwargs)
     return fa.flash_attention_kernel(q, k, v, **kwargs, interpret=_interpret_params(impl))
 
@@ -84,14 +87,16 @@ def paged_attention(
     """
     kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
     args = (q, k_pages, v_pages, block_tables, context_lens)
-    impl = resolve_impl(impl)
-    if impl == "xla":
+    resolved = resolve_impl(impl)
+    if resolved == "cpu" and (impl == "cpu" or cpa.supported(q.shape[-1])):
+        return cpa.paged_attention_cpu(*args, **kwargs)
+    if resolved in ("xla", "cpu"):
         # One sequence: gathering all its pages at once costs about what the page loop does; a
         # batch: the loop wins by 1.6-5x (SmolLM2 shapes, batch 32, context 300, 30 layers: 94 vs
         # 162-516 ms on this 2-core CPU, the higher figure with pages scattered in the pool).
         reference = pa.paged_attention_reference if q.shape[0] == 1 else pa.paged_attention_blocked
         return reference(*args, **kwargs)
-    return pa.paged_attention_kernel(*args, **kwargs, interpret=_interpret_params(impl))
+    return pa.paged_attention_kernel(*args, **kwargs, interpret=_interpret_params(resolved))
 
 
 def grouped_matmul(
@@ -104,7 +109,7 @@ def grouped_matmul(
     group_offset .. group_offset+G-1 and rows of other groups give zeros (expert parallelism).
     """
     impl = resolve_impl(impl)
-    if impl == "xla":
+    if impl in ("xla", "cpu"):
         return gmm.grouped_matmul_reference(lhs, rhs, group_sizes, group_offset=group_offset)
     return gmm.grouped_matmul_kernel(
         lhs, rhs, group_sizes, group_offset=group_offset, interpret=_interpret_params(impl)

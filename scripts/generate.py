@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from absl import app, flags  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
+from pallas_kernels.ops import IMPLS  # noqa: E402
 
 MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "preset, .gguf file, HF dir or orbax dir")
 PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "the prompt (a user message with --chat)")
@@ -28,7 +29,7 @@ NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages (default: sized fr
 MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 8, "most concurrent sequences")
 MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 2048, "longest prompt + output")
 DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted call")
-ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "pallas", "interpret", "xla"], "attention ops")
+ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(IMPLS), "attention ops (pallas_kernels/ops.py)")
 
 
 def main(argv: list[str]) -> None:

@@ -43,6 +43,7 @@ _BATCH = flags.DEFINE_list("batch", ["1", "32"], "Batch sizes (decode rows).")
 _CONTEXT = flags.DEFINE_integer("context", 300, "Tokens already in the cache of every sequence.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "Decode steps per jitted call.")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size in tokens.")
+_ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(ops.IMPLS), "Attention implementation (ops.py).")
 _ITERS = flags.DEFINE_integer("iters", 15, "Timed calls per measurement (median reported).")
 _TRACE = flags.DEFINE_bool("trace", False, "Also profile one call per batch and list the costliest XLA ops.")
 _TOP = flags.DEFINE_integer("top", 12, "XLA ops listed per batch with --trace.")
@@ -136,10 +137,12 @@ def main(argv: list[str]) -> None:
     del argv
     batches = sorted(int(b) for b in _BATCH.value)
     llm = LLM(_MODEL.value, dtype=_DTYPE.value, max_num_seqs=max(batches), decode_steps=_DECODE_STEPS.value,
-              max_model_len=_CONTEXT.value + 2 * _DECODE_STEPS.value, page_size=_PAGE_SIZE.value)
+              max_model_len=_CONTEXT.value + 2 * _DECODE_STEPS.value, page_size=_PAGE_SIZE.value,
+              attention_impl=_ATTENTION_IMPL.value)
     peaks = roofline.device_peaks(_DTYPE.value)
     report = {"model": _MODEL.value, "dtype": _DTYPE.value, "context": _CONTEXT.value,
-              "decode_steps": _DECODE_STEPS.value, "page_size": _PAGE_SIZE.value, "device": jax.devices()[0].device_kind,
+              "decode_steps": _DECODE_STEPS.value, "page_size": _PAGE_SIZE.value,
+              "attention_impl": ops.resolve_impl(_ATTENTION_IMPL.value), "device": jax.devices()[0].device_kind,
               "peaks": {"bandwidth_gb_s": peaks.bandwidth / 1e9, "tflop_s": peaks.flops / 1e12,
                         "source": peaks.source},
               "points": [profile_batch(llm, b, peaks) for b in batches]}

@@ -93,9 +93,11 @@ def test_ops_xla_matches_reference_under_jit():
     np.testing.assert_allclose(np.asarray(f(q, k, v, sinks)), want, atol=2e-5, rtol=2e-5)
 
 
-def test_auto_is_xla_on_cpu_and_unknown_impl_raises():
-    assert ops.resolve_impl("auto") == "xla"
+def test_auto_is_cpu_on_cpu_and_unknown_impl_raises():
+    assert ops.resolve_impl("auto") == "cpu"  # flash attention has no C++ kernel: "cpu" runs the reference
     q, k, v, _ = random_qkv(0, 1, 2, 2, 2, 2, 8)
+    np.testing.assert_array_equal(np.asarray(ops.flash_attention(q, k, v, impl="cpu")),
+                                  np.asarray(fa.flash_attention_reference(q, k, v)))
     with pytest.raises(ValueError, match="'triton'"):
         ops.flash_attention(q, k, v, impl="triton")
 

@@ -1,4 +1,5 @@
-"""Paged attention: the jnp reference vs float64 NumPy, ops dispatch, interpret mode."""
+"""Paged attention: the jnp reference, its blocked form and the C++ CPU kernel vs float64 NumPy;
+ops dispatch; interpret mode."""
 
 import numpy as np
 import pytest
@@ -6,6 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import cpu_paged_attention as cpa
 from pallas_kernels import ops
 from pallas_kernels import paged_attention as pa
 from test_flash_attention import attention_np
@@ -62,45 +64,88 @@ REFERENCE_CASES = [
     ([5, 16, 1, 33], 1, 4, 4, 16, 8, 5, None, False),
     ([0, 17, 9], 1, 8, 2, 32, 4, 5, None, True),
     ([40, 3, 24], 4, 8, 1, 16, 8, 6, None, False),
-    ([12, 30], 5, 4, 1, 8, 4, 8, 4, True),
+    ([12, 30], 5, 4, 1, 16, 4, 8, 4, True),
     ([31, 8, 0, 2], 3, 16, 2, 16, 16, 2, 1, False),
     ([20, 20], 20, 2, 2, 16, 4, 5, 7, True),
     ([64, 50], 2, 4, 4, 64, 16, 4, 64, False),
 ]
 
 
-JNP_IMPLEMENTATIONS = {"reference": pa.paged_attention_reference, "blocked": pa.paged_attention_blocked}
+# The off-GPU implementations: the jnp reference, its blocked form (impl="xla") and the C++ kernel
+# (impl="cpu").
+IMPLEMENTATIONS = {"reference": pa.paged_attention_reference, "blocked": pa.paged_attention_blocked,
+                   "cpu": cpa.paged_attention_cpu}
 
 
-@pytest.mark.parametrize("impl", list(JNP_IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("seed,case", list(enumerate(REFERENCE_CASES)))
 def test_reference_matches_float64(seed, case, impl):
     lens, q_len, hq, hkv, d, page_size, max_pages, window, with_sinks = case
     *args, sinks = random_paged(seed, lens, q_len, hq, hkv, d, page_size, max_pages, with_sinks=with_sinks)
-    got = JNP_IMPLEMENTATIONS[impl](*args, sliding_window=window, sinks=sinks)
+    got = IMPLEMENTATIONS[impl](*args, sliding_window=window, sinks=sinks)
     want = paged_np(*args, window, sinks)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("impl", list(JNP_IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 def test_context_len_zero_gives_zeros_not_nan(impl):
     *args, sinks = random_paged(1, [0, 0], 2, 4, 2, 16, 8, 2, with_sinks=True)
-    got = JNP_IMPLEMENTATIONS[impl](*args, sinks=sinks)
+    got = IMPLEMENTATIONS[impl](*args, sinks=sinks)
     np.testing.assert_array_equal(np.asarray(got), 0.0)
 
 
-@pytest.mark.parametrize("impl", list(JNP_IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 def test_reference_bf16_keeps_dtype_and_custom_scale(impl):
     *args, sinks = random_paged(2, [13, 29], 3, 8, 1, 64, 8, 4, jnp.bfloat16, with_sinks=True)
-    got = JNP_IMPLEMENTATIONS[impl](*args, sinks=sinks, scale=0.2)
+    got = IMPLEMENTATIONS[impl](*args, sinks=sinks, scale=0.2)
     assert got.dtype == jnp.bfloat16
     want = paged_np(*args, None, sinks, scale=0.2)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=2e-2)
 
 
-def test_ops_xla_matches_reference_under_jit():
+def test_cpu_kernel_many_sequences_long_context():
+    """Enough (sequence, KV head) items to spread over the thread pool, pages in random order."""
+    rng = np.random.default_rng(7)
+    lens = list(rng.integers(0, 300, 37))
+    *args, sinks = random_paged(7, lens, 1, 12, 3, 64, 16, 19, with_sinks=True)
+    got = jax.jit(lambda *a: cpa.paged_attention_cpu(*a, sinks=sinks))(*args)
+    np.testing.assert_allclose(np.asarray(got), paged_np(*args, None, sinks), atol=2e-5, rtol=2e-5)
+
+
+def test_cpu_kernel_clamps_bad_page_ids():
+    q, k_pages, v_pages, tables, lens, _ = random_paged(8, [20], 1, 4, 2, 16, 8, 3)
+    bad = tables.at[0, 1].set(10**6)
+    got = cpa.paged_attention_cpu(q, k_pages, v_pages, bad, lens)
+    clamped = tables.at[0, 1].set(k_pages.shape[1] - 1)
+    np.testing.assert_allclose(np.asarray(got), paged_np(q, k_pages, v_pages, clamped, lens, None, None),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_auto_picks_cpu_kernel_and_falls_back_for_odd_head_dim():
+    assert ops.resolve_impl("auto") == "cpu"  # the tests run on CPU
+    *args, sinks = random_paged(9, [9, 21], 2, 4, 2, 8, 4, 6, with_sinks=True)
+    with pytest.raises(ValueError, match="head_dim divisible by 16, got 8"):
+        ops.paged_attention(*args, sinks=sinks, impl="cpu")
+    got = ops.paged_attention(*args, sinks=sinks, impl="auto")
+    np.testing.assert_allclose(np.asarray(got), paged_np(*args, None, sinks), atol=2e-5, rtol=2e-5)
+
+
+def test_cpu_kernel_build_is_cached_and_needs_a_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSERVE_CACHE", str(tmp_path))
+    library = cpa.build()
+    assert library.parent == tmp_path and library.suffix == ".so"
+    built = library.stat().st_mtime_ns
+    assert cpa.build() == library and library.stat().st_mtime_ns == built
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(cpa.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+17 compiler"):
+        cpa.build()
+
+
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_ops_matches_float64_under_jit(impl):
     *args, sinks = random_paged(4, [9, 22, 1], 2, 4, 2, 16, 4, 6, with_sinks=True)
-    f = jax.jit(lambda *a: ops.paged_attention(*a, sliding_window=5, sinks=sinks, impl="xla"))
+    f = jax.jit(lambda *a: ops.paged_attention(*a, sliding_window=5, sinks=sinks, impl=impl))
     want = paged_np(*args, 5, sinks)
     np.testing.assert_allclose(np.asarray(f(*args)), want, atol=2e-5, rtol=2e-5)
 
