@@ -46,11 +46,12 @@ inline void FromFloat(float x, uint16_t* out) {  // round to nearest even, as XL
   *out = static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
+// Into L2 (locality 2): prefetching into L1 measured 30-40% slower, its fill buffers saturating.
 template <typename T>
 inline void Prefetch(const T* data, int64_t count) {
   const char* bytes = reinterpret_cast<const char*>(data);
   for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(T)); offset += 64) {
-    __builtin_prefetch(bytes + offset);
+    __builtin_prefetch(bytes + offset, 0, 2);
   }
 }
 
@@ -98,11 +99,6 @@ inline const float* AsFloat(const uint16_t* page, int64_t count, float* buffer) 
   for (int64_t x = 0; x < count; ++x) buffer[x] = ToFloat(page[x]);
   return buffer;
 }
-
-#ifndef AHEAD
-#define AHEAD 1
-#endif
-constexpr int64_t kAhead = AHEAD;
 
 struct Shapes {
   int64_t batch, q_len, num_heads, head_dim, num_kv_heads, num_pages, page_size, table_width;
@@ -164,8 +160,8 @@ void AttendOne(const Shapes& s, const T* q, const T* k_pages, const T* v_pages, 
   for (int64_t blk = first / p; blk < num_blocks; ++blk) {
     // Clamped like XLA's gather: a bad page id reads a wrong page, never outside the pool.
     const int64_t page = std::clamp<int64_t>(tables[b * s.table_width + blk], 0, s.num_pages - 1);
-    if (blk + kAhead < num_blocks) {  // pages are scattered: the hardware prefetcher cannot guess the next one
-      const int64_t next = std::clamp<int64_t>(tables[b * s.table_width + blk + kAhead], 0, s.num_pages - 1);
+    if (blk + 1 < num_blocks) {  // pages are scattered: the hardware prefetcher cannot guess the next one
+      const int64_t next = std::clamp<int64_t>(tables[b * s.table_width + blk + 1], 0, s.num_pages - 1);
       Prefetch(k_pages + (h * s.num_pages + next) * p * d, p * d);
       Prefetch(v_pages + (h * s.num_pages + next) * p * d, p * d);
     }
