@@ -68,6 +68,7 @@ REFERENCE_CASES = [
     ([31, 8, 0, 2], 3, 16, 2, 16, 16, 2, 1, False),
     ([20, 20], 20, 2, 2, 16, 4, 5, 7, True),
     ([64, 50], 2, 4, 4, 64, 16, 4, 64, False),
+    ([3], 1, 4, 1, 16, 4, 8, None, True),  # one partly filled page in a wide table
 ]
 
 
