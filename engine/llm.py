@@ -23,6 +23,7 @@ from engine.request import Request, RequestOutput, SamplingParams, Status
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import Scheduler
 from models import LoadedModel, load_model
+from pallas_kernels import ops
 from sharding.rules import cache_sharding, shard_model
 
 Prompt = str | Sequence[int]
@@ -46,7 +47,8 @@ class LLM:
         self.config = _engine_config(self.model, max_model_len=max_model_len, page_size=page_size,
                                      num_pages=num_pages, max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk,
                                      max_num_batched_tokens=max_num_batched_tokens, decode_steps=decode_steps,
-                                     attention_impl=attention_impl, kv_cache_bytes=kv_cache_bytes)
+                                     attention_impl=_attention_impl(attention_impl, self.model),
+                                     kv_cache_bytes=kv_cache_bytes)
         self.allocator = PageAllocator(self.config.num_pages)
         self.scheduler = Scheduler(self.config, self.allocator)
         self.runner = ModelRunner(self.model.model, _allocate_cache(self.model, self.config), self.config)
@@ -194,6 +196,14 @@ class LLM:
     def warmup(self) -> int:
         """Compile every shape bucket now (with all-padding batches); returns the number of shapes."""
         return self.runner.warmup()
+
+
+def _attention_impl(impl: str, model: LoadedModel) -> str:
+    """impl, except that "auto" on a CPU mesh takes the jnp path: GSPMD cannot partition the C++
+    kernel's custom call and would gather every layer's whole KV cache onto each device."""
+    if impl == "auto" and model.mesh is not None and ops.resolve_impl(impl) == "cpu":
+        return "xla"
+    return impl
 
 
 def _placed_model(model: str | LoadedModel, dtype: str, mesh: Mesh | None) -> LoadedModel:
