@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -20,13 +19,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from pallas_kernels.flash_attention import check_attention_args
 
 _SOURCE = Path(__file__).with_suffix(".cc")
 _TARGET = "jaxserve_paged_attention_cpu"
 LANES = 16  # kLanes in the C++ source
-_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
 def _cpu_signature() -> str:
