@@ -85,7 +85,8 @@ class ModelRunner:
                                                         config.decode_steps)
 
     def warmup(self) -> int:
-        """Compile every (rows, width, pages) bucket with all-padding inputs (they write page 0 only)."""
+        """Compile every (rows, width, pages) bucket with all-padding inputs (they write page 0 only),
+        and wait for those runs: dispatch is asynchronous, so the first request would wait instead."""
         cfg, shapes = self.config, 0
         for rows, pages in itertools.product(cfg.batch_buckets, cfg.page_buckets):
             sampling = SamplingTensors.build([], [], rows)
@@ -100,6 +101,7 @@ class ModelRunner:
                 metadata = AttentionMetadata(grid, np.zeros((rows, pages), np.int32), zeros)
                 _, _, self.cache = self.prefill_fn(self.state, self.cache, grid, grid, metadata, sampling)
                 shapes += 1
+        jax.block_until_ready(self.cache)
         return shapes
 
     def _block_tables(self, requests: list[Request], rows: int, width: int) -> np.ndarray:

@@ -29,6 +29,7 @@ NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages (default: sized fr
 MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 8, "most concurrent sequences")
 MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 2048, "longest prompt + output")
 DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted call")
+WARMUP = flags.DEFINE_bool("warmup", False, "compile every shape bucket first (minutes), so the timings exclude compilation")
 ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(IMPLS), "attention ops (pallas_kernels/ops.py)")
 
 
@@ -42,6 +43,8 @@ def main(argv: list[str]) -> None:
     prompt = PROMPT.value
     if CHAT.value:
         prompt = llm.model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    if WARMUP.value:
+        llm.warmup()
     start = time.perf_counter()
     request = llm.add_request(prompt, params)
     for delta in llm.stream_request(request):
@@ -49,8 +52,9 @@ def main(argv: list[str]) -> None:
     end = time.perf_counter()
     n = len(request.output_token_ids)
     decode_s = request.metrics.token_times[-1] - request.metrics.token_times[0]
-    print(f"\n[TTFT {request.metrics.ttft * 1e3:.0f} ms (includes compilation) | {n} tokens in {end - start:.2f} s | "
-          f"decode {(n - 1) / decode_s if decode_s > 0 else float('nan'):.1f} tok/s | finish: {request.finish_reason}]")
+    note = "" if WARMUP.value else " (TTFT and decode include compilation; --warmup excludes it)"
+    print(f"\n[TTFT {request.metrics.ttft * 1e3:.0f} ms | {n} tokens in {end - start:.2f} s | "
+          f"decode {(n - 1) / decode_s if decode_s > 0 else float('nan'):.1f} tok/s | finish: {request.finish_reason}]{note}")
 
 
 if __name__ == "__main__":

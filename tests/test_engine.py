@@ -1,6 +1,7 @@
 """The engine end to end on tiny-llama and SmolLM2: greedy parity with the no-cache forward,
 preemption, compilation counting, seeds, stop conditions and bad input."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -73,6 +74,7 @@ def test_preemption_keeps_outputs_and_frees_pages(tiny):
 def test_no_recompilation_in_steady_state(tiny):
     llm = tiny_llm(tiny)
     llm.warmup()
+    assert all(x.is_ready() for x in jax.tree.leaves(llm.runner.cache))  # it waited for its runs
     rng = np.random.default_rng(3)
     prompts = random_prompts(4, 100, 256, 1, 100)
     params = [SamplingParams(temperature=float(rng.choice([0.0, 0.7, 1.3])), top_k=int(rng.choice([-1, 5])),
