@@ -104,13 +104,15 @@ struct Shapes {
   int64_t batch, q_len, num_heads, head_dim, num_kv_heads, num_pages, page_size, table_width;
 };
 
-// Online-softmax update of one query row with one page: scores, rescale, accumulate P.V.
+// One query row's running softmax: max m, denominator l and the unnormalised output acc [D].
 struct RowState {
-  float* acc;  // [D]
+  float* acc;
   float m, l;
 };
 
-// scores and probs hold p rounded up to kLanes; scores' tail stays -inf.
+// Online-softmax update of one query row with one page (keys at positions [lo, hi) visible):
+// scores, rescale, accumulate P.V. scores and probs hold p rounded up to kLanes; scores' tail
+// stays -inf.
 inline void AttendPage(const float* qr, const float* k, const float* v, int64_t d, int64_t p, int64_t first_pos,
                        int64_t lo, int64_t hi, float* scores, float* probs, RowState& row) {
   float block_max = kNegInf;
