@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import Linear, RotaryEmbedding
+from models.layers import Linear, RMSNorm, RotaryEmbedding
 from pallas_kernels import ops
 
 LayerCache = tuple[jax.Array, ...]  # K and V pages [Hkv, num_pages, page_size, D] (MLA: one latent tensor)
@@ -44,8 +44,9 @@ def write_pages(pages: jax.Array, new_bqhd: jax.Array, slot_mapping: jax.Array) 
 
 
 class Attention(nnx.Module):
-    """GQA attention: q/k/v/o projections (biases if config.attention_bias), rotary, attention
-    through `pallas_kernels.ops`; per-layer sliding window and learned sinks (gpt-oss) from config."""
+    """GQA attention: q/k/v/o projections (biases if config.attention_bias), per-head q/k RMSNorm
+    before rotary if config.qk_norm (Qwen3), attention through `pallas_kernels.ops`; per-layer
+    sliding window and learned sinks (gpt-oss) from config."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, layer: int = 0):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
@@ -54,14 +55,18 @@ class Attention(nnx.Module):
         self.k_proj = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear((h, hd), (d,), ("q_heads", "head_dim", "embed"), bias=bias, dtype=dtype, rngs=rngs)
+        norm = lambda: RMSNorm(hd, config.rms_norm_eps, dtype=dtype, axis="head_dim")  # noqa: E731
+        self.q_norm, self.k_norm = (norm(), norm()) if config.qk_norm else (None, None)
         self.sinks = nnx.Param(jnp.zeros((h,), dtype), logical_axes=("q_heads",)) if config.attention_sinks else None
         self.sliding_window = config.layer_sliding_window(layer)
         self.rotary = RotaryEmbedding(config)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, cache: LayerCache | None,
                  metadata: AttentionMetadata | None, attention_impl: str) -> tuple[jax.Array, LayerCache | None]:
-        q = self.rotary(self.q_proj(x_btd), positions_bt)  # [B, T, Hq, D]
-        k = self.rotary(self.k_proj(x_btd), positions_bt)  # [B, T, Hkv, D]
+        q, k = self.q_proj(x_btd), self.k_proj(x_btd)  # [B, T, Hq, D], [B, T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions_bt), self.rotary(k, positions_bt)
         v = self.v_proj(x_btd)
         kwargs = dict(sliding_window=self.sliding_window, sinks=None if self.sinks is None else self.sinks[...],
                       impl=attention_impl)

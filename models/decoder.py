@@ -1,7 +1,8 @@
 """The decoder skeleton every model shares: pre-norm residual blocks between an embedding and an LM head.
 
-A model assembly (llama.py, gpt_oss.py, deepseek.py) only says which attention and which
-feed-forward each block holds.
+A model assembly says which attention and which feed-forward each block holds: `GQADecoder`
+serves every architecture whose blocks are GQA attention plus a dense or MoE feed-forward (Llama,
+Qwen3, gpt-oss, Qwen3-MoE differ only in config); deepseek.py assembles MLA blocks.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import AttentionMetadata, LayerCache
+from models.attention import Attention, AttentionMetadata, LayerCache
 from models.config import ModelConfig
-from models.layers import Embedding, Linear, RMSNorm
+from models.layers import MLP, Embedding, Linear, RMSNorm
+from models.moe import MoE
 
 
 class DecoderBlock(nnx.Module):
@@ -74,3 +76,20 @@ class Decoder(nnx.Module):
         if self.lm_head is None:
             return self.embed_tokens.attend(hidden)
         return self.lm_head(hidden).astype(jnp.float32)
+
+
+def feed_forward(config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """Routed experts in the config's MoE layers, a dense SwiGLU MLP elsewhere."""
+    if config.is_moe_layer(layer):
+        return MoE(config, dtype=dtype, rngs=rngs)
+    return MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
+
+
+class GQADecoder(Decoder):
+    """Every block is GQA attention (the config's biases, q/k norm, sinks, windows) + `feed_forward`."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        def block(layer: int) -> DecoderBlock:
+            return DecoderBlock(config, Attention(config, dtype=dtype, rngs=rngs, layer=layer),
+                                feed_forward(config, layer, dtype=dtype, rngs=rngs), dtype=dtype)
+        super().__init__(config, block, dtype=dtype, rngs=rngs)

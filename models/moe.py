@@ -1,7 +1,8 @@
 """Mixture of experts: a router picks k experts per token, the experts run as grouped GEMMs.
 
-Two routing rules:
-  softmax_topk     (gpt-oss)      top-k of the router logits, softmax over those k;
+Two routing rules (config.moe.router):
+  softmax_topk     (gpt-oss, Qwen3-MoE)  softmax over the experts, the top k; with norm_topk_prob
+                                  those k renormalized (= a softmax over the k largest logits);
   sigmoid_grouped  (DeepSeek-V3)  sigmoid scores; choose with scores + a correction bias, first
                                   the top `topk_group` of `n_group` groups (each scored by its two
                                   best experts), then the top k experts inside them; weights are the
@@ -16,18 +17,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
+import numpy as np
+
+from models.config import ModelConfig, MoEConfig
 from models.layers import MLP, _normal
+from models.loading.weights import TensorGetter
 from pallas_kernels import ops
 from sharding import expert_parallel
 
 DENSE = "dense"  # the reference backend's impl name, beside ops.IMPLS
 
 
-def softmax_topk(logits_ne: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """gpt-oss routing: weights [N, k] = softmax of the k largest logits, expert ids [N, k]."""
+def softmax_topk(logits_ne: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """Weights [N, k] and expert ids [N, k]: the k largest of softmax(logits), renormalized to sum
+    to 1 when `normalize` (then equal to a softmax over the k largest logits, gpt-oss' form)."""
     top_nk, ids_nk = jax.lax.top_k(logits_ne, k)
-    return jax.nn.softmax(top_nk, axis=-1), ids_nk
+    if normalize:
+        return jax.nn.softmax(top_nk, axis=-1), ids_nk
+    return jnp.exp(top_nk - jax.nn.logsumexp(logits_ne, axis=-1, keepdims=True)), ids_nk
 
 
 def sigmoid_grouped_topk(logits_ne: jax.Array, correction_bias_e: jax.Array, k: int, n_group: int,
@@ -51,28 +58,31 @@ class Router(nnx.Module):
     """Router logits in float32 (linear, with a bias for gpt-oss) and the config's routing rule."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        d, e = config.hidden_size, config.num_experts
-        self.config = config
-        softmax = config.router == "softmax_topk"
+        c = config.moe
+        d, e = config.hidden_size, c.num_experts
+        self.config = c
+        grouped = c.router == "sigmoid_grouped"
         self.kernel = nnx.Param(_normal(rngs, (d, e), dtype), logical_axes=("embed", "experts"))
-        self.bias = nnx.Param(jnp.zeros((e,), dtype), logical_axes=("experts",)) if softmax else None
-        self.e_score_correction_bias = (None if softmax else nnx.Param(
-            jnp.zeros((e,), jnp.float32), logical_axes=("experts",)))
+        self.bias = nnx.Param(jnp.zeros((e,), dtype), logical_axes=("experts",)) if c.router_bias else None
+        self.e_score_correction_bias = (nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=("experts",))
+                                        if grouped else None)
 
     def __call__(self, x_nd: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Routing weights [N, k] float32 and expert ids [N, k] int32."""
         c = self.config
         logits_ne = jnp.einsum("nd,de->ne", x_nd.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        if self.bias is not None:
+            logits_ne = logits_ne + self.bias[...].astype(jnp.float32)
         if c.router == "softmax_topk":
-            return softmax_topk(logits_ne + self.bias[...].astype(jnp.float32), c.num_experts_per_tok)
+            return softmax_topk(logits_ne, c.num_experts_per_tok, c.norm_topk_prob)
         return sigmoid_grouped_topk(logits_ne, self.e_score_correction_bias[...], c.num_experts_per_tok,
                                     c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
 
 
-def expert_activation(h_mf: jax.Array, config: ModelConfig) -> jax.Array:
+def expert_activation(h_mf: jax.Array, config: MoEConfig) -> jax.Array:
     """[gate | up] halves -> the gated hidden [M, F/2]."""
     gate, up = jnp.split(h_mf, 2, axis=-1)
-    if config.expert_activation == "swiglu":
+    if config.activation == "swiglu":
         return jax.nn.silu(gate) * up
     # gpt-oss: gate clamped above, up clamped both sides, sigmoid gain alpha, (up + 1) * glu.
     gate = jnp.minimum(gate, config.swiglu_limit)
@@ -84,12 +94,12 @@ class Experts(nnx.Module):
     """E expert MLPs: gate_up_proj [E, D, 2I] ([gate | up] halves), down_proj [E, I, D], optional biases."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        e, d, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        self.config = config
+        e, d, i = config.moe.num_experts, config.hidden_size, config.moe.intermediate_size
+        self.config = config.moe
         self.gate_up_proj = nnx.Param(_normal(rngs, (e, d, 2 * i), dtype),
                                       logical_axes=("experts", "embed", "expert_mlp"))
         self.down_proj = nnx.Param(_normal(rngs, (e, i, d), dtype), logical_axes=("experts", "expert_mlp", "embed"))
-        biased = config.expert_activation == "gpt_oss_swiglu"
+        biased = config.moe.activation == "gpt_oss_swiglu"
         self.gate_up_proj_bias = (nnx.Param(jnp.zeros((e, 2 * i), dtype), logical_axes=("experts", "expert_mlp"))
                                   if biased else None)
         self.down_proj_bias = (nnx.Param(jnp.zeros((e, d), dtype), logical_axes=("experts", "embed"))
@@ -133,7 +143,7 @@ class MoE(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.router = Router(config, dtype=dtype, rngs=rngs)
         self.experts = Experts(config, dtype=dtype, rngs=rngs)
-        shared = config.moe_intermediate_size * config.num_shared_experts
+        shared = config.moe.intermediate_size * config.moe.num_shared_experts
         self.shared_experts = MLP(config.hidden_size, shared, dtype=dtype, rngs=rngs) if shared else None
 
     def __call__(self, x_btd: jax.Array, impl: str = "auto") -> jax.Array:
@@ -149,3 +159,26 @@ class MoE(nnx.Module):
                 y_nd = self.experts.grouped(x_nd, weights_nk, ids_nk, impl)
         y = y_nd.reshape(x_btd.shape)
         return y if self.shared_experts is None else y + self.shared_experts(x_btd)
+
+
+def _stacked_experts(prefix: str, leaf: str, num_experts: int, get_tensor: TensorGetter) -> np.ndarray:
+    """Per-expert HF tensors experts.{i}.{gate,up,down}_proj.weight ([out, in]) -> our stacked [E, in, out]."""
+    def expert(i: int) -> np.ndarray:
+        if leaf == "down_proj":
+            return get_tensor(f"{prefix}.{i}.down_proj.weight").T
+        gate = get_tensor(f"{prefix}.{i}.gate_proj.weight").T
+        return np.concatenate([gate, get_tensor(f"{prefix}.{i}.up_proj.weight").T], axis=-1)
+    return np.stack([expert(i) for i in range(num_experts)])
+
+
+def load_per_expert_param(config: ModelConfig, path: tuple[str, ...], shape: tuple[int, ...],
+                          get_tensor: TensorGetter) -> np.ndarray | None:
+    """The router (HF `mlp.gate`) and the experts of checkpoints that store one tensor per expert
+    (DeepSeek-V3, Qwen3-MoE, as transformers saves them); None for every other parameter."""
+    prefix = "model." + ".".join(path[:-1])
+    if path[-2] == "router":
+        gate = prefix[: -len("router")] + "gate"
+        return get_tensor(f"{gate}.weight").T if path[-1] == "kernel" else get_tensor(f"{gate}.{path[-1]}")
+    if path[-2] == "experts":
+        return _stacked_experts(prefix, path[-1], config.moe.num_experts, get_tensor)
+    return None

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,15 +30,14 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import roofline  # noqa: E402
-from engine.compilations import count_compilations  # noqa: E402
-from engine.llm import LLM  # noqa: E402
-from engine.metrics import HOURLY_RATES_USD, RequestTiming, cost_per_million_tokens, pareto_frontier, point_metrics  # noqa: E402,E501
-from engine.request import SamplingParams  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.loaded_model import EMBEDDED_WEIGHTS, embedded_weights_path  # noqa: E402
+from benchmarks import roofline
+from benchmarks.compilations import count_compilations
+from engine.llm import LLM
+from benchmarks.metrics import HOURLY_RATES_USD, RequestTiming, cost_per_million_tokens, pareto_frontier, point_metrics  # noqa: E501
+from engine.request import SamplingParams
+from models import ModelConfig, param_counts
+from models.loaded_model import EMBEDDED_WEIGHTS, embedded_weights_path
 
 SCHEMA_VERSION = 1
 REPO = Path(__file__).resolve().parents[1]
@@ -273,7 +271,7 @@ def report_header(llm: LLM, settings: Settings, started: datetime.datetime) -> d
     return {
         "schema_version": SCHEMA_VERSION,
         "started_at": started.isoformat(timespec="seconds"),
-        "model": {"name": config.name, "num_params": config.num_params, "dtype": jnp.dtype(llm.model.dtype).name,
+        "model": {"name": config.name, "num_params": param_counts(config).total, "dtype": jnp.dtype(llm.model.dtype).name,
                   "config": dataclasses.asdict(config)},
         "device": {"platform": device.platform, "kind": device.device_kind, "count": settings.num_devices,
                    "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -332,7 +330,7 @@ def write_outputs(report: dict, output: Path, plot: bool) -> None:
     output.write_text(json.dumps(finite_or_null(report), indent=1, allow_nan=False))
     print(format_table(report["points"]))
     if plot:
-        from plot_results import plot_files  # noqa: PLC0415 (scripts/ is on sys.path; matplotlib only when plotting)
+        from benchmarks.plots import plot_files  # noqa: PLC0415 (matplotlib only when plotting)
         for path in plot_files([output], output.with_suffix("")):
             print(f"wrote {path}")
     print(f"wrote {output}")

@@ -4,16 +4,14 @@
 """
 
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from models import load_model  # noqa: E402
-from models.loading import orbax_io  # noqa: E402
+from models import load_model
+from models.loading import orbax_io
 
 FLAGS = flags.DEFINE_string("model", "smollm2-135m-instruct", "preset name, .gguf file or HF checkpoint dir")
 OUTPUT = flags.DEFINE_string("output", None, "orbax directory to write", required=True)

@@ -3,16 +3,14 @@
   python scripts/generate.py --model=smollm2-135m-instruct --chat --prompt="What is the capital of France?"
 """
 
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from engine import LLM, SamplingParams  # noqa: E402
-from pallas_kernels.ops import IMPLS  # noqa: E402
+from engine import LLM, SamplingParams
+from pallas_kernels.ops import IMPLS
 
 MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "preset, .gguf file, HF dir or orbax dir")
 PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "the prompt (a user message with --chat)")

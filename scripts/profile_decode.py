@@ -16,7 +16,6 @@ import gzip
 import json
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,15 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import roofline  # noqa: E402
-from engine.config import bucket  # noqa: E402
-from engine.llm import LLM  # noqa: E402
-from engine.request import SamplingParams  # noqa: E402
-from engine.runner import ModelRunner  # noqa: E402
-from engine.sampler import SamplingTensors  # noqa: E402
-from pallas_kernels import ops  # noqa: E402
+from benchmarks import roofline
+from engine.config import bucket
+from engine.llm import LLM
+from engine.request import SamplingParams
+from engine.runner import ModelRunner
+from engine.sampler import SamplingTensors
+from pallas_kernels import ops
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Preset name, .gguf file or checkpoint dir.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Engine weight and KV dtype.")
@@ -121,7 +119,7 @@ def profile_batch(llm: LLM, batch: int, peaks: roofline.DevicePeaks) -> dict:
     steps, item = runner.config.decode_steps, jnp.dtype(llm.model.dtype).itemsize
     inputs = decode_inputs(runner, batch, _CONTEXT.value)
     step_ms = median_ms(lambda: run_decode(runner, inputs), _ITERS.value) / steps
-    attention_ms = (None if config.kv_lora_rank else config.num_layers * median_ms(
+    attention_ms = (None if config.mla is not None else config.num_layers * median_ms(
         attention_call(runner, batch, _CONTEXT.value, config.num_heads), _ITERS.value))
     bound_ms = 1e3 * peaks.seconds(roofline.decode_step_cost(config, [_CONTEXT.value] * batch, item, item))
     record = {"batch": batch, "step_ms": step_ms, "tok_s": 1e3 * batch / step_ms,

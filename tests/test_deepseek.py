@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from models import get_preset, load_model
-from models.loading.hf_safetensors import config_from_hf
 from models.loading.quantized import dequantize_fp8_blocks
 from tests.conftest import FIXTURES
-from tests.test_gpt_oss import check_paged_matches_forward, copy_fixture, moe_reference  # noqa: F401
+from tests.test_gpt_oss import check_paged_matches_forward, config_from_hf, copy_fixture, moe_reference  # noqa: F401
 from tests.test_model_parity import assert_logits_match
 
 
@@ -28,9 +27,10 @@ def test_matches_transformers(moe_reference, name, directory):
 
 def test_fixture_exercises_dense_layer_groups_and_yarn(tiny_deepseek):
     c = tiny_deepseek.config
-    assert c.first_k_dense == 1 and not c.is_moe_layer(0) and c.is_moe_layer(1)
-    assert c.n_group > 1 and c.topk_group < c.n_group and c.num_shared_experts == 1
-    assert c.rope_interleave and c.rope_scaling.mscale_all_dim == 0.707
+    assert c.moe.dense_layers == (0,) and not c.is_moe_layer(0) and c.is_moe_layer(1)
+    assert c.moe.n_group > 1 and c.moe.topk_group < c.moe.n_group and c.moe.num_shared_experts == 1
+    assert c.mla.rope_interleave and c.rope_scaling.mscale_all_dim == 0.707
+    assert c.mtp.num_layers == 1  # the fixture carries the MTP module (layer 2), as the released weights do
 
 
 def test_fp8_blocks_hand_computed():
@@ -56,7 +56,7 @@ def test_v4_config_spelling_agrees():
     rope["type"] = rope.pop("rope_type")
     v4["rope_scaling"] = rope
     assert config_from_hf(v4, "x") == config_from_hf(v5, "x")
-    with pytest.raises(ValueError, match="scoring_func='softmax'"):
+    with pytest.raises(ValueError, match="x/config.json: field 'scoring_func' is 'softmax'; supported: 'sigmoid'"):
         config_from_hf(dict(v4, scoring_func="softmax"), "x")
 
 
@@ -67,10 +67,12 @@ def test_missing_expert_tensor_is_a_clear_error(tmp_path):
 
 
 def test_latent_cache_is_71x_smaller_than_full_kv():
+    from engine import kv_cache
     c = get_preset("deepseek-v3")
-    assert c.kv_bytes_per_token(2) == 61 * 576 * 2  # one latent "head": 512 + 64 values per layer
-    assert c.full_kv_bytes_per_token(2) == 61 * 128 * (192 + 128) * 2
-    assert round(c.full_kv_bytes_per_token(2) / c.kv_bytes_per_token(2)) == 71
+    latent = kv_cache.bytes_per_token(c, 2)
+    assert latent == 61 * 576 * 2  # one latent "head": 512 + 64 values per layer
+    full = c.num_layers * c.num_heads * (c.head_dim + c.mla.v_head_dim) * 2  # K 192 + V 128 values per head
+    assert round(full / latent) == 71
 
 
 def test_absorbed_paged_decode_matches_expanded_forward(tiny_deepseek):

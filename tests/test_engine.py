@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.compilations import count_compilations
+from benchmarks.compilations import count_compilations
 from models import load_model
 from tests.engine_helpers import greedy_reference
 

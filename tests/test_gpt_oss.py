@@ -15,7 +15,8 @@ from flax import nnx
 from engine import kv_cache
 from models import load_model
 from models.attention import AttentionMetadata
-from models.loading.hf_safetensors import config_from_hf
+from models import registry
+from models.loading.hf_config import HFConfig
 from models.loading.quantized import dequantize_mxfp4
 from tests.conftest import FIXTURES
 from tests.test_model_parity import assert_logits_match
@@ -41,7 +42,7 @@ def test_fixture_exercises_sliding_window_and_experts(tiny_gpt_oss, moe_referenc
     c = tiny_gpt_oss.config
     assert c.layer_types == ("sliding_attention", "full_attention")
     assert c.sliding_window < moe_reference["gpt_oss_ids"].shape[1]
-    assert 1 < c.num_experts_per_tok < c.num_experts
+    assert 1 < c.moe.num_experts_per_tok < c.moe.num_experts
     assert c.rope_scaling.kind == "yarn" and not c.rope_scaling.truncate
 
 
@@ -71,6 +72,11 @@ def test_rope_scaling_spellings_agree():
     v4["rope_scaling"] = rope
     del v4["layer_types"]  # older configs leave it implicit: sliding on even layers
     assert config_from_hf(v4, "x") == config_from_hf(v5, "x")
+
+
+def config_from_hf(raw: dict, name: str):
+    """The ModelConfig of a config.json's fields (as if read from x/config.json)."""
+    return registry.config_from_hf(HFConfig(raw, "x/config.json"), name)
 
 
 def copy_fixture(tmp_path, directory: str, edit_config=None, drop_tensor: str | None = None):

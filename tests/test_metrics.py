@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from engine.metrics import (RequestTiming, Stats, cost_per_million_tokens, interactivity, pareto_frontier,
+from benchmarks.metrics import (RequestTiming, Stats, cost_per_million_tokens, interactivity, pareto_frontier,
                             point_metrics)
 
 # Request a: steady 0.5 s tokens. Request b: a multi-step burst of 4 tokens at one stamp, then one more.

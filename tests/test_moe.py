@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.config import get_preset
+from models import ModelConfig, get_preset
 from models.moe import MoE, sigmoid_grouped_topk, softmax_topk
 
 
@@ -51,13 +51,23 @@ def sigmoid_grouped_np(logits, bias, k, n_group, topk_group, normalize, scale):
     return np.array(weights), np.array(ids)
 
 
-def test_softmax_topk_matches_numpy():
+def with_moe(preset: str, **overrides) -> ModelConfig:
+    """A preset with some of its MoE sub-config replaced."""
+    config = get_preset(preset)
+    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, **overrides))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_softmax_topk_matches_numpy(normalize):
+    """Top k of the softmax over all experts (Qwen3-MoE), renormalized over the k when asked (gpt-oss)."""
     logits = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
-    weights, ids = softmax_topk(jnp.asarray(logits), 3)
+    weights, ids = softmax_topk(jnp.asarray(logits), 3, normalize)
     want_ids = np.argsort(-logits, axis=1)[:, :3]
-    top = np.take_along_axis(logits.astype(np.float64), want_ids, 1)
+    probs = np.exp(logits.astype(np.float64)) / np.exp(logits.astype(np.float64)).sum(1, keepdims=True)
+    top = np.take_along_axis(probs, want_ids, 1)
     np.testing.assert_array_equal(np.asarray(ids), want_ids)
-    np.testing.assert_allclose(np.asarray(weights), np.exp(top) / np.exp(top).sum(1, keepdims=True), rtol=1e-6)
+    want = top / top.sum(1, keepdims=True) if normalize else top
+    np.testing.assert_allclose(np.asarray(weights), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -81,7 +91,8 @@ def test_sigmoid_grouped_never_picks_outside_the_chosen_groups():
     assert sorted(np.asarray(ids)[0].tolist()) == [6, 7]
 
 
-MOE_CASES = [("tiny-gpt-oss", 1, 7), ("tiny-gpt-oss", 3, 16), ("tiny-deepseek-v3", 2, 9), ("tiny-deepseek-v3", 1, 1)]
+MOE_CASES = [("tiny-gpt-oss", 1, 7), ("tiny-gpt-oss", 3, 16), ("tiny-deepseek-v3", 2, 9), ("tiny-deepseek-v3", 1, 1),
+             ("tiny-qwen3-moe", 2, 9)]
 
 
 @pytest.mark.parametrize("preset,batch,seq", MOE_CASES)
@@ -98,7 +109,7 @@ def test_grouped_path_matches_dense_backend(preset, batch, seq):
 
 def test_grouped_path_uses_every_selected_expert_once():
     """With 8 experts of which 8 are chosen, every expert contributes: the result is the dense sum."""
-    config = dataclasses.replace(get_preset("tiny-gpt-oss"), num_experts=8, num_experts_per_tok=8)
+    config = with_moe("tiny-gpt-oss", num_experts=8, num_experts_per_tok=8)
     moe = MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(1))
     randomize(moe, seed=3)
     x = jax.random.normal(jax.random.key(2), (2, 5, config.hidden_size))
@@ -119,11 +130,12 @@ def test_grouped_path_in_bfloat16_close_to_dense():
     (dict(num_experts_per_tok=5), "num_experts_per_tok=5 must be in 1..num_experts=4"),
     (dict(router="hash"), "unknown router 'hash'"),
     (dict(n_group=3), "n_group | num_experts"),
-    (dict(expert_activation="gelu"), "unknown expert_activation"),
+    (dict(activation="gelu"), "unknown expert activation"),
+    (dict(dense_layers=(5,)), r"moe.dense_layers \(5,\) name layers outside 0..1"),
 ])
 def test_bad_moe_config_is_a_clear_error(overrides, match):
     with pytest.raises(ValueError, match=match):
-        dataclasses.replace(get_preset("tiny-gpt-oss"), **overrides)
+        with_moe("tiny-gpt-oss", **overrides)
 
 
 def test_grouped_path_through_the_pallas_kernel_in_interpret_mode():

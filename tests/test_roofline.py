@@ -11,18 +11,34 @@ import dataclasses
 
 import pytest
 
-from engine import roofline
-from models.config import get_preset
+from benchmarks import roofline
+from models import get_preset, param_counts
 
 TINY = get_preset("tiny-llama")
 
 
 def test_param_counts():
-    assert TINY.num_params == 106816
+    assert param_counts(TINY).total == 106816
     assert roofline.weight_params_read(TINY, 1) == 90432
     assert roofline.matmul_params_per_token(TINY) == 90432
     tied = dataclasses.replace(TINY, tie_word_embeddings=True)
-    assert roofline.weight_params_read(tied, 1) == tied.num_params  # the tied table is the LM head
+    assert roofline.weight_params_read(tied, 1) == param_counts(tied).total  # the tied table is the LM head
+
+
+@pytest.mark.parametrize("preset,total,active,active_counts_embedding", [
+    ("llama3-8b", 8.03e9, None, None), ("qwen3-8b", 8.2e9, None, None),
+    ("gpt-oss-120b", 116.83e9, 5.13e9, False),  # OpenAI's model card: 116.83B, 5.13B active
+    ("qwen3-30b-a3b", 30.5e9, 3.3e9, True),  # Qwen3 technical report
+    ("deepseek-v3", 671e9, 37e9, True),  # DeepSeek-V3 report: 671B (the MTP module apart), 37B activated
+])
+def test_param_counts_match_published_sizes(preset, total, active, active_counts_embedding):
+    """Counted from the parameter tree: the published totals and activated counts of the real models."""
+    p = param_counts(get_preset(preset))
+    assert p.total == pytest.approx(total, rel=3e-3)
+    if active is None:
+        assert p.active == p.total and p.routed_expert == 0
+    else:
+        assert p.active - (0 if active_counts_embedding else p.embedding) == pytest.approx(active, rel=2e-2)
 
 
 def test_decode_step_cost():
@@ -50,7 +66,7 @@ def test_moe_active_experts():
     assert roofline.active_experts(moe, 1) == pytest.approx(2.0)
     assert roofline.active_experts(moe, 2) == pytest.approx(3.0)  # 4 * (1 - (1/2)^2)
     expert = 3 * 64 * 32 + 2 * 32 + 64
-    untied = moe.num_params - moe.vocab_size * moe.hidden_size
+    untied = param_counts(moe).total - moe.vocab_size * moe.hidden_size
     assert roofline.weight_params_read(moe, 1) == pytest.approx(untied - 2 * 2 * expert)
     assert roofline.weight_params_read(moe, 2) == pytest.approx(untied - 2 * 1 * expert)
     assert roofline.matmul_params_per_token(moe) == untied - 2 * 2 * expert

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from models import load_model
-from models.config import get_preset
-from models.loaded_model import LoadedModel, random_model
+from models import ModelConfig, get_preset
+from models.loaded_model import LoadedModel
+from models.registry import random_model
 from sharding import EXPERT_DP_RULES, ShardingRules, cache_sharding, make_mesh, shard_model
 from sharding import expert_parallel as ep
 
@@ -28,7 +29,17 @@ MESHES = {"tp2_ep4": dict(tensor=2, expert=4), "dp2_tp2_ep2": dict(data=2, tenso
 # Shrunk presets, widened where a mesh needs it: 8 query heads for tensor=8 (kv heads stay below
 # 8 and are replicated), 8 experts for expert=8.
 VARIANTS = {"tiny-llama": dict(num_heads=8), "tiny-gpt-oss": dict(num_heads=8, num_experts=8),
-            "tiny-deepseek-v3": dict(num_heads=8, num_kv_heads=8)}
+            "tiny-deepseek-v3": dict(num_heads=8, num_kv_heads=8), "tiny-qwen3": dict(num_heads=8),
+            "tiny-qwen3-moe": dict(num_heads=8)}
+
+
+def variant(name: str) -> ModelConfig:
+    """The preset with VARIANTS[name]'s sizes (num_experts goes to its MoE sub-config)."""
+    sizes = dict(VARIANTS[name])
+    experts = sizes.pop("num_experts", None)
+    config = dataclasses.replace(get_preset(name), **sizes)
+    return config if experts is None else dataclasses.replace(config, moe=dataclasses.replace(config.moe,
+                                                                                               num_experts=experts))
 
 
 @pytest.mark.launches_eight_devices
@@ -47,8 +58,8 @@ def on_mesh(loaded: LoadedModel, mesh) -> LoadedModel:
 @pytest.fixture(scope="module")
 def models() -> dict[str, LoadedModel]:
     out = {}
-    for name, sizes in VARIANTS.items():
-        config = dataclasses.replace(get_preset(name), **sizes)
+    for name in VARIANTS:
+        config = variant(name)
         out[name] = LoadedModel(config, random_model(config, jnp.float32), None, jnp.dtype(jnp.float32))
     return out
 
@@ -94,17 +105,18 @@ def test_hf_checkpoint_loads_shard_by_shard(monkeypatch):
 
 def moe_inputs(config, n: int):
     """A MoE layer of `config` and routed tokens: x [N, D], routing weights and ids [N, k]."""
-    moe = random_model(config, jnp.float32).layers[config.first_k_dense].mlp
+    first_moe_layer = next(i for i in range(config.num_layers) if config.is_moe_layer(i))
+    moe = random_model(config, jnp.float32).layers[first_moe_layer].mlp
     x = jax.random.normal(jax.random.key(1), (n, config.hidden_size), jnp.float32)
     weights, ids = moe.router(x)
     return moe, x, weights, ids
 
 
 @needs_8
-@pytest.mark.parametrize("name", ["tiny-gpt-oss", "tiny-deepseek-v3"])
+@pytest.mark.parametrize("name", ["tiny-gpt-oss", "tiny-deepseek-v3", "tiny-qwen3-moe"])
 @pytest.mark.parametrize("mesh_shape", [dict(data=2, expert=4), dict(expert=8), dict(tensor=2, expert=4)])
 def test_expert_parallel_strategies_match_unsharded(name, mesh_shape):
-    config = dataclasses.replace(get_preset(name), **VARIANTS[name])
+    config = variant(name)
     moe, x, weights, ids = moe_inputs(config, 60)  # 60: not a multiple of 8, all_to_all pads
     reference = moe.experts.grouped(x, weights, ids, "xla")
     mesh = make_mesh(**mesh_shape)
@@ -113,7 +125,7 @@ def test_expert_parallel_strategies_match_unsharded(name, mesh_shape):
                            for p in (e.gate_up_proj, e.down_proj, e.gate_up_proj_bias, e.down_proj_bias)))
     from models.moe import expert_activation
     outs = {s: np.asarray(jax.jit(lambda *a, s=s: ep.moe_experts(
-        *a, mesh=mesh, axis="expert", activation=lambda h: expert_activation(h, config), impl="xla",
+        *a, mesh=mesh, axis="expert", activation=lambda h: expert_activation(h, config.moe), impl="xla",
         strategy=s))(x, weights, ids, w)) for s in ep.STRATEGIES}
     for strategy, out in outs.items():
         np.testing.assert_allclose(out, reference, atol=1e-5, err_msg=strategy)
@@ -123,7 +135,7 @@ def test_expert_parallel_strategies_match_unsharded(name, mesh_shape):
 @needs_8
 def test_strategy_collectives():
     """replicated combines with an all-reduce, all_to_all with all-to-alls (read from the HLO)."""
-    config = dataclasses.replace(get_preset("tiny-gpt-oss"), num_experts=8)
+    config = variant("tiny-gpt-oss")
     moe, x, weights, ids = moe_inputs(config, 64)
     mesh = make_mesh(expert=8)
     e = moe.experts
@@ -132,7 +144,7 @@ def test_strategy_collectives():
 
     def hlo(strategy: str) -> str:
         f = jax.jit(lambda *a: ep.moe_experts(*a, mesh=mesh, axis="expert", impl="xla", strategy=strategy,
-                                              activation=lambda h: expert_activation(h, config)))
+                                              activation=lambda h: expert_activation(h, config.moe)))
         return f.lower(x, weights, ids, w).compile().as_text()
 
     assert "all-reduce" in hlo("replicated") and "all-to-all" not in hlo("replicated")

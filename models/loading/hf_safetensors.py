@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint directories: config.json -> ModelConfig, safetensors read tensor by tensor."""
+"""Hugging Face checkpoint directories: safetensors read tensor by tensor (config.json: hf_config.py)."""
 
 from __future__ import annotations
 
@@ -10,66 +10,12 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from models.config import ModelConfig, rope_scaling_from_hf
 
-_ARCHITECTURES = {"LlamaForCausalLM": "llama", "GptOssForCausalLM": "gpt_oss",
-                  "DeepseekV3ForCausalLM": "deepseek_v3"}
 # safetensors dtype -> numpy dtype (ml_dtypes for those numpy lacks: bf16, fp8, e8m0).
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
            "F8_E8M0": ml_dtypes.float8_e8m0fnu, "I64": np.int64, "I32": np.int32, "I16": np.int16,
            "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def config_from_hf(hf: dict[str, Any], name: str) -> ModelConfig:
-    """Map an HF `config.json` (transformers v4 or v5 spelling) onto ModelConfig."""
-    archs = hf.get("architectures") or [hf.get("model_type", "?")]
-    if archs[0] not in _ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {archs[0]!r} (supported: {', '.join(_ARCHITECTURES)})")
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    heads = hf["num_attention_heads"]
-    ctx = hf["max_position_embeddings"]
-    arch = _ARCHITECTURES[archs[0]]
-    extra = {"gpt_oss": _gpt_oss_fields, "deepseek_v3": _deepseek_v3_fields}.get(arch, lambda hf: {})(hf)
-    return ModelConfig(**{**dict(
-        name=name, architecture=_ARCHITECTURES[archs[0]], vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, max_position_embeddings=ctx,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-        rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        rope_scaling=rope_scaling_from_hf(rope, ctx), tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        attention_bias=hf.get("attention_bias", False)), **extra})
-
-
-def _gpt_oss_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    """gpt-oss: the experts' width is `intermediate_size`; sliding window on even layers by default."""
-    layers = hf["num_hidden_layers"]
-    layer_types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
-                                            for i in range(layers)]
-    return dict(num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
-                moe_intermediate_size=hf["intermediate_size"], router="softmax_topk",
-                expert_activation="gpt_oss_swiglu", swiglu_limit=hf.get("swiglu_limit", 7.0),
-                swiglu_alpha=hf.get("swiglu_alpha", 1.702), attention_bias=hf.get("attention_bias", True),
-                attention_sinks=True, sliding_window=hf.get("sliding_window"), layer_types=tuple(layer_types))
-
-
-def _deepseek_v3_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    """DeepSeek-V3: MLA sizes (our head_dim is the q/k head, nope + rope), group-limited routing."""
-    if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
-        raise ValueError(f"unsupported DeepSeek routing scoring_func={hf.get('scoring_func')!r} "
-                         f"topk_method={hf.get('topk_method')!r} (supported: sigmoid, noaux_tc)")
-    nope, rope = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
-    return dict(num_experts=hf["n_routed_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
-                moe_intermediate_size=hf["moe_intermediate_size"], num_shared_experts=hf.get("n_shared_experts", 0),
-                first_k_dense=hf.get("first_k_dense_replace", 0), router="sigmoid_grouped",
-                n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
-                norm_topk_prob=hf.get("norm_topk_prob", True),
-                routed_scaling_factor=hf.get("routed_scaling_factor", 1.0), q_lora_rank=hf.get("q_lora_rank") or 0,
-                kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=nope, qk_rope_head_dim=rope,
-                v_head_dim=hf["v_head_dim"], head_dim=nope + rope, rope_interleave=hf.get("rope_interleave", True),
-                num_mtp_layers=hf.get("num_nextn_predict_layers", 0))
 
 
 def eos_ids_from_hf(directory: Path, hf: dict[str, Any]) -> list[int]:
@@ -134,10 +80,3 @@ def _read_tensor(path: Path, name: str) -> np.ndarray:
     if end == start:
         return np.zeros(shape, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=8 + header_size + start, shape=shape)
-
-
-def read_hf_config(directory: Path) -> dict[str, Any]:
-    try:
-        return json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / 'config.json'} is not valid JSON: {e}") from e

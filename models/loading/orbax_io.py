@@ -12,7 +12,7 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from models.config import ModelConfig, RopeScaling
+from models.config import ModelConfig
 from models.loading.tokenizer import Tokenizer
 
 CONFIG_FILE = "model_config.json"
@@ -35,9 +35,7 @@ def save(directory: Path, config: ModelConfig, model: nnx.Module, tokenizer: Tok
 
 
 def load_config(directory: Path) -> ModelConfig:
-    raw = json.loads((directory / CONFIG_FILE).read_text())
-    rope = raw.pop("rope_scaling")
-    return ModelConfig(**raw, rope_scaling=RopeScaling(**rope) if rope else None)
+    return ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
 
 
 def restore(directory: Path, abstract_model: nnx.Module) -> nnx.Module:

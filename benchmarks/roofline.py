@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.kv_cache import bytes_per_token
 from models.config import ModelConfig
+from models.param_counts import param_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,42 +53,30 @@ GPU_PEAKS = {
 }
 
 
-def _expert_params(config: ModelConfig) -> int:
-    """Parameters of one routed expert (gpt-oss experts carry biases)."""
-    d, i = config.hidden_size, config.moe_intermediate_size
-    return 3 * d * i + (2 * i + d if config.expert_activation == "gpt_oss_swiglu" else 0)
-
-
 def active_experts(config: ModelConfig, num_tokens: int) -> float:
     """Expected distinct routed experts per MoE layer hit by `num_tokens` tokens (uniform routing)."""
-    e, k = config.num_experts, config.num_experts_per_tok
+    e, k = config.moe.num_experts, config.moe.num_experts_per_tok
     return e * (1.0 - (1.0 - k / e) ** num_tokens)
-
-
-def _moe_layers(config: ModelConfig) -> int:
-    return sum(config.is_moe_layer(i) for i in range(config.num_layers))
 
 
 def weight_params_read(config: ModelConfig, num_tokens: int) -> float:
     """Parameters one step over `num_tokens` tokens reads (an untied input embedding only gathers rows)."""
-    params = config.num_params - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
-    if config.num_experts:
-        unused = config.num_experts - active_experts(config, num_tokens)
-        params -= _moe_layers(config) * unused * _expert_params(config)
+    p = param_counts(config)
+    params = p.total - p.embedding
+    if config.moe is not None:
+        params -= (p.num_experts - active_experts(config, num_tokens)) * p.routed_expert
     return params
 
 
 def matmul_params_per_token(config: ModelConfig) -> int:
     """Weights each token multiplies by (its top-k experts only)."""
-    params = config.num_params - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
-    if config.num_experts:
-        params -= _moe_layers(config) * (config.num_experts - config.num_experts_per_tok) * _expert_params(config)
-    return params
+    p = param_counts(config)
+    return p.active - p.embedding
 
 
 def _attention_flops_per_key(config: ModelConfig) -> int:
     """FLOPs of one query attending to one key: QK^T plus PV over all heads."""
-    v_dim = config.v_head_dim or config.head_dim
+    v_dim = config.mla.v_head_dim if config.mla else config.head_dim
     return 2 * config.num_heads * (config.head_dim + v_dim)
 
 
@@ -98,7 +88,7 @@ def _keys_seen(config: ModelConfig, layer: int, context: int) -> int:
 def attention_cost(config: ModelConfig, query_contexts: Sequence[int], kv_contexts: Sequence[int],
                    kv_dtype_bytes: int) -> StepCost:
     """Attention FLOPs over each query's context and the KV bytes each sequence reads, all layers."""
-    per_layer_kv = config.kv_bytes_per_token(kv_dtype_bytes) / config.num_layers
+    per_layer_kv = bytes_per_token(config, kv_dtype_bytes) / config.num_layers
     flops = bytes_ = 0.0
     for layer in range(config.num_layers):
         flops += _attention_flops_per_key(config) * sum(_keys_seen(config, layer, c) for c in query_contexts)
@@ -112,7 +102,7 @@ def decode_step_cost(config: ModelConfig, context_lens: Sequence[int], weight_by
     batch = len(context_lens)
     weights = StepCost(weight_params_read(config, batch) * weight_bytes,
                        2.0 * matmul_params_per_token(config) * batch)
-    kv_write = StepCost(batch * config.kv_bytes_per_token(kv_dtype_bytes), 0.0)
+    kv_write = StepCost(batch * bytes_per_token(config, kv_dtype_bytes), 0.0)
     return weights + kv_write + attention_cost(config, context_lens, context_lens, kv_dtype_bytes)
 
 
@@ -121,7 +111,7 @@ def prefill_chunk_cost(config: ModelConfig, chunk: int, start: int, weight_bytes
     """One prefill chunk of `chunk` tokens after `start` cached ones (causal attention)."""
     weights = StepCost(weight_params_read(config, chunk) * weight_bytes,
                        2.0 * matmul_params_per_token(config) * chunk)
-    kv_write = StepCost(chunk * config.kv_bytes_per_token(kv_dtype_bytes), 0.0)
+    kv_write = StepCost(chunk * bytes_per_token(config, kv_dtype_bytes), 0.0)
     queries = [start + i + 1 for i in range(chunk)]
     return weights + kv_write + attention_cost(config, queries, [start], kv_dtype_bytes)
 
