@@ -12,6 +12,8 @@ impl is a Python string, so it is static under jit.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -19,6 +21,7 @@ from pallas_kernels import cpu_paged_attention as cpa
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import paged_attention as pa
+from pallas_kernels import ragged_paged_attention as rpa
 
 IMPLS = ("auto", "pallas", "interpret", "xla", "cpu")
 SM90_KINDS = ("H100", "H200")
@@ -97,6 +100,44 @@ def paged_attention(
         reference = pa.paged_attention_reference if q.shape[0] == 1 else pa.paged_attention_blocked
         return reference(*args, **kwargs)
     return pa.paged_attention_kernel(*args, **kwargs, interpret=_interpret_params(resolved))
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    query_start_loc: jax.Array,
+    context_lens: jax.Array,
+    block_tables: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    sinks: jax.Array | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+    max_query_len: int | None = None,
+) -> jax.Array:
+    """One flat batch of new tokens from many sequences attends (causally) to their KV pages.
+
+    q [T,Hq,D]; sequence s owns rows query_start_loc[s]:query_start_loc[s+1] (query_start_loc
+    [S+1] int32, cumulative query lengths from 0), its last tokens: row query_start_loc[s]+i sits at
+    position context_lens[s] - q_len_s + i. context_lens [S] counts all tokens including the new
+    ones; block_tables [S, max_pages] int32. Rows past query_start_loc[S] give zeros. Returns
+    [T,Hq,D] in q.dtype. max_query_len: a static upper bound on any q_len_s (1 for decode-only
+    steps), or None.
+
+    "cpu" and the Mosaic kernel run every token as its own Q=1 row; "xla" does so when
+    max_query_len == 1, else tiles of min(rpa.BLOCK_Q, max_query_len) rows per padded row.
+    """
+    kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
+    args = (q, k_pages, v_pages, query_start_loc, context_lens, block_tables)
+    resolved = resolve_impl(impl)
+    if resolved == "cpu" and impl != "cpu" and not cpa.supported(q.shape[-1]):
+        resolved = "xla"
+    if resolved == "xla" and max_query_len != 1:
+        block_q = min(rpa.BLOCK_Q, max_query_len or rpa.BLOCK_Q)
+        return rpa.ragged_paged_attention_tiled(pa.paged_attention_blocked, *args, block_q=block_q, **kwargs)
+    paged = functools.partial(paged_attention, impl=resolved)
+    return rpa.ragged_paged_attention_per_token(paged, *args, **kwargs)
 
 
 def grouped_matmul(
