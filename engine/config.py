@@ -24,11 +24,12 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Cache geometry, batching limits and step shapes.
+    """Cache geometry, batching limits and step shapes (the one source of the engine's defaults).
 
-    max_num_batched_tokens bounds the tokens of one prefill step (chunked prefill splits longer
-    prompts into chunks of at most prefill_chunk tokens); decode_steps decode steps (sampling
-    included) run inside one jitted call between host checks of the stop conditions.
+    A step is one ragged batch of at most max_num_batched_tokens tokens: every running decode's next
+    token plus prefill chunks of at most prefill_chunk tokens per request. A step with no prefill
+    work runs decode_steps decode steps (sampling included) inside one jitted call between host
+    checks of the stop conditions.
     """
 
     max_model_len: int
@@ -61,11 +62,13 @@ class EngineConfig:
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:
+        """Rows of a decode-only call."""
         return powers_of_two_upto(self.max_num_seqs)
 
     @property
-    def chunk_buckets(self) -> tuple[int, ...]:
-        return powers_of_two_upto(self.prefill_chunk, start=min(16, self.prefill_chunk))
+    def token_buckets(self) -> tuple[int, ...]:
+        """Flat token counts of a mixed (ragged) step."""
+        return powers_of_two_upto(self.max_num_batched_tokens, start=min(8, self.max_num_batched_tokens))
 
     @property
     def page_buckets(self) -> tuple[int, ...]:
@@ -75,7 +78,3 @@ class EngineConfig:
         """
         most = -(-(self.max_model_len + self.decode_steps) // self.page_size)
         return powers_of_two_upto(most, start=min(most, max(1, self.min_context_bucket // self.page_size)))
-
-    def prefill_rows(self, chunk: int) -> int:
-        """Most prefill rows of width `chunk` one step may hold."""
-        return max(1, min(self.max_num_seqs, self.max_num_batched_tokens // chunk))

@@ -1,14 +1,14 @@
-"""LLM: the engine's public API (generate, stream, chat) and its step loop.
+"""LLM: the engine's public API (generate, stream, chat, abort) over its step loop.
 
-A step is: the scheduler picks prefill chunks or decode requests, the runner runs one jitted
-call, and the host appends the sampled tokens, checks stop conditions and frees finished pages.
+A step: the scheduler picks every running request's next tokens and admits new ones under one
+token budget, the runner runs one jitted call (a ragged mixed batch, or several decode steps when
+no prompt is being prefilled), and the output processor applies what it sampled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -16,46 +16,46 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from engine import kv_cache
+from engine import attention_choice, kv_cache
 from engine.config import EngineConfig
+from engine.output_processor import OutputProcessor
 from engine.page_allocator import PageAllocator
 from engine.request import Request, RequestOutput, SamplingParams, Status
 from engine.runner import ModelRunner, StepResult
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from models import LoadedModel, load_model
-from pallas_kernels import ops
 from sharding.rules import cache_sharding, shard_model
 
 Prompt = str | Sequence[int]
+_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 class LLM:
     """Paged-KV, continuously batched generation over one model."""
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m-instruct", *, dtype: str = "float32",
-                 page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 64,
-                 max_model_len: int | None = None, attention_impl: str = "auto", decode_steps: int = 4,
-                 prefill_chunk: int = 512, max_num_batched_tokens: int = 2048,
-                 kv_cache_bytes: int = 4 << 30, seed: int = 0, mesh: Mesh | None = None):
-        """mesh: shard the parameters (sharding/rules.py, the model's rules) and the KV cache over it.
+                 seed: int = 0, mesh: Mesh | None = None, **engine_args):
+        """engine_args: EngineConfig's fields (page_size, num_pages, max_num_seqs, max_model_len,
+        attention_impl, decode_steps, prefill_chunk, max_num_batched_tokens, kv_cache_bytes); its
+        defaults are the engine's. max_model_len defaults to the model's context.
 
+        mesh: shard the parameters (sharding/rules.py, the model's rules) and the KV cache over it.
         The cache splits its kv heads over "tensor"; with fewer kv heads than the tensor size every
         device holds all of them (replicated), and the page pool is replicated over "data" and
         "expert" (pages are shared by all sequences of the batch).
         """
         self.model = _placed_model(model, dtype, mesh)
-        self.config = _engine_config(self.model, max_model_len=max_model_len, page_size=page_size,
-                                     num_pages=num_pages, max_num_seqs=max_num_seqs, prefill_chunk=prefill_chunk,
-                                     max_num_batched_tokens=max_num_batched_tokens, decode_steps=decode_steps,
-                                     attention_impl=_attention_impl(attention_impl, self.model),
-                                     kv_cache_bytes=kv_cache_bytes)
+        self.config = _engine_config(self.model, engine_args)
         self.allocator = PageAllocator(self.config.num_pages)
         self.scheduler = Scheduler(self.config, self.allocator)
-        self.runner = ModelRunner(self.model.model, _allocate_cache(self.model, self.config), self.config)
+        self.attention = attention_choice.choose(self.config.attention_impl, _attention_shapes(self.model, self.config),
+                                                 on_mesh=self.model.mesh is not None)
+        self.runner = ModelRunner(self.model.model, _allocate_cache(self.model, self.config), self.config,
+                                  self.attention.decode, self.attention.mixed)
+        self.processor = OutputProcessor(self.scheduler, self.model.tokenizer)
+        self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(seed)
-        tokenizer = self.model.tokenizer
-        self._eos = set(tokenizer.eos_token_ids) if tokenizer else set()
 
     # ---- requests -------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -85,74 +85,69 @@ class LLM:
         request = Request(next(self._ids), ids, params, seed,
                           max_total_len=min(len(ids) + params.max_tokens, self.config.max_model_len))
         self.scheduler.add(request)
+        self._requests[request.request_id] = request
         return request
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request now and free its pages; False if the id is unknown or already finished."""
+        request = self._requests.pop(request_id, None)
+        if request is None or request.status is Status.FINISHED:
+            return False
+        self.scheduler.finish(request, "abort")
+        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that finished in it."""
-        plan = self.scheduler.schedule()
-        finished = []
-        if plan.prefill:
-            result = self.runner.prefill(plan.prefill)
-            now = time.perf_counter()
-            for i, chunk in enumerate(plan.prefill):
-                chunk.request.num_computed = chunk.start + chunk.length
-                if chunk.completes_prefill and self._append(chunk.request, result, i, 0, now):
-                    finished.append(chunk.request)
-        elif plan.decode:
-            result = self.runner.decode(plan.decode)
-            now = time.perf_counter()
-            for i, request in enumerate(plan.decode):
-                for j in range(self.config.decode_steps):
-                    request.num_computed += 1
-                    if self._append(request, result, i, j, now):
-                        finished.append(request)
-                        break
+        """Run one engine step; returns the requests that finished in it (a failed step finishes
+        its requests with "error" and leaves the engine working)."""
+        output = self.scheduler.schedule()
+        if not output.scheduled:
+            return []
+        try:
+            result = self._run(output)
+        except Exception as e:  # noqa: BLE001 (an XLA runtime error, out of memory: contained)
+            return self._fail_step(output, e)
+        except BaseException:  # KeyboardInterrupt: leave the engine consistent, then let it through
+            self._recover_cache()
+            raise
+        finished = self.processor.apply(output, result)
         for request in finished:
-            self.scheduler.finish(request)
+            self._requests.pop(request.request_id, None)
         return finished
 
-    def _append(self, request: Request, result: StepResult, row: int, col: int, now: float) -> bool:
-        """Record one sampled token; True when the request is finished."""
-        token = int(result.tokens[row, col])
-        request.output_token_ids.append(token)
-        request.output_logprobs.append(float(result.logprobs[row, col]))
-        request.metrics.token_times.append(now)
-        if request.metrics.first_token is None:
-            request.metrics.first_token = now
-        params = request.params
-        reason = None
-        if (token in self._eos and not params.ignore_eos) or token in params.stop_token_ids:
-            reason = "stop"
-        elif len(request.tokens) >= request.max_total_len:
-            reason = "length"
-        if params.stop and self._hit_stop_string(request):
-            reason = "stop"
-        if reason:
-            request.finish_reason = reason
-            request.metrics.finished = now
-            if not params.stop:
-                request.text = self._decode(request.output_token_ids)
-        return reason is not None
+    def _run(self, output: SchedulerOutput) -> StepResult:
+        if output.decode_steps > 1:
+            return self.runner.decode([s.request for s in output.scheduled])
+        return self.runner.mixed(output.scheduled)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.model.tokenizer.decode(ids) if self.model.tokenizer else ""
+    def _fail_step(self, output: SchedulerOutput, error: Exception) -> list[Request]:
+        """The step's requests finish with the error; a cache lost to the failed call is rebuilt."""
+        logging.error("engine step failed: %r", error)
+        failed = [s.request for s in output.scheduled if s.request.status is not Status.FINISHED]
+        for request in failed:
+            request.error = f"{type(error).__name__}: {error}"
+            self.scheduler.finish(request, "error")
+            self._requests.pop(request.request_id, None)
+        self._recover_cache()
+        return failed
 
-    def _hit_stop_string(self, request: Request) -> bool:
-        """Update the text; on a stop string, cut the text before it."""
-        request.text = self._decode(request.output_token_ids)
-        hits = [i for i in (request.text.find(s) for s in request.params.stop) if i >= 0]
-        if hits:
-            request.text = request.text[:min(hits)]
-        return bool(hits)
+    def _recover_cache(self) -> None:
+        """If the KV cache's buffers were donated to a call that never returned them, allocate a
+        fresh cache and requeue every running request to recompute its tokens (exact: greedy and
+        seeded sampling only depend on the tokens and positions)."""
+        if self.runner.cache_lost():
+            logging.warning("KV cache lost with a failed step: reallocated, running requests recompute")
+            self.runner.cache = _allocate_cache(self.model, self.config)
+            self.scheduler.preempt_all()
 
     # ---- convenience APIs -----------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
                  = None, *, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run prompts to completion; outputs in prompt order. All are validated before any starts."""
+        """Run prompts to completion; outputs in prompt order. All are validated before any starts;
+        an exception or interrupt while they run aborts them (the engine stays usable)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
@@ -164,7 +159,7 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         requests = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
-        with tqdm(total=len(requests), disable=not use_tqdm, desc="generate") as bar:
+        with _aborted_on_exit(self, requests), tqdm(total=len(requests), disable=not use_tqdm, desc="generate") as bar:
             while any(r.status is not Status.FINISHED for r in requests):
                 bar.update(sum(r in requests for r in self.step()))
         return [r.output() for r in requests]
@@ -174,17 +169,16 @@ class LLM:
         return self.stream_request(self.add_request(prompt, params))
 
     def stream_request(self, request: Request) -> Iterator[str]:
-        """`stream` for a request already added with `add_request` (its metrics stay readable)."""
+        """`stream` for a request already added with `add_request` (its metrics stay readable).
+        Closing or dropping the generator, or an exception while it runs, aborts the request."""
         emitted = 0
-        while request.status is not Status.FINISHED:
-            self.step()
-            text = request.text if request.status is Status.FINISHED else self._decode(request.output_token_ids)
-            if request.params.stop and request.status is not Status.FINISHED:
-                text = text[:max(0, len(text) - max(map(len, request.params.stop)) + 1)]
-            text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its next byte
-            if len(text) > emitted:
-                yield text[emitted:]
-                emitted = len(text)
+        with _aborted_on_exit(self, [request]):
+            while request.status is not Status.FINISHED:
+                self.step()
+                text = self.processor.stream_text(request)
+                if len(text) > emitted:
+                    yield text[emitted:]
+                    emitted = len(text)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, *,
              use_tqdm: bool = False) -> RequestOutput:
@@ -198,12 +192,30 @@ class LLM:
         return self.runner.warmup()
 
 
-def _attention_impl(impl: str, model: LoadedModel) -> str:
-    """impl, except that "auto" on a CPU mesh takes the jnp path: GSPMD cannot partition the C++
-    kernel's custom call and would gather every layer's whole KV cache onto each device."""
-    if impl == "auto" and model.mesh is not None and ops.resolve_impl(impl) == "cpu":
-        return "xla"
-    return impl
+class _aborted_on_exit:
+    """Aborts the given requests if the block is left by an exception, interrupt or generator close."""
+
+    def __init__(self, llm: LLM, requests: list[Request]):
+        self.llm, self.requests = llm, requests
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            for request in self.requests:
+                self.llm.abort(request.request_id)
+        return False
+
+
+def _attention_shapes(model: LoadedModel, config: EngineConfig) -> attention_choice.AttentionShapes:
+    """The engine's attention shapes for timing the candidates: the largest decode batch at half the
+    context, and the largest mixed step as prefill chunks."""
+    heads, _, _, head_dim = kv_cache.page_shape(model.config, 1, config.page_size)
+    return attention_choice.AttentionShapes(
+        num_heads=model.config.num_heads, num_kv_heads=heads, head_dim=head_dim, dtype=np.dtype(model.dtype).name,
+        page_size=config.page_size, decode_rows=config.max_num_seqs, decode_context=max(1, config.max_model_len // 2),
+        mixed_tokens=config.max_num_batched_tokens, chunk=config.prefill_chunk)
 
 
 def _placed_model(model: str | LoadedModel, dtype: str, mesh: Mesh | None) -> LoadedModel:
@@ -214,21 +226,24 @@ def _placed_model(model: str | LoadedModel, dtype: str, mesh: Mesh | None) -> Lo
     return loaded
 
 
-def _engine_config(model: LoadedModel, *, max_model_len: int | None, num_pages: int | None,
-                   prefill_chunk: int, max_num_batched_tokens: int, kv_cache_bytes: int, **kwargs) -> EngineConfig:
+def _engine_config(model: LoadedModel, engine_args: dict) -> EngineConfig:
     """The EngineConfig, max_model_len defaulting to the model's context and the page pool sized
     from kv_cache_bytes when num_pages is None (never more pages than max_num_seqs can use)."""
+    unknown = set(engine_args) - _ENGINE_FIELDS
+    if unknown:
+        raise ValueError(f"unknown LLM argument(s) {sorted(unknown)}; engine arguments: {sorted(_ENGINE_FIELDS)}")
     cfg = model.config
-    max_model_len = max_model_len or cfg.max_position_embeddings
+    max_model_len = engine_args.pop("max_model_len", None) or cfg.max_position_embeddings
     if max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's context "
                          f"({cfg.max_position_embeddings} tokens)")
-    config = EngineConfig(max_model_len=max_model_len, num_pages=num_pages,
-                          prefill_chunk=min(prefill_chunk, max_num_batched_tokens),
-                          max_num_batched_tokens=max_num_batched_tokens, kv_cache_bytes=kv_cache_bytes, **kwargs)
-    if num_pages is None:
+    default_chunk = EngineConfig.__dataclass_fields__["prefill_chunk"].default
+    budget = engine_args.get("max_num_batched_tokens", EngineConfig.__dataclass_fields__["max_num_batched_tokens"].default)
+    engine_args.setdefault("prefill_chunk", min(default_chunk, budget))
+    config = EngineConfig(max_model_len=max_model_len, **engine_args)
+    if config.num_pages is None:
         useful = config.max_num_seqs * (config.pages_per_seq + 1)
-        num_pages = kv_cache.pages_for_budget(cfg, config.page_size, model.dtype, kv_cache_bytes, useful)
+        num_pages = kv_cache.pages_for_budget(cfg, config.page_size, model.dtype, config.kv_cache_bytes, useful)
         config = dataclasses.replace(config, num_pages=num_pages)
     logging.info(kv_cache.summary(cfg, config.num_pages, config.page_size, model.dtype))
     return config

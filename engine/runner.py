@@ -1,7 +1,10 @@
-"""ModelRunner: turns scheduled work into bucketed arrays and runs the jitted, cache-donating steps.
+"""ModelRunner: turns scheduled work into bucketed flat arrays and runs the jitted, cache-donating steps.
 
-Prefill rows are left-padded chunks (the queries are the last tokens of each row, as
-ops.paged_attention expects); decode runs `decode_steps` steps with sampling inside one call.
+A mixed step is one ragged batch (vLLM V1): the scheduled tokens of every request laid end to end,
+`tokens [T]`, `positions [T]`, `slot_mapping [T]`, and per sequence slot `query_start_loc [S+1]`,
+`context_lens [S]`, `block_tables [S, P]`; logits only at each sequence's last token. T and P are
+shape buckets, S is max_num_seqs. A decode-only step runs `decode_steps` steps with sampling
+inside one call (rows of one token each, the same ragged metadata with query_start_loc = 0..B).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from flax import nnx
 from engine.config import EngineConfig, bucket
 from engine.request import Request
 from engine.sampler import SamplingTensors, sample
-from engine.scheduler import PrefillChunk
+from engine.scheduler import ScheduledRequest
 from models.attention import AttentionMetadata, LayerCache
 
 
@@ -31,12 +34,26 @@ class StepResult:
     logprobs: np.ndarray
 
 
-def _prefill_step(graphdef: nnx.GraphDef, impl: str, state: nnx.State, cache: list[LayerCache],
-                  tokens: jax.Array, positions: jax.Array, metadata: AttentionMetadata,
-                  sampling: SamplingTensors) -> tuple[jax.Array, jax.Array, list[LayerCache]]:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MixedBatch:
+    """A mixed step's inputs: flat tokens [T] with their metadata, and per sequence slot [S] the
+    index of its last token (where it samples) and its sampling parameters."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    metadata: AttentionMetadata
+    logits_indices: jax.Array
+    sampling: SamplingTensors
+
+
+def _mixed_step(graphdef: nnx.GraphDef, impl: str, state: nnx.State, cache: list[LayerCache],
+                batch: MixedBatch) -> tuple[jax.Array, jax.Array, list[LayerCache]]:
+    """One ragged step: every scheduled token through the model, one sample per sequence slot."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = model(tokens, positions, cache, metadata, attention_impl=impl)
-    next_tokens, logprobs = sample(model.logits(hidden[:, -1]), sampling, positions[:, -1] + 1)
+    hidden, cache = model(batch.tokens[None], batch.positions[None], cache, batch.metadata, attention_impl=impl)
+    last = hidden[0, batch.logits_indices]  # [S, D]
+    next_tokens, logprobs = sample(model.logits(last), batch.sampling, batch.positions[batch.logits_indices] + 1)
     return next_tokens[:, None], logprobs[:, None], cache
 
 
@@ -45,91 +62,124 @@ def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: i
                  active: jax.Array, sampling: SamplingTensors) -> tuple[jax.Array, jax.Array, list[LayerCache]]:
     """num_steps decode steps; step i feeds token i at positions + i. Inactive rows write page 0."""
     model = nnx.merge(graphdef, state)
+    b = tokens.shape[0]
+    query_start_loc = jnp.arange(b + 1, dtype=jnp.int32)  # one query per row
 
     def step(i, carry):
         cache, token, out_tokens, out_logprobs = carry
         pos = positions + i
         page = jnp.take_along_axis(block_tables, (pos // page_size)[:, None], axis=1, mode="fill", fill_value=0)
         slot = jnp.where(active, page[:, 0] * page_size + pos % page_size, 0)
-        metadata = AttentionMetadata(slot[:, None], block_tables, jnp.where(active, pos + 1, 0))
-        hidden, cache = model(token[:, None], pos[:, None], cache, metadata, attention_impl=impl)
-        token, logprob = sample(model.logits(hidden[:, 0]), sampling, pos + 1)
+        metadata = AttentionMetadata(slot, query_start_loc, jnp.where(active, pos + 1, 0), block_tables,
+                                     max_query_len=1)
+        hidden, cache = model(token[None], pos[None], cache, metadata, attention_impl=impl)
+        token, logprob = sample(model.logits(hidden[0]), sampling, pos + 1)
         return cache, token, out_tokens.at[:, i].set(token), out_logprobs.at[:, i].set(logprob)
 
-    b = tokens.shape[0]
     init = (cache, tokens, jnp.zeros((b, num_steps), jnp.int32), jnp.zeros((b, num_steps), jnp.float32))
     cache, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, num_steps, step, init)
     return out_tokens, out_logprobs, cache
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_steps(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: int):
-    """The jitted prefill and decode functions with the static arguments closed over.
+def jitted_steps(graphdef: nnx.GraphDef, decode_impl: str, mixed_impl: str, page_size: int, num_steps: int):
+    """The jitted mixed and decode functions with the static arguments closed over.
 
     Cached, so engines over the same model share compilations; closing over the GraphDef (rather
     than passing it as a static argument) spares hashing it on every call (~5 ms per call).
     """
-    prefill = jax.jit(partial(_prefill_step, graphdef, impl), donate_argnums=(1,))
-    decode = jax.jit(partial(_decode_loop, graphdef, impl, page_size, num_steps), donate_argnums=(1,))
-    return prefill, decode
+    mixed = jax.jit(partial(_mixed_step, graphdef, mixed_impl), donate_argnums=(1,))
+    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps), donate_argnums=(1,))
+    return mixed, decode
+
+
+def block_table(requests: list[Request], rows: int, width: int) -> np.ndarray:
+    """[rows, width] page ids of each request (padded with the null page 0)."""
+    table = np.zeros((rows, width), np.int32)
+    for i, r in enumerate(requests):
+        table[i, :len(r.pages)] = r.pages[:width]
+    return table
+
+
+def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig) -> MixedBatch:
+    """The flat, bucketed numpy arrays of one mixed step (padding tokens write the null page's slot 0)."""
+    num_tokens = sum(s.num_tokens for s in scheduled)
+    t, rows = bucket(num_tokens, config.token_buckets), config.max_num_seqs
+    pages = bucket(max(-(-(s.start + s.num_tokens) // config.page_size) for s in scheduled), config.page_buckets)
+    tokens, positions, slots = (np.zeros((t,), np.int32) for _ in range(3))
+    query_start_loc = np.full((rows + 1,), num_tokens, np.int32)
+    context_lens = np.zeros((rows,), np.int32)
+    offset = 0
+    for i, s in enumerate(scheduled):
+        pos = np.arange(s.start, s.start + s.num_tokens)
+        span = slice(offset, offset + s.num_tokens)
+        tokens[span] = s.request.tokens[s.start:s.start + s.num_tokens]
+        positions[span] = pos
+        slots[span] = np.asarray(s.request.pages)[pos // config.page_size] * config.page_size + pos % config.page_size
+        query_start_loc[i] = offset
+        context_lens[i] = s.start + s.num_tokens
+        offset += s.num_tokens
+    requests = [s.request for s in scheduled]
+    metadata = AttentionMetadata(slots, query_start_loc, context_lens, block_table(requests, rows, pages),
+                                 max_query_len=config.prefill_chunk)
+    logits_indices = np.maximum(query_start_loc[1:] - 1, 0)
+    sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
+    return MixedBatch(tokens, positions, metadata, logits_indices, sampling)
 
 
 class ModelRunner:
     """Owns the device state (params, KV cache) and the two jitted step functions."""
 
-    def __init__(self, model: nnx.Module, cache: list[LayerCache], config: EngineConfig):
+    def __init__(self, model: nnx.Module, cache: list[LayerCache], config: EngineConfig,
+                 decode_impl: str, mixed_impl: str):
         graphdef, self.state = nnx.split(model)
         self.cache = cache
         self.config = config
-        self.prefill_fn, self.decode_fn = jitted_steps(graphdef, config.attention_impl, config.page_size,
-                                                        config.decode_steps)
+        self.mixed_fn, self.decode_fn = jitted_steps(graphdef, decode_impl, mixed_impl, config.page_size,
+                                                      config.decode_steps)
+
+    def cache_lost(self) -> bool:
+        """True when the cache's buffers were donated to a call that never returned them."""
+        return any(x.is_deleted() for x in jax.tree.leaves(self.cache))
 
     def warmup(self) -> int:
-        """Compile every (rows, width, pages) bucket with all-padding inputs (they write page 0 only),
-        and wait for those runs: dispatch is asynchronous, so the first request would wait instead."""
+        """Compile every (rows, pages) decode bucket and (tokens, pages) mixed bucket with all-padding
+        inputs (they write page 0 only), and wait for those runs: dispatch is asynchronous, so the
+        first request would wait instead."""
         cfg, shapes = self.config, 0
-        for rows, pages in itertools.product(cfg.batch_buckets, cfg.page_buckets):
-            sampling = SamplingTensors.build([], [], rows)
-            zeros = np.zeros((rows,), np.int32)
-            _, _, self.cache = self.decode_fn(self.state, self.cache, zeros, zeros, np.zeros((rows, pages), np.int32),
-                                              np.zeros((rows,), bool), sampling)
-            shapes += 1
-            for width in cfg.chunk_buckets:
-                if rows * width > cfg.max_num_batched_tokens and rows > 1:
-                    continue
-                grid = np.zeros((rows, width), np.int32)
-                metadata = AttentionMetadata(grid, np.zeros((rows, pages), np.int32), zeros)
-                _, _, self.cache = self.prefill_fn(self.state, self.cache, grid, grid, metadata, sampling)
+        for pages in cfg.page_buckets:
+            for rows in cfg.batch_buckets:
+                self.run_decode_arrays(*self.padding_decode(rows, pages))
+                shapes += 1
+            for t in cfg.token_buckets:
+                self.run_mixed_arrays(self.padding_mixed(t, pages))
                 shapes += 1
         jax.block_until_ready(self.cache)
         return shapes
 
-    def _block_tables(self, requests: list[Request], rows: int, width: int) -> np.ndarray:
-        table = np.zeros((rows, width), np.int32)
-        for i, r in enumerate(requests):
-            table[i, :len(r.pages)] = r.pages[:width]
-        return table
+    def padding_decode(self, rows: int, pages: int) -> tuple:
+        zeros = np.zeros((rows,), np.int32)
+        return (zeros, zeros, np.zeros((rows, pages), np.int32), np.zeros((rows,), bool),
+                SamplingTensors.build([], [], rows))
 
-    def prefill(self, chunks: list[PrefillChunk]) -> StepResult:
-        cfg = self.config
-        rows = bucket(len(chunks), cfg.batch_buckets)
-        width = bucket(max(c.length for c in chunks), cfg.chunk_buckets)
-        pages = bucket(max(-(-(c.start + c.length) // cfg.page_size) for c in chunks), cfg.page_buckets)
-        tokens, positions = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
-        slots, lens = np.zeros((rows, width), np.int32), np.zeros((rows,), np.int32)
-        for i, c in enumerate(chunks):
-            pos = np.arange(c.start, c.start + c.length)
-            page_ids = np.asarray(c.request.pages)[pos // cfg.page_size]
-            tokens[i, width - c.length:] = c.request.tokens[c.start:c.start + c.length]
-            positions[i, width - c.length:] = pos
-            slots[i, width - c.length:] = page_ids * cfg.page_size + pos % cfg.page_size
-            lens[i] = c.start + c.length
-        metadata = AttentionMetadata(slots, self._block_tables([c.request for c in chunks], rows, pages), lens)
-        requests = [c.request for c in chunks]
-        sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
-        out_tokens, out_logprobs, self.cache = self.prefill_fn(self.state, self.cache, tokens, positions,
-                                                               metadata, sampling)
-        return StepResult(np.asarray(out_tokens), np.asarray(out_logprobs))
+    def padding_mixed(self, num_tokens: int, pages: int) -> MixedBatch:
+        """A mixed batch of `num_tokens` padding tokens (no sequence), for compiling its bucket."""
+        rows = self.config.max_num_seqs
+        zeros = np.zeros((num_tokens,), np.int32)
+        metadata = AttentionMetadata(zeros, np.zeros((rows + 1,), np.int32), np.zeros((rows,), np.int32),
+                                     np.zeros((rows, pages), np.int32), max_query_len=self.config.prefill_chunk)
+        return MixedBatch(zeros, zeros, metadata, np.zeros((rows,), np.int32), SamplingTensors.build([], [], rows))
+
+    def run_mixed_arrays(self, batch: MixedBatch) -> tuple[jax.Array, jax.Array]:
+        out_tokens, out_logprobs, self.cache = self.mixed_fn(self.state, self.cache, batch)
+        return out_tokens, out_logprobs
+
+    def run_decode_arrays(self, *inputs) -> tuple[jax.Array, jax.Array]:
+        out_tokens, out_logprobs, self.cache = self.decode_fn(self.state, self.cache, *inputs)
+        return out_tokens, out_logprobs
+
+    def mixed(self, scheduled: list[ScheduledRequest]) -> StepResult:
+        return _host(self.run_mixed_arrays(mixed_batch(scheduled, self.config)))
 
     def decode(self, requests: list[Request]) -> StepResult:
         cfg = self.config
@@ -141,6 +191,9 @@ class ModelRunner:
         pages = bucket(-(-(int(positions.max()) + cfg.decode_steps) // cfg.page_size), cfg.page_buckets)
         active = np.arange(rows) < len(requests)
         sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
-        out_tokens, out_logprobs, self.cache = self.decode_fn(
-            self.state, self.cache, tokens, positions, self._block_tables(requests, rows, pages), active, sampling)
-        return StepResult(np.asarray(out_tokens), np.asarray(out_logprobs))
+        return _host(self.run_decode_arrays(tokens, positions, block_table(requests, rows, pages), active, sampling))
+
+
+def _host(outputs: tuple[jax.Array, jax.Array]) -> StepResult:
+    """The one host sync of a step: the sampled tokens and their logprobs."""
+    return StepResult(*(np.asarray(x) for x in outputs))

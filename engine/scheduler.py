@@ -1,39 +1,51 @@
-"""FCFS scheduler: admission, chunked prefill, decode batches and preemption. Policy only, no JAX."""
+"""The step policy (vLLM V1): one token budget per step, running requests first, then admissions.
+
+Each step the running requests get their next tokens in order (a decode: 1; a prompt being
+prefilled: a chunk of at most prefill_chunk), then waiting requests are admitted while the budget,
+max_num_seqs and the page pool allow. A long prompt is split over steps and never blocks decodes.
+When pages run out the newest running request is preempted (its pages freed, recomputed later).
+Policy only: no JAX, no sampled tokens (engine/output_processor.py applies those).
+"""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
 
-from engine.config import EngineConfig, bucket
+from engine.config import EngineConfig
 from engine.page_allocator import PageAllocator
 from engine.request import Request, Status
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefillChunk:
-    """Tokens [start, start + length) of `request.tokens` to run this step."""
+class ScheduledRequest:
+    """Tokens [start, start + num_tokens) of `request.tokens` run this step."""
 
     request: Request
     start: int
-    length: int
+    num_tokens: int
 
     @property
-    def completes_prefill(self) -> bool:
-        return self.start + self.length == self.request.prefill_target
+    def samples(self) -> bool:
+        """Whether the step's last token of this request yields a kept sample (not mid-prompt)."""
+        return self.start + self.num_tokens >= self.request.prefill_target
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerOutput:
-    """One step: prefill chunks or decode requests (never both), and who was preempted for it."""
+    """One step: what runs, and whether it is decode-only (then `decode_steps` steps in one call)."""
 
-    prefill: list[PrefillChunk]
-    decode: list[Request]
+    scheduled: list[ScheduledRequest]
+    decode_steps: int
     preempted: list[Request]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(s.num_tokens == 1 and not s.request.is_prefilling for s in self.scheduled)
 
 
 class Scheduler:
-    """Prefill first (continuing chunked prompts, then admitting new ones), else decode everyone."""
+    """Waiting and running queues, admission, chunked prefill, preemption."""
 
     def __init__(self, config: EngineConfig, allocator: PageAllocator):
         self.config = config
@@ -48,76 +60,85 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        preempted = []
-        while True:
-            prefill = self._schedule_prefill()
-            if prefill:
-                return SchedulerOutput(prefill, [], preempted)
-            if any(not r.is_prefilling for r in self.running) or not self.running:
-                break
-            # Every running request is mid-prefill and blocked on pages: free the newest one's.
-            preempted.append(self.running[-1])
-            self._preempt(self.running[-1])
-        preempted += self._reserve_decode_pages()
-        return SchedulerOutput([], [r for r in self.running if not r.is_prefilling], preempted)
+        budget = self.config.max_num_batched_tokens
+        scheduled, preempted = [], []
+        for request in list(self.running):
+            if request not in self.running or budget == 0:
+                continue  # preempted on behalf of an older request, or no budget left
+            n = self._next_tokens(request, budget)
+            if self._grow_or_preempt(request, request.num_computed + n, preempted):
+                scheduled.append(ScheduledRequest(request, request.num_computed, n))
+                budget -= n
+        if not preempted:
+            budget = self._admit(scheduled, budget)
+        return SchedulerOutput(scheduled, self._decode_steps(scheduled), preempted)
 
-    def finish(self, request: Request) -> None:
-        """Release a finished request's pages."""
-        self.running.remove(request)
+    def _next_tokens(self, request: Request, budget: int) -> int:
+        """1 for a decode, else the next prefill chunk that fits the budget."""
+        if not request.is_prefilling:
+            return 1
+        return min(request.prefill_target - request.num_computed, self.config.prefill_chunk, budget)
+
+    def _admit(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+        """Start waiting requests (FCFS) while budget, max_num_seqs and pages allow."""
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            n = self._next_tokens(request, budget)
+            if not self._try_grow(request, request.num_computed + n):
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, request.num_computed, n))
+            budget -= n
+        return budget
+
+    def _decode_steps(self, scheduled: list[ScheduledRequest]) -> int:
+        """decode_steps for a decode-only step whose requests all get pages for that many more
+        tokens without preempting anyone (nothing waits that could be admitted), else 1."""
+        steps = self.config.decode_steps
+        if steps == 1 or not scheduled or (self.waiting and len(self.running) < self.config.max_num_seqs):
+            return 1
+        if not SchedulerOutput(scheduled, 1, []).is_decode_only:
+            return 1
+        for s in scheduled:
+            if not self._try_grow(s.request, min(s.start + steps, s.request.max_total_len)):
+                return 1
+        return steps
+
+    def finish(self, request: Request, reason: str) -> None:
+        """End a request (finished, aborted or failed): out of its queue, pages freed at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
         request.status = Status.FINISHED
+        request.finish_reason = reason
         self._release(request)
 
-    def _pages_needed(self, request: Request, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.config.page_size) - len(request.pages))
+    def preempt_all(self) -> None:
+        """Every running request back to waiting for recompute (after the KV cache was lost)."""
+        for request in reversed(list(self.running)):
+            self._preempt(request)
 
     def _try_grow(self, request: Request, num_tokens: int) -> bool:
         """Give `request` pages for its first `num_tokens` tokens, if the pool has them."""
-        need = self._pages_needed(request, num_tokens)
+        need = max(0, -(-num_tokens // self.config.page_size) - len(request.pages))
         if not self.allocator.can_allocate(need):
             return False
         request.pages += self.allocator.allocate(need)
         return True
 
-    def _schedule_prefill(self) -> list[PrefillChunk]:
-        budget, rows = self.config.max_num_batched_tokens, []
-        candidates = [r for r in self.running if r.is_prefilling] + list(self.waiting)
-        for request in candidates:
-            if budget <= 0 or len(rows) >= self.config.max_num_seqs:
-                break
-            if request.status is Status.WAITING and len(self.running) >= self.config.max_num_seqs:
-                break
-            length = min(request.prefill_target - request.num_computed, self.config.prefill_chunk, budget)
-            if rows and self._padded_tokens(rows, length) > self.config.max_num_batched_tokens:
-                break
-            if not self._try_grow(request, request.num_computed + length):
-                break
-            if request.status is Status.WAITING:
-                self.waiting.popleft()
-                request.status = Status.RUNNING
-                self.running.append(request)
-            rows.append(PrefillChunk(request, request.num_computed, length))
-            budget -= length
-        return rows
-
-    def _padded_tokens(self, rows: list[PrefillChunk], length: int) -> int:
-        """Tokens the step would compute once rows and chunk width are rounded up to their buckets."""
-        width = bucket(max([length] + [c.length for c in rows]), self.config.chunk_buckets)
-        return bucket(len(rows) + 1, self.config.batch_buckets) * width
-
-    def _reserve_decode_pages(self) -> list[Request]:
-        """Pages for the next decode_steps tokens of every running request; preempt the newest if short."""
-        preempted = []
-        for request in [r for r in self.running if not r.is_prefilling]:
-            if request not in self.running:
-                continue  # preempted below on behalf of an older request
-            target = min(len(request.tokens) - 1 + self.config.decode_steps, request.max_total_len)
-            while not self._try_grow(request, target):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is request:
-                    break
-        return preempted
+    def _grow_or_preempt(self, request: Request, num_tokens: int, preempted: list[Request]) -> bool:
+        """Pages for `num_tokens` of `request`, preempting the newest running requests for them;
+        False when `request` itself had to go."""
+        while not self._try_grow(request, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
 
     def _preempt(self, request: Request) -> None:
         """Free all pages and requeue at the front to recompute prompt + generated tokens."""

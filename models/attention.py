@@ -18,21 +18,34 @@ LayerCache = tuple[jax.Array, ...]  # K and V pages [Hkv, num_pages, page_size, 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
-    """Where a step's tokens live in the paged cache. Queries are the last Q tokens of each row.
+    """Where a ragged step's flat tokens live in the paged cache (ops.ragged_paged_attention).
 
-    slot_mapping: [B, Q] int32 flat cache slot (page * page_size + offset) of each new token;
+    slot_mapping: [T] int32 flat cache slot (page * page_size + offset) of each new token;
         padding tokens point into the reserved null page 0.
-    block_tables: [B, max_pages] int32 page ids of each sequence (padded with 0).
-    context_lens: [B] int32 tokens in the cache for each sequence, new ones included.
+    query_start_loc: [S+1] int32 sequence s owns tokens query_start_loc[s]:query_start_loc[s+1],
+        its last tokens.
+    context_lens: [S] int32 tokens in the cache for each sequence, new ones included.
+    block_tables: [S, max_pages] int32 page ids of each sequence (padded with 0).
+    max_query_len: static bound on any sequence's new tokens (1: a decode step).
     """
 
     slot_mapping: jax.Array
-    block_tables: jax.Array
+    query_start_loc: jax.Array
     context_lens: jax.Array
+    block_tables: jax.Array
+    max_query_len: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+    def attend(self, q_btnh: jax.Array, k_pages: jax.Array, v_pages: jax.Array, impl: str,
+               **kwargs) -> jax.Array:
+        """q [1, T, Hq, D] of the flat tokens against the pages -> [1, T, Hq, D]."""
+        out = ops.ragged_paged_attention(q_btnh[0], k_pages, v_pages, self.query_start_loc, self.context_lens,
+                                         self.block_tables, impl=impl, max_query_len=self.max_query_len,
+                                         **kwargs)
+        return out[None]
 
 
 def write_pages(pages: jax.Array, new_bqhd: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-    """Scatter new K or V [B, Q, Hkv, D] into pages [Hkv, N, P, D] at flat slots [B, Q].
+    """Scatter new K or V [1, T, Hkv, D] into pages [Hkv, N, P, D] at flat slots [T].
 
     Indexing (page, offset) directly, not a reshaped flat view: XLA then updates the donated
     cache in place instead of copying the whole layer's pages every step.
@@ -76,5 +89,5 @@ class Attention(nnx.Module):
             k_pages = write_pages(cache[0], k, metadata.slot_mapping)
             v_pages = write_pages(cache[1], v, metadata.slot_mapping)
             cache = (k_pages, v_pages)
-            out = ops.paged_attention(q, k_pages, v_pages, metadata.block_tables, metadata.context_lens, **kwargs)
+            out = metadata.attend(q, k_pages, v_pages, **kwargs)
         return self.o_proj(out.astype(x_btd.dtype)), cache

@@ -28,7 +28,7 @@ flags.DEFINE_string("rules", "default", "Rule table of sharding/rules.py (defaul
 flags.DEFINE_integer("devices", 8, "Simulated CPU devices (must equal data x tensor x expert).")
 flags.DEFINE_integer("batch", 256, "Decode batch (sequences in flight).")
 flags.DEFINE_integer("context", 8192, "Tokens of context per sequence held in the KV cache.")
-flags.DEFINE_integer("prefill_rows", 4, "Rows of one prefill step (engine: max_num_batched_tokens / chunk).")
+flags.DEFINE_integer("prefill_rows", 4, "Prefill chunks of one mixed step (engine: max_num_batched_tokens / chunk).")
 flags.DEFINE_integer("prefill_chunk", 512, "Tokens per row of one prefill step (engine: prefill_chunk).")
 flags.DEFINE_integer("page_size", 16, "KV-cache page size.")
 flags.DEFINE_string("dtype", "bfloat16", "Parameter, activation and KV-cache dtype.")
@@ -55,38 +55,48 @@ def abstract_cache(model, config, num_pages: int, dtype, mesh, rules):
     import jax
     from engine import kv_cache
     from sharding.rules import cache_sharding
-    if hasattr(model, "init_cache"):
-        shapes = jax.eval_shape(lambda: model.init_cache(num_pages, FLAGS.page_size, dtype))
-    else:
-        shapes = jax.eval_shape(lambda: kv_cache.allocate(config, num_pages, FLAGS.page_size, dtype))
+    shapes = jax.eval_shape(lambda: kv_cache.allocate(config, num_pages, FLAGS.page_size, dtype))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache_sharding(x.shape, mesh, rules)),
                         shapes)
 
 
-def step_inputs(rows: int, width: int, pages: int, mesh, rules) -> dict:
-    """Abstract engine-step inputs: tokens/positions [rows, width], block tables, sampling."""
+def decode_inputs(rows: int, pages: int, mesh, rules) -> dict:
+    """Abstract decode-call inputs: tokens/positions [rows], block tables, sampling."""
     import jax
     import jax.numpy as jnp
     from engine.sampler import SamplingTensors
     sampling = jax.tree.map(lambda x: batch_input(x.shape, x.dtype, mesh, rules),
                             SamplingTensors.build([], [], rows))
-    return {"grid": batch_input((rows, width), jnp.int32, mesh, rules),
-            "rows": batch_input((rows,), jnp.int32, mesh, rules),
+    return {"rows": batch_input((rows,), jnp.int32, mesh, rules),
             "active": batch_input((rows,), jnp.bool_, mesh, rules),
             "tables": batch_input((rows, pages), jnp.int32, mesh, rules), "sampling": sampling}
 
 
-def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, object]:
-    """Compiled prefill (--prefill_rows x --prefill_chunk new tokens, each row attending over
-    --context) and decode (--batch rows, one step)."""
-    from engine.runner import jitted_steps
+def mixed_inputs(tokens: int, seqs: int, pages: int, mesh, rules):
+    """An abstract mixed (ragged) step: `tokens` flat tokens over `seqs` sequence slots."""
+    import jax
+    import jax.numpy as jnp
+    from engine.runner import MixedBatch
+    from engine.sampler import SamplingTensors
     from models.attention import AttentionMetadata
-    prefill_fn, decode_fn = jitted_steps(graphdef, "auto", FLAGS.page_size, 1)
+    flat = batch_input((tokens,), jnp.int32, mesh, rules)
+    per_seq = batch_input((seqs,), jnp.int32, mesh, rules)
+    replicated = jax.NamedSharding(mesh, jax.P())
+    metadata = AttentionMetadata(flat, jax.ShapeDtypeStruct((seqs + 1,), jnp.int32, sharding=replicated), per_seq,
+                                 batch_input((seqs, pages), jnp.int32, mesh, rules), max_query_len=FLAGS.prefill_chunk)
+    sampling = jax.tree.map(lambda x: batch_input(x.shape, x.dtype, mesh, rules), SamplingTensors.build([], [], seqs))
+    return MixedBatch(flat, flat, metadata, per_seq, sampling)
+
+
+def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, object]:
+    """Compiled mixed step (--prefill_rows x --prefill_chunk new tokens over --batch sequence
+    slots, attending over --context) and decode (--batch rows, one step)."""
+    from engine.runner import jitted_steps
+    mixed_fn, decode_fn = jitted_steps(graphdef, "auto", "auto", FLAGS.page_size, 1)
     pages_per_seq = -(-FLAGS.context // FLAGS.page_size)
-    pre = step_inputs(FLAGS.prefill_rows, FLAGS.prefill_chunk, pages_per_seq, mesh, rules)
-    metadata = AttentionMetadata(pre["grid"], pre["tables"], pre["rows"])
-    prefill = prefill_fn.lower(state, cache, pre["grid"], pre["grid"], metadata, pre["sampling"]).compile()
-    dec = step_inputs(FLAGS.batch, 1, pages_per_seq, mesh, rules)
+    batch = mixed_inputs(FLAGS.prefill_rows * FLAGS.prefill_chunk, FLAGS.batch, pages_per_seq, mesh, rules)
+    prefill = mixed_fn.lower(state, cache, batch).compile()
+    dec = decode_inputs(FLAGS.batch, pages_per_seq, mesh, rules)
     decode = decode_fn.lower(state, cache, dec["rows"], dec["rows"], dec["tables"], dec["active"],
                              dec["sampling"]).compile()
     return {"prefill": prefill, "decode": decode}

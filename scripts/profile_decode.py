@@ -85,15 +85,18 @@ def run_decode(runner: ModelRunner, inputs: tuple) -> np.ndarray:
     return np.asarray(out)
 
 
-def attention_call(runner: ModelRunner, batch: int, context: int, num_heads: int) -> Callable[[], jax.Array]:
-    """The engine's paged attention for one layer at the decode shapes (layer 0's pages)."""
+def attention_call(llm: LLM, batch: int, context: int, num_heads: int) -> Callable[[], jax.Array]:
+    """The engine's decode attention for one layer at the decode shapes (layer 0's pages)."""
+    runner = llm.runner
     k_pages, v_pages = runner.cache[0][:2]
     head_dim = k_pages.shape[-1]
-    q = jnp.ones((batch, 1, num_heads, head_dim), k_pages.dtype)
+    q = jnp.ones((batch, num_heads, head_dim), k_pages.dtype)
     tables = jnp.asarray(scattered_tables(runner, batch, context + 1))
     lens = jnp.full((batch,), context + 1, jnp.int32)
-    fn = jax.jit(lambda q, k, v, t, n: ops.paged_attention(q, k, v, t, n, impl=runner.config.attention_impl))
-    return lambda: jax.block_until_ready(fn(q, k_pages, v_pages, tables, lens))
+    starts = jnp.arange(batch + 1, dtype=jnp.int32)
+    fn = jax.jit(lambda q, k, v, s, n, t: ops.ragged_paged_attention(q, k, v, s, n, t, impl=llm.attention.decode,
+                                                                      max_query_len=1))
+    return lambda: jax.block_until_ready(fn(q, k_pages, v_pages, starts, lens, tables))
 
 
 def op_profile(call: Callable[[], object], compiled_hlo: str, top: int) -> list[dict]:
@@ -120,7 +123,7 @@ def profile_batch(llm: LLM, batch: int, peaks: roofline.DevicePeaks) -> dict:
     inputs = decode_inputs(runner, batch, _CONTEXT.value)
     step_ms = median_ms(lambda: run_decode(runner, inputs), _ITERS.value) / steps
     attention_ms = (None if config.mla is not None else config.num_layers * median_ms(
-        attention_call(runner, batch, _CONTEXT.value, config.num_heads), _ITERS.value))
+        attention_call(llm, batch, _CONTEXT.value, config.num_heads), _ITERS.value))
     bound_ms = 1e3 * peaks.seconds(roofline.decode_step_cost(config, [_CONTEXT.value] * batch, item, item))
     record = {"batch": batch, "step_ms": step_ms, "tok_s": 1e3 * batch / step_ms,
               "attention_ms": attention_ms, "attention_share": attention_ms and attention_ms / step_ms,
@@ -140,7 +143,7 @@ def main(argv: list[str]) -> None:
     peaks = roofline.device_peaks(_DTYPE.value)
     report = {"model": _MODEL.value, "dtype": _DTYPE.value, "context": _CONTEXT.value,
               "decode_steps": _DECODE_STEPS.value, "page_size": _PAGE_SIZE.value,
-              "attention_impl": ops.resolve_impl(_ATTENTION_IMPL.value), "device": jax.devices()[0].device_kind,
+              "attention_impl": llm.attention.decode, "device": jax.devices()[0].device_kind,
               "peaks": {"bandwidth_gb_s": peaks.bandwidth / 1e9, "tflop_s": peaks.flops / 1e12,
                         "source": peaks.source},
               "points": [profile_batch(llm, b, peaks) for b in batches]}

@@ -124,9 +124,11 @@ def _step(graphdef, state, tokens, positions, cache, impl, metadata):
 
 
 def _metadata(table: np.ndarray, positions: np.ndarray, page_size: int) -> AttentionMetadata:
+    """One sequence's ragged metadata: its new tokens at `positions`, the last ones of its context."""
     slots = table[positions // page_size] * page_size + positions % page_size
-    return AttentionMetadata(slot_mapping=jnp.asarray(slots)[None], block_tables=jnp.asarray(table)[None],
-                             context_lens=jnp.asarray([positions[-1] + 1], jnp.int32))
+    return AttentionMetadata(slot_mapping=jnp.asarray(slots), query_start_loc=jnp.asarray([0, len(positions)], jnp.int32),
+                             context_lens=jnp.asarray([positions[-1] + 1], jnp.int32),
+                             block_tables=jnp.asarray(table)[None], max_query_len=len(positions))
 
 
 def paged_greedy(model: nnx.Module, prompt: list[int], new_tokens: int, *, page_size: int, chunk: int,

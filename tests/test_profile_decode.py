@@ -17,7 +17,7 @@ def test_profile_decode_writes_consistent_json(tmp_path):
                    check=True, cwd=tmp_path, timeout=300)
     report = json.loads(out.read_text())
     assert report["model"] == "tiny-llama" and report["context"] == 40
-    assert report["attention_impl"] == "cpu"  # "auto" on CPU: the C++ paged attention
+    assert report["attention_impl"] in ("cpu", "xla")  # "auto" on CPU: the faster one, measured
     assert report["peaks"]["source"] == "probe" and report["peaks"]["bandwidth_gb_s"] > 0
     assert [p["batch"] for p in report["points"]] == [1, 4]
     for p in report["points"]:

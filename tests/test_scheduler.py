@@ -1,9 +1,10 @@
-"""Scheduler policy on its own (no JAX): chunking, budgets, admission, preemption, page accounting."""
+"""Scheduler policy on its own (no JAX): the token budget, chunking, decodes first, admission,
+multi-step decode, preemption, page accounting."""
 
 from engine.config import EngineConfig
 from engine.page_allocator import PageAllocator
 from engine.request import Request, SamplingParams, Status
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 
 
 def make(num_pages: int = 64, **kwargs) -> Scheduler:
@@ -17,12 +18,14 @@ def request(i: int, prompt_len: int, max_tokens: int = 8) -> Request:
                    max_total_len=prompt_len + max_tokens)
 
 
-def run_prefill(s: Scheduler, out) -> None:
-    """Pretend the runner ran the chunks: advance, and sample one token where a prefill completed."""
-    for c in out.prefill:
-        c.request.num_computed = c.start + c.length
-        if c.completes_prefill:
-            c.request.output_token_ids.append(0)
+def run(out: SchedulerOutput) -> None:
+    """Pretend the runner ran the step: advance, and append decode_steps tokens where it samples."""
+    for s in out.scheduled:
+        s.request.num_computed = s.start + s.num_tokens
+        if s.samples:
+            for step in range(out.decode_steps):
+                s.request.num_computed += step > 0
+                s.request.output_token_ids.append(0)
 
 
 def test_long_prompt_is_chunked_and_chunks_attend_to_earlier_pages():
@@ -32,19 +35,37 @@ def test_long_prompt_is_chunked_and_chunks_attend_to_earlier_pages():
     starts = []
     while r.is_prefilling:
         out = s.schedule()
-        assert len(out.prefill) == 1 and out.prefill[0].length <= 16
-        starts.append(out.prefill[0].start)
-        run_prefill(s, out)
+        assert len(out.scheduled) == 1 and out.scheduled[0].num_tokens <= 16 and out.decode_steps == 1
+        starts.append(out.scheduled[0].start)
+        run(out)
     assert starts == [0, 16, 32]
     assert len(r.pages) == 10  # 40 tokens / 4 per page
 
 
-def test_token_budget_counts_padded_tokens():
+def test_token_budget_counts_real_tokens():
     s = make()
-    for i in range(4):
-        s.add(request(i, 16))
+    for i, n in enumerate((16, 10, 5, 16)):
+        s.add(request(i, n))
     out = s.schedule()
-    assert [c.length for c in out.prefill] == [16, 16]  # 2 rows x 16 = the 32-token budget
+    assert [x.num_tokens for x in out.scheduled] == [16, 10, 5, 1]  # 32 tokens: the last prompt gets 1
+
+
+def test_decodes_first_then_prefill_chunks_in_one_step():
+    """A long prompt arriving while others decode shares their step; it never stalls them."""
+    s = make(max_num_seqs=8)
+    decoders = [request(i, 3) for i in range(4)]
+    for r in decoders:
+        s.add(r)
+    run(s.schedule())
+    long = request(9, 100)
+    s.add(long)
+    for _ in range(4):
+        out = s.schedule()
+        by_request = {x.request: x.num_tokens for x in out.scheduled}
+        assert [by_request[r] for r in decoders] == [1, 1, 1, 1]
+        assert by_request[long] == 16 and sum(by_request.values()) <= 32 and out.decode_steps == 1
+        assert [x.request for x in out.scheduled][:4] == decoders  # running decodes come first
+        run(out)
 
 
 def test_max_num_seqs_limits_admission():
@@ -52,16 +73,16 @@ def test_max_num_seqs_limits_admission():
     for i in range(6):
         s.add(request(i, 4))
     out = s.schedule()
-    assert len(out.prefill) == 4 and len(s.waiting) == 2
+    assert len(out.scheduled) == 4 and len(s.waiting) == 2
 
 
-def test_decode_after_prefill_reserves_pages_for_decode_steps():
+def test_decode_only_step_runs_decode_steps_with_pages_reserved():
     s = make()
     r = request(0, 4)
     s.add(r)
-    run_prefill(s, s.schedule())
+    run(s.schedule())
     out = s.schedule()
-    assert out.decode == [r] and not out.prefill
+    assert [x.request for x in out.scheduled] == [r] and out.is_decode_only and out.decode_steps == 2
     assert len(r.pages) * 4 >= len(r.tokens) - 1 + 2
 
 
@@ -70,22 +91,38 @@ def test_preemption_frees_newest_and_requeues_it_first():
     old, new = request(0, 16, max_tokens=20), request(1, 16, max_tokens=20)
     s.add(old)
     s.add(new)
-    run_prefill(s, s.schedule())
+    run(s.schedule())
     assert s.allocator.num_free == 3
+    preempted = []
     for _ in range(3):  # decode until the pool runs dry
         out = s.schedule()
-        for r in out.decode:
-            r.output_token_ids += [0, 0]
-            r.num_computed = len(r.tokens) - 1
+        preempted += out.preempted
+        run(out)
+    assert preempted == [new]
     assert new.status is Status.WAITING and s.waiting[0] is new and not new.pages
     assert new.prefill_target == len(new.tokens) and new.num_computed == 0
     assert old.status is Status.RUNNING
 
 
-def test_finish_returns_pages():
+def test_no_admission_in_a_step_that_preempted():
+    s = make(num_pages=8, max_model_len=28)  # 7 usable pages
+    a, b = request(0, 12, max_tokens=16), request(1, 12, max_tokens=16)
+    s.add(a)
+    s.add(b)
+    run(s.schedule())  # 3 + 3 pages, 1 free
+    s.add(request(2, 4))
+    out = s.schedule()  # a and b need a 4th page each: b goes, and the waiting one stays waiting
+    assert out.preempted == [b] and [x.request for x in out.scheduled] == [a] and list(s.waiting)[:1] == [b]
+    assert len(s.waiting) == 2 and s.allocator.num_free == 3
+
+
+def test_finish_returns_pages_and_abort_of_a_waiting_request():
     s = make()
-    r = request(0, 10)
+    r, waiting = request(0, 10), request(1, 10)
     s.add(r)
-    run_prefill(s, s.schedule())
-    s.finish(r)
+    run(s.schedule())
+    s.add(waiting)
+    s.finish(r, "stop")
+    s.finish(waiting, "abort")
     assert s.allocator.num_free == 63 and not s.has_unfinished()
+    assert r.finish_reason == "stop" and waiting.finish_reason == "abort" and waiting.status is Status.FINISHED

@@ -174,7 +174,7 @@ def test_engine_greedy_identical_under_mesh():
     outs = llm.generate(prompts, greedy, use_tqdm=False)
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
     assert llm.runner.cache[0][0].sharding.spec[0] == "tensor"
-    assert llm.config.attention_impl == "xla"  # not the C++ kernel, which GSPMD would run replicated
+    assert llm.attention.decode == llm.attention.mixed == "xla"  # not the C++ kernel, which GSPMD would run replicated
 
 
 @needs_8
