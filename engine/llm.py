@@ -11,6 +11,7 @@ import itertools
 import time
 from collections.abc import Iterator, Sequence
 
+import jax
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
@@ -21,7 +22,7 @@ from engine.config import EngineConfig
 from engine.page_allocator import PageAllocator
 from engine.request import Request, RequestOutput, SamplingParams, Status, is_int, is_sequence
 from engine.runner import ModelRunner, StepResult
-from engine.scheduler import Scheduler
+from engine.scheduler import PrefillChunk, Scheduler
 from models import LoadedModel, load_model
 from pallas_kernels import ops
 from sharding.rules import cache_sharding, shard_model
@@ -113,28 +114,68 @@ class LLM:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that finished in it."""
+        """Run one engine step; returns the requests that finished in it (finish_reason "error" too).
+
+        A request whose host-side processing raises fails alone; a runner call that raises fails the
+        requests of its step, and the engine recovers for the next step.
+        """
         plan = self.scheduler.schedule()
+        items = plan.prefill or plan.decode
+        if not items:
+            return []
+        requests = [c.request for c in plan.prefill] or plan.decode
+        run, advance = ((self.runner.prefill, self._advance_prefill) if plan.prefill
+                        else (self.runner.decode, self._advance_decode))
+        try:
+            result = run(items)
+        except Exception as error:  # an XLA runtime error, OOM, ...: the whole step is lost
+            return self._fail_step(requests, error)
+        now = time.perf_counter()
         finished = []
-        if plan.prefill:
-            result = self.runner.prefill(plan.prefill)
-            now = time.perf_counter()
-            for i, chunk in enumerate(plan.prefill):
-                chunk.request.num_computed = chunk.start + chunk.length
-                if chunk.completes_prefill and self._append(chunk.request, result, i, 0, now):
-                    finished.append(chunk.request)
-        elif plan.decode:
-            result = self.runner.decode(plan.decode)
-            now = time.perf_counter()
-            for i, request in enumerate(plan.decode):
-                for j in range(self.config.decode_steps):
-                    request.num_computed += 1
-                    if self._append(request, result, i, j, now):
-                        finished.append(request)
-                        break
+        for row, (request, item) in enumerate(zip(requests, items)):
+            try:
+                done = advance(item, result, row, now)
+            except Exception as error:  # detokenizing, stop strings, ...: only this request fails
+                self._fail(request, error, now)
+                done = True
+            if done:
+                finished.append(request)
         for request in finished:
             self.scheduler.finish(request)
         return finished
+
+    def _advance_prefill(self, chunk: PrefillChunk, result: StepResult, row: int, now: float) -> bool:
+        """Account a prefilled chunk, taking the first token when the prompt is done; True when finished."""
+        chunk.request.num_computed = chunk.start + chunk.length
+        return chunk.completes_prefill and self._append(chunk.request, result, row, 0, now)
+
+    def _advance_decode(self, request: Request, result: StepResult, row: int, now: float) -> bool:
+        """Take a decoded row's tokens up to the first that finishes the request; True when finished."""
+        for col in range(self.config.decode_steps):
+            request.num_computed += 1
+            if self._append(request, result, row, col, now):
+                return True
+        return False
+
+    def _fail(self, request: Request, error: Exception, now: float) -> None:
+        """Finish `request` with finish_reason "error" and the error's message (the caller frees it)."""
+        logging.warning("request %d failed: %r", request.request_id, error, exc_info=error)
+        request.finish_reason = "error"
+        request.error = f"{type(error).__name__}: {error}"
+        request.metrics.finished = now
+
+    def _fail_step(self, requests: list[Request], error: Exception) -> list[Request]:
+        """Fail the requests of a step whose runner call raised; if the call consumed the KV cache
+        (donated, or its outputs hold the error), allocate a fresh one and requeue the other running
+        requests to recompute their lost pages."""
+        now = time.perf_counter()
+        for request in requests:
+            self._fail(request, error, now)
+            self.scheduler.finish(request)
+        if not _is_intact(self.runner.cache):
+            self.runner.cache = _allocate_cache(self.model, self.config)
+            self.scheduler.preempt_all()
+        return requests
 
     def _append(self, request: Request, result: StepResult, row: int, col: int, now: float) -> bool:
         """Record one sampled token; True when the request is finished."""
@@ -197,7 +238,8 @@ class LLM:
         return self.stream_request(self.add_request(prompt, params))
 
     def stream_request(self, request: Request) -> Iterator[str]:
-        """`stream` for a request already added with `add_request` (its metrics stay readable)."""
+        """`stream` for a request already added with `add_request` (its metrics stay readable); a
+        request that fails raises RuntimeError with its error after the text it produced."""
         emitted = 0
         while request.status is not Status.FINISHED:
             self.step()
@@ -208,6 +250,8 @@ class LLM:
             if len(text) > emitted:
                 yield text[emitted:]
                 emitted = len(text)
+        if request.error:
+            raise RuntimeError(f"request {request.request_id} failed: {request.error}")
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, *,
              use_tqdm: bool = False) -> RequestOutput:
@@ -225,6 +269,15 @@ def _is_one_prompt(prompts: object) -> bool:
     """Whether generate's `prompts` is one prompt (a str, or ids) rather than a list of prompts."""
     return isinstance(prompts, str) or (is_sequence(prompts) and len(prompts) > 0
                                         and not isinstance(prompts[0], (str, list, tuple, np.ndarray)))
+
+
+def _is_intact(cache: list) -> bool:
+    """False when a failed call consumed the cache: its buffers were donated (deleted) or hold the error."""
+    try:
+        jax.block_until_ready(cache)
+    except Exception:
+        return False
+    return True
 
 
 def _attention_impl(impl: str, model: LoadedModel) -> str:

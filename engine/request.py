@@ -147,9 +147,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: str | None  # "stop", "length", or "error" (then `error` says what failed)
     metrics: RequestMetrics
     logprobs: list[float] | None = None
+    error: str | None = None
 
 
 class Status(enum.Enum):
@@ -178,6 +179,7 @@ class Request:
     prefill_target: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    error: str | None = None  # what failed, when finish_reason is "error"
     text: str = ""
     metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
@@ -195,4 +197,4 @@ class Request:
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt_token_ids, self.text, list(self.output_token_ids),
                              self.finish_reason, self.metrics,
-                             list(self.output_logprobs) if self.params.logprobs else None)
+                             list(self.output_logprobs) if self.params.logprobs else None, self.error)

@@ -67,6 +67,11 @@ class Scheduler:
         request.status = Status.FINISHED
         self._release(request)
 
+    def preempt_all(self) -> None:
+        """Requeue every running request to recompute from its tokens (when the KV cache was lost)."""
+        for request in self.running[::-1]:  # newest first: each goes to the front of the queue
+            self._preempt(request)
+
     def _pages_needed(self, request: Request, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.config.page_size) - len(request.pages))
 
