@@ -102,7 +102,7 @@ def _checked_stop(stop: object) -> tuple[str, ...]:
     for s in stops:
         if not isinstance(s, str) or not s:
             raise ValueError(f"stop strings must be non-empty str, got {s!r} in stop={stop!r}")
-    return tuple(str(s) for s in stops)
+    return stops
 
 
 def _checked_stop_token_ids(ids: object) -> tuple[int, ...]:
