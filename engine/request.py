@@ -27,13 +27,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p"):
-            object.__setattr__(self, name, checked_float(name, getattr(self, name)))
+            object.__setattr__(self, name, _checked_float(name, getattr(self, name)))
         for name in ("top_k", "max_tokens"):
-            object.__setattr__(self, name, checked_int(name, getattr(self, name)))
+            object.__setattr__(self, name, _checked_int(name, getattr(self, name)))
         for name in ("ignore_eos", "logprobs"):
-            object.__setattr__(self, name, checked_bool(name, getattr(self, name)))
+            object.__setattr__(self, name, _checked_bool(name, getattr(self, name)))
         if self.seed is not None:
-            object.__setattr__(self, "seed", checked_int("seed", self.seed))
+            object.__setattr__(self, "seed", _checked_int("seed", self.seed))
         object.__setattr__(self, "stop", _checked_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", _checked_stop_token_ids(self.stop_token_ids))
         if self.temperature < 0:
@@ -55,14 +55,14 @@ def is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def checked_int(name: str, value: object) -> int:
+def _checked_int(name: str, value: object) -> int:
     """value as a Python int, or a ValueError naming the field."""
     if not is_int(value):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     return int(value)
 
 
-def checked_float(name: str, value: object) -> float:
+def _checked_float(name: str, value: object) -> float:
     """value (a real number, not a bool) as a finite Python float, or a ValueError naming the field."""
     if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
         raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
@@ -75,7 +75,7 @@ def checked_float(name: str, value: object) -> float:
     return number
 
 
-def checked_bool(name: str, value: object) -> bool:
+def _checked_bool(name: str, value: object) -> bool:
     """value (a Python or NumPy bool) as a bool: 0, 1 or "no" are refused rather than guessed at."""
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
@@ -107,7 +107,7 @@ def _checked_stop(stop: object) -> tuple[str, ...]:
 
 def _checked_stop_token_ids(ids: object) -> tuple[int, ...]:
     """Non-negative int ids (the upper bound, the vocabulary, is checked by LLM.add_request)."""
-    checked = tuple(checked_int("stop_token_ids", t) for t in _items("stop_token_ids", ids))
+    checked = tuple(_checked_int("stop_token_ids", t) for t in _items("stop_token_ids", ids))
     bad = next((t for t in checked if t < 0), None)
     if bad is not None:
         raise ValueError(f"stop_token_ids must be >= 0, got {bad} in stop_token_ids={ids!r}")
