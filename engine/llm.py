@@ -20,7 +20,7 @@ from engine import attention_choice, kv_cache
 from engine.config import EngineConfig
 from engine.output_processor import OutputProcessor
 from engine.page_allocator import PageAllocator
-from engine.request import Request, RequestOutput, SamplingParams, Status
+from engine.request import Request, RequestOutput, SamplingParams, Status, is_int, is_sequence
 from engine.runner import ModelRunner, StepResult
 from engine.scheduler import Scheduler, SchedulerOutput
 from models import LoadedModel, load_model
@@ -58,11 +58,18 @@ class LLM:
         self._seeds = np.random.default_rng(seed)
 
     # ---- requests -------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+    def _prompt_ids(self, prompt: object) -> list[int]:
+        """A str prompt through the tokenizer, else the ids of a list (or 1-D array) of int ids."""
         if isinstance(prompt, str):
             if self.model.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as token-id lists")
             return self.model.tokenizer.encode(prompt)
+        if not is_sequence(prompt):
+            raise ValueError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
+        bad = next((i for i, t in enumerate(prompt) if not is_int(t)), None)
+        if bad is not None:
+            raise ValueError(f"prompt token {bad} is {prompt[bad]!r} ({type(prompt[bad]).__name__}), "
+                             f"not an int token id")
         return [int(t) for t in prompt]
 
     def _validate(self, ids: list[int]) -> None:
@@ -76,11 +83,25 @@ class LLM:
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> Request:
-        """Validate and enqueue; a bad request raises ValueError and leaves the others untouched."""
-        params = params or SamplingParams()
+    def _checked(self, prompt: object, params: object) -> tuple[list[int], SamplingParams]:
+        """The prompt's ids and its params, or a ValueError naming what is wrong; admits nothing."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {params!r} ({type(params).__name__})")
         ids = self._prompt_ids(prompt)
         self._validate(ids)
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+        return ids, params
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> Request:
+        """Validate and enqueue; a bad request raises ValueError and leaves the others untouched."""
+        return self._enqueue(*self._checked(prompt, params))
+
+    def _enqueue(self, ids: list[int], params: SamplingParams) -> Request:
+        """Queue a validated request, drawing its seed unless the params fix one."""
         seed = params.seed if params.seed is not None else int(self._seeds.integers(2**32))
         request = Request(next(self._ids), ids, params, seed,
                           max_total_len=min(len(ids) + params.max_tokens, self.config.max_model_len))
@@ -138,7 +159,7 @@ class LLM:
         """If the KV cache's buffers were donated to a call that never returned them, allocate a
         fresh cache and requeue every running request to recompute its tokens (exact: greedy and
         seeded sampling only depend on the tokens and positions)."""
-        if self.runner.cache_lost():
+        if not self.runner.cache_intact():
             logging.warning("KV cache lost with a failed step: reallocated, running requests recompute")
             self.runner.cache = _allocate_cache(self.model, self.config)
             self.scheduler.preempt_all()
@@ -148,17 +169,19 @@ class LLM:
                  = None, *, use_tqdm: bool = True) -> list[RequestOutput]:
         """Run prompts to completion; outputs in prompt order. All are validated before any starts;
         an exception or interrupt while they run aborts them (the engine stays usable)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = [prompts] if _is_one_prompt(prompts) else prompts
+        if not (isinstance(prompts, (list, tuple)) or (isinstance(prompts, np.ndarray) and prompts.ndim == 2)):
+            raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
-        for i, prompt in enumerate(prompts):
+        checked = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params_list)):
             try:
-                self._validate(self._prompt_ids(prompt))
+                checked.append(self._checked(prompt, sp))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        requests = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        requests = [self._enqueue(ids, sp) for ids, sp in checked]
         with _aborted_on_exit(self, requests), tqdm(total=len(requests), disable=not use_tqdm, desc="generate") as bar:
             while any(r.status is not Status.FINISHED for r in requests):
                 bar.update(sum(r in requests for r in self.step()))
@@ -170,7 +193,8 @@ class LLM:
 
     def stream_request(self, request: Request) -> Iterator[str]:
         """`stream` for a request already added with `add_request` (its metrics stay readable).
-        Closing or dropping the generator, or an exception while it runs, aborts the request."""
+        Closing or dropping the generator, or an exception while it runs, aborts the request; a
+        request that fails raises RuntimeError with its error after the text it produced."""
         emitted = 0
         with _aborted_on_exit(self, [request]):
             while request.status is not Status.FINISHED:
@@ -179,6 +203,8 @@ class LLM:
                 if len(text) > emitted:
                     yield text[emitted:]
                     emitted = len(text)
+        if request.error:
+            raise RuntimeError(f"request {request.request_id} failed: {request.error}")
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, *,
              use_tqdm: bool = False) -> RequestOutput:
@@ -206,6 +232,12 @@ class _aborted_on_exit:
             for request in self.requests:
                 self.llm.abort(request.request_id)
         return False
+
+
+def _is_one_prompt(prompts: object) -> bool:
+    """Whether generate's `prompts` is one prompt (a str, or ids) rather than a list of prompts."""
+    return isinstance(prompts, str) or (is_sequence(prompts) and len(prompts) > 0
+                                        and not isinstance(prompts[0], (str, list, tuple, np.ndarray)))
 
 
 def _attention_shapes(model: LoadedModel, config: EngineConfig) -> attention_choice.AttentionShapes:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import time
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,20 +26,92 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p"):
+            object.__setattr__(self, name, _checked_float(name, getattr(self, name)))
+        for name in ("top_k", "max_tokens"):
+            object.__setattr__(self, name, _checked_int(name, getattr(self, name)))
+        for name in ("ignore_eos", "logprobs"):
+            object.__setattr__(self, name, _checked_bool(name, getattr(self, name)))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _checked_int("seed", self.seed))
+        object.__setattr__(self, "stop", _checked_stop(self.stop))
+        object.__setattr__(self, "stop_token_ids", _checked_stop_token_ids(self.stop_token_ids))
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+        if not -1 <= self.top_k < 2**31:  # the sampler holds it as an int32
+            raise ValueError(f"top_k must be -1 (disabled) or in [0, 2**31), got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+
+def is_int(value: object) -> bool:
+    """A Python or NumPy integer; bools are not (True would silently be token id 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _checked_int(name: str, value: object) -> int:
+    """value as a Python int, or a ValueError naming the field."""
+    if not is_int(value):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _checked_float(name: str, value: object) -> float:
+    """value (a real number, not a bool) as a finite Python float, or a ValueError naming the field."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def _checked_bool(name: str, value: object) -> bool:
+    """value (a Python or NumPy bool) as a bool: 0, 1 or "no" are refused rather than guessed at."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def is_sequence(value: object) -> bool:
+    """A list, tuple or 1-D NumPy array: what a list-valued field or a token-id prompt may be."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
+
+
+def _items(name: str, value: object) -> tuple:
+    """The elements of a list-valued field (None is empty)."""
+    if value is None:
+        return ()
+    if is_sequence(value):
+        return tuple(value)
+    raise ValueError(f"{name} must be a list, got {value!r} ({type(value).__name__})")
+
+
+def _checked_stop(stop: object) -> tuple[str, ...]:
+    """Non-empty stop strings (one str is a list of one): an empty one would stop every output at once."""
+    stops = (stop,) if isinstance(stop, str) else _items("stop", stop)
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop strings must be non-empty str, got {s!r} in stop={stop!r}")
+    return stops
+
+
+def _checked_stop_token_ids(ids: object) -> tuple[int, ...]:
+    """Non-negative int ids (the upper bound, the vocabulary, is checked by LLM.add_request)."""
+    checked = tuple(_checked_int("stop_token_ids", t) for t in _items("stop_token_ids", ids))
+    bad = next((t for t in checked if t < 0), None)
+    if bad is not None:
+        raise ValueError(f"stop_token_ids must be >= 0, got {bad} in stop_token_ids={ids!r}")
+    return checked
 
 
 @dataclasses.dataclass
@@ -104,7 +179,7 @@ class Request:
     prefill_target: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
-    error: str | None = None
+    error: str | None = None  # what failed, when finish_reason is "error"
     text: str = ""
     metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 

@@ -138,9 +138,13 @@ class ModelRunner:
         self.mixed_fn, self.decode_fn = jitted_steps(graphdef, decode_impl, mixed_impl, config.page_size,
                                                       config.decode_steps)
 
-    def cache_lost(self) -> bool:
-        """True when the cache's buffers were donated to a call that never returned them."""
-        return any(x.is_deleted() for x in jax.tree.leaves(self.cache))
+    def cache_intact(self) -> bool:
+        """False when a failed call consumed the cache: its buffers were donated (deleted) or hold the error."""
+        try:
+            jax.block_until_ready(self.cache)
+        except Exception:  # noqa: BLE001 (a deleted or errored buffer raises here)
+            return False
+        return True
 
     def warmup(self) -> int:
         """Compile every (rows, pages) decode bucket and (tokens, pages) mixed bucket with all-padding

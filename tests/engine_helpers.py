@@ -1,8 +1,23 @@
-"""Shared helpers for engine tests: a reference greedy decoder through the no-cache forward."""
+"""Shared helpers for engine tests: a small engine, random prompts, and a reference greedy decoder
+through the no-cache forward."""
 
 import numpy as np
 
+from engine import LLM
 from models import LoadedModel
+
+
+def tiny_llm(model: LoadedModel, **overrides) -> LLM:
+    """An engine small enough for CPU tests: 8-token pages, 128-token context, concurrency 8."""
+    kwargs = dict(page_size=8, max_model_len=128, max_num_seqs=8, prefill_chunk=32,
+                  max_num_batched_tokens=64, decode_steps=4)
+    return LLM(model, **{**kwargs, **overrides})
+
+
+def random_prompts(seed: int, n: int, vocab: int, low: int, high: int) -> list[list[int]]:
+    """n prompts of random ids in [0, vocab), their lengths in [low, high)."""
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, vocab, rng.integers(low, high))] for _ in range(n)]
 
 
 def greedy_reference(model: LoadedModel, prompts: list[list[int]], max_tokens: int, pad_to: int) -> list[list[int]]:

@@ -8,7 +8,7 @@ import pytest
 from engine import LLM, SamplingParams
 from benchmarks.compilations import count_compilations
 from models import load_model
-from tests.engine_helpers import greedy_reference
+from tests.engine_helpers import greedy_reference, random_prompts, tiny_llm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -16,17 +16,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 @pytest.fixture(scope="module")
 def tiny():
     return load_model("tiny-llama")
-
-
-def tiny_llm(model, **overrides) -> LLM:
-    kwargs = dict(page_size=8, max_model_len=128, max_num_seqs=8, prefill_chunk=32,
-                  max_num_batched_tokens=64, decode_steps=4)
-    return LLM(model, **{**kwargs, **overrides})
-
-
-def random_prompts(seed: int, n: int, vocab: int, low: int, high: int) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(0, vocab, rng.integers(low, high))] for _ in range(n)]
 
 
 def test_tiny_greedy_matches_forward(tiny):
@@ -133,6 +122,15 @@ def test_logprobs_match_forward(tiny):
     (list(range(128)), None, "prompt has 128 tokens but max_model_len is 128"),
     ([1, 2, 256], None, "token id 256 is outside the vocabulary"),
     ([1, -1], None, "token id -1 is outside the vocabulary"),
+    ([1.5, 2], None, r"prompt token 0 is 1.5 \(float\), not an int token id"),
+    ([2, True], None, r"prompt token 1 is True \(bool\)"),
+    ([[1, 2]], None, r"prompt token 0 is \[1, 2\] \(list\)"),
+    (np.array([1.0, 2.0]), None, r"prompt token 0 is np.float64\(1.0\)"),
+    (None, None, "a prompt must be a str or a list of int token ids, got NoneType"),
+    (np.array(3), None, "a prompt must be a str or a list of int token ids, got ndarray"),
+    ("hello", None, "this model has no tokenizer"),
+    ([1, 2], "greedy", r"params must be SamplingParams, got 'greedy' \(str\)"),
+    ([1, 2], SamplingParams(stop_token_ids=(256,)), r"stop_token_ids: token id 256 is outside the vocabulary"),
 ])
 def test_bad_requests_rejected_while_others_continue(tiny, prompt, params, message):
     llm = tiny_llm(tiny)
@@ -153,10 +151,49 @@ def test_bad_requests_rejected_while_others_continue(tiny, prompt, params, messa
     (dict(top_k=-2), "top_k must be -1"),
     (dict(min_p=-0.1), r"min_p must be in \[0, 1\]"),
     (dict(min_p=1.1), r"min_p must be in \[0, 1\]"),
+    (dict(stop=[None]), "stop strings must be non-empty str, got None"),
+    (dict(stop=[""]), "stop strings must be non-empty str, got ''"),
+    (dict(stop=5), r"stop must be a list, got 5 \(int\)"),
+    (dict(temperature=float("nan")), "temperature must be finite, got nan"),
+    (dict(top_p=float("inf")), "top_p must be finite, got inf"),
+    (dict(temperature=10**400), "temperature must be finite"),
+    (dict(min_p=True), r"min_p must be a number, got True \(bool\)"),
+    (dict(temperature="0"), r"temperature must be a number, got '0' \(str\)"),
+    (dict(max_tokens=2.5), r"max_tokens must be an int, got 2.5 \(float\)"),
+    (dict(max_tokens="3"), r"max_tokens must be an int, got '3' \(str\)"),
+    (dict(top_k=1.5), r"top_k must be an int, got 1.5 \(float\)"),
+    (dict(top_k=2**31), r"top_k must be -1 \(disabled\) or in \[0, 2\*\*31\)"),
+    (dict(seed=True), r"seed must be an int, got True \(bool\)"),
+    (dict(seed=2**32), r"seed must be in \[0, 2\*\*32\)"),
+    (dict(stop_token_ids=["a"]), r"stop_token_ids must be an int, got 'a' \(str\)"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids must be >= 0, got -1"),
+    (dict(stop_token_ids=3), r"stop_token_ids must be a list, got 3 \(int\)"),
+    (dict(ignore_eos=1), r"ignore_eos must be a bool, got 1 \(int\)"),
+    (dict(logprobs="yes"), r"logprobs must be a bool, got 'yes' \(str\)"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_normalize_numpy_and_single_values():
+    params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), max_tokens=np.int32(4), seed=np.uint32(7),
+                            stop="x", stop_token_ids=np.array([1, 2]), ignore_eos=np.bool_(True), min_p=0)
+    assert params == SamplingParams(temperature=0.5, top_k=3, max_tokens=4, seed=7, stop=("x",),
+                                    stop_token_ids=(1, 2), ignore_eos=True, min_p=0.0)
+    assert [type(v) for v in (params.temperature, params.top_k, params.min_p, params.ignore_eos)] == [
+        float, int, float, bool]
+    assert SamplingParams(stop=None, stop_token_ids=None) == SamplingParams()
+
+
+def test_prompt_forms_agree(tiny):
+    """Token-id prompts as a list, a tuple, NumPy ints or an int32 array are the same prompt."""
+    prompt = random_prompts(12, 1, 256, 10, 11)[0]
+    llm = tiny_llm(tiny)
+    expected = llm.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids
+    forms = [tuple(prompt), [np.int64(t) for t in prompt], np.array(prompt, np.int32)]
+    assert [o.token_ids for o in llm.generate(forms, GREEDY, use_tqdm=False)] == [expected] * 3
+    assert llm.generate(np.array(prompt, np.int32), GREEDY, use_tqdm=False)[0].token_ids == expected
 
 
 def test_pool_too_small_for_one_request(tiny):
@@ -168,7 +205,11 @@ def test_generate_names_the_bad_prompt(tiny):
     llm = tiny_llm(tiny)
     with pytest.raises(ValueError, match="prompt 1: prompt is empty"):
         llm.generate([[1, 2], []], GREEDY, use_tqdm=False)
-    assert not llm.has_unfinished()
+    with pytest.raises(ValueError, match="prompt 1: stop_token_ids: token id 300 is outside the vocabulary"):
+        llm.generate([[1, 2], [3]], [GREEDY, SamplingParams(stop_token_ids=[300])], use_tqdm=False)
+    with pytest.raises(ValueError, match="prompts must be a prompt or a list of prompts, got NoneType"):
+        llm.generate(None, GREEDY, use_tqdm=False)
+    assert not llm.has_unfinished()  # nothing was half-admitted
 
 
 def test_interpret_kernels_match_xla(tiny):

@@ -111,7 +111,7 @@ def test_interrupt_inside_generate_keeps_the_engine(tiny, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompts, GREEDY, use_tqdm=False)
     assert not llm.has_unfinished() and llm.allocator.num_free == llm.config.num_pages - 1
-    assert not llm.runner.cache_lost()
+    assert llm.runner.cache_intact()
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == greedy_reference(tiny, prompts, 12, pad_to=64)
 
