@@ -6,7 +6,7 @@ from __future__ import annotations
 class PageAllocator:
     """Hands out page ids 1..num_pages-1; a page returns to the free list when its count drops to 0.
 
-    Reference counts let a later prefix cache share pages between requests.
+    Reference counts guard against double frees (and let a prefix cache share pages later).
     """
 
     def __init__(self, num_pages: int):
@@ -30,10 +30,6 @@ class PageAllocator:
         for p in pages:
             self._refs[p] = 1
         return pages
-
-    def share(self, pages: list[int]) -> None:
-        for p in pages:
-            self._refs[p] += 1
 
     def free(self, pages: list[int]) -> None:
         for p in pages:

@@ -33,11 +33,10 @@ class ScheduledRequest:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerOutput:
-    """One step: what runs, and whether it is decode-only (then `decode_steps` steps in one call)."""
+    """One step: what runs, and how many decode steps its call takes (> 1 only when decode-only)."""
 
     scheduled: list[ScheduledRequest]
     decode_steps: int
-    preempted: list[Request]
 
     @property
     def is_decode_only(self) -> bool:
@@ -71,7 +70,7 @@ class Scheduler:
                 budget -= n
         if not preempted:
             budget = self._admit(scheduled, budget)
-        return SchedulerOutput(scheduled, self._decode_steps(scheduled), preempted)
+        return SchedulerOutput(scheduled, self._decode_steps(scheduled))
 
     def _next_tokens(self, request: Request, budget: int) -> int:
         """1 for a decode, else the next prefill chunk that fits the budget."""
@@ -99,7 +98,7 @@ class Scheduler:
         steps = self.config.decode_steps
         if steps == 1 or not scheduled or (self.waiting and len(self.running) < self.config.max_num_seqs):
             return 1
-        if not SchedulerOutput(scheduled, 1, []).is_decode_only:
+        if not SchedulerOutput(scheduled, 1).is_decode_only:
             return 1
         for s in scheduled:
             if not self._try_grow(s.request, min(s.start + steps, s.request.max_total_len)):

@@ -36,11 +36,6 @@ def make_mesh(data: int = 1, tensor: int = 1, expert: int = 1,
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def mesh_shape(mesh: Mesh) -> dict[str, int]:
-    """{"data": d, "tensor": t, "expert": e} (1 for an axis the mesh lacks)."""
-    return {name: int(mesh.shape.get(name, 1)) for name in MESH_AXES}
-
-
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, local_device_count: int | None = None) -> None:
     """`jax.distributed.initialize` from arguments or the environment.
