@@ -1,4 +1,4 @@
-"""Paged attention on CPU through an XLA FFI custom call (cpu_paged_attention.cc).
+"""Paged attention on CPU through an XLA FFI custom call (cpu_paged_attention.cc), ragged natively.
 
 XLA CPU runs the jnp paged attention as a page gather plus batched small matmuls at 2-8 GB/s; the
 C++ kernel reads the pages in place. It is compiled with the system C++ compiler on first use and
@@ -24,7 +24,7 @@ from absl import logging
 from pallas_kernels.flash_attention import check_attention_args
 
 _SOURCE = Path(__file__).with_suffix(".cc")
-_TARGET = "jaxserve_paged_attention_cpu"
+_TARGET = "jaxserve_ragged_paged_attention_cpu"
 LANES = 16  # kLanes in the C++ source
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
@@ -70,7 +70,7 @@ def build() -> Path:
 @functools.cache
 def _register() -> None:
     """Builds and loads the library and registers its handler with XLA (once per process)."""
-    handler = ctypes.cdll.LoadLibrary(str(build())).PagedAttentionCpu
+    handler = ctypes.cdll.LoadLibrary(str(build())).RaggedPagedAttentionCpu
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
 
 
@@ -90,18 +90,33 @@ def supported(head_dim: int) -> bool:
     return head_dim % LANES == 0 and available()
 
 
-def paged_attention_cpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
-                        context_lens: jax.Array, *, sliding_window: int | None = None,
-                        sinks: jax.Array | None = None, scale: float | None = None) -> jax.Array:
-    """paged_attention_reference's contract, computed by the C++ kernel (float32 or bfloat16 pages)."""
-    _, _, hq, d = q.shape
+def ragged_paged_attention_cpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, query_start_loc: jax.Array,
+                               context_lens: jax.Array, block_tables: jax.Array, *, sliding_window: int | None = None,
+                               sinks: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """ragged_paged_attention_reference's contract (q [T, Hq, D]), computed by the C++ kernel.
+
+    One work item per (non-empty sequence, KV head): a prefill chunk reads each page once for all
+    its rows. float32 or bfloat16 pages; returns [T, Hq, D] in q.dtype.
+    """
+    _, hq, d = q.shape
     check_attention_args(hq, k_pages.shape[0], sliding_window, sinks)
     if d % LANES:
-        raise ValueError(f"paged_attention_cpu needs head_dim divisible by {LANES}, got {d}")
+        raise ValueError(f"ragged_paged_attention_cpu needs head_dim divisible by {LANES}, got {d}")
     _register()
     sinks = jnp.full((hq,), -jnp.inf, jnp.float32) if sinks is None else sinks.astype(jnp.float32)
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, k_pages.dtype), vmap_method="sequential")
-    out = call(q.astype(k_pages.dtype), k_pages, v_pages, block_tables.astype(jnp.int32),
-               context_lens.astype(jnp.int32), sinks, scale=np.float32(d**-0.5 if scale is None else scale),
-               sliding_window=np.int64(sliding_window or 0))
+    out = call(q.astype(k_pages.dtype), k_pages, v_pages, query_start_loc.astype(jnp.int32),
+               context_lens.astype(jnp.int32), block_tables.astype(jnp.int32), sinks,
+               scale=np.float32(d**-0.5 if scale is None else scale), sliding_window=np.int64(sliding_window or 0))
     return out.astype(q.dtype)
+
+
+def paged_attention_cpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+                        context_lens: jax.Array, *, sliding_window: int | None = None,
+                        sinks: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """paged_attention_reference's contract (q [B, Q, Hq, D]): the ragged call with Q rows per sequence."""
+    b, q_len, hq, d = q.shape
+    query_start_loc = jnp.arange(b + 1, dtype=jnp.int32) * q_len
+    out = ragged_paged_attention_cpu(q.reshape(b * q_len, hq, d), k_pages, v_pages, query_start_loc, context_lens,
+                                     block_tables, sliding_window=sliding_window, sinks=sinks, scale=scale)
+    return out.reshape(q.shape)

@@ -125,14 +125,17 @@ def ragged_paged_attention(
     [T,Hq,D] in q.dtype. max_query_len: a static upper bound on any q_len_s (1 for decode-only
     steps), or None.
 
-    "cpu" and the Mosaic kernel run every token as its own Q=1 row; "xla" does so when
-    max_query_len == 1, else tiles of min(rpa.BLOCK_Q, max_query_len) rows per padded row.
+    "cpu" runs the C++ kernel's ragged mode (each sequence's rows together); the Mosaic kernel
+    runs every token as its own Q=1 row; "xla" does so when max_query_len == 1, else tiles of
+    min(rpa.BLOCK_Q, max_query_len) rows per padded row.
     """
     kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
     args = (q, k_pages, v_pages, query_start_loc, context_lens, block_tables)
     resolved = resolve_impl(impl)
-    if resolved == "cpu" and impl != "cpu" and not cpa.supported(q.shape[-1]):
-        resolved = "xla"
+    if resolved == "cpu":
+        if impl == "cpu" or cpa.supported(q.shape[-1]):
+            return cpa.ragged_paged_attention_cpu(*args, **kwargs)
+        resolved = "xla"  # "auto" where the kernel cannot run (no compiler, or an odd head_dim)
     if resolved == "xla" and max_query_len != 1:
         block_q = min(rpa.BLOCK_Q, max_query_len or rpa.BLOCK_Q)
         return rpa.ragged_paged_attention_tiled(pa.paged_attention_blocked, *args, block_q=block_q, **kwargs)

@@ -8,10 +8,11 @@ sequence in the cache including the new ones (already written into the pages). k
 [Hkv, num_pages, page_size, D]; block_tables [S, P] int32, padded with the null page 0. Rows at
 or past query_start_loc[S] (padding) and rows that see no key give zeros.
 
-Two exact reductions onto the padded contract of paged_attention.py (q [B, Q, Hq, D], the last Q
-tokens of each row), so every padded implementation serves the ragged batch unchanged:
+The C++ kernel (cpu_paged_attention.ragged_paged_attention_cpu) takes this contract natively.
+For the others, two exact reductions onto the padded contract of paged_attention.py (q [B, Q, Hq,
+D], the last Q tokens of each row), so every padded implementation serves the ragged batch:
   per token  every token is its own Q=1 row (its sequence's block table, context = position + 1):
-             the decode path of every implementation, no tiling overhead;
+             the Mosaic kernel's path and XLA's decode path, no tiling overhead;
   tiled      each sequence's rows cut into tiles of block_q rows, one padded row per tile: a
              prefill chunk gathers its context once per tile instead of once per token.
 On a 2-core CPU at SmolLM2 shapes (benchmarks/results/cpu-ragged-attention.json) tiling cut the

@@ -1,14 +1,16 @@
 """Times ragged paged attention on CPU against today's padded paths; writes JSON.
 
 At SmolLM2-135M shapes (Hq=9, Hkv=3, D=64, page_size=16; pages scattered in a pool), for each
-batch: ops.ragged_paged_attention per impl ("cpu": every token a Q=1 row of the C++ kernel; "xla":
-tiles of rpa.BLOCK_Q rows on the jnp page loop, or per token when max_query_len == 1); for
-prefill also XLA per token, the tiled reduction at other tile sizes and on the C++ kernel; and as
-the baselines today's padded calls (ops.paged_attention with q [R, C, Hq, D], one call per
-distinct query length, impl "xla" and "cpu"). Variants are interleaved (one call of each per
-round); the median per variant is reported with its ratio to the padded XLA path. The ragged calls
-get the engine's shapes: S = max_num_seqs (zero-length sequences after the real ones) and T a
-power-of-two bucket (padding rows after).
+batch: ops.ragged_paged_attention per impl ("cpu": the C++ kernel's native ragged mode, one work
+item per (sequence, KV head); "xla": tiles of rpa.BLOCK_Q rows on the jnp page loop, or per token
+when max_query_len == 1); the C++ kernel through the per-token reduction (every token a Q=1 row,
+the "cpu" path before the ragged mode); for prefill also XLA per token, the tiled reduction at
+other tile sizes and on the C++ kernel; and as the baselines today's padded calls
+(ops.paged_attention with q [R, C, Hq, D], one call per distinct query length, impl "xla" and
+"cpu"). Variants are interleaved (one call of each per round); the median per variant is
+reported with its ratio to the padded XLA path. The ragged calls get the engine's shapes: S =
+max_num_seqs (zero-length sequences after the real ones) and T a power-of-two bucket (padding
+rows after).
 
   python scripts/bench_ragged_attention.py --output=benchmarks/results/cpu-ragged-attention.json
 """
@@ -116,6 +118,8 @@ def variants(batch: Batch, inputs: Inputs) -> dict[str, Callable[[], jax.Array]]
                                                max_query_len=batch.max_query_len)),
         "ragged_xla": ragged(functools.partial(ops.ragged_paged_attention, impl="xla",
                                                max_query_len=batch.max_query_len)),
+        "ragged_cpu_per_token": ragged(functools.partial(rpa.ragged_paged_attention_per_token,
+                                                         cpa.paged_attention_cpu)),
         "padded_xla": padded("xla"),
         "padded_cpu": padded("cpu"),
     }

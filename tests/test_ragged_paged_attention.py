@@ -1,5 +1,6 @@
-"""Ragged paged attention: the jnp reference, the per-token and tiled reductions onto the padded
-implementations and ops dispatch vs float64 NumPy; jit with engine-style static shapes; interpret mode."""
+"""Ragged paged attention: the jnp reference, the C++ kernel's native ragged mode (impl "cpu"), the
+per-token and tiled reductions onto the padded implementations and ops dispatch vs float64 NumPy;
+jit with engine-style static shapes; interpret mode."""
 
 import functools
 
@@ -45,8 +46,9 @@ def ragged_np(q, k_pages, v_pages, query_start_loc, context_lens, block_tables, 
 
 
 # (seqs [(context_len, q_len)], pad_rows, pad_seqs, Hq, Hkv, D, page_size, max_pages, window, sinks):
-# decode rows, verify rows (k+1), prefill chunks (whole and mid-context), page boundaries,
-# zero-length sequences between and after the others, padding rows, GQA 1-8, windows, sinks.
+# decode rows, verify rows (k+1), prefill chunks (whole and mid-context; 37 and 40 rows span two of
+# the C++ kernel's 32-row tiles), page boundaries, zero-length sequences between and after the
+# others, padding rows, GQA 1-8, windows, sinks.
 CASES = [
     ([(5, 1), (16, 1), (1, 1), (33, 1)], 3, 2, 4, 4, 16, 8, 5, None, False),
     ([(17, 4), (9, 9), (40, 1), (24, 12)], 0, 0, 8, 2, 32, 8, 6, None, True),
@@ -69,7 +71,7 @@ IMPLEMENTATIONS = {
     "xla_tiles_of_4": jitted(functools.partial(rpa.ragged_paged_attention_tiled, pa.paged_attention_blocked,
                                                block_q=4)),
     "xla_per_token": jitted(functools.partial(rpa.ragged_paged_attention_per_token, pa.paged_attention_blocked)),
-    "cpu": functools.partial(RAGGED, impl="cpu"),
+    "cpu": functools.partial(RAGGED, impl="cpu"),  # the C++ kernel's ragged mode
 }
 
 
