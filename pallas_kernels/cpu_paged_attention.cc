@@ -1,8 +1,8 @@
 // Ragged paged attention for XLA CPU, an XLA FFI custom call: the new tokens of each sequence
 // attend to its KV pages read in place. XLA's gather + batched small dots ran this at 2-8 GB/s on
-// a 2-core CPU; here each (sequence, KV head) walks its pages once with an online softmax, all its
-// query rows (every token of a prefill chunk, every head of the group) sharing each K/V page while
-// it is in L1.
+// a 2-core CPU; here each (sequence, KV head, tile of kRowTile query rows) walks the sequence's
+// pages once with an online softmax, the tile's rows (tokens of a prefill chunk, heads of the
+// group) sharing each K/V page while it is in L1.
 //
 // Same contract as ragged_paged_attention.ragged_paged_attention_reference (float32 or bfloat16 q
 // and pages): q [T, Hq, D], k/v pages [Hkv, N, P, D], query_start_loc [S+1] int32, context_lens

@@ -95,8 +95,8 @@ def ragged_paged_attention_cpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
                                sinks: jax.Array | None = None, scale: float | None = None) -> jax.Array:
     """ragged_paged_attention_reference's contract (q [T, Hq, D]), computed by the C++ kernel.
 
-    One work item per (non-empty sequence, KV head): a prefill chunk reads each page once for all
-    its rows. float32 or bfloat16 pages; returns [T, Hq, D] in q.dtype.
+    One work item per (sequence, KV head, tile of up to 32 rows): a prefill chunk reads each page
+    once per tile, not once per token. float32 or bfloat16 pages; returns [T, Hq, D] in q.dtype.
     """
     _, hq, d = q.shape
     check_attention_args(hq, k_pages.shape[0], sliding_window, sinks)

@@ -125,7 +125,7 @@ def ragged_paged_attention(
     [T,Hq,D] in q.dtype. max_query_len: a static upper bound on any q_len_s (1 for decode-only
     steps), or None.
 
-    "cpu" runs the C++ kernel's ragged mode (each sequence's rows together); the Mosaic kernel
+    "cpu" runs the C++ kernel's ragged mode (tiles of 32 rows sharing each page); the Mosaic kernel
     runs every token as its own Q=1 row; "xla" does so when max_query_len == 1, else tiles of
     min(rpa.BLOCK_Q, max_query_len) rows per padded row.
     """
