@@ -21,7 +21,7 @@ from engine.config import EngineConfig
 from engine.output_processor import OutputProcessor
 from engine.page_allocator import PageAllocator
 from engine.request import Request, RequestOutput, SamplingParams, Status, is_int, is_sequence
-from engine.runner import ModelRunner, StepResult
+from engine.runner import ModelRunner, StepResult, fetch
 from engine.scheduler import Scheduler, SchedulerOutput
 from models import LoadedModel, load_model
 from sharding.rules import cache_sharding, shard_model
@@ -54,6 +54,7 @@ class LLM:
                                   self.attention.decode, self.attention.mixed)
         self.processor = OutputProcessor(self.scheduler, self.model.tokenizer)
         self._requests: dict[int, Request] = {}
+        self._inflight: _InFlight | None = None  # a decode call dispatched before the last one was applied
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(seed)
 
@@ -123,15 +124,26 @@ class LLM:
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one engine step; returns the requests that finished in it (a failed step finishes
-        its requests with "error" and leaves the engine working)."""
-        output = self.scheduler.schedule()
-        if not output.scheduled:
-            return []
+        its requests with "error" and leaves the engine working).
+
+        Decode-only steps overlap host and device: before waiting for a decode call's tokens the
+        next call of the same requests is dispatched, fed those tokens on device, so the host's
+        scheduling, input building and output processing run while the device computes.
+        """
+        if self._inflight is not None:
+            output, pending = self._inflight.output, self._inflight.tokens
+            self._inflight = None
+        else:
+            output = self.scheduler.schedule()
+            if not output.scheduled:
+                return []
+            pending = None
         try:
-            result = self._run(output)
+            result = self._run(output, pending)
         except Exception as e:  # noqa: BLE001 (an XLA runtime error, out of memory: contained)
             return self._fail_step(output, e)
         except BaseException:  # KeyboardInterrupt: leave the engine consistent, then let it through
+            self._inflight = None
             self._recover_cache()
             raise
         finished = self.processor.apply(output, result)
@@ -139,14 +151,23 @@ class LLM:
             self._requests.pop(request.request_id, None)
         return finished
 
-    def _run(self, output: SchedulerOutput) -> StepResult:
-        if output.decode_steps > 1:
-            return self.runner.decode([s.request for s in output.scheduled])
-        return self.runner.mixed(output.scheduled)
+    def _run(self, output: SchedulerOutput, pending: tuple | None) -> StepResult:
+        """Run (or, when already dispatched, finish) `output`'s call; a decode call first dispatches
+        its successor when the scheduler can run ahead."""
+        if output.decode_steps == 1:
+            return self.runner.mixed(output.scheduled)
+        if pending is None:
+            pending = self.runner.run_decode_arrays(*self.runner.decode_inputs(_requests_of(output)).args())
+        ahead = self.scheduler.run_ahead(output)
+        if ahead is not None:
+            inputs = self.runner.decode_inputs(_requests_of(ahead), steps_ahead=output.decode_steps)
+            self._inflight = _InFlight(ahead, self.runner.run_decode_arrays(*inputs.args(pending[0][:, -1])))
+        return fetch(pending)
 
     def _fail_step(self, output: SchedulerOutput, error: Exception) -> list[Request]:
         """The step's requests finish with the error; a cache lost to the failed call is rebuilt."""
         logging.error("engine step failed: %r", error)
+        self._inflight = None  # a call dispatched after the failed one shares its fate
         failed = [s.request for s in output.scheduled if s.request.status is not Status.FINISHED]
         for request in failed:
             request.error = f"{type(error).__name__}: {error}"
@@ -216,6 +237,18 @@ class LLM:
     def warmup(self) -> int:
         """Compile every shape bucket now (with all-padding batches); returns the number of shapes."""
         return self.runner.warmup()
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A decode call dispatched ahead: its schedule and its (device) sampled tokens and logprobs."""
+
+    output: SchedulerOutput
+    tokens: tuple
+
+
+def _requests_of(output: SchedulerOutput) -> list[Request]:
+    return [s.request for s in output.scheduled]
 
 
 class _aborted_on_exit:

@@ -28,6 +28,8 @@ class OutputProcessor:
         finished = []
         for row, s in enumerate(output.scheduled):
             request = s.request
+            if request.status is Status.FINISHED:
+                continue  # aborted, or finished before this run-ahead call's rows were known
             try:
                 done = self._apply_one(request, s.start + s.num_tokens, s.samples, result, row,
                                        output.decode_steps, now)

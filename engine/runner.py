@@ -34,6 +34,23 @@ class StepResult:
     logprobs: np.ndarray
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeInputs:
+    """A decode call's host arrays [rows]: the fed tokens and their positions, block tables, which
+    rows are real, and sampling parameters."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    block_tables: np.ndarray
+    active: np.ndarray
+    sampling: SamplingTensors
+
+    def args(self, tokens: jax.Array | np.ndarray | None = None) -> tuple:
+        """The decode function's arguments; `tokens` (on device) replaces the host tokens."""
+        return (self.tokens if tokens is None else tokens, self.positions, self.block_tables, self.active,
+                self.sampling)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MixedBatch:
@@ -146,6 +163,20 @@ class ModelRunner:
             return False
         return True
 
+    def decode_inputs(self, requests: list[Request], steps_ahead: int = 0) -> DecodeInputs:
+        """Host arrays of a decode call for `requests`, `steps_ahead` tokens past their last one
+        (a call dispatched before the previous call's tokens reach the host feeds them on device)."""
+        cfg = self.config
+        rows = bucket(len(requests), cfg.batch_buckets)
+        positions = np.zeros((rows,), np.int32)
+        positions[:len(requests)] = [len(r.tokens) - 1 + steps_ahead for r in requests]
+        tokens = np.zeros((rows,), np.int32)
+        tokens[:len(requests)] = [r.tokens[-1] for r in requests]
+        pages = bucket(-(-(int(positions.max()) + cfg.decode_steps) // cfg.page_size), cfg.page_buckets)
+        active = np.arange(rows) < len(requests)
+        sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
+        return DecodeInputs(tokens, positions, block_table(requests, rows, pages), active, sampling)
+
     def warmup(self) -> int:
         """Compile every (rows, pages) decode bucket and (tokens, pages) mixed bucket with all-padding
         inputs (they write page 0 only), and wait for those runs: dispatch is asynchronous, so the
@@ -183,21 +214,12 @@ class ModelRunner:
         return out_tokens, out_logprobs
 
     def mixed(self, scheduled: list[ScheduledRequest]) -> StepResult:
-        return _host(self.run_mixed_arrays(mixed_batch(scheduled, self.config)))
+        return fetch(self.run_mixed_arrays(mixed_batch(scheduled, self.config)))
 
     def decode(self, requests: list[Request]) -> StepResult:
-        cfg = self.config
-        rows = bucket(len(requests), cfg.batch_buckets)
-        positions = np.zeros((rows,), np.int32)
-        positions[:len(requests)] = [len(r.tokens) - 1 for r in requests]
-        tokens = np.zeros((rows,), np.int32)
-        tokens[:len(requests)] = [r.tokens[-1] for r in requests]
-        pages = bucket(-(-(int(positions.max()) + cfg.decode_steps) // cfg.page_size), cfg.page_buckets)
-        active = np.arange(rows) < len(requests)
-        sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
-        return _host(self.run_decode_arrays(tokens, positions, block_table(requests, rows, pages), active, sampling))
+        return fetch(self.run_decode_arrays(*self.decode_inputs(requests).args()))
 
 
-def _host(outputs: tuple[jax.Array, jax.Array]) -> StepResult:
+def fetch(outputs: tuple[jax.Array, jax.Array]) -> StepResult:
     """The one host sync of a step: the sampled tokens and their logprobs."""
     return StepResult(*(np.asarray(x) for x in outputs))

@@ -120,6 +120,22 @@ class Scheduler:
         for request in reversed(list(self.running)):
             self._preempt(request)
 
+    def run_ahead(self, output: SchedulerOutput) -> SchedulerOutput | None:
+        """The next decode-only step of `output`'s requests, scheduled before its tokens are known
+        (as if none finished: rows of those that did are discarded), when nothing else could run and
+        the pool has their pages without preempting; else None."""
+        steps = output.decode_steps
+        if steps == 1 or self.waiting and len(self.running) < self.config.max_num_seqs:
+            return None
+        if [s.request for s in output.scheduled] != self.running:
+            return None
+        if all(s.start + 1 + steps >= s.request.max_total_len for s in output.scheduled):
+            return None  # every request ends within `output`: nothing to run ahead
+        for s in output.scheduled:
+            if not self._try_grow(s.request, min(s.start + 2 * steps, s.request.max_total_len)):
+                return None
+        return SchedulerOutput([ScheduledRequest(s.request, s.start + steps, 1) for s in output.scheduled], steps)
+
     def _try_grow(self, request: Request, num_tokens: int) -> bool:
         """Give `request` pages for its first `num_tokens` tokens, if the pool has them."""
         need = max(0, -(-num_tokens // self.config.page_size) - len(request.pages))
