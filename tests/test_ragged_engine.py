@@ -187,3 +187,27 @@ def test_auto_attention_keeps_the_faster_path(monkeypatch, slow):
     fast = "xla" if slow == "cpu" else "cpu"
     assert choice.decode == choice.mixed == fast
     assert choice.timings_ms["decode"][slow] > choice.timings_ms["decode"][fast]
+
+
+def test_decode_calls_run_ahead_and_an_abort_between_them_is_safe(tiny, monkeypatch):
+    """Decode-only calls are dispatched one ahead (fed their tokens on device); a request aborted
+    while its next call is in flight loses its pages at once, the others' tokens stay exact."""
+    llm = small_llm(tiny)
+    ahead = []
+    original = llm.scheduler.run_ahead
+    monkeypatch.setattr(llm.scheduler, "run_ahead", lambda output: ahead.append(original(output)) or ahead[-1])
+    prompts = prompts_of(9, [6, 14, 25, 9])
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    requests = [llm.add_request(p, params) for p in prompts]
+    while not all(len(r.output_token_ids) > 5 for r in requests):
+        llm.step()
+    assert llm._inflight is not None and any(a is not None for a in ahead)
+    assert llm.abort(requests[1].request_id) and not requests[1].pages
+    assert_pages_consistent(llm)
+    while llm.has_unfinished():
+        llm.step()
+    kept = [0, 2, 3]
+    want = greedy_reference(tiny, [prompts[i] for i in kept], 30, pad_to=64)
+    assert [requests[i].output_token_ids for i in kept] == want
+    assert requests[1].output_token_ids == greedy_reference(tiny, [prompts[1]], 30, pad_to=64)[0][
+        :len(requests[1].output_token_ids)]
