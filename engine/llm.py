@@ -161,7 +161,7 @@ class LLM:
         ahead = self.scheduler.run_ahead(output)
         if ahead is not None:
             inputs = self.runner.decode_inputs(_requests_of(ahead), steps_ahead=output.decode_steps)
-            self._inflight = _InFlight(ahead, self.runner.run_decode_arrays(*inputs.args(pending[0][:, -1])))
+            self._inflight = _InFlight(ahead, self.runner.run_decode_arrays(*inputs.args(pending[0])))
         return fetch(pending)
 
     def _fail_step(self, output: SchedulerOutput, error: Exception) -> list[Request]:

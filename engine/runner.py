@@ -36,8 +36,8 @@ class StepResult:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeInputs:
-    """A decode call's host arrays [rows]: the fed tokens and their positions, block tables, which
-    rows are real, and sampling parameters."""
+    """A decode call's host arrays: the fed tokens [rows, steps] (in the last column) and their
+    positions [rows], block tables, which rows are real, and sampling parameters."""
 
     tokens: np.ndarray
     positions: np.ndarray
@@ -77,7 +77,10 @@ def _mixed_step(graphdef: nnx.GraphDef, impl: str, state: nnx.State, cache: list
 def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: int, state: nnx.State,
                  cache: list[LayerCache], tokens: jax.Array, positions: jax.Array, block_tables: jax.Array,
                  active: jax.Array, sampling: SamplingTensors) -> tuple[jax.Array, jax.Array, list[LayerCache]]:
-    """num_steps decode steps; step i feeds token i at positions + i. Inactive rows write page 0."""
+    """num_steps decode steps; step i feeds token i at positions + i. Inactive rows write page 0.
+
+    tokens [B, num_steps]: the first fed token is its last column (so the previous call's sampled
+    tokens feed a call dispatched before they reach the host, without an op outside the jit)."""
     model = nnx.merge(graphdef, state)
     b = tokens.shape[0]
     query_start_loc = jnp.arange(b + 1, dtype=jnp.int32)  # one query per row
@@ -93,7 +96,7 @@ def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: i
         token, logprob = sample(model.logits(hidden[0]), sampling, pos + 1)
         return cache, token, out_tokens.at[:, i].set(token), out_logprobs.at[:, i].set(logprob)
 
-    init = (cache, tokens, jnp.zeros((b, num_steps), jnp.int32), jnp.zeros((b, num_steps), jnp.float32))
+    init = (cache, tokens[:, -1], jnp.zeros((b, num_steps), jnp.int32), jnp.zeros((b, num_steps), jnp.float32))
     cache, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, num_steps, step, init)
     return out_tokens, out_logprobs, cache
 
@@ -170,8 +173,8 @@ class ModelRunner:
         rows = bucket(len(requests), cfg.batch_buckets)
         positions = np.zeros((rows,), np.int32)
         positions[:len(requests)] = [len(r.tokens) - 1 + steps_ahead for r in requests]
-        tokens = np.zeros((rows,), np.int32)
-        tokens[:len(requests)] = [r.tokens[-1] for r in requests]
+        tokens = np.zeros((rows, cfg.decode_steps), np.int32)
+        tokens[:len(requests), -1] = [r.tokens[-1] for r in requests]
         pages = bucket(-(-(int(positions.max()) + cfg.decode_steps) // cfg.page_size), cfg.page_buckets)
         active = np.arange(rows) < len(requests)
         sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
@@ -194,8 +197,8 @@ class ModelRunner:
 
     def padding_decode(self, rows: int, pages: int) -> tuple:
         zeros = np.zeros((rows,), np.int32)
-        return (zeros, zeros, np.zeros((rows, pages), np.int32), np.zeros((rows,), bool),
-                SamplingTensors.build([], [], rows))
+        return (np.zeros((rows, self.config.decode_steps), np.int32), zeros, np.zeros((rows, pages), np.int32),
+                np.zeros((rows,), bool), SamplingTensors.build([], [], rows))
 
     def padding_mixed(self, num_tokens: int, pages: int) -> MixedBatch:
         """A mixed batch of `num_tokens` padding tokens (no sequence), for compiling its bucket."""

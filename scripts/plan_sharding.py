@@ -67,7 +67,7 @@ def decode_inputs(rows: int, pages: int, mesh, rules) -> dict:
     from engine.sampler import SamplingTensors
     sampling = jax.tree.map(lambda x: batch_input(x.shape, x.dtype, mesh, rules),
                             SamplingTensors.build([], [], rows))
-    return {"rows": batch_input((rows,), jnp.int32, mesh, rules),
+    return {"rows": batch_input((rows,), jnp.int32, mesh, rules), "fed": batch_input((rows, 1), jnp.int32, mesh, rules),
             "active": batch_input((rows,), jnp.bool_, mesh, rules),
             "tables": batch_input((rows, pages), jnp.int32, mesh, rules), "sampling": sampling}
 
@@ -97,7 +97,7 @@ def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, object]:
     batch = mixed_inputs(FLAGS.prefill_rows * FLAGS.prefill_chunk, FLAGS.batch, pages_per_seq, mesh, rules)
     prefill = mixed_fn.lower(state, cache, batch).compile()
     dec = decode_inputs(FLAGS.batch, pages_per_seq, mesh, rules)
-    decode = decode_fn.lower(state, cache, dec["rows"], dec["rows"], dec["tables"], dec["active"],
+    decode = decode_fn.lower(state, cache, dec["fed"], dec["rows"], dec["tables"], dec["active"],
                              dec["sampling"]).compile()
     return {"prefill": prefill, "decode": decode}
 

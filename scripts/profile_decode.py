@@ -73,7 +73,7 @@ def scattered_tables(runner: ModelRunner, batch: int, tokens: int, seed: int = 0
 def decode_inputs(runner: ModelRunner, batch: int, context: int) -> tuple:
     """The decode call's arguments after the state and cache: `batch` greedy rows at `context` tokens."""
     tables = scattered_tables(runner, batch, context + runner.config.decode_steps)
-    tokens = np.random.default_rng(1).integers(0, 1000, batch).astype(np.int32)
+    tokens = np.random.default_rng(1).integers(0, 1000, (batch, runner.config.decode_steps)).astype(np.int32)
     positions = np.full((batch,), context, np.int32)
     sampling = SamplingTensors.build([SamplingParams(temperature=0.0)] * batch, list(range(batch)), batch)
     return tokens, positions, tables, np.ones((batch,), bool), sampling

@@ -229,7 +229,8 @@ def test_decode_updates_cache_in_place(tiny):
     rows, pages = 1, llm.config.page_buckets[0]
     zeros = np.zeros((rows,), np.int32)
     from engine.sampler import SamplingTensors
-    hlo = runner.decode_fn.lower(runner.state, runner.cache, zeros, zeros, np.zeros((rows, pages), np.int32),
+    hlo = runner.decode_fn.lower(runner.state, runner.cache, np.zeros((rows, llm.config.decode_steps), np.int32),
+                                 zeros, np.zeros((rows, pages), np.int32),
                                  np.ones((rows,), bool), SamplingTensors.build([], [], rows)).compile().as_text()
     hkv, num_pages, page_size, d = runner.cache[0][0].shape
     layer_shapes = (f"[{hkv},{num_pages},{page_size},{d}]", f"[{hkv},{num_pages * page_size},{d}]")
