@@ -14,13 +14,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from benchmarks.metrics import pareto_frontier  # noqa: E402
 
 
-def load_points(paths: list[Path]) -> list[dict]:
-    """Every point of every file, each tagged with its series label and its file's device."""
+def load_points(paths: list[Path], labels: list[str] | None = None) -> list[dict]:
+    """Every point of every file, each tagged with its series label (prefixed with the file's label,
+    e.g. the commit, when given) and its file's device."""
     points = []
-    for path in paths:
+    for i, path in enumerate(paths):
         report = json.loads(Path(path).read_text())
+        prefix = f"{labels[i]} " if labels else ""
         for p in report["points"]:
-            points.append({**p, "series": f"{p['system']} {p['dtype']}", "device": report["device"]["kind"]})
+            points.append({**p, "series": f"{prefix}{p['system']} {p['dtype']}", "device": report["device"]["kind"]})
     return points
 
 
@@ -73,9 +75,9 @@ def plot_latency(points: list[dict], path: Path) -> Path:
     return _save(fig, axes, path)
 
 
-def plot_files(paths: list[Path], prefix: Path) -> list[Path]:
-    """Both plots for the given result files; returns the PNG paths."""
-    points = load_points(paths)
+def plot_files(paths: list[Path], prefix: Path, labels: list[str] | None = None) -> list[Path]:
+    """Both plots for the given result files (series prefixed with `labels`); returns the PNG paths."""
+    points = load_points(paths, labels)
     prefix = Path(prefix)
     return [plot_pareto(points, prefix.with_name(prefix.name + "-pareto.png")),
             plot_latency(points, prefix.with_name(prefix.name + "-latency.png"))]

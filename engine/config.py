@@ -39,6 +39,10 @@ class EngineConfig:
     prefill_chunk: int = 512
     max_num_batched_tokens: int = 2048
     decode_steps: int = 4
+    # Dispatch a decode-only call's successor before waiting for its tokens (vLLM's async
+    # scheduling). Off by default: on a CPU the "device" is the host's own cores, so nothing
+    # overlaps, and an arrival waits for the call run ahead (TTFT p50 +75-150% at c=4-16, measured).
+    async_scheduling: bool = False
     attention_impl: str = "auto"
     kv_cache_bytes: int = 4 << 30  # pool budget when num_pages is None
     min_context_bucket: int = 256  # smallest block-table width, in tokens

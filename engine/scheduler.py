@@ -125,7 +125,9 @@ class Scheduler:
         (as if none finished: rows of those that did are discarded), when nothing else could run and
         the pool has their pages without preempting; else None."""
         steps = output.decode_steps
-        if steps == 1 or self.waiting and len(self.running) < self.config.max_num_seqs:
+        if not self.config.async_scheduling or steps == 1:
+            return None
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
             return None
         if [s.request for s in output.scheduled] != self.running:
             return None

@@ -17,6 +17,7 @@ from benchmarks.plots import plot_files
 
 _RESULTS = flags.DEFINE_list("results", None, "Result JSON files.")
 _PREFIX = flags.DEFINE_string("output_prefix", None, "PNG path prefix (default: the first JSON without .json).")
+_LABELS = flags.DEFINE_list("labels", None, "One label per result file, prefixed to its series (e.g. the commit).")
 
 
 def main(argv: list[str]) -> None:
@@ -25,7 +26,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--results is required")
     paths = [Path(p) for p in _RESULTS.value]
     prefix = Path(_PREFIX.value) if _PREFIX.value else paths[0].with_suffix("")
-    for path in plot_files(paths, prefix):
+    if _LABELS.value and len(_LABELS.value) != len(paths):
+        raise app.UsageError(f"--labels has {len(_LABELS.value)} entries for {len(paths)} result files")
+    for path in plot_files(paths, prefix, _LABELS.value):
         print(f"wrote {path}")
 
 

@@ -192,7 +192,7 @@ def test_auto_attention_keeps_the_faster_path(monkeypatch, slow):
 def test_decode_calls_run_ahead_and_an_abort_between_them_is_safe(tiny, monkeypatch):
     """Decode-only calls are dispatched one ahead (fed their tokens on device); a request aborted
     while its next call is in flight loses its pages at once, the others' tokens stay exact."""
-    llm = small_llm(tiny)
+    llm = small_llm(tiny, async_scheduling=True)
     ahead = []
     original = llm.scheduler.run_ahead
     monkeypatch.setattr(llm.scheduler, "run_ahead", lambda output: ahead.append(original(output)) or ahead[-1])
