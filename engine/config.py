@@ -71,8 +71,11 @@ class EngineConfig:
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
-        """Flat token counts of a mixed (ragged) step."""
-        return powers_of_two_upto(self.max_num_batched_tokens, start=min(8, self.max_num_batched_tokens))
+        """Flat token counts of a mixed (ragged) step: powers of two up to 128, then every multiple
+        of 128 (a 256-token chunk beside 32 decodes pads to 384, not 512), as vLLM's graph sizes."""
+        small = powers_of_two_upto(min(128, self.max_num_batched_tokens), start=min(8, self.max_num_batched_tokens))
+        large = range(256, self.max_num_batched_tokens, 128)
+        return small + tuple(large) + ((self.max_num_batched_tokens,) if self.max_num_batched_tokens > small[-1] else ())
 
     @property
     def page_buckets(self) -> tuple[int, ...]:

@@ -29,4 +29,5 @@ def test_engine_buckets_cover_max_model_len_without_doubling_it():
     config = EngineConfig(max_model_len=512, page_size=16, decode_steps=4, max_num_seqs=48, prefill_chunk=512)
     assert config.page_buckets == (16, 32, 33)  # 516 tokens need 33 pages, not a 64-page table
     assert config.batch_buckets[-1] == 48
-    assert config.token_buckets == (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+    assert config.token_buckets == (8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1152, 1280, 1408, 1536,
+                                    1664, 1792, 1920, 2048)  # multiples of 128 past 128
