@@ -219,9 +219,6 @@ class ModelRunner:
     def mixed(self, scheduled: list[ScheduledRequest]) -> StepResult:
         return fetch(self.run_mixed_arrays(mixed_batch(scheduled, self.config)))
 
-    def decode(self, requests: list[Request]) -> StepResult:
-        return fetch(self.run_decode_arrays(*self.decode_inputs(requests).args()))
-
 
 def fetch(outputs: tuple[jax.Array, jax.Array]) -> StepResult:
     """The one host sync of a step: the sampled tokens and their logprobs."""
