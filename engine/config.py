@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 
 def powers_of_two_upto(limit: int, start: int = 1) -> tuple[int, ...]:
     """start, 2*start, ... below limit, then limit itself: every size <= limit has a bucket, and the
@@ -22,6 +24,13 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest shape bucket {buckets[-1]}")
 
 
+def default_token_budget(platform: str) -> int:
+    """max_num_batched_tokens when none is given. A CPU is compute-bound: a step's time grows with
+    its tokens, and 512 keeps a mixed step (32 decodes + a prefill chunk) within 1.5 decode calls
+    of 4 steps, the ITL p99 target (README, results); elsewhere vLLM's V1 default, 2048."""
+    return 512 if platform == "cpu" else 2048
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Cache geometry, batching limits and step shapes (the one source of the engine's defaults).
@@ -29,15 +38,16 @@ class EngineConfig:
     A step is one ragged batch of at most max_num_batched_tokens tokens: every running decode's next
     token plus prefill chunks of at most prefill_chunk tokens per request. A step with no prefill
     work runs decode_steps decode steps (sampling included) inside one jitted call between host
-    checks of the stop conditions.
+    checks of the stop conditions. max_num_batched_tokens defaults by platform
+    (default_token_budget), prefill_chunk to min(512, max_num_batched_tokens).
     """
 
     max_model_len: int
     page_size: int = 16
     num_pages: int | None = None
     max_num_seqs: int = 64
-    prefill_chunk: int = 512
-    max_num_batched_tokens: int = 2048
+    prefill_chunk: int | None = None
+    max_num_batched_tokens: int | None = None
     decode_steps: int = 4
     # Dispatch a decode-only call's successor before waiting for its tokens (vLLM's async
     # scheduling). Off by default: on a CPU the "device" is the host's own cores, so nothing
@@ -48,6 +58,10 @@ class EngineConfig:
     min_context_bucket: int = 256  # smallest block-table width, in tokens
 
     def __post_init__(self) -> None:
+        if self.max_num_batched_tokens is None:
+            object.__setattr__(self, "max_num_batched_tokens", default_token_budget(jax.default_backend()))
+        if self.prefill_chunk is None:
+            object.__setattr__(self, "prefill_chunk", min(512, self.max_num_batched_tokens))
         for name in ("max_model_len", "page_size", "max_num_seqs", "prefill_chunk",
                      "max_num_batched_tokens", "decode_steps", "kv_cache_bytes"):
             if getattr(self, name) < 1:

@@ -302,9 +302,6 @@ def _engine_config(model: LoadedModel, engine_args: dict) -> EngineConfig:
     if max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's context "
                          f"({cfg.max_position_embeddings} tokens)")
-    default_chunk = EngineConfig.__dataclass_fields__["prefill_chunk"].default
-    budget = engine_args.get("max_num_batched_tokens", EngineConfig.__dataclass_fields__["max_num_batched_tokens"].default)
-    engine_args.setdefault("prefill_chunk", min(default_chunk, budget))
     config = EngineConfig(max_model_len=max_model_len, **engine_args)
     if config.num_pages is None:
         useful = config.max_num_seqs * (config.pages_per_seq + 1)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.config import EngineConfig, bucket, powers_of_two_upto
+from engine.config import EngineConfig, bucket, default_token_budget, powers_of_two_upto
 
 
 @pytest.mark.parametrize("limit,start,expected", [
@@ -26,8 +26,19 @@ def test_every_size_gets_the_smallest_fitting_bucket():
 
 
 def test_engine_buckets_cover_max_model_len_without_doubling_it():
-    config = EngineConfig(max_model_len=512, page_size=16, decode_steps=4, max_num_seqs=48, prefill_chunk=512)
+    config = EngineConfig(max_model_len=512, page_size=16, decode_steps=4, max_num_seqs=48, prefill_chunk=512,
+                          max_num_batched_tokens=2048)
     assert config.page_buckets == (16, 32, 33)  # 516 tokens need 33 pages, not a 64-page table
     assert config.batch_buckets[-1] == 48
     assert config.token_buckets == (8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1152, 1280, 1408, 1536,
                                     1664, 1792, 1920, 2048)  # multiples of 128 past 128
+
+
+def test_token_budget_and_chunk_default_by_platform():
+    assert default_token_budget("cpu") == 512 and default_token_budget("gpu") == 2048
+    config = EngineConfig(max_model_len=512)  # these tests run on the CPU backend
+    assert (config.max_num_batched_tokens, config.prefill_chunk) == (512, 512)
+    assert EngineConfig(max_model_len=512, max_num_batched_tokens=256).prefill_chunk == 256
+    assert EngineConfig(max_model_len=512, prefill_chunk=128).max_num_batched_tokens == 512
+    with pytest.raises(ValueError, match="prefill_chunk=1024 exceeds max_num_batched_tokens=512"):
+        EngineConfig(max_model_len=512, prefill_chunk=1024)
