@@ -30,6 +30,7 @@ from models.config import ModelConfig
 from models.registry import abstract_model, get_preset
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import grouped_matmul as gmm
+from pallas_kernels import mla_attention as mla
 from pallas_kernels import paged_attention as pa
 
 MODELS = flags.DEFINE_list("model", ["llama3-8b"], "presets to check (comma-separated)")
@@ -46,7 +47,12 @@ KERNELS = {
     "paged_attention": (pa, "paged_attention_kernel"),
     "flash_attention": (fa, "flash_attention_kernel"),
     "grouped_matmul": (gmm, "grouped_matmul_kernel"),
+    "mla_decode": (mla, "mla_decode_kernel"),
 }
+
+
+class KernelCallError(Exception):
+    """A kernel call failed while tracing; the message names the kernel and its shapes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +92,10 @@ def recorded_kernel_calls() -> Iterator[list[KernelCall]]:
             call = KernelCall(name, arrays, statics + tuple((k, "<array>") for k in keyword_arrays))
             if call not in calls:
                 calls.append(call)
-            return original(*args, **kwargs)
+            try:
+                return original(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 (name the call that refused its arguments)
+                raise KernelCallError(f"{call.describe()}: {type(e).__name__}: {_first_line(e)}") from e
 
         return record
 
@@ -156,8 +165,13 @@ def check_model(name: str, *, batch: int, context: int, tokens: int, dtype: jnp.
     mixed_fn, decode_fn = jitted_steps(inputs["graphdef"], "pallas", "pallas", page_size, engine.decode_steps)
     failures = []
     for step, fn in (("decode", decode_fn), ("mixed", mixed_fn)):
-        with recorded_kernel_calls() as calls, abstract_h100():
-            traced = fn.trace(*inputs[step])
+        try:
+            with recorded_kernel_calls() as calls, abstract_h100():
+                traced = fn.trace(*inputs[step])
+        except KernelCallError as e:
+            failures.append(f"{name} {step} step: {e}")
+            print(f"{name} {step} step: FAILED while tracing", flush=True)
+            continue
         kernel_failures = []
         for call in calls:
             try:
