@@ -206,3 +206,11 @@ def test_mla_decode_lowers_for_h100(name):
     q, latent, _, tables, lens = paged_args(batch, q_len, 128, 1, 576, page_size, context)
     f = lambda *a: mla.mla_decode_kernel(*a, kv_lora_rank=512, scale=0.1352)
     assert "mosaic_gpu" in lower_for_cuda(f, q, latent, tables, lens)
+
+
+def test_grouped_matmul_pipeline_waits_for_the_previous_wgmma():
+    """delay_release=1 refills the previous step's operand slots: the body must wgmma_wait(1) (the
+    pairing of upstream's hopper_matmul_mgpu.py). Interpret mode cannot see the race; the lowered
+    module names the primitive only when the body waits."""
+    args = (sds((512, 256)), sds((4, 256, 256)), sds((4,), jnp.int32))
+    assert "wgmma_wait" in lower_for_cuda(gmm.grouped_matmul_kernel, *args)
