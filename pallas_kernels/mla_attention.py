@@ -3,16 +3,18 @@
 In latent space (models/deepseek.py) every query head attends to one shared "KV head": the latent
 [c, k_rope] of each token (D = kv_lora_rank + rope, 576 for DeepSeek-V3) is the key, and its first
 kv_lora_rank columns (512) are the value. Paged attention with K = V = latent would read it twice,
-keep two 576-wide SMEM rings (830 KB of SMEM) and run a PV wgmma with N = 576 (Mosaic allows
+keep two 576-wide SMEM rings (811 KiB of SMEM) and run a PV wgmma with N = 576 (Mosaic allows
 N <= 256). This kernel reads each latent block once into one SMEM ring, QK over all D columns, and
 PV over a value chunk of value_chunk (<= 256) columns of the same buffer; the query heads are the
 wgmma's M rows (row = query * Hq + head, 64 rows per program, no padding at Hq = 128).
 
-Programs: one launch per value chunk (static column slice), each over (sequence, row tile, KV
-split). Every chunk's program recomputes QK for its rows: at DeepSeek-V3 shapes that is 1.5x the
-minimal MMA work (see the README's kernel section for what it costs). The split partials merge by
-log-sum-exp in jnp (flash-decoding), as in paged_attention.py. SMEM per program: q 72 KiB, a
-2-slot latent ring of 64 tokens 144 KiB, P 8 KiB; the output tile reuses the ring's space.
+Programs over (sequence, row tile, value chunk, KV split); a chunk picks its static column slice
+by lax.switch. Every chunk's program recomputes QK for its rows: at DeepSeek-V3 shapes that is
+1.5x the minimal MMA work, the price of keeping one warpgroup per program (README, kernel
+section). The programs of one sequence read the same latent blocks at about the same time, so L2
+should serve all but the first read (not yet measured). The split partials merge by log-sum-exp in jnp (flash-decoding),
+as in paged_attention.py. SMEM per program: q 72 KiB, a 2-slot ring of 64 latent tokens 144 KiB,
+P 8 KiB (224 KiB of the 227); the output tile reuses the ring's space after the loop.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class MLADecodeConfig:
     """Block sizes of the MLA kernel.
 
     block_rows: query rows (Q x heads) per program (wgmma M); block_kv: latent tokens per step,
-    whole pages (bf16 PV: a multiple of 64); value_chunk: value columns per launch (wgmma N <= 256);
+    whole pages (bf16 PV: a multiple of 64); value_chunk: value columns per program (wgmma N <= 256);
     num_sms / max_splits: how far to split the KV range to fill the GPU at small batch.
     """
 
@@ -62,9 +64,10 @@ def mla_attention_reference(q: jax.Array, latent_pages: jax.Array, block_tables:
 
 
 def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_bar, kv_bars, *,
-              st: fa.BlockedAttention, page_size: int, head_dim: int, cols: slice):
+              st: fa.BlockedAttention, page_size: int, head_dim: int, chunk: int, num_chunks: int):
     """Program (b, tile, split): latent blocks once into SMEM, QK over head_dim, PV over `cols`."""
     b, tile, split = lax.axis_index("batch"), lax.axis_index("tile"), lax.axis_index("split")
+    c = lax.axis_index("chunk")
     length = lens_ref[b]
     first, last = fa.kv_block_range(length, tile, split, st)
     rows = pl.ds(tile * st.block_rows, st.block_rows)
@@ -72,7 +75,6 @@ def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_bar, kv
     swizzle = 128 // jnp.dtype(st.dtype).itemsize
     smem = lambda shape: plgpu.SMEM(shape, st.dtype, transforms=(  # noqa: E731
         plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(128)))
-    width = cols.stop - cols.start
 
     def attend(q_smem, kv_smem, p_smem):
         def load(blk, slot):
@@ -96,10 +98,12 @@ def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_bar, kv
                 jnp.where(fa.block_mask(length, tile, blk, st), s, -jnp.inf), m_i, l_i)
             p_smem[...] = p.astype(st.dtype)
             plgpu.commit_smem()
-            pv = fa.wgmma_f32(p_smem, kv_smem.at[slot, :, pl.ds(cols.start, width)], acc.shape)  # the value: columns `cols`
+            # The value: columns [c * chunk, (c + 1) * chunk) of the latent (a static slice per branch).
+            pv = lax.switch(c, [functools.partial(fa.wgmma_f32, p_smem, kv_smem.at[slot, :, pl.ds(i * chunk, chunk)],
+                                                  acc.shape) for i in range(num_chunks)])
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_i, l_i
 
-        return lax.fori_loop(0, last - first, step, fa.softmax_init(st.block_rows, width))
+        return lax.fori_loop(0, last - first, step, fa.softmax_init(st.block_rows, chunk))
 
     acc, m_i, l_i = pl.run_scoped(attend, smem((st.block_rows, head_dim)), smem((2, st.block_kv, head_dim)),
                                   smem((st.block_rows, st.block_kv)))
@@ -110,11 +114,11 @@ def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_bar, kv
         plgpu.commit_smem()
         lse_smem[...] = lse
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, 0, split, rows])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, 0, split, rows])
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, 0, split, rows, pl.ds(c * chunk, chunk)])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, 0, split, c, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(store, plgpu.SMEM((st.block_rows, width), jnp.float32), plgpu.SMEM((st.block_rows,), jnp.float32))
+    pl.run_scoped(store, plgpu.SMEM((st.block_rows, chunk), jnp.float32), plgpu.SMEM((st.block_rows,), jnp.float32))
 
 
 def mla_decode_kernel(q: jax.Array, latent_pages: jax.Array, block_tables: jax.Array, context_lens: jax.Array,
@@ -152,22 +156,18 @@ def mla_decode_kernel(q: jax.Array, latent_pages: jax.Array, block_tables: jax.A
     tables = jnp.pad(block_tables.astype(jnp.int32),
                      ((0, 0), (0, max_blocks * pages_per_block - block_tables.shape[1])))
     operands = (q_rows, latent, tables, context_lens.astype(jnp.int32))
-    rows = q_rows.shape[2]
-    parts = []  # (o [B, 1, splits, R, chunk], lse [B, 1, splits, R]) per value chunk; the lse agree
-    for c in range(width // chunk):
-        kernel = plgpu.kernel(
-            functools.partial(_mla_body, st=st, page_size=page_size, head_dim=d_pad,
-                              cols=slice(c * chunk, (c + 1) * chunk)),
-            out_type=(jax.ShapeDtypeStruct((b, 1, splits, rows, chunk), jnp.float32),
-                      jax.ShapeDtypeStruct((b, 1, splits, rows), jnp.float32)),
-            scratch_types=[plgpu.Barrier(), plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=2)],
-            grid=(b, tiles, splits),
-            grid_names=("batch", "tile", "split"),
-            kernel_name=f"mla_decode_r{st.block_rows}_kv{st.block_kv}_v{c * chunk}_{chunk}_s{splits}",
-            interpret=interpret,
-        )
-        parts.append(kernel(*operands))
-    o_part = jnp.concatenate([o for o, _ in parts], axis=-1)  # [B, 1, splits, R, width]
-    out = fa.from_rows(fa.merge_partials(o_part, parts[0][1], None), (b, q_len, hq, width))
+    rows, num_chunks = q_rows.shape[2], width // chunk
+    kernel = plgpu.kernel(
+        functools.partial(_mla_body, st=st, page_size=page_size, head_dim=d_pad, chunk=chunk, num_chunks=num_chunks),
+        out_type=(jax.ShapeDtypeStruct((b, 1, splits, rows, width), jnp.float32),
+                  jax.ShapeDtypeStruct((b, 1, splits, num_chunks, rows), jnp.float32)),  # every chunk's lse agree
+        scratch_types=[plgpu.Barrier(), plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=2)],
+        grid=(b, tiles, num_chunks, splits),
+        grid_names=("batch", "tile", "chunk", "split"),
+        kernel_name=f"mla_decode_r{st.block_rows}_kv{st.block_kv}_v{chunk}x{num_chunks}_s{splits}",
+        interpret=interpret,
+    )
+    o_part, lse = kernel(*operands)
+    out = fa.from_rows(fa.merge_partials(o_part, lse[:, :, :, 0], None), (b, q_len, hq, width))
     return out[..., :kv_lora_rank].astype(q.dtype)
 
