@@ -50,7 +50,8 @@ class MLADecodeConfig:
 
     def __post_init__(self):
         if self.block_rows % 64 or self.block_kv % 64 or self.value_chunk % 64 or not 0 < self.value_chunk <= 256:
-            raise ValueError(f"block_rows, block_kv and value_chunk must be multiples of 64, value_chunk <= 256: {self}")
+            raise ValueError(f"block_rows, block_kv and value_chunk must be multiples of 64, "
+                             f"value_chunk <= 256: {self}")
 
 
 def mla_attention_reference(q: jax.Array, latent_pages: jax.Array, block_tables: jax.Array,
@@ -127,8 +128,9 @@ def mla_decode_kernel(q: jax.Array, latent_pages: jax.Array, block_tables: jax.A
     """MLA attention on the Mosaic GPU kernel (same contract as mla_attention_reference).
 
     interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
-    Multiplies in fa.mma_dtype with f32 softmax. page_size must divide block_kv. A head dim that
-    is not a multiple of 64 costs a padded copy of the cache (DeepSeek-V3's 576 needs none).
+    Multiplies in fa.mma_dtype with f32 softmax. page_size: a multiple of 8 dividing block_kv. A
+    head dim that is not a multiple of 64 costs a padded copy of the cache (DeepSeek-V3's 576 needs
+    none).
     """
     b, q_len, hq, d = q.shape
     _, _, page_size, _ = latent_pages.shape
@@ -137,8 +139,8 @@ def mla_decode_kernel(q: jax.Array, latent_pages: jax.Array, block_tables: jax.A
         raise ValueError(f"latent_pages must be [1, pages, page_size, {d}], got {latent_pages.shape}")
     if not 0 < kv_lora_rank <= d:
         raise ValueError(f"kv_lora_rank {kv_lora_rank} must be in 1..head dim {d}")
-    if config.block_kv % page_size:
-        raise ValueError(f"page_size {page_size} must divide block_kv {config.block_kv}")
+    if config.block_kv % page_size or page_size % 8:  # a page lands on whole (8, 64) SMEM tiles
+        raise ValueError(f"page_size {page_size} must be a multiple of 8 dividing block_kv {config.block_kv}")
     dtype = fa.mma_dtype(q.dtype, interpret)
     # Zero columns up to 128-byte swizzle rows leave the logits unchanged; the value then spans
     # the rank rounded up to 64 (extra output columns are dropped).

@@ -209,7 +209,8 @@ def paged_attention_kernel(
     q_rows = fa.to_rows(q_pad, hkv, config.block_rows)
     pages_per_block = block_kv // page_size
     max_blocks = pl.cdiv(block_tables.shape[1], pages_per_block)
-    splits = num_kv_splits(b * hkv * (q_rows.shape[2] // config.block_rows), max_blocks, config.num_sms, config.max_splits)
+    programs = b * hkv * (q_rows.shape[2] // config.block_rows)
+    splits = num_kv_splits(programs, max_blocks, config.num_sms, config.max_splits)
     st = fa.BlockedAttention(
         q_len=q_len,
         group=hq // hkv,

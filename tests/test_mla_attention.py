@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import mla_attention as mla
 from pallas_kernels import ops
-from test_kernel_lowering import kernel_tolerance, race_checked_interpret
+from test_kernel_lowering import kernel_tolerance, lower_for_cuda, race_checked_interpret, sds
 from test_paged_attention import paged_np, random_paged
 from test_ragged_paged_attention import ragged_np, random_ragged
 
@@ -38,7 +38,7 @@ KERNEL_CASES = {
     "two_value_launches_bf16": ([70, 5], 1, 8, 192, 128, 8, 10, mla.MLADecodeConfig(value_chunk=64), jnp.bfloat16),
     "verify_q3_two_row_tiles_bf16": ([66, 100], 3, 32, 128, 64, 16, 7, mla.MLADecodeConfig(max_splits=1),
                                      jnp.bfloat16),
-    "tiny_deepseek_head_dims_f32": ([9, 30], 1, 4, 40, 32, 4, 8, mla.MLADecodeConfig(), jnp.float32),
+    "tiny_deepseek_head_dims_f32": ([9, 30], 1, 4, 40, 32, 8, 4, mla.MLADecodeConfig(), jnp.float32),
 }
 
 
@@ -52,6 +52,15 @@ def test_kernel_interpret_matches_float64(name):
     assert got.dtype == dtype and got.shape == (len(lens), q_len, hq, rank)
     tol = kernel_tolerance(dtype, params)
     np.testing.assert_allclose(np.asarray(got, np.float32), mla_np(*args, rank, 0.2), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_kernel_cases_lower_for_h100(name):
+    """The interpreted cases also obey the hardware path's rules (so they run compiled on a GPU)."""
+    lens, q_len, hq, d, rank, page_size, max_pages, config, dtype = KERNEL_CASES[name]
+    q, latent, tables, lens = random_latent(0, lens, q_len, hq, d, page_size, max_pages, dtype)
+    f = lambda *a: mla.mla_decode_kernel(*a, kv_lora_rank=rank, config=config)  # noqa: E731
+    assert "mosaic_gpu" in lower_for_cuda(f, *(sds(x.shape, x.dtype) for x in (q, latent, tables, lens)))
 
 
 @pytest.mark.slow
@@ -74,8 +83,9 @@ def test_bad_arguments_are_value_errors():
         mla.mla_decode_kernel(q, jnp.concatenate([latent, latent]), tables, lens, kv_lora_rank=32)
     with pytest.raises(ValueError, match="kv_lora_rank 80"):
         mla.mla_decode_kernel(q, latent, tables, lens, kv_lora_rank=80)
-    q, latent, tables, lens = random_latent(3, [5], 1, 4, 64, 48, 1)
-    with pytest.raises(ValueError, match="page_size 48 must divide block_kv 64"):
-        mla.mla_decode_kernel(q, latent, tables, lens, kv_lora_rank=32)
+    for page_size in (48, 4):  # not dividing the 64-token block; not whole 8-row SMEM tiles
+        q, latent, tables, lens = random_latent(3, [5], 1, 4, 64, page_size, 2)
+        with pytest.raises(ValueError, match=f"page_size {page_size} must be a multiple of 8 dividing block_kv 64"):
+            mla.mla_decode_kernel(q, latent, tables, lens, kv_lora_rank=32)
     with pytest.raises(ValueError, match="value_chunk <= 256"):
         mla.MLADecodeConfig(value_chunk=512)
