@@ -43,6 +43,14 @@ class AttentionMetadata:
                                          **kwargs)
         return out[None]
 
+    def attend_latent(self, q_btnh: jax.Array, latent_pages: jax.Array, kv_lora_rank: int, impl: str,
+                      scale: float) -> jax.Array:
+        """MLA: q [1, T, Hq, D] against the latent pages (keys; values their first kv_lora_rank
+        columns) -> [1, T, Hq, kv_lora_rank]."""
+        out = ops.mla_attention(q_btnh[0], latent_pages, self.query_start_loc, self.context_lens, self.block_tables,
+                                kv_lora_rank=kv_lora_rank, scale=scale, impl=impl, max_query_len=self.max_query_len)
+        return out[None]
+
 
 def write_pages(pages: jax.Array, new_bqhd: jax.Array, slot_mapping: jax.Array) -> jax.Array:
     """Scatter new K or V [1, T, Hkv, D] into pages [Hkv, N, P, D] at flat slots [T].

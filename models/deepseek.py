@@ -121,8 +121,7 @@ class MLAttention(nnx.Module):
         q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)  # [B, T, H, L + rope]
         latent = jnp.concatenate([c_btl[:, :, None, :], k_rope.astype(c_btl.dtype)], axis=-1)  # [B, T, 1, L + rope]
         pages = write_pages(cache[0], latent, metadata.slot_mapping)
-        out = metadata.attend(q, pages, pages, impl, scale=self.scale)
-        out_latent = out[..., :self.config.kv_lora_rank]  # the value is the latent part
+        out_latent = metadata.attend_latent(q, pages, self.config.kv_lora_rank, impl, self.scale)
         return jnp.einsum("bthl,lhv->bthv", out_latent, w_uv), (pages,)
 
 

@@ -115,11 +115,16 @@ class FlashAttentionConfig:
             raise ValueError(f"block_rows and block_kv must be multiples of 64 (wgmma): {self}")
 
 
-def flash_attention_config(device_kind: str) -> FlashAttentionConfig:
-    """The frozen block sizes per device kind (H100 and H200 share them; CPU interprets them)."""
+def flash_attention_config(device_kind: str, head_dim: int = 128) -> FlashAttentionConfig:
+    """The frozen block sizes per device kind (H100 and H200 share them; CPU interprets them).
+
+    Above head_dim 128 (DeepSeek-V3's expanded 192) a 128-row tile needs 259 KiB of SMEM (limit
+    227 KiB) and 2 x 192 accumulator registers per thread: 64 rows take 176 KiB and 2 x 96.
+    """
+    rows = 128 if head_dim <= 128 else 64
     if "H200" in device_kind or "H100" in device_kind:
-        return FlashAttentionConfig(block_rows=128, block_kv=64)
-    return FlashAttentionConfig()
+        return FlashAttentionConfig(block_rows=rows, block_kv=64)
+    return FlashAttentionConfig(block_rows=rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +161,7 @@ def kv_block_range(
     return jnp.minimum(first + split * per_split, split_last), split_last
 
 
-def _block_mask(length: jax.Array, tile: jax.Array, blk: jax.Array, st: BlockedAttention) -> jax.Array:
+def block_mask(length: jax.Array, tile: jax.Array, blk: jax.Array, st: BlockedAttention) -> jax.Array:
     """[block_rows, block_kv] bool: the key exists and the row's query sees it."""
     shape = (st.block_rows, st.block_kv)
     rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
@@ -171,7 +176,7 @@ def _block_mask(length: jax.Array, tile: jax.Array, blk: jax.Array, st: BlockedA
     return mask
 
 
-def _wgmma_f32(a_smem, b_smem, shape: tuple[int, int]) -> jax.Array:
+def wgmma_f32(a_smem, b_smem, shape: tuple[int, int]) -> jax.Array:
     """a @ b on wgmma into a fresh float32 accumulator, returned in registers."""
 
     def scope(acc_ref):
@@ -179,6 +184,29 @@ def _wgmma_f32(a_smem, b_smem, shape: tuple[int, int]) -> jax.Array:
         return acc_ref[...]
 
     return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
+
+
+def softmax_init(rows: int, cols: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Online-softmax carry in wgmma layouts: accumulator [rows, cols], running max and sum [rows]."""
+    reduced = plgpu.Layout.WGMMA.reduce(1)
+    acc = plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
+    m_i = plgpu.layout_cast(jnp.full((rows,), NO_LOGIT, jnp.float32), reduced)
+    return acc, m_i, plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), reduced)
+
+
+def softmax_update(s: jax.Array, m_i: jax.Array, l_i: jax.Array) -> tuple[jax.Array, ...]:
+    """One KV block of online softmax: masked logits s [rows, block_kv] (-inf hidden) -> weights p,
+    the accumulator's rescale alpha [rows], and the new running max and sum."""
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    alpha = jnp.exp(m_i - m_new)
+    p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    return p, alpha, m_new, l_i * alpha + p.sum(axis=1)
+
+
+def softmax_finish(acc: jax.Array, m_i: jax.Array, l_i: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The program's output normalised by its own sum, and its log-sum-exp (for the split merge)."""
+    l_i = jnp.maximum(l_i, 1.0)  # >= 1 once any key was seen (the max contributes exp(0)); 0: none
+    return acc / lax.broadcast_in_dim(l_i, acc.shape, [0]), m_i + jnp.log(l_i)
 
 
 def attention_scratch(st: BlockedAttention, head_dim: int, loads_per_block: int) -> list:
@@ -221,27 +249,16 @@ def attention_program(
         # The other slot was last read by the previous step's (completed) wgmma: refill it now.
         pl.when(blk + 1 < last)(lambda: load(blk + 1, 1 - slot))
         plgpu.barrier_wait(k_bars.at[slot])
-        s = _wgmma_f32(q_smem, k_smem.at[slot].T, (st.block_rows, st.block_kv)) * st.scale
-        s = jnp.where(_block_mask(length, tile, blk, st), s, -jnp.inf)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        alpha = jnp.exp(m_i - m_new)
-        p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
+        s = wgmma_f32(q_smem, k_smem.at[slot].T, (st.block_rows, st.block_kv)) * st.scale
+        p, alpha, m_i, l_i = softmax_update(jnp.where(block_mask(length, tile, blk, st), s, -jnp.inf), m_i, l_i)
         p_smem[...] = p.astype(st.dtype)
         plgpu.commit_smem()
         plgpu.barrier_wait(v_bars.at[slot])
-        pv = _wgmma_f32(p_smem, v_smem.at[slot], acc.shape)
-        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l_i
+        pv = wgmma_f32(p_smem, v_smem.at[slot], acc.shape)
+        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_i, l_i
 
-    reduced = plgpu.Layout.WGMMA.reduce(1)
-    acc = plgpu.layout_cast(jnp.zeros(o_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
-    m_i = plgpu.layout_cast(jnp.full((st.block_rows,), NO_LOGIT, jnp.float32), reduced)
-    l_i = plgpu.layout_cast(jnp.zeros((st.block_rows,), jnp.float32), reduced)
-    acc, m_i, l_i = lax.fori_loop(0, last - first, step, (acc, m_i, l_i))
-    # l_i >= 1 once any key was seen (the running maximum contributes exp(0)); 0 means none.
-    l_i = jnp.maximum(l_i, 1.0)
-    o_smem[...] = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
-    lse_smem[...] = m_i + jnp.log(l_i)
+    acc, m_i, l_i = lax.fori_loop(0, last - first, step, softmax_init(st.block_rows, o_smem.shape[1]))
+    o_smem[...], lse_smem[...] = softmax_finish(acc, m_i, l_i)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, split, rows])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, split, rows])
@@ -365,9 +382,9 @@ def flash_attention_kernel(
     check_attention_args(hq, hkv, sliding_window, sinks)
     if t > s_len:
         raise ValueError(f"more queries ({t}) than keys ({s_len})")
-    config = config or flash_attention_config(jax.devices()[0].device_kind)
     dtype = mma_dtype(q.dtype, interpret)
     q_pad = pad_last(q.astype(dtype), HEAD_DIM_MULTIPLE)
+    config = config or flash_attention_config(jax.devices()[0].device_kind, q_pad.shape[-1])
     st = BlockedAttention(
         q_len=t,
         group=hq // hkv,

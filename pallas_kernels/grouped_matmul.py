@@ -152,8 +152,16 @@ def _gmm_body(
     @pl.when(row_lo < row_hi)
     def _compute():
         def acc_scope(acc_ref):
+            def mma(_, lhs_smem, rhs_smem):
+                plgpu.wgmma(acc_ref, lhs_smem, rhs_smem)
+                # delay_release=1 refills the previous step's slots after this body: this step's
+                # wgmma may stay in flight, the previous one must be done (upstream
+                # hopper_matmul_mgpu.py pairs delay_release=d with wgmma_wait(d)); without the
+                # wait a TMA could overwrite operands a wgmma is still reading.
+                plgpu.wgmma_wait(1)
+
             plgpu.emit_pipeline(
-                lambda _, lhs_smem, rhs_smem: plgpu.wgmma(acc_ref, lhs_smem, rhs_smem),
+                mma,
                 grid=(k // cfg.block_k,),
                 in_specs=[
                     plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda kk: (block, kk), delay_release=1),

@@ -20,6 +20,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import cpu_paged_attention as cpa
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import grouped_matmul as gmm
+from pallas_kernels import mla_attention as mla
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import ragged_paged_attention as rpa
 
@@ -141,6 +142,40 @@ def ragged_paged_attention(
         return rpa.ragged_paged_attention_tiled(pa.paged_attention_blocked, *args, block_q=block_q, **kwargs)
     paged = functools.partial(paged_attention, impl=resolved)
     return rpa.ragged_paged_attention_per_token(paged, *args, **kwargs)
+
+
+def mla_attention(
+    q: jax.Array,
+    latent_pages: jax.Array,
+    query_start_loc: jax.Array,
+    context_lens: jax.Array,
+    block_tables: jax.Array,
+    *,
+    kv_lora_rank: int,
+    scale: float | None = None,
+    impl: str = "auto",
+    max_query_len: int | None = None,
+) -> jax.Array:
+    """Multi-head latent attention (DeepSeek-V3) of a ragged flat batch in latent space.
+
+    q [T, Hq, D] (absorbed queries) against latent_pages [1, num_pages, page_size, D]: the latent
+    is every head's key and its first kv_lora_rank columns the value. Ragged metadata as in
+    ragged_paged_attention. Returns [T, Hq, kv_lora_rank] in q.dtype. "pallas"/"interpret" run
+    the MLA kernel (mla_attention.py) per token; the others are ragged_paged_attention with K = V.
+    """
+    args = (q, latent_pages, latent_pages, query_start_loc, context_lens, block_tables)
+    resolved = resolve_impl(impl)
+    if resolved not in ("pallas", "interpret"):
+        out = ragged_paged_attention(*args, scale=scale, impl=impl, max_query_len=max_query_len)
+        return out[..., :kv_lora_rank]
+    interpret = _interpret_params(resolved)
+
+    def paged(q, k_pages, v_pages, tables, lens, *, scale):
+        del v_pages  # the value is the latent itself
+        return mla.mla_decode_kernel(q, k_pages, tables, lens, kv_lora_rank=kv_lora_rank, scale=scale,
+                                     interpret=interpret)
+
+    return rpa.ragged_paged_attention_per_token(paged, *args, scale=scale)
 
 
 def grouped_matmul(

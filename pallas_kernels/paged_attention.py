@@ -155,10 +155,9 @@ def paged_attention_config(device_kind: str) -> PagedAttentionConfig:
     return PagedAttentionConfig()
 
 
-def _num_splits(programs: int, max_blocks: int, config: PagedAttentionConfig) -> int:
+def num_kv_splits(programs: int, max_blocks: int, num_sms: int, max_splits: int) -> int:
     """KV splits so that programs x splits roughly fills the SMs (flash-decoding at small batch)."""
-    wanted = -(-config.num_sms // programs)
-    return max(1, min(wanted, config.max_splits, max_blocks))
+    return max(1, min(-(-num_sms // programs), max_splits, max_blocks))
 
 
 def _paged_body(
@@ -210,7 +209,8 @@ def paged_attention_kernel(
     q_rows = fa.to_rows(q_pad, hkv, config.block_rows)
     pages_per_block = block_kv // page_size
     max_blocks = pl.cdiv(block_tables.shape[1], pages_per_block)
-    splits = _num_splits(b * hkv * (q_rows.shape[2] // config.block_rows), max_blocks, config)
+    programs = b * hkv * (q_rows.shape[2] // config.block_rows)
+    splits = num_kv_splits(programs, max_blocks, config.num_sms, config.max_splits)
     st = fa.BlockedAttention(
         q_len=q_len,
         group=hq // hkv,

@@ -20,6 +20,7 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import grouped_matmul as gmm
+from pallas_kernels import mla_attention as mla
 from pallas_kernels import ops
 from pallas_kernels import paged_attention as pa
 
@@ -49,6 +50,12 @@ def race_checked_interpret():
         assert not gpu_interpret.get_races().races_found, "interpret mode found a data race"
     finally:
         gpu_interpret.reset_gpu_interpret_mode_state()
+
+
+def kernel_tolerance(dtype, interpret) -> float:
+    """assert_allclose tolerance by the dtype the kernel multiplies in (fa.mma_dtype): f32 inputs
+    stay f32 when interpreted, but compiled for the GPU (interpret None) they run in bf16."""
+    return 1e-4 if fa.mma_dtype(dtype, interpret) == jnp.float32 else 3e-2
 
 
 def lower_for_cuda(f, *args):
@@ -166,6 +173,7 @@ FLASH_SHAPES = {
     "llama3_8b_prefill_8k": (1, 8192, 8192, 32, 8, 128, None, False),
     "llama3_8b_chunk_512_after_4k": (1, 512, 4608, 32, 8, 128, None, False),
     "gpt_oss_prefill_4k_window_sinks": (1, 4096, 4096, 64, 8, 64, 128, True),
+    "deepseek_v3_expanded_prefill_4k": (1, 4096, 4096, 128, 128, 192, None, False),  # 128 nope + 64 rope
 }
 
 
@@ -180,3 +188,29 @@ def test_flash_attention_lowers_for_h100(name):
     )
     f = lambda q, k, v, sinks: fa.flash_attention_kernel(q, k, v, sliding_window=window, sinks=sinks)
     assert "mosaic_gpu" in lower_for_cuda(f, *args)
+
+
+# name: (batch, Q, context, page_size): DeepSeek-V3's latent (512 + 64 rope, 128 heads) at decode
+# batch 64 and 256, one long sequence (KV splits), and a mixed step's 512 tokens as Q=1 rows.
+MLA_SHAPES = {
+    "deepseek_v3_decode_b64_4k": (64, 1, 4096, 16),
+    "deepseek_v3_decode_b256_2k_page64": (256, 1, 2048, 64),
+    "deepseek_v3_decode_b1_32k": (1, 1, 32768, 16),
+    "deepseek_v3_mixed_512_rows": (512, 1, 4096, 16),
+}
+
+
+@pytest.mark.parametrize("name", list(MLA_SHAPES))
+def test_mla_decode_lowers_for_h100(name):
+    batch, q_len, context, page_size = MLA_SHAPES[name]
+    q, latent, _, tables, lens = paged_args(batch, q_len, 128, 1, 576, page_size, context)
+    f = lambda *a: mla.mla_decode_kernel(*a, kv_lora_rank=512, scale=0.1352)
+    assert "mosaic_gpu" in lower_for_cuda(f, q, latent, tables, lens)
+
+
+def test_grouped_matmul_pipeline_waits_for_the_previous_wgmma():
+    """delay_release=1 refills the previous step's operand slots: the body must wgmma_wait(1) (the
+    pairing of upstream's hopper_matmul_mgpu.py). Interpret mode cannot see the race; the lowered
+    module names the primitive only when the body waits."""
+    args = (sds((512, 256)), sds((4, 256, 256)), sds((4,), jnp.int32))
+    assert "wgmma_wait" in lower_for_cuda(gmm.grouped_matmul_kernel, *args)
