@@ -54,6 +54,8 @@ class EngineConfig:
     # overlaps, and an arrival waits for the call run ahead (TTFT p50 +75-150% at c=4-16, measured).
     async_scheduling: bool = False
     attention_impl: str = "auto"
+    # Share the KV of full pages between requests with the same prefix (engine/prefix_cache.py).
+    enable_prefix_caching: bool = True
     kv_cache_bytes: int = 4 << 30  # pool budget when num_pages is None
     min_context_bucket: int = 256  # smallest block-table width, in tokens
 
@@ -66,6 +68,8 @@ class EngineConfig:
                      "max_num_batched_tokens", "decode_steps", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if self.prefill_chunk > self.max_num_batched_tokens:
             raise ValueError(f"prefill_chunk={self.prefill_chunk} exceeds "
                              f"max_num_batched_tokens={self.max_num_batched_tokens}")

@@ -20,6 +20,7 @@ from engine import attention_choice, kv_cache
 from engine.config import EngineConfig
 from engine.output_processor import OutputProcessor
 from engine.page_allocator import PageAllocator
+from engine.prefix_cache import PrefixCache
 from engine.request import Request, RequestOutput, SamplingParams, Status, is_int, is_sequence
 from engine.runner import ModelRunner, StepResult, fetch
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -36,8 +37,9 @@ class LLM:
     def __init__(self, model: str | LoadedModel = "smollm2-135m-instruct", *, dtype: str = "float32",
                  seed: int = 0, mesh: Mesh | None = None, **engine_args):
         """engine_args: EngineConfig's fields (page_size, num_pages, max_num_seqs, max_model_len,
-        attention_impl, decode_steps, prefill_chunk, max_num_batched_tokens, kv_cache_bytes); its
-        defaults are the engine's. max_model_len defaults to the model's context.
+        attention_impl, decode_steps, prefill_chunk, max_num_batched_tokens, kv_cache_bytes,
+        enable_prefix_caching); its defaults are the engine's. max_model_len defaults to the model's
+        context.
 
         mesh: shard the parameters (sharding/rules.py, the model's rules) and the KV cache over it.
         The cache splits its kv heads over "tensor"; with fewer kv heads than the tensor size every
@@ -47,7 +49,9 @@ class LLM:
         self.model = _placed_model(model, dtype, mesh)
         self.config = _engine_config(self.model, engine_args)
         self.allocator = PageAllocator(self.config.num_pages)
-        self.scheduler = Scheduler(self.config, self.allocator)
+        self.prefix_cache = PrefixCache(self.allocator, self.config.page_size, self.config.enable_prefix_caching,
+                                        identity=(self.model.config, np.dtype(self.model.dtype).name))
+        self.scheduler = Scheduler(self.config, self.allocator, self.prefix_cache)
         self.attention = attention_choice.choose(self.config.attention_impl, _attention_shapes(self.model, self.config),
                                                  on_mesh=self.model.mesh is not None)
         self.runner = ModelRunner(self.model.model, _allocate_cache(self.model, self.config), self.config,
@@ -184,6 +188,7 @@ class LLM:
             logging.warning("KV cache lost with a failed step: reallocated, running requests recompute")
             self.runner.cache = _allocate_cache(self.model, self.config)
             self.scheduler.preempt_all()
+            self.allocator.forget_cached()
 
     # ---- convenience APIs -----------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None

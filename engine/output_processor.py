@@ -1,5 +1,6 @@
 """The one owner of a step's results: advance each request's computed tokens, append its sampled
-tokens, check stop conditions, finish it and free its pages. The LLM facade only calls `apply`."""
+tokens, register the pages it filled with the prefix cache, check stop conditions, finish it and
+free its pages. The LLM facade only calls `apply`."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class OutputProcessor:
             try:
                 done = self._apply_one(request, s.start + s.num_tokens, s.samples, result, row,
                                        output.decode_steps, now)
+                self.scheduler.prefix_cache.commit(request, s.start)  # before finish frees its pages
             except Exception as e:  # noqa: BLE001 (contained: one request fails, the engine goes on)
                 logging.warning("request %d failed while processing its output: %r", request.request_id, e)
                 request.error = f"{type(e).__name__}: {e}"

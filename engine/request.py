@@ -175,6 +175,7 @@ class Request:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
+    page_keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its leading full pages
     num_computed: int = 0
     prefill_target: int = 0
     status: Status = Status.WAITING

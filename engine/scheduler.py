@@ -4,6 +4,7 @@ Each step the running requests get their next tokens in order (a decode: 1; a pr
 prefilled: a chunk of at most prefill_chunk), then waiting requests are admitted while the budget,
 max_num_seqs and the page pool allow. A long prompt is split over steps and never blocks decodes.
 When pages run out the newest running request is preempted (its pages freed, recomputed later).
+An admitted request first takes its longest run of cached full pages (engine/prefix_cache.py).
 Policy only: no JAX, no sampled tokens (engine/output_processor.py applies those).
 """
 
@@ -14,6 +15,7 @@ import dataclasses
 
 from engine.config import EngineConfig
 from engine.page_allocator import PageAllocator
+from engine.prefix_cache import PrefixCache
 from engine.request import Request, Status
 
 
@@ -46,9 +48,10 @@ class SchedulerOutput:
 class Scheduler:
     """Waiting and running queues, admission, chunked prefill, preemption."""
 
-    def __init__(self, config: EngineConfig, allocator: PageAllocator):
+    def __init__(self, config: EngineConfig, allocator: PageAllocator, prefix_cache: PrefixCache | None = None):
         self.config = config
         self.allocator = allocator
+        self.prefix_cache = prefix_cache or PrefixCache(allocator, config.page_size, config.enable_prefix_caching)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
 
@@ -82,8 +85,9 @@ class Scheduler:
         """Start waiting requests (FCFS) while budget, max_num_seqs and pages allow."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = self._next_tokens(request, budget)
-            if not self._try_grow(request, request.num_computed + n):
+            hits = self.prefix_cache.lookup(request)  # a waiting request prefills from 0
+            n = min(request.prefill_target - len(hits) * self.config.page_size, self.config.prefill_chunk, budget)
+            if not self._try_start(request, hits, n):
                 break
             self.waiting.popleft()
             request.status = Status.RUNNING
@@ -144,6 +148,19 @@ class Scheduler:
         if not self.allocator.can_allocate(need):
             return False
         request.pages += self.allocator.allocate(need)
+        return True
+
+    def _try_start(self, request: Request, hits: list[int], n: int) -> bool:
+        """Give a waiting request the cached pages `hits` (shared) and its own pages for the `n`
+        tokens after them, its prefill starting past the hits, if the pool has them."""
+        computed = len(hits) * self.config.page_size
+        need = -(-(computed + n) // self.config.page_size) - len(hits)
+        if not self.allocator.can_allocate(need + self.allocator.num_free_of(hits)):
+            return False
+        self.allocator.share(hits)
+        request.pages = hits + self.allocator.allocate(need)
+        request.num_computed = computed
+        self.prefix_cache.record(request, len(hits))
         return True
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, preempted: list[Request]) -> bool:

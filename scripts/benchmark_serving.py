@@ -7,8 +7,11 @@
 Random-token prompts from a fixed seed, input/output lengths uniform in [r*L, L], ignore_eos. At
 each concurrency a warm-up wave runs first (after `LLM.warmup` compiled every shape bucket) and
 is not scored; then exactly `concurrency` requests stay in flight (a new one is added whenever
-one finishes) until `num_prompts` have finished. The JSON layout is in the README and
-benchmarks/schema.json; baselines run in the `make baselines` venv through scripts/baselines.py.
+one finishes) until `num_prompts` have finished. `--shared_prefix_len` starts every prompt with the
+same tokens and `--num_turns` replays multi-turn conversations (benchmarks/workloads.py);
+`--enable_prefix_caching=false,true` runs the sweep once per value, side by side. The JSON layout
+is in the README and benchmarks/schema.json; baselines run in the `make baselines` venv through
+scripts/baselines.py.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ from absl import app, flags, logging
 from tqdm.auto import tqdm
 
 
-from benchmarks import roofline
+from benchmarks import roofline, workloads
 from benchmarks.compilations import count_compilations
 from engine.llm import LLM
 from benchmarks.metrics import HOURLY_RATES_USD, RequestTiming, cost_per_million_tokens, pareto_frontier, point_metrics  # noqa: E501
 from engine.request import SamplingParams
-from models import ModelConfig, param_counts
+from models import ModelConfig, load_model, param_counts
 from models.loaded_model import EMBEDDED_WEIGHTS, embedded_weights_path
 
 SCHEMA_VERSION = 1
@@ -73,6 +76,11 @@ _LLAMACPP_PROMPTS = flags.DEFINE_integer("llamacpp_num_prompts", 4, "llama.cpp: 
 _PEAK_BW = flags.DEFINE_float("peak_bandwidth_gb_s", None, "Device bandwidth; set with --peak_tflop_s to skip "
                                "the table and the CPU probe.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflop_s", None, "Device matmul peak in the engine dtype.")
+_PREFIX_CACHING = flags.DEFINE_list("enable_prefix_caching", ["false"], "Engine prefix caching: true or "
+                                     "false, or a list (false,true) to run the sweep once per value.")
+_SHARED_PREFIX = flags.DEFINE_integer("shared_prefix_len", 0, "Tokens every prompt starts with (a system prompt).")
+_NUM_TURNS = flags.DEFINE_integer("num_turns", 1, "Turns per replayed conversation (> 1: each request resends "
+                                  "the conversation so far, user turns of --isl, recorded replies of --osl tokens).")
 _PLOT = flags.DEFINE_bool("plot", True, "Write PNG plots beside the JSON (scripts/plot_results.py).")
 
 
@@ -97,6 +105,8 @@ class Settings:
     num_devices: int
     peaks: roofline.DevicePeaks
     warmup: bool
+    shared_prefix_len: int = 0
+    num_turns: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +126,30 @@ def uniform_lengths(rng: np.random.Generator, n: int, length: int, ratio: float)
     return rng.integers(max(1, int(ratio * length)), length + 1, size=n)
 
 
-def make_workload(seed: int, n: int, isl: int, osl: int, ratio: float, vocab_size: int, stream: int = 0) -> Workload:
-    """Deterministic in (seed, stream): the same call gives the same prompts to every system."""
+def make_workload(seed: int, n: int, isl: int, osl: int, ratio: float, vocab_size: int, stream: int = 0,
+                  shared_prefix_len: int = 0, num_turns: int = 1) -> Workload:
+    """Deterministic in (seed, stream): the same call gives the same prompts to every system. The
+    prompts start with the seed's shared prefix; num_turns > 1 makes them multi-turn replays."""
     rng = np.random.default_rng([seed, stream])
     input_lens = uniform_lengths(rng, n, isl, ratio)
-    output_lens = uniform_lengths(rng, n, osl, ratio)
+    output_lens = [int(x) for x in uniform_lengths(rng, n, osl, ratio)]
     prompts = [rng.integers(0, vocab_size, size=int(m)).tolist() for m in input_lens]
-    return Workload(prompts, [int(x) for x in output_lens])
+    if num_turns > 1:
+        replies = [rng.integers(0, vocab_size, size=m).tolist() for m in output_lens]
+        prompts, output_lens = workloads.multi_turn(prompts, replies, num_turns)
+    prefix = workloads.shared_prefix(seed, shared_prefix_len, vocab_size)
+    return Workload([prefix + p for p in prompts], output_lens)
+
+
+def settings_workload(settings: Settings, n: int, ratio: float, vocab_size: int, stream: int) -> Workload:
+    """make_workload with the settings' lengths, seed, shared prefix and turns."""
+    return make_workload(settings.seed, n, settings.isl, settings.osl, ratio, vocab_size, stream,
+                         settings.shared_prefix_len, settings.num_turns)
+
+
+def max_model_len(isl: int, osl: int, shared_prefix_len: int, num_turns: int) -> int:
+    """The longest request a workload makes: the prefix, then every turn's input and output."""
+    return shared_prefix_len + num_turns * (isl + osl)
 
 
 def run_closed_loop(llm: LLM, workload: Workload, concurrency: int, temperature: float,
@@ -174,28 +201,35 @@ def engine_points(llm: LLM, settings: Settings, concurrencies: list[int], num_pr
     scored closed loop (each point records the compilations it saw: 0 unless a bucket was missed)."""
     config, item = llm.model.config, jnp.dtype(llm.model.dtype).itemsize
     vocab, points = config.vocab_size, []
+    system = "jaxserve+prefix_cache" if llm.config.enable_prefix_caching else "jaxserve"
     if settings.warmup:
         start = time.perf_counter()
         logging.info("compiled %d shape buckets in %.0f s", llm.warmup(), time.perf_counter() - start)
     for c, n in zip(concurrencies, num_prompts):
         if settings.warmup:
-            warm = make_workload(settings.seed, c, settings.isl, settings.osl, 1.0, vocab, 10_000 + c)
+            warm = settings_workload(settings, c, 1.0, vocab, 10_000 + c)
             run_closed_loop(llm, warm, c, settings.temperature, f"warm-up c={c}")
-        workload = make_workload(settings.seed, n, settings.isl, settings.osl, settings.range_ratio, vocab, c)
+        workload = settings_workload(settings, n, settings.range_ratio, vocab, c)
+        before = dataclasses.replace(llm.prefix_cache.stats)
         with count_compilations() as compilations:
-            timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"jaxserve c={c}")
+            timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"{system} c={c}")
+        cache = llm.prefix_cache.stats.since(before)
         roof = roofline_summary(config, workload, c, duration, settings.peaks, item, item)
-        points.append({**score_point("jaxserve", dtype, timings, duration, c, settings, roof),
-                       "compilations": compilations[0]})
-        logging.info("c=%d: %.1f output tok/s, %.1f tok/s/user, roofline %.0f%%, %d compilations", c,
-                     points[-1]["output_tok_s"], points[-1]["interactivity"], 100 * roof["fraction"], compilations[0])
+        points.append({**score_point(system, dtype, timings, duration, c, settings, roof),
+                       "compilations": compilations[0],
+                       "prefix_cache": {"enabled": llm.config.enable_prefix_caching, "queries": cache.queries,
+                                        "hits": cache.hits, "hit_rate": cache.hit_rate}})
+        logging.info("%s c=%d: %.1f output tok/s, %.1f tok/s/user, roofline %.0f%%, %d compilations, prefix cache "
+                     "hits %d of %d prompt tokens (%.0f%%)", system, c, points[-1]["output_tok_s"],
+                     points[-1]["interactivity"], 100 * roof["fraction"], compilations[0], cache.hits, cache.queries,
+                     100 * cache.hit_rate)
     return points
 
 
 def baseline_job(spec: BaselineSpec, settings: Settings, concurrencies: list[int], vocab: int) -> dict:
     """The job file for scripts/baselines.py: each system's points with the engine's own prompts."""
     def point(c: int, n: int) -> dict:
-        w = make_workload(settings.seed, n, settings.isl, settings.osl, settings.range_ratio, vocab, c)
+        w = settings_workload(settings, n, settings.range_ratio, vocab, c)
         return {"concurrency": c, "prompts": w.prompts, "output_lens": w.output_lens}
     points = {"transformers": [point(c, c * spec.batches) for c in concurrencies],
               "llamacpp": [point(1, spec.llamacpp_prompts)] if 1 in concurrencies else []}
@@ -282,7 +316,8 @@ def report_header(llm: LLM, settings: Settings, started: datetime.datetime) -> d
         "engine": dataclasses.asdict(llm.config),
         "workload": {"isl": settings.isl, "osl": settings.osl, "range_ratio": settings.range_ratio,
                      "seed": settings.seed, "temperature": settings.temperature, "ignore_eos": True,
-                     "warmup": settings.warmup},
+                     "warmup": settings.warmup, "shared_prefix_len": settings.shared_prefix_len,
+                     "num_turns": settings.num_turns},
     }
 
 
@@ -292,15 +327,20 @@ def main(argv: list[str]) -> None:
     concurrencies = sorted({int(c) for c in _CONCURRENCY.value})
     num_prompts = [min(_NUM_PROMPTS.value or 10 * c, _MAX_NUM_PROMPTS.value) for c in concurrencies]
     num_prompts = [max(n, c) for n, c in zip(num_prompts, concurrencies)]
-    llm = LLM(_MODEL.value, dtype=_DTYPE.value, max_num_seqs=max(concurrencies),
-              max_model_len=_ISL.value + _OSL.value, decode_steps=_DECODE_STEPS.value, page_size=_PAGE_SIZE.value,
-              prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value,
-              async_scheduling=_ASYNC.value)
     settings = Settings(_ISL.value, _OSL.value, _RANGE_RATIO.value, _SEED.value, _TEMPERATURE.value,
                         hourly_rate(jax.devices()[0].device_kind, _RATE.value, _CPU_RATE.value), _NUM_DEVICES.value,
-                        device_peaks(_DTYPE.value, _PEAK_BW.value, _PEAK_TFLOPS.value), _WARMUP.value)
+                        device_peaks(_DTYPE.value, _PEAK_BW.value, _PEAK_TFLOPS.value), _WARMUP.value,
+                        _SHARED_PREFIX.value, _NUM_TURNS.value)
+    if settings.shared_prefix_len < 0 or settings.num_turns < 1:
+        raise app.UsageError("--shared_prefix_len must be >= 0 and --num_turns >= 1")
     logging.info("peaks: %s", settings.peaks)
-    points = engine_points(llm, settings, concurrencies, num_prompts, _DTYPE.value)
+    model, points = load_model(_MODEL.value, dtype=_DTYPE.value), []
+    for caching in prefix_caching_values(_PREFIX_CACHING.value):
+        llm = LLM(model, max_num_seqs=max(concurrencies), decode_steps=_DECODE_STEPS.value, page_size=_PAGE_SIZE.value,
+                  max_model_len=max_model_len(_ISL.value, _OSL.value, _SHARED_PREFIX.value, _NUM_TURNS.value),
+                  prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value,
+                  async_scheduling=_ASYNC.value, enable_prefix_caching=caching)
+        points += engine_points(llm, settings, concurrencies, num_prompts, _DTYPE.value)
     versions = {"jax": jax.__version__}
     header = report_header(llm, settings, started)
     output = Path(_OUTPUT.value)
@@ -313,6 +353,15 @@ def main(argv: list[str]) -> None:
         more, baseline_versions = run_baselines(spec, settings, concurrencies, llm.model.config)
         versions.update(baseline_versions)
         write_outputs(finish_report(header, points + more, versions, load_at_start), output, _PLOT.value)
+
+
+def prefix_caching_values(values: list[str]) -> list[bool]:
+    """--enable_prefix_caching's values as bools, in order."""
+    table = {"true": True, "1": True, "false": False, "0": False}
+    bad = [v for v in values if v.lower() not in table]
+    if bad or not values:
+        raise app.UsageError(f"--enable_prefix_caching takes true/false values, got {values}")
+    return [table[v.lower()] for v in values]
 
 
 def finish_report(header: dict, points: list[dict], versions: dict, load_at_start: list[float]) -> dict:

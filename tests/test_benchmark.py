@@ -61,20 +61,44 @@ def test_workload_is_seeded_and_in_range():
     assert min(len(p) for p in a.prompts) < 40 and min(a.output_lens) < 20  # lengths do vary
 
 
+def test_shared_prefix_and_multi_turn_workloads():
+    bench = load_script()
+    a = bench.make_workload(seed=3, n=6, isl=10, osl=5, ratio=1.0, vocab_size=100, stream=2, shared_prefix_len=7)
+    b = bench.make_workload(seed=3, n=6, isl=10, osl=5, ratio=1.0, vocab_size=100, stream=9, shared_prefix_len=7)
+    prefix = a.prompts[0][:7]
+    assert all(p[:7] == prefix and len(p) == 17 for p in a.prompts + b.prompts) and a.prompts[0] != b.prompts[0]
+    m = bench.make_workload(seed=3, n=6, isl=10, osl=5, ratio=1.0, vocab_size=100, stream=2, shared_prefix_len=7,
+                            num_turns=3)
+    # two conversations, turn by turn: turn t resends prefix + t-1 (user, reply) pairs + a user turn
+    assert [len(p) for p in m.prompts] == [17, 17, 32, 32, 47, 47] and m.output_lens == [5] * 6
+    assert m.prompts[2][:17] == m.prompts[0] and m.prompts[4][:32] == m.prompts[2]
+    assert bench.max_model_len(isl=10, osl=5, shared_prefix_len=7, num_turns=3) == 52
+    assert bench.prefix_caching_values(["false", "True"]) == [False, True]
+    with pytest.raises(bench.app.UsageError, match="true/false"):
+        bench.prefix_caching_values(["yes"])
+
+
 def test_end_to_end_tiny_llama(tmp_path):
     output = tmp_path / "tiny.json"
     start = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_serving.py"), "--model=tiny-llama",
                     "--isl=24", "--osl=8", "--concurrency=1,2", "--num_prompts=4", f"--output={output}",
-                    "--peak_bandwidth_gb_s=45", "--peak_tflop_s=0.475"], check=True, cwd=tmp_path)
+                    "--peak_bandwidth_gb_s=45", "--peak_tflop_s=0.475", "--shared_prefix_len=16",
+                    "--enable_prefix_caching=false,true"], check=True, cwd=tmp_path)
     elapsed = time.perf_counter() - start
     report = json.loads(output.read_text())
     validate(report, SCHEMA)
     assert elapsed < 60, f"benchmark took {elapsed:.0f} s"
-    assert [p["concurrency"] for p in report["points"]] == [1, 2]
+    assert [(p["system"], p["concurrency"]) for p in report["points"]] == [
+        ("jaxserve", 1), ("jaxserve", 2), ("jaxserve+prefix_cache", 1), ("jaxserve+prefix_cache", 2)]
+    assert report["workload"]["shared_prefix_len"] == 16
     for p in report["points"]:
-        assert p["system"] == "jaxserve" and p["num_requests"] == 4
-        assert 4 * 6 <= p["output_tokens"] <= 4 * 8 and 4 * 19 <= p["input_tokens"] <= 4 * 24
+        assert p["num_requests"] == 4
+        assert 4 * 6 <= p["output_tokens"] <= 4 * 8 and 4 * (16 + 19) <= p["input_tokens"] <= 4 * (16 + 24)
+        cache = p["prefix_cache"]
+        assert cache["enabled"] == (p["system"] == "jaxserve+prefix_cache")
+        # caching on: each request finds the shared prefix's (16-token) page, cached by the warm-up wave
+        assert (cache["queries"], cache["hits"]) == ((p["input_tokens"], 4 * 16) if cache["enabled"] else (0, 0))
         assert p["output_tok_s"] == pytest.approx(p["output_tokens"] / p["duration_s"])
         assert p["interactivity"] == pytest.approx(1000 / p["tpot_ms"]["median"])
         assert 0 < p["roofline"]["fraction"] < 1

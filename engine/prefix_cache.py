@@ -1,0 +1,89 @@
+"""Automatic prefix caching (vLLM V1's hashed blocks): full pages keyed by a hash chain over their
+tokens, looked up when a request is admitted and registered once their tokens are computed.
+
+A page's key is blake2b(parent key, its token ids), the chain rooted in the cache's identity (the
+model and its dtype), so equal keys mean equal KV contents. Partial pages are never keyed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from engine.page_allocator import PageAllocator
+from engine.request import Request
+
+
+@dataclasses.dataclass
+class PrefixCacheStats:
+    """Prompt tokens admitted requests asked the cache for (queries) and the ones it had (hits);
+    a preempted request's readmission is a query too."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+    def since(self, before: PrefixCacheStats) -> PrefixCacheStats:
+        """The counts accumulated after the snapshot `before`."""
+        return PrefixCacheStats(self.queries - before.queries, self.hits - before.hits)
+
+
+def identity_key(*parts: object) -> bytes:
+    """The root of the key chain: a hash of what else decides a page's contents (model, dtype)."""
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+
+
+def page_key(parent: bytes, tokens: list[int]) -> bytes:
+    """The key of a full page holding `tokens`, whose preceding page has key `parent`."""
+    return hashlib.blake2b(parent + np.asarray(tokens, np.int64).tobytes(), digest_size=16).digest()
+
+
+class PrefixCache:
+    """Finds a request's longest run of cached full pages and registers pages as they fill."""
+
+    def __init__(self, allocator: PageAllocator, page_size: int, enabled: bool, identity: object = ()):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.enabled = enabled
+        self.root = identity_key(identity)
+        self.stats = PrefixCacheStats()
+
+    def _key(self, request: Request, i: int) -> bytes:
+        """The key of `request`'s page i (its tokens must be known), memoized on the request."""
+        keys, tokens = request.page_keys, request.tokens
+        while len(keys) <= i:
+            j = len(keys)
+            keys.append(page_key(keys[-1] if keys else self.root, tokens[j * self.page_size:(j + 1) * self.page_size]))
+        return keys[i]
+
+    def lookup(self, request: Request) -> list[int]:
+        """The cached pages of `request`'s longest cached prefix, not yet referenced. The last
+        prefill token is never among them (its logit must be computed), so writes start on a page
+        of the request's own: with a fully cached prompt its whole last page is recomputed."""
+        if not self.enabled:
+            return []
+        hits = []
+        for i in range((request.prefill_target - 1) // self.page_size):
+            page = self.allocator.cached(self._key(request, i))
+            if page is None:
+                break
+            hits.append(page)
+        return hits
+
+    def record(self, request: Request, num_hit_pages: int) -> None:
+        """Count an admission that took `num_hit_pages` cached pages."""
+        if self.enabled:
+            self.stats.queries += request.prefill_target
+            self.stats.hits += num_hit_pages * self.page_size
+
+    def commit(self, request: Request, start: int) -> None:
+        """Register the pages a step filled: it computed tokens [start, request.num_computed)."""
+        if not self.enabled:
+            return
+        for i in range(start // self.page_size, request.num_computed // self.page_size):
+            self.allocator.register(request.pages[i], self._key(request, i))
