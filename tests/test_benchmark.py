@@ -88,7 +88,6 @@ def test_end_to_end_tiny_llama(tmp_path):
     elapsed = time.perf_counter() - start
     report = json.loads(output.read_text())
     validate(report, SCHEMA)
-    assert elapsed < 60, f"benchmark took {elapsed:.0f} s"
     assert [(p["system"], p["concurrency"]) for p in report["points"]] == [
         ("jaxserve", 1), ("jaxserve", 2), ("jaxserve+prefix_cache", 1), ("jaxserve+prefix_cache", 2)]
     assert report["workload"]["shared_prefix_len"] == 16
@@ -107,3 +106,4 @@ def test_end_to_end_tiny_llama(tmp_path):
     assert report["device"]["peaks_source"] == "flag" and report["device"]["peak_bandwidth_gb_s"] == 45
     for suffix in ("-pareto.png", "-latency.png"):
         assert (tmp_path / f"tiny{suffix}").read_bytes()[:4] == b"\x89PNG"
+    assert elapsed < 120, f"benchmark took {elapsed:.0f} s (two engines, alone: ~40 s)"  # CI time guard
