@@ -46,12 +46,16 @@ class EngineConfig:
     attention_impl: str = "auto"
     kv_cache_bytes: int = 4 << 30  # pool budget when num_pages is None
     min_context_bucket: int = 256  # smallest block-table width, in tokens
+    # Drafts a speculative decode verifies at most (K); set by LLM from its speculative_config.
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "page_size", "max_num_seqs", "prefill_chunk",
                      "max_num_batched_tokens", "decode_steps", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.prefill_chunk > self.max_num_batched_tokens:
             raise ValueError(f"prefill_chunk={self.prefill_chunk} exceeds "
                              f"max_num_batched_tokens={self.max_num_batched_tokens}")
