@@ -4,6 +4,12 @@
         --concurrency=1,2,4,8,16,32,64 --max_num_prompts=160 --baseline=transformers,llamacpp \
         --output=benchmarks/results/cpu-smollm2-float32.json
 
+Speculative decoding (engine/spec): `--speculative_config='{"method": "ngram", "num_speculative_tokens": 4}'`
+(vLLM's dict; `"method": "synthetic", "acceptance_length": a` is a fixed-acceptance mode for
+comparisons with published numbers, NOT lossless); `--compare_no_speculation` runs the same
+points without it first, side by side in one JSON; `--workload=grounded` asks the model to repeat
+or rewrite README passages (input-grounded: where n-gram drafts are right), `random` is random tokens.
+
 Random-token prompts from a fixed seed, input/output lengths uniform in [r*L, L], ignore_eos. At
 each concurrency a warm-up wave runs first (after `LLM.warmup` compiled every shape bucket) and
 is not scored; then exactly `concurrency` requests stay in flight (a new one is added whenever
@@ -32,14 +38,16 @@ from tqdm.auto import tqdm
 
 
 from benchmarks import roofline
+from benchmarks.grounded import grounded_prompts
 from benchmarks.compilations import count_compilations
 from engine.llm import LLM
 from benchmarks.metrics import HOURLY_RATES_USD, RequestTiming, cost_per_million_tokens, pareto_frontier, point_metrics  # noqa: E501
 from engine.request import SamplingParams
-from models import ModelConfig, param_counts
+from engine.spec.metrics import SpecMetrics
+from models import ModelConfig, load_model, param_counts
 from models.loaded_model import EMBEDDED_WEIGHTS, embedded_weights_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-point speculation counters
 REPO = Path(__file__).resolve().parents[1]
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Preset name, .gguf file or checkpoint dir.")
@@ -73,11 +81,15 @@ _PEAK_BW = flags.DEFINE_float("peak_bandwidth_gb_s", None, "Device bandwidth; se
                                "the table and the CPU probe.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflop_s", None, "Device matmul peak in the engine dtype.")
 _PLOT = flags.DEFINE_bool("plot", True, "Write PNG plots beside the JSON (scripts/plot_results.py).")
+_SPEC = flags.DEFINE_string("speculative_config", None, "JSON dict of LLM's speculative_config (vLLM's names).")
+_COMPARE_SPEC = flags.DEFINE_bool("compare_no_speculation", False, "Also run every point without speculation.")
+_WORKLOAD = flags.DEFINE_enum("workload", "random", ["random", "grounded"],
+                              "random tokens, or repeat/rewrite prompts over README passages (needs a tokenizer).")
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """Random-token prompts and their output lengths."""
+    """Prompts and their output lengths."""
 
     prompts: list[list[int]]
     output_lens: list[int]
@@ -96,6 +108,7 @@ class Settings:
     num_devices: int
     peaks: roofline.DevicePeaks
     warmup: bool
+    workload: str = "random"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +137,25 @@ def make_workload(seed: int, n: int, isl: int, osl: int, ratio: float, vocab_siz
     return Workload(prompts, [int(x) for x in output_lens])
 
 
+def grounded_workload(llm: LLM, seed: int, n: int, isl: int, osl: int, ratio: float, stream: int = 0) -> Workload:
+    """README-passage prompts of about isl tokens; output lengths as make_workload's."""
+    if llm.model.tokenizer is None:
+        raise app.UsageError("--workload=grounded needs a model with a tokenizer")
+    rng = np.random.default_rng([seed, stream])
+    output_lens = [int(x) for x in uniform_lengths(rng, n, osl, ratio)]
+    return Workload(grounded_prompts(llm.model.tokenizer, n, isl, int(rng.integers(2**31))), output_lens)
+
+
+def point_workload(llm: LLM, settings: Settings, n: int, ratio: float, stream: int) -> Workload:
+    if settings.workload == "grounded":
+        return grounded_workload(llm, settings.seed, n, settings.isl, settings.osl, ratio, stream)
+    return make_workload(settings.seed, n, settings.isl, settings.osl, ratio, llm.model.config.vocab_size, stream)
+
+
 def run_closed_loop(llm: LLM, workload: Workload, concurrency: int, temperature: float,
-                    desc: str) -> tuple[list[RequestTiming], float]:
-    """Keep exactly `concurrency` requests in flight until all finish; timings and wall seconds."""
+                    desc: str, finished: list | None = None) -> tuple[list[RequestTiming], float]:
+    """Keep exactly `concurrency` requests in flight until all finish; timings and wall seconds
+    (the finished requests are appended to `finished` when given)."""
     pending = collections.deque(zip(workload.prompts, workload.output_lens))
     in_flight, done = set(), []
     start = time.perf_counter()
@@ -141,6 +170,8 @@ def run_closed_loop(llm: LLM, workload: Workload, concurrency: int, temperature:
                 done.append(request)
                 bar.update(1)
     duration = time.perf_counter() - start
+    if finished is not None:
+        finished.extend(done)
     timings = [RequestTiming(r.metrics.arrival, tuple(r.metrics.token_times), len(r.prompt_token_ids)) for r in done]
     return timings, duration
 
@@ -160,7 +191,7 @@ def score_point(system: str, dtype: str, timings: list[RequestTiming], duration:
                 settings: Settings, roof: dict) -> dict:
     """One point's JSON record: metrics, interactivity, cost and roofline fraction."""
     m = point_metrics(timings, concurrency, settings.num_devices, duration)
-    record = {"system": system, "dtype": dtype, **dataclasses.asdict(m)}
+    record = {"system": system, "dtype": dtype, **dataclasses.asdict(m), "speculation": None}
     record["cost_per_million_output_tokens_usd"] = cost_per_million_tokens(settings.hourly_rate, m.output_tok_s)
     record["cost_per_million_total_tokens_usd"] = cost_per_million_tokens(settings.hourly_rate, m.total_tok_s)
     record["roofline"] = roof
@@ -172,23 +203,35 @@ def engine_points(llm: LLM, settings: Settings, concurrencies: list[int], num_pr
     """The engine's sweep: every shape bucket compiled first, per point a warm-up wave, then the
     scored closed loop (each point records the compilations it saw: 0 unless a bucket was missed)."""
     config, item = llm.model.config, jnp.dtype(llm.model.dtype).itemsize
-    vocab, points = config.vocab_size, []
+    points = []
     if settings.warmup:
         start = time.perf_counter()
         logging.info("compiled %d shape buckets in %.0f s", llm.warmup(), time.perf_counter() - start)
     for c, n in zip(concurrencies, num_prompts):
         if settings.warmup:
-            warm = make_workload(settings.seed, c, settings.isl, settings.osl, 1.0, vocab, 10_000 + c)
+            warm = point_workload(llm, settings, c, 1.0, 10_000 + c)
             run_closed_loop(llm, warm, c, settings.temperature, f"warm-up c={c}")
-        workload = make_workload(settings.seed, n, settings.isl, settings.osl, settings.range_ratio, vocab, c)
+        workload = point_workload(llm, settings, n, settings.range_ratio, c)
+        done = []
         with count_compilations() as compilations:
-            timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"jaxserve c={c}")
+            timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"jaxserve c={c}", done)
         roof = roofline_summary(config, workload, c, duration, settings.peaks, item, item)
         points.append({**score_point("jaxserve", dtype, timings, duration, c, settings, roof),
-                       "compilations": compilations[0]})
+                       "compilations": compilations[0], "speculation": speculation_summary(llm, done)})
         logging.info("c=%d: %.1f output tok/s, %.1f tok/s/user, roofline %.0f%%, %d compilations", c,
                      points[-1]["output_tok_s"], points[-1]["interactivity"], 100 * roof["fraction"], compilations[0])
     return points
+
+
+def speculation_summary(llm: LLM, done: list) -> dict | None:
+    """The point's speculative config and its summed counters (None without speculation)."""
+    if llm.speculator is None:
+        return None
+    total = SpecMetrics()
+    for request in done:
+        total.merge(request.metrics.speculation)
+    config = {k: v for k, v in dataclasses.asdict(llm.speculator.config).items() if v is not None}
+    return {**config, **total.summary()}
 
 
 def baseline_job(spec: BaselineSpec, settings: Settings, concurrencies: list[int], vocab: int) -> dict:
@@ -279,7 +322,8 @@ def report_header(llm: LLM, settings: Settings, started: datetime.datetime) -> d
                    "hourly_rate_usd": settings.hourly_rate, "peak_bandwidth_gb_s": peaks.bandwidth / 1e9,
                    "peak_tflop_s": peaks.flops / 1e12, "peaks_source": peaks.source},
         "engine": dataclasses.asdict(llm.config),
-        "workload": {"isl": settings.isl, "osl": settings.osl, "range_ratio": settings.range_ratio,
+        "workload": {"kind": settings.workload, "isl": settings.isl, "osl": settings.osl,
+                     "range_ratio": settings.range_ratio,
                      "seed": settings.seed, "temperature": settings.temperature, "ignore_eos": True,
                      "warmup": settings.warmup},
     }
@@ -291,15 +335,22 @@ def main(argv: list[str]) -> None:
     concurrencies = sorted({int(c) for c in _CONCURRENCY.value})
     num_prompts = [min(_NUM_PROMPTS.value or 10 * c, _MAX_NUM_PROMPTS.value) for c in concurrencies]
     num_prompts = [max(n, c) for n, c in zip(num_prompts, concurrencies)]
-    llm = LLM(_MODEL.value, dtype=_DTYPE.value, max_num_seqs=max(concurrencies),
-              max_model_len=_ISL.value + _OSL.value, decode_steps=_DECODE_STEPS.value, page_size=_PAGE_SIZE.value,
-              prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value,
-              async_scheduling=_ASYNC.value)
+    if _WORKLOAD.value == "grounded" and _BASELINE.value:
+        raise app.UsageError("baselines run the random workload only")
+    spec = json.loads(_SPEC.value) if _SPEC.value else None
+    model = load_model(_MODEL.value, dtype=_DTYPE.value)
+    engines = [None, spec] if spec is not None and _COMPARE_SPEC.value else [spec]
     settings = Settings(_ISL.value, _OSL.value, _RANGE_RATIO.value, _SEED.value, _TEMPERATURE.value,
                         hourly_rate(jax.devices()[0].device_kind, _RATE.value, _CPU_RATE.value), _NUM_DEVICES.value,
-                        device_peaks(_DTYPE.value, _PEAK_BW.value, _PEAK_TFLOPS.value), _WARMUP.value)
+                        device_peaks(_DTYPE.value, _PEAK_BW.value, _PEAK_TFLOPS.value), _WARMUP.value, _WORKLOAD.value)
     logging.info("peaks: %s", settings.peaks)
-    points = engine_points(llm, settings, concurrencies, num_prompts, _DTYPE.value)
+    points = []
+    for speculative_config in engines:
+        llm = LLM(model, max_num_seqs=max(concurrencies), max_model_len=_ISL.value + _OSL.value,
+                  decode_steps=_DECODE_STEPS.value, page_size=_PAGE_SIZE.value, prefill_chunk=_PREFILL_CHUNK.value,
+                  max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value, async_scheduling=_ASYNC.value,
+                  speculative_config=speculative_config)
+        points += engine_points(llm, settings, concurrencies, num_prompts, _DTYPE.value)
     versions = {"jax": jax.__version__}
     header = report_header(llm, settings, started)
     output = Path(_OUTPUT.value)
@@ -349,13 +400,21 @@ def finite_or_null(value):
     return value
 
 
+def spec_label(point: dict) -> str:
+    """"-" without speculation, else method, k and the mean acceptance length."""
+    s = point.get("speculation")
+    if not s:
+        return "-"
+    return f"{s['method']} k={s['num_speculative_tokens']} accept {s['mean_acceptance_length'] or 0:.2f}"
+
+
 def format_table(points: list[dict]) -> str:
     """A Markdown table of the headline numbers of every point."""
-    rows = ["| system | dtype | conc | out tok/s/dev | tok/s/user | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+    rows = ["| system | dtype | spec | conc | out tok/s/dev | tok/s/user | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
             "| E2E p50 s | roofline | $/M out |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        rows.append(f"| {p['system']} | {p['dtype']} | {p['concurrency']} | {p['output_tok_s']:.1f} | "
+        rows.append(f"| {p['system']} | {p['dtype']} | {spec_label(p)} | {p['concurrency']} | {p['output_tok_s']:.1f} | "
                     f"{p['interactivity']:.1f} | {p['ttft_ms']['median']:.0f} | {p['ttft_ms']['p99']:.0f} | "
                     f"{p['tpot_ms']['median']:.1f} | {p['e2e_ms']['median'] / 1e3:.1f} | "
                     f"{100 * p['roofline']['fraction']:.0f}% | {p['cost_per_million_output_tokens_usd']:.2f} |")

@@ -4,15 +4,19 @@ exactly the pages past the accepted tokens, and nothing recompiles after warm-up
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import stats
 
 from benchmarks.compilations import count_compilations
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, runner
 from engine.request import Status
 from engine.sampler import SamplingTensors
 from engine.spec import ngram, rejection
+from engine.spec import verify as spec_verify
 from models import load_model
 from tests.conftest import FIXTURES
 from tests.engine_helpers import tiny_llm
@@ -195,8 +199,6 @@ def test_deepseek_mtp_greedy_equals_no_speculation_and_drafts_match_the_referenc
     """MTP on the tiny DeepSeek-V3 fixture (random weights: few drafts are accepted): greedy output
     equals the non-speculative engine's, and the first draft equals the MTP module run without a
     cache over the prompt (target hidden states at t, embeddings of t+1)."""
-    import jax.numpy as jnp
-
     model = load_model(FIXTURES / "tiny-deepseek-v3-hf")
     prompt = repetitive_prompts(1, model.config.vocab_size, 1)[0]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -214,3 +216,58 @@ def test_deepseek_mtp_greedy_equals_no_speculation_and_drafts_match_the_referenc
     while llm.has_unfinished():
         llm.step()
     assert request.output_token_ids == want
+
+
+# ---- sampled output end to end, and compilations -------------------------------------------------
+def perturbed(model, scale: float):
+    """The model with every weight perturbed: a draft close to the target but not equal (q != p)."""
+    graphdef, state = nnx.split(model.model)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    noisy = [x + scale * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return dataclasses.replace(model, model=nnx.merge(graphdef, jax.tree.unflatten(tree, noisy)))
+
+
+def _joint_counts(llm: LLM, n: int) -> tuple[dict[tuple, int], int]:
+    """How often each 3-token output occurs over seeds 0..n-1, and how many drafts were accepted."""
+    params = [SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True, seed=i) for i in range(n)]
+    counts: dict[tuple, int] = {}
+    done = llm.generate([[5, 17, 99, 3, 5, 17, 99, 3]] * n, params, use_tqdm=False)
+    for o in done:
+        counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1
+    return counts, sum(o.metrics.speculation.accepted for o in done)
+
+
+def _two_sample_pvalue(a: dict, b: dict) -> float:
+    cells = sorted(set(a) | set(b))
+    return stats.chi2_contingency(np.array([[a.get(c, 0) for c in cells], [b.get(c, 0) for c in cells]])).pvalue
+
+
+def test_sampled_tokens_are_distributed_as_without_speculation(tiny, monkeypatch):
+    """1200 seeds at temperature 1 (top-k 3), a perturbed draft (k=2): the joint distribution of
+    the first three tokens matches the non-speculative engine's (two-sample chi-square at 1e-3);
+    the wrong rule "accept every draft" fails the same test."""
+    kwargs = dict(max_model_len=32, max_num_seqs=64, max_num_batched_tokens=512, prefill_chunk=32, page_size=8)
+    spec = {"model": perturbed(tiny, 0.5), "num_speculative_tokens": 2}
+    want, _ = _joint_counts(LLM(tiny, **kwargs), 1200)
+    got, accepted = _joint_counts(LLM(tiny, **kwargs, speculative_config=spec), 1200)
+    assert accepted > 300  # the drafts are often right, and often not
+    assert _two_sample_pvalue(want, got) > SIGNIFICANCE
+    runner.jitted_steps.cache_clear()  # trace the verify step again, with the wrong rule
+    monkeypatch.setattr(spec_verify, "verify_rows", _accept_always)
+    wrong, _ = _joint_counts(LLM(tiny, **kwargs, speculative_config=spec), 1200)
+    runner.jitted_steps.cache_clear()
+    assert _two_sample_pvalue(want, wrong) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_no_recompiles_after_warmup_with_speculation(tiny, method):
+    spec = ({"method": "ngram", "num_speculative_tokens": 3} if method == "ngram" else
+            {"model": "tiny-llama", "num_speculative_tokens": 3})
+    llm = tiny_llm(tiny, speculative_config=spec)
+    llm.warmup()
+    prompts = repetitive_prompts(3, 256, 8)
+    params = [SamplingParams(temperature=t, max_tokens=20, ignore_eos=True, seed=1) for t in (0.0, 1.0)] * 4
+    with count_compilations() as compilations:
+        llm.generate(prompts, params, use_tqdm=False)
+    assert compilations[0] == 0
