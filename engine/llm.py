@@ -147,10 +147,10 @@ class LLM:
             output = self.scheduler.schedule()
             if not output.scheduled:
                 return []
-            if self.speculator is not None:
-                output = self.speculator.attach(output)
             pending = None
         try:
+            if self.speculator is not None and pending is None:
+                output = self.speculator.attach(output)  # the drafts ride in this step's input only
             result = self._run(output, pending)
         except Exception as e:  # noqa: BLE001 (an XLA runtime error, out of memory: contained)
             return self._fail_step(output, e)

@@ -134,10 +134,24 @@ def block_table(requests: list[Request], rows: int, width: int) -> np.ndarray:
     return table
 
 
+def max_query_len(config: EngineConfig, decode_only: bool) -> int:
+    """The static bound on one sequence's tokens in a mixed step: a chunk, or a verify's 1 + K."""
+    return config.num_speculative_tokens + 1 if decode_only and config.num_speculative_tokens else config.prefill_chunk
+
+
+def verify_buckets(config: EngineConfig) -> tuple[int, ...]:
+    """Token buckets a decodes-only verify step can take: up to S (K + 1) tokens (none without speculation)."""
+    if not config.num_speculative_tokens:
+        return ()
+    most = min(config.max_num_seqs * (config.num_speculative_tokens + 1), config.max_num_batched_tokens)
+    return tuple(t for t in config.token_buckets if t <= bucket(most, config.token_buckets))
+
+
 def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig,
                 draft_probs: jax.Array | None = None) -> MixedBatch:
     """The flat, bucketed numpy arrays of one mixed step (padding tokens write the null page's slot 0);
-    with speculation on, the verify rows too (draft_probs [S, K, V]: the draft model's q)."""
+    with speculation on, the verify rows too (draft_probs [S, K, V]: the draft model's q), and a
+    step of decodes only bounds each sequence's queries by 1 + K (attention works per that bound)."""
     num_tokens = sum(s.num_tokens for s in scheduled)
     t, rows = bucket(num_tokens, config.token_buckets), config.max_num_seqs
     pages = bucket(max(-(-(s.start + s.num_tokens) // config.page_size) for s in scheduled), config.page_buckets)
@@ -156,7 +170,7 @@ def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig,
         offset += s.num_tokens
     requests = [s.request for s in scheduled]
     metadata = AttentionMetadata(slots, query_start_loc, context_lens, block_table(requests, rows, pages),
-                                 max_query_len=config.prefill_chunk)
+                                 max_query_len=max_query_len(config, all(not r.is_prefilling for r in requests)))
     sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
     if config.num_speculative_tokens:
         ends = [int(query_start_loc[i]) + s.num_tokens for i, s in enumerate(scheduled)]
@@ -181,6 +195,10 @@ class ModelRunner:
         self.padding_draft_probs = padding_draft_probs
         self.mixed_fn, self.decode_fn = jitted_steps(graphdef, decode_impl, mixed_impl, config.page_size,
                                                       config.decode_steps, synthetic_accepts)
+        # A verify step of decodes only (1 + k tokens each) runs the decode attention impl (on a CPU
+        # the C++ kernel, measured faster for short queries than the jnp path chosen for chunks).
+        self.verify_fn = (jitted_steps(graphdef, decode_impl, decode_impl, config.page_size, config.decode_steps,
+                                       synthetic_accepts)[0] if config.num_speculative_tokens else None)
 
     def cache_intact(self) -> bool:
         """False when a failed call consumed the cache: its buffers were donated (deleted) or hold the error."""
@@ -216,6 +234,9 @@ class ModelRunner:
             for t in cfg.token_buckets:
                 self.run_mixed_arrays(self.padding_mixed(t, pages))
                 shapes += 1
+                if t in verify_buckets(cfg):
+                    self.run_mixed_arrays(self.padding_mixed(t, pages, decode_only=True), decode_only=True)
+                    shapes += 1
         jax.block_until_ready(self.cache)
         return shapes
 
@@ -224,12 +245,13 @@ class ModelRunner:
         return (np.zeros((rows, self.config.decode_steps), np.int32), zeros, np.zeros((rows, pages), np.int32),
                 np.zeros((rows,), bool), SamplingTensors.build([], [], rows))
 
-    def padding_mixed(self, num_tokens: int, pages: int) -> MixedBatch:
+    def padding_mixed(self, num_tokens: int, pages: int, decode_only: bool = False) -> MixedBatch:
         """A mixed batch of `num_tokens` padding tokens (no sequence), for compiling its bucket."""
         rows = self.config.max_num_seqs
         zeros = np.zeros((num_tokens,), np.int32)
         metadata = AttentionMetadata(zeros, np.zeros((rows + 1,), np.int32), np.zeros((rows,), np.int32),
-                                     np.zeros((rows, pages), np.int32), max_query_len=self.config.prefill_chunk)
+                                     np.zeros((rows, pages), np.int32),
+                                     max_query_len=max_query_len(self.config, decode_only))
         sampling = SamplingTensors.build([], [], rows)
         if self.config.num_speculative_tokens:
             indices, verify = spec_verify.padding(num_tokens, rows, self.config.num_speculative_tokens,
@@ -237,8 +259,10 @@ class ModelRunner:
             return MixedBatch(zeros, zeros, metadata, indices, sampling, verify)
         return MixedBatch(zeros, zeros, metadata, np.zeros((rows,), np.int32), sampling)
 
-    def run_mixed_arrays(self, batch: MixedBatch) -> tuple[jax.Array, ...]:
-        *outputs, self.cache = self.mixed_fn(self.state, self.cache, batch)
+    def run_mixed_arrays(self, batch: MixedBatch, decode_only: bool = False) -> tuple[jax.Array, ...]:
+        """decode_only: every sequence is a decode (with drafts): the verify function runs it."""
+        fn = self.verify_fn if decode_only and self.verify_fn is not None else self.mixed_fn
+        *outputs, self.cache = fn(self.state, self.cache, batch)
         return tuple(outputs)
 
     def run_decode_arrays(self, *inputs) -> tuple[jax.Array, jax.Array]:

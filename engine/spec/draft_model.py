@@ -20,7 +20,7 @@ from flax import nnx
 from engine import kv_cache
 from engine.attention_choice import AttentionChoice
 from engine.config import EngineConfig, bucket
-from engine.runner import MixedBatch, block_table
+from engine.runner import MixedBatch, max_query_len, verify_buckets, block_table
 from engine.sampler import SamplingTensors, filtered_logits, sample_from_probs, uniforms
 from engine.scheduler import ScheduledRequest
 from models import LoadedModel, ModelConfig
@@ -126,13 +126,14 @@ class DraftModelProposer:
         cfg, shapes = self.config, 0
         for pages in cfg.page_buckets:
             for t in cfg.token_buckets:
-                zeros = np.zeros((t,), np.int32)
-                metadata = AttentionMetadata(zeros, np.zeros((cfg.max_num_seqs + 1,), np.int32),
-                                             np.zeros((cfg.max_num_seqs,), np.int32),
-                                             np.zeros((cfg.max_num_seqs, pages), np.int32),
-                                             max_query_len=cfg.prefill_chunk)
-                self.cache = self.fill_fn(self.state, self.cache, zeros, zeros, metadata)
-                shapes += 1
+                for decode_only in (False, True) if t in verify_buckets(cfg) else (False,):
+                    zeros = np.zeros((t,), np.int32)
+                    metadata = AttentionMetadata(zeros, np.zeros((cfg.max_num_seqs + 1,), np.int32),
+                                                 np.zeros((cfg.max_num_seqs,), np.int32),
+                                                 np.zeros((cfg.max_num_seqs, pages), np.int32),
+                                                 max_query_len=max_query_len(cfg, decode_only))
+                    self.cache = self.fill_fn(self.state, self.cache, zeros, zeros, metadata)
+                    shapes += 1
             for rows in cfg.batch_buckets:
                 zeros = np.zeros((rows,), np.int32)
                 self._run_loop(zeros, zeros, np.zeros((rows, pages), np.int32), np.zeros((rows,), bool),

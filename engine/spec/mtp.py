@@ -23,7 +23,7 @@ from flax import nnx
 from engine import kv_cache
 from engine.attention_choice import AttentionChoice
 from engine.config import EngineConfig, bucket
-from engine.runner import MixedBatch, StepResult, block_table
+from engine.runner import MixedBatch, max_query_len, verify_buckets, StepResult, block_table
 from engine.sampler import SamplingTensors
 from engine.scheduler import ScheduledRequest
 from engine.spec.draft_model import draw
@@ -135,13 +135,15 @@ class MTPProposer:
         cfg, shapes, seqs = self.config, 0, self.config.max_num_seqs
         for pages in cfg.page_buckets:
             for t in cfg.token_buckets:
-                zeros = np.zeros((t,), np.int32)
-                metadata = AttentionMetadata(zeros, np.zeros((seqs + 1,), np.int32), np.zeros((seqs,), np.int32),
-                                             np.zeros((seqs, pages), np.int32), max_query_len=cfg.prefill_chunk)
-                hidden = jnp.zeros((t, self.hidden_size), self.dtype)
-                _, self.cache = self.fill_fn(self.state, self.cache, hidden, zeros, zeros, zeros, metadata,
-                                             np.zeros((seqs,), np.int32))
-                shapes += 1
+                for decode_only in (False, True) if t in verify_buckets(cfg) else (False,):
+                    zeros = np.zeros((t,), np.int32)
+                    metadata = AttentionMetadata(zeros, np.zeros((seqs + 1,), np.int32), np.zeros((seqs,), np.int32),
+                                                 np.zeros((seqs, pages), np.int32),
+                                                 max_query_len=max_query_len(cfg, decode_only))
+                    hidden = jnp.zeros((t, self.hidden_size), self.dtype)
+                    _, self.cache = self.fill_fn(self.state, self.cache, hidden, zeros, zeros, zeros, metadata,
+                                                 np.zeros((seqs,), np.int32))
+                    shapes += 1
             for rows in cfg.batch_buckets:
                 zeros = np.zeros((rows,), np.int32)
                 self._run_loop(zeros, zeros, np.zeros((rows, pages), np.int32), np.zeros((rows,), bool),

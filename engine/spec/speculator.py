@@ -68,7 +68,7 @@ class Speculator:
         q = runner.padding_draft_probs if self._draft_probs is None else self._draft_probs
         batch = mixed_batch(scheduled, runner.config, q)
         self._draft_probs = None
-        outputs = runner.run_mixed_arrays(batch)
+        outputs = runner.run_mixed_arrays(batch, decode_only=not any(s.request.is_prefilling for s in scheduled))
         result = fetch(outputs)
         self.proposer.observe(batch, scheduled, result, outputs[3])
         return result
