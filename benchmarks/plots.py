@@ -22,7 +22,9 @@ def load_points(paths: list[Path], labels: list[str] | None = None) -> list[dict
         report = json.loads(Path(path).read_text())
         prefix = f"{labels[i]} " if labels else ""
         for p in report["points"]:
-            points.append({**p, "series": f"{prefix}{p['system']} {p['dtype']}", "device": report["device"]["kind"]})
+            spec = p.get("speculation")  # speculative runs are their own series, labelled with the method
+            suffix = f" +{spec['method']} k={spec['num_speculative_tokens']}" if spec else ""
+            points.append({**p, "series": f"{prefix}{p['system']} {p['dtype']}{suffix}", "device": report["device"]["kind"]})
     return points
 
 

@@ -58,6 +58,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_bytes: int = 4 << 30  # pool budget when num_pages is None
     min_context_bucket: int = 256  # smallest block-table width, in tokens
+    # Drafts a speculative decode verifies at most (K); set by LLM from its speculative_config.
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is None:
@@ -70,6 +72,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.prefill_chunk > self.max_num_batched_tokens:
             raise ValueError(f"prefill_chunk={self.prefill_chunk} exceeds "
                              f"max_num_batched_tokens={self.max_num_batched_tokens}")

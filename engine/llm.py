@@ -24,6 +24,8 @@ from engine.prefix_cache import PrefixCache
 from engine.request import Request, RequestOutput, SamplingParams, Status, is_int, is_sequence
 from engine.runner import ModelRunner, StepResult, fetch
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.spec.config import SpeculativeConfig
+from engine.spec.speculator import Speculator, make_speculator
 from models import LoadedModel, load_model
 from sharding.rules import cache_sharding, shard_model
 
@@ -35,7 +37,7 @@ class LLM:
     """Paged-KV, continuously batched generation over one model."""
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m-instruct", *, dtype: str = "float32",
-                 seed: int = 0, mesh: Mesh | None = None, **engine_args):
+                 seed: int = 0, mesh: Mesh | None = None, speculative_config: dict | None = None, **engine_args):
         """engine_args: EngineConfig's fields (page_size, num_pages, max_num_seqs, max_model_len,
         attention_impl, decode_steps, prefill_chunk, max_num_batched_tokens, kv_cache_bytes,
         enable_prefix_caching); its defaults are the engine's. max_model_len defaults to the model's
@@ -45,17 +47,25 @@ class LLM:
         The cache splits its kv heads over "tensor"; with fewer kv heads than the tensor size every
         device holds all of them (replicated), and the page pool is replicated over "data" and
         "expert" (pages are shared by all sequences of the batch).
+
+        speculative_config: vLLM's dict (engine/spec/config.py): {"method": "ngram" | "mtp" |
+        "synthetic", or "model": a draft, "num_speculative_tokens": k, ...}; None: no speculation.
         """
+        spec = SpeculativeConfig.from_dict(speculative_config)
         self.model = _placed_model(model, dtype, mesh)
-        self.config = _engine_config(self.model, engine_args)
+        self.config = _engine_config(self.model, engine_args, spec)
         self.allocator = PageAllocator(self.config.num_pages)
         self.prefix_cache = PrefixCache(self.allocator, self.config.page_size, self.config.enable_prefix_caching,
                                         identity=(self.model.config, np.dtype(self.model.dtype).name))
         self.scheduler = Scheduler(self.config, self.allocator, self.prefix_cache)
         self.attention = attention_choice.choose(self.config.attention_impl, _attention_shapes(self.model, self.config),
                                                  on_mesh=self.model.mesh is not None)
+        self.speculator: Speculator | None = (None if spec is None else
+                                              make_speculator(spec, self.model, self.config, self.attention, dtype))
+        accepts, q = (None, None) if spec is None else (self.speculator.synthetic_accepts,
+                                                        self.speculator.padding_draft_probs)
         self.runner = ModelRunner(self.model.model, _allocate_cache(self.model, self.config), self.config,
-                                  self.attention.decode, self.attention.mixed)
+                                  self.attention.decode, self.attention.mixed, accepts, q)
         self.processor = OutputProcessor(self.scheduler, self.model.tokenizer)
         self._requests: dict[int, Request] = {}
         self._inflight: _InFlight | None = None  # a decode call dispatched before the last one was applied
@@ -143,6 +153,8 @@ class LLM:
                 return []
             pending = None
         try:
+            if self.speculator is not None and pending is None:
+                output = self.speculator.attach(output)  # the drafts ride in this step's input only
             result = self._run(output, pending)
         except Exception as e:  # noqa: BLE001 (an XLA runtime error, out of memory: contained)
             return self._fail_step(output, e)
@@ -159,6 +171,8 @@ class LLM:
         """Run (or, when already dispatched, finish) `output`'s call; a decode call first dispatches
         its successor when the scheduler can run ahead."""
         if output.decode_steps == 1:
+            if self.speculator is not None:
+                return self.speculator.verify(self.runner, output.scheduled)
             return self.runner.mixed(output.scheduled)
         if pending is None:
             pending = self.runner.run_decode_arrays(*self.runner.decode_inputs(_requests_of(output)).args())
@@ -241,7 +255,7 @@ class LLM:
 
     def warmup(self) -> int:
         """Compile every shape bucket now (with all-padding batches); returns the number of shapes."""
-        return self.runner.warmup()
+        return self.runner.warmup() + (self.speculator.warmup() if self.speculator is not None else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,12 +310,20 @@ def _placed_model(model: str | LoadedModel, dtype: str, mesh: Mesh | None) -> Lo
     return loaded
 
 
-def _engine_config(model: LoadedModel, engine_args: dict) -> EngineConfig:
+def _engine_config(model: LoadedModel, engine_args: dict, spec: SpeculativeConfig | None = None) -> EngineConfig:
     """The EngineConfig, max_model_len defaulting to the model's context and the page pool sized
-    from kv_cache_bytes when num_pages is None (never more pages than max_num_seqs can use)."""
+    from kv_cache_bytes when num_pages is None (never more pages than max_num_seqs can use).
+    Speculation sets num_speculative_tokens; a draft model or MTP, which must see every token the
+    target computes, runs one decode step per call."""
     unknown = set(engine_args) - _ENGINE_FIELDS
     if unknown:
         raise ValueError(f"unknown LLM argument(s) {sorted(unknown)}; engine arguments: {sorted(_ENGINE_FIELDS)}")
+    if "num_speculative_tokens" in engine_args:
+        raise ValueError("num_speculative_tokens is set through speculative_config")
+    if spec is not None:
+        engine_args["num_speculative_tokens"] = spec.num_speculative_tokens
+        if spec.method in ("draft_model", "mtp"):
+            engine_args["decode_steps"] = 1
     cfg = model.config
     max_model_len = engine_args.pop("max_model_len", None) or cfg.max_position_embeddings
     if max_model_len > cfg.max_position_embeddings:

@@ -1,6 +1,11 @@
 """The one owner of a step's results: advance each request's computed tokens, append its sampled
 tokens, register the pages it filled with the prefix cache, check stop conditions, finish it and
-free its pages. The LLM facade only calls `apply`."""
+free its pages. The LLM facade only calls `apply`.
+
+A verify step (speculation) appends a row's accepted drafts and then its drawn token, in order and
+nothing past a stop; its computed tokens stop at the last accepted one (so only accepted tokens'
+pages are ever cached), and pages past the new length are freed (rejected drafts' KV slots are
+simply overwritten later)."""
 
 from __future__ import annotations
 
@@ -31,10 +36,15 @@ class OutputProcessor:
             request = s.request
             if request.status is Status.FINISHED:
                 continue  # aborted, or finished before this run-ahead call's rows were known
+            steps = output.decode_steps if result.counts is None else int(result.counts[row])
             try:
-                done = self._apply_one(request, s.start + s.num_tokens, s.samples, result, row,
-                                       output.decode_steps, now)
+                done = self._apply_one(request, s.start + s.num_tokens - len(s.drafts), s.samples, result, row,
+                                       steps, now)
+                if s.drafts:
+                    request.metrics.speculation.record(len(s.drafts), steps - 1)
                 self.scheduler.prefix_cache.commit(request, s.start)  # before finish frees its pages
+                if result.counts is not None and not done:  # a verify step: free the unused draft slots' pages
+                    self.scheduler.trim(request)
             except Exception as e:  # noqa: BLE001 (contained: one request fails, the engine goes on)
                 logging.warning("request %d failed while processing its output: %r", request.request_id, e)
                 request.error = f"{type(e).__name__}: {e}"

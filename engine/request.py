@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from engine.spec.metrics import SpecMetrics
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -116,12 +118,14 @@ def _checked_stop_token_ids(ids: object) -> tuple[int, ...]:
 
 @dataclasses.dataclass
 class RequestMetrics:
-    """Wall-clock times (time.perf_counter) of a request; derived latencies in seconds."""
+    """Wall-clock times (time.perf_counter) of a request; derived latencies in seconds; its
+    speculation counters (all zero without speculation)."""
 
     arrival: float
     first_token: float | None = None
     finished: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
+    speculation: SpecMetrics = dataclasses.field(default_factory=SpecMetrics)
 
     @property
     def ttft(self) -> float | None:

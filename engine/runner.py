@@ -2,8 +2,9 @@
 
 A mixed step is one ragged batch (vLLM V1): the scheduled tokens of every request laid end to end,
 `tokens [T]`, `positions [T]`, `slot_mapping [T]`, and per sequence slot `query_start_loc [S+1]`,
-`context_lens [S]`, `block_tables [S, P]`; logits only at each sequence's last token. T and P are
-shape buckets, S is max_num_seqs. A decode-only step runs `decode_steps` steps with sampling
+`context_lens [S]`, `block_tables [S, P]`; logits only at each sequence's last token, or with
+speculation at every verify position (engine/spec/verify.py). T and P are shape buckets, S is
+max_num_seqs. A decode-only step runs `decode_steps` steps with sampling
 inside one call (rows of one token each, the same ragged metadata with query_start_loc = 0..B).
 """
 
@@ -23,15 +24,18 @@ from engine.config import EngineConfig, bucket
 from engine.request import Request
 from engine.sampler import SamplingTensors, sample
 from engine.scheduler import ScheduledRequest
+from engine.spec import verify as spec_verify
 from models.attention import AttentionMetadata, LayerCache
 
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """Host copies of what a step sampled: tokens and logprobs [rows, steps]."""
+    """Host copies of what a step sampled: tokens and logprobs [rows, steps], and for a verify
+    step how many of each row's tokens are real (accepted drafts + 1) [rows]."""
 
     tokens: np.ndarray
     logprobs: np.ndarray
+    counts: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,24 +58,33 @@ class DecodeInputs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MixedBatch:
-    """A mixed step's inputs: flat tokens [T] with their metadata, and per sequence slot [S] the
-    index of its last token (where it samples) and its sampling parameters."""
+    """A mixed step's inputs: flat tokens [T] with their metadata, the flat indices of the tokens
+    it takes logits at (each sequence slot's last [S], or with `verify` every verify position
+    [L]), and per sequence slot [S] its sampling parameters."""
 
     tokens: jax.Array
     positions: jax.Array
     metadata: AttentionMetadata
     logits_indices: jax.Array
     sampling: SamplingTensors
+    verify: spec_verify.VerifyRows | None = None
 
 
 SAMPLE_ROW_TIERS = (8,)  # a mixed step with at most this many sequences samples only that many rows
 
 
-def _mixed_step(graphdef: nnx.GraphDef, impl: str, state: nnx.State, cache: list[LayerCache],
-                batch: MixedBatch) -> tuple[jax.Array, jax.Array, list[LayerCache]]:
-    """One ragged step: every scheduled token through the model, one sample per sequence slot."""
+def _mixed_step(graphdef: nnx.GraphDef, impl: str, synthetic_accepts: float | None, state: nnx.State,
+                cache: list[LayerCache], batch: MixedBatch) -> tuple:
+    """One ragged step: every scheduled token through the model, one sample per sequence slot (a
+    verify step: its accepted drafts and next token per slot, their count, and the hidden states
+    [T, D] an MTP proposer continues from)."""
     model = nnx.merge(graphdef, state)
     hidden, cache = model(batch.tokens[None], batch.positions[None], cache, batch.metadata, attention_impl=impl)
+    if batch.verify is not None:
+        logits = model.logits(hidden[0, batch.logits_indices])  # [L, V]
+        positions = batch.positions[batch.logits_indices] + 1
+        return (*spec_verify.verify(logits, batch.sampling, positions, batch.verify, synthetic_accepts), hidden[0],
+                cache)
     next_tokens, logprobs = _sample_rows(model, hidden[0], batch)
     return next_tokens[:, None], logprobs[:, None], cache
 
@@ -123,13 +136,14 @@ def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: i
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_steps(graphdef: nnx.GraphDef, decode_impl: str, mixed_impl: str, page_size: int, num_steps: int):
+def jitted_steps(graphdef: nnx.GraphDef, decode_impl: str, mixed_impl: str, page_size: int, num_steps: int,
+                 synthetic_accepts: float | None = None):
     """The jitted mixed and decode functions with the static arguments closed over.
 
     Cached, so engines over the same model share compilations; closing over the GraphDef (rather
     than passing it as a static argument) spares hashing it on every call (~5 ms per call).
     """
-    mixed = jax.jit(partial(_mixed_step, graphdef, mixed_impl), donate_argnums=(1,))
+    mixed = jax.jit(partial(_mixed_step, graphdef, mixed_impl, synthetic_accepts), donate_argnums=(1,))
     decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps), donate_argnums=(1,))
     return mixed, decode
 
@@ -142,8 +156,24 @@ def block_table(requests: list[Request], rows: int, width: int) -> np.ndarray:
     return table
 
 
-def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig) -> MixedBatch:
-    """The flat, bucketed numpy arrays of one mixed step (padding tokens write the null page's slot 0)."""
+def max_query_len(config: EngineConfig, decode_only: bool) -> int:
+    """The static bound on one sequence's tokens in a mixed step: a chunk, or a verify's 1 + K."""
+    return config.num_speculative_tokens + 1 if decode_only and config.num_speculative_tokens else config.prefill_chunk
+
+
+def verify_buckets(config: EngineConfig) -> tuple[int, ...]:
+    """Token buckets a decodes-only verify step can take: up to S (K + 1) tokens (none without speculation)."""
+    if not config.num_speculative_tokens:
+        return ()
+    most = min(config.max_num_seqs * (config.num_speculative_tokens + 1), config.max_num_batched_tokens)
+    return tuple(t for t in config.token_buckets if t <= bucket(most, config.token_buckets))
+
+
+def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig,
+                draft_probs: jax.Array | None = None) -> MixedBatch:
+    """The flat, bucketed numpy arrays of one mixed step (padding tokens write the null page's slot 0);
+    with speculation on, the verify rows too (draft_probs [S, K, V]: the draft model's q), and a
+    step of decodes only bounds each sequence's queries by 1 + K (attention works per that bound)."""
     num_tokens = sum(s.num_tokens for s in scheduled)
     t, rows = bucket(num_tokens, config.token_buckets), config.max_num_seqs
     pages = bucket(max(-(-(s.start + s.num_tokens) // config.page_size) for s in scheduled), config.page_buckets)
@@ -154,7 +184,7 @@ def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig) -> Mixe
     for i, s in enumerate(scheduled):
         pos = np.arange(s.start, s.start + s.num_tokens)
         span = slice(offset, offset + s.num_tokens)
-        tokens[span] = s.request.tokens[s.start:s.start + s.num_tokens]
+        tokens[span] = s.token_ids
         positions[span] = pos
         slots[span] = np.asarray(s.request.pages)[pos // config.page_size] * config.page_size + pos % config.page_size
         query_start_loc[i] = offset
@@ -162,9 +192,14 @@ def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig) -> Mixe
         offset += s.num_tokens
     requests = [s.request for s in scheduled]
     metadata = AttentionMetadata(slots, query_start_loc, context_lens, block_table(requests, rows, pages),
-                                 max_query_len=config.prefill_chunk)
-    logits_indices = np.maximum(query_start_loc[1:] - 1, 0)
+                                 max_query_len=max_query_len(config, all(not r.is_prefilling for r in requests)))
     sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
+    if config.num_speculative_tokens:
+        ends = [int(query_start_loc[i]) + s.num_tokens for i, s in enumerate(scheduled)]
+        indices, verify = spec_verify.build(ends, [s.drafts for s in scheduled], rows,
+                                            config.num_speculative_tokens, t, draft_probs)
+        return MixedBatch(tokens, positions, metadata, indices, sampling, verify)
+    logits_indices = np.maximum(query_start_loc[1:] - 1, 0)
     return MixedBatch(tokens, positions, metadata, logits_indices, sampling)
 
 
@@ -172,12 +207,20 @@ class ModelRunner:
     """Owns the device state (params, KV cache) and the two jitted step functions."""
 
     def __init__(self, model: nnx.Module, cache: list[LayerCache], config: EngineConfig,
-                 decode_impl: str, mixed_impl: str):
+                 decode_impl: str, mixed_impl: str, synthetic_accepts: float | None = None,
+                 padding_draft_probs: jax.Array | None = None):
+        """synthetic_accepts: the synthetic speculation mode's mean accepted drafts per step;
+        padding_draft_probs: a [S, K, V] q for warm-up when a draft model supplies one."""
         graphdef, self.state = nnx.split(model)
         self.cache = cache
         self.config = config
+        self.padding_draft_probs = padding_draft_probs
         self.mixed_fn, self.decode_fn = jitted_steps(graphdef, decode_impl, mixed_impl, config.page_size,
-                                                      config.decode_steps)
+                                                      config.decode_steps, synthetic_accepts)
+        # A verify step of decodes only (1 + k tokens each) runs the decode attention impl (on a CPU
+        # the C++ kernel, measured faster for short queries than the jnp path chosen for chunks).
+        self.verify_fn = (jitted_steps(graphdef, decode_impl, decode_impl, config.page_size, config.decode_steps,
+                                       synthetic_accepts)[0] if config.num_speculative_tokens else None)
 
     def cache_intact(self) -> bool:
         """False when a failed call consumed the cache: its buffers were donated (deleted) or hold the error."""
@@ -213,6 +256,9 @@ class ModelRunner:
             for t in cfg.token_buckets:
                 self.run_mixed_arrays(self.padding_mixed(t, pages))
                 shapes += 1
+                if t in verify_buckets(cfg):
+                    self.run_mixed_arrays(self.padding_mixed(t, pages, decode_only=True), decode_only=True)
+                    shapes += 1
         jax.block_until_ready(self.cache)
         return shapes
 
@@ -221,17 +267,25 @@ class ModelRunner:
         return (np.zeros((rows, self.config.decode_steps), np.int32), zeros, np.zeros((rows, pages), np.int32),
                 np.zeros((rows,), bool), SamplingTensors.build([], [], rows))
 
-    def padding_mixed(self, num_tokens: int, pages: int) -> MixedBatch:
+    def padding_mixed(self, num_tokens: int, pages: int, decode_only: bool = False) -> MixedBatch:
         """A mixed batch of `num_tokens` padding tokens (no sequence), for compiling its bucket."""
         rows = self.config.max_num_seqs
         zeros = np.zeros((num_tokens,), np.int32)
         metadata = AttentionMetadata(zeros, np.zeros((rows + 1,), np.int32), np.zeros((rows,), np.int32),
-                                     np.zeros((rows, pages), np.int32), max_query_len=self.config.prefill_chunk)
-        return MixedBatch(zeros, zeros, metadata, np.zeros((rows,), np.int32), SamplingTensors.build([], [], rows))
+                                     np.zeros((rows, pages), np.int32),
+                                     max_query_len=max_query_len(self.config, decode_only))
+        sampling = SamplingTensors.build([], [], rows)
+        if self.config.num_speculative_tokens:
+            indices, verify = spec_verify.padding(num_tokens, rows, self.config.num_speculative_tokens,
+                                                  self.padding_draft_probs)
+            return MixedBatch(zeros, zeros, metadata, indices, sampling, verify)
+        return MixedBatch(zeros, zeros, metadata, np.zeros((rows,), np.int32), sampling)
 
-    def run_mixed_arrays(self, batch: MixedBatch) -> tuple[jax.Array, jax.Array]:
-        out_tokens, out_logprobs, self.cache = self.mixed_fn(self.state, self.cache, batch)
-        return out_tokens, out_logprobs
+    def run_mixed_arrays(self, batch: MixedBatch, decode_only: bool = False) -> tuple[jax.Array, ...]:
+        """decode_only: every sequence is a decode (with drafts): the verify function runs it."""
+        fn = self.verify_fn if decode_only and self.verify_fn is not None else self.mixed_fn
+        *outputs, self.cache = fn(self.state, self.cache, batch)
+        return tuple(outputs)
 
     def run_decode_arrays(self, *inputs) -> tuple[jax.Array, jax.Array]:
         out_tokens, out_logprobs, self.cache = self.decode_fn(self.state, self.cache, *inputs)
@@ -241,6 +295,6 @@ class ModelRunner:
         return fetch(self.run_mixed_arrays(mixed_batch(scheduled, self.config)))
 
 
-def fetch(outputs: tuple[jax.Array, jax.Array]) -> StepResult:
-    """The one host sync of a step: the sampled tokens and their logprobs."""
-    return StepResult(*(np.asarray(x) for x in outputs))
+def fetch(outputs: tuple[jax.Array, ...]) -> StepResult:
+    """The one host sync of a step: the sampled tokens and their logprobs (and a verify step's counts)."""
+    return StepResult(*(np.asarray(x) for x in outputs[:3]))

@@ -60,14 +60,26 @@ def _top_k_top_p(scaled: jax.Array, s: SamplingTensors) -> jax.Array:
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
+def uniforms(seeds: jax.Array, positions: jax.Array, tag: int = 0) -> jax.Array:
+    """One uniform in (0, 1] per row from key(seed) folded with the position (and a nonzero `tag`
+    for speculation's other draws: the accept test, the draft's own sample)."""
+    def one(seed, pos):
+        key = jax.random.fold_in(jax.random.key(seed), pos)
+        return jax.random.uniform(jax.random.fold_in(key, tag) if tag else key)
+    return 1.0 - jax.vmap(one)(seeds, positions)  # (0, 1]: never lands on a zero-probability token
+
+
+def sample_from_probs(probs: jax.Array, u: jax.Array) -> jax.Array:
+    """Inverse-CDF sample [B] from (unnormalised) probs [B, V] with uniforms u [B]."""
+    cdf = jnp.cumsum(probs, axis=-1)
+    index = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
+    return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
+
+
 def _inverse_cdf_sample(logits: jax.Array, s: SamplingTensors, positions: jax.Array) -> jax.Array:
     """One uniform per row and a cumulative sum: cheaper than a Gumbel draw per vocab entry."""
     probs = jax.nn.softmax(filtered_logits(logits, s), axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(s.seed, positions)
-    u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]: never lands on a zero-probability token
-    index = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
-    return jnp.minimum(index, logits.shape[-1] - 1).astype(jnp.int32)
+    return sample_from_probs(probs, uniforms(s.seed, positions))
 
 
 def sample(logits: jax.Array, s: SamplingTensors, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -21,11 +21,17 @@ from engine.request import Request, Status
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledRequest:
-    """Tokens [start, start + num_tokens) of `request.tokens` run this step."""
+    """Tokens [start, start + num_tokens) of `request.tokens` + `drafts` run this step (a
+    speculative decode: its last token and the drafts after it, provisionally)."""
 
     request: Request
     start: int
     num_tokens: int
+    drafts: tuple[int, ...] = ()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return (self.request.tokens + list(self.drafts))[self.start:self.start + self.num_tokens]
 
     @property
     def samples(self) -> bool:
@@ -76,9 +82,11 @@ class Scheduler:
         return SchedulerOutput(scheduled, self._decode_steps(scheduled))
 
     def _next_tokens(self, request: Request, budget: int) -> int:
-        """1 for a decode, else the next prefill chunk that fits the budget."""
+        """A decode: 1, plus room for drafts when speculating (as many as can still be emitted and fit
+        the budget; the proposer may fill fewer); else the next prefill chunk that fits the budget."""
         if not request.is_prefilling:
-            return 1
+            room = request.max_total_len - len(request.tokens) - 1
+            return 1 + max(0, min(self.config.num_speculative_tokens, room, budget - 1))
         return min(request.prefill_target - request.num_computed, self.config.prefill_chunk, budget)
 
     def _admit(self, scheduled: list[ScheduledRequest], budget: int) -> int:
@@ -173,6 +181,12 @@ class Scheduler:
             if victim is request:
                 return False
         return True
+
+    def trim(self, request: Request) -> None:
+        """Free the pages wholly past the request's tokens (after a verify step rejected drafts)."""
+        keep = -(-len(request.tokens) // self.config.page_size)
+        self.allocator.free(request.pages[keep:])
+        del request.pages[keep:]
 
     def _preempt(self, request: Request) -> None:
         """Free all pages and requeue at the front to recompute prompt + generated tokens."""

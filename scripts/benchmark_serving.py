@@ -4,6 +4,12 @@
         --concurrency=1,2,4,8,16,32,64 --max_num_prompts=160 --baseline=transformers,llamacpp \
         --output=benchmarks/results/cpu-smollm2-float32.json
 
+Speculative decoding (engine/spec): `--speculative_config='{"method": "ngram", "num_speculative_tokens": 4}'`
+(vLLM's dict; `"method": "synthetic", "acceptance_length": a` is a fixed-acceptance mode for
+comparisons with published numbers, NOT lossless); `--compare_no_speculation` runs the same
+points without it first, side by side in one JSON; `--workload=grounded` asks the model to repeat
+or rewrite README passages (input-grounded: where n-gram drafts are right), `random` is random tokens.
+
 Random-token prompts from a fixed seed, input/output lengths uniform in [r*L, L], ignore_eos. At
 each concurrency a warm-up wave runs first (after `LLM.warmup` compiled every shape bucket) and
 is not scored; then exactly `concurrency` requests stay in flight (a new one is added whenever
@@ -19,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -35,14 +42,16 @@ from tqdm.auto import tqdm
 
 
 from benchmarks import roofline, workloads
+from benchmarks.grounded import grounded_prompts
 from benchmarks.compilations import count_compilations
 from engine.llm import LLM
 from benchmarks.metrics import HOURLY_RATES_USD, RequestTiming, cost_per_million_tokens, pareto_frontier, point_metrics  # noqa: E501
 from engine.request import SamplingParams
+from engine.spec.metrics import SpecMetrics
 from models import ModelConfig, load_model, param_counts
 from models.loaded_model import EMBEDDED_WEIGHTS, embedded_weights_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-point speculation and prefix-cache counters
 REPO = Path(__file__).resolve().parents[1]
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Preset name, .gguf file or checkpoint dir.")
@@ -82,11 +91,15 @@ _SHARED_PREFIX = flags.DEFINE_integer("shared_prefix_len", 0, "Tokens every prom
 _NUM_TURNS = flags.DEFINE_integer("num_turns", 1, "Turns per replayed conversation (> 1: each request resends "
                                   "the conversation so far, user turns of --isl, recorded replies of --osl tokens).")
 _PLOT = flags.DEFINE_bool("plot", True, "Write PNG plots beside the JSON (scripts/plot_results.py).")
+_SPEC = flags.DEFINE_string("speculative_config", None, "JSON dict of LLM's speculative_config (vLLM's names).")
+_COMPARE_SPEC = flags.DEFINE_bool("compare_no_speculation", False, "Also run every point without speculation.")
+_WORKLOAD = flags.DEFINE_enum("workload", "random", ["random", "grounded"],
+                              "random tokens, or repeat/rewrite prompts over README passages (needs a tokenizer).")
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """Random-token prompts and their output lengths."""
+    """Prompts and their output lengths."""
 
     prompts: list[list[int]]
     output_lens: list[int]
@@ -107,6 +120,7 @@ class Settings:
     warmup: bool
     shared_prefix_len: int = 0
     num_turns: int = 1
+    workload: str = "random"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +166,27 @@ def max_model_len(isl: int, osl: int, shared_prefix_len: int, num_turns: int) ->
     return shared_prefix_len + num_turns * (isl + osl)
 
 
+def grounded_workload(llm: LLM, seed: int, n: int, isl: int, osl: int, ratio: float, stream: int = 0) -> Workload:
+    """README-passage prompts of about isl tokens; output lengths as make_workload's."""
+    if llm.model.tokenizer is None:
+        raise app.UsageError("--workload=grounded needs a model with a tokenizer")
+    rng = np.random.default_rng([seed, stream])
+    output_lens = [int(x) for x in uniform_lengths(rng, n, osl, ratio)]
+    return Workload(grounded_prompts(llm.model.tokenizer, n, isl, int(rng.integers(2**31))), output_lens)
+
+
+def point_workload(llm: LLM, settings: Settings, n: int, ratio: float, stream: int) -> Workload:
+    """The point's prompts: README passages (grounded), else random tokens with the settings' shared
+    prefix and turns."""
+    if settings.workload == "grounded":
+        return grounded_workload(llm, settings.seed, n, settings.isl, settings.osl, ratio, stream)
+    return settings_workload(settings, n, ratio, llm.model.config.vocab_size, stream)
+
+
 def run_closed_loop(llm: LLM, workload: Workload, concurrency: int, temperature: float,
-                    desc: str) -> tuple[list[RequestTiming], float]:
-    """Keep exactly `concurrency` requests in flight until all finish; timings and wall seconds."""
+                    desc: str, finished: list | None = None) -> tuple[list[RequestTiming], float]:
+    """Keep exactly `concurrency` requests in flight until all finish; timings and wall seconds
+    (the finished requests are appended to `finished` when given)."""
     pending = collections.deque(zip(workload.prompts, workload.output_lens))
     in_flight, done = set(), []
     start = time.perf_counter()
@@ -169,6 +201,8 @@ def run_closed_loop(llm: LLM, workload: Workload, concurrency: int, temperature:
                 done.append(request)
                 bar.update(1)
     duration = time.perf_counter() - start
+    if finished is not None:
+        finished.extend(done)
     timings = [RequestTiming(r.metrics.arrival, tuple(r.metrics.token_times), len(r.prompt_token_ids)) for r in done]
     return timings, duration
 
@@ -188,7 +222,7 @@ def score_point(system: str, dtype: str, timings: list[RequestTiming], duration:
                 settings: Settings, roof: dict) -> dict:
     """One point's JSON record: metrics, interactivity, cost and roofline fraction."""
     m = point_metrics(timings, concurrency, settings.num_devices, duration)
-    record = {"system": system, "dtype": dtype, **dataclasses.asdict(m)}
+    record = {"system": system, "dtype": dtype, **dataclasses.asdict(m), "speculation": None}
     record["cost_per_million_output_tokens_usd"] = cost_per_million_tokens(settings.hourly_rate, m.output_tok_s)
     record["cost_per_million_total_tokens_usd"] = cost_per_million_tokens(settings.hourly_rate, m.total_tok_s)
     record["roofline"] = roof
@@ -200,23 +234,23 @@ def engine_points(llm: LLM, settings: Settings, concurrencies: list[int], num_pr
     """The engine's sweep: every shape bucket compiled first, per point a warm-up wave, then the
     scored closed loop (each point records the compilations it saw: 0 unless a bucket was missed)."""
     config, item = llm.model.config, jnp.dtype(llm.model.dtype).itemsize
-    vocab, points = config.vocab_size, []
+    points = []
     system = "jaxserve+prefix_cache" if llm.config.enable_prefix_caching else "jaxserve"
     if settings.warmup:
         start = time.perf_counter()
         logging.info("compiled %d shape buckets in %.0f s", llm.warmup(), time.perf_counter() - start)
     for c, n in zip(concurrencies, num_prompts):
         if settings.warmup:
-            warm = settings_workload(settings, c, 1.0, vocab, 10_000 + c)
+            warm = point_workload(llm, settings, c, 1.0, 10_000 + c)
             run_closed_loop(llm, warm, c, settings.temperature, f"warm-up c={c}")
-        workload = settings_workload(settings, n, settings.range_ratio, vocab, c)
-        before = dataclasses.replace(llm.prefix_cache.stats)
+        workload = point_workload(llm, settings, n, settings.range_ratio, c)
+        before, done = dataclasses.replace(llm.prefix_cache.stats), []
         with count_compilations() as compilations:
-            timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"{system} c={c}")
+            timings, duration = run_closed_loop(llm, workload, c, settings.temperature, f"{system} c={c}", done)
         cache = llm.prefix_cache.stats.since(before)
         roof = roofline_summary(config, workload, c, duration, settings.peaks, item, item)
         points.append({**score_point(system, dtype, timings, duration, c, settings, roof),
-                       "compilations": compilations[0],
+                       "compilations": compilations[0], "speculation": speculation_summary(llm, done),
                        "prefix_cache": {"enabled": llm.config.enable_prefix_caching, "queries": cache.queries,
                                         "hits": cache.hits, "hit_rate": cache.hit_rate}})
         logging.info("%s c=%d: %.1f output tok/s, %.1f tok/s/user, roofline %.0f%%, %d compilations, prefix cache "
@@ -224,6 +258,17 @@ def engine_points(llm: LLM, settings: Settings, concurrencies: list[int], num_pr
                      points[-1]["interactivity"], 100 * roof["fraction"], compilations[0], cache.hits, cache.queries,
                      100 * cache.hit_rate)
     return points
+
+
+def speculation_summary(llm: LLM, done: list) -> dict | None:
+    """The point's speculative config and its summed counters (None without speculation)."""
+    if llm.speculator is None:
+        return None
+    total = SpecMetrics()
+    for request in done:
+        total.merge(request.metrics.speculation)
+    config = {k: v for k, v in dataclasses.asdict(llm.speculator.config).items() if v is not None}
+    return {**config, **total.summary()}
 
 
 def baseline_job(spec: BaselineSpec, settings: Settings, concurrencies: list[int], vocab: int) -> dict:
@@ -314,7 +359,8 @@ def report_header(llm: LLM, settings: Settings, started: datetime.datetime) -> d
                    "hourly_rate_usd": settings.hourly_rate, "peak_bandwidth_gb_s": peaks.bandwidth / 1e9,
                    "peak_tflop_s": peaks.flops / 1e12, "peaks_source": peaks.source},
         "engine": dataclasses.asdict(llm.config),
-        "workload": {"isl": settings.isl, "osl": settings.osl, "range_ratio": settings.range_ratio,
+        "workload": {"kind": settings.workload, "isl": settings.isl, "osl": settings.osl,
+                     "range_ratio": settings.range_ratio,
                      "seed": settings.seed, "temperature": settings.temperature, "ignore_eos": True,
                      "warmup": settings.warmup, "shared_prefix_len": settings.shared_prefix_len,
                      "num_turns": settings.num_turns},
@@ -327,19 +373,24 @@ def main(argv: list[str]) -> None:
     concurrencies = sorted({int(c) for c in _CONCURRENCY.value})
     num_prompts = [min(_NUM_PROMPTS.value or 10 * c, _MAX_NUM_PROMPTS.value) for c in concurrencies]
     num_prompts = [max(n, c) for n, c in zip(num_prompts, concurrencies)]
+    if _WORKLOAD.value == "grounded" and _BASELINE.value:
+        raise app.UsageError("baselines run the random workload only")
+    spec = json.loads(_SPEC.value) if _SPEC.value else None
     settings = Settings(_ISL.value, _OSL.value, _RANGE_RATIO.value, _SEED.value, _TEMPERATURE.value,
                         hourly_rate(jax.devices()[0].device_kind, _RATE.value, _CPU_RATE.value), _NUM_DEVICES.value,
                         device_peaks(_DTYPE.value, _PEAK_BW.value, _PEAK_TFLOPS.value), _WARMUP.value,
-                        _SHARED_PREFIX.value, _NUM_TURNS.value)
+                        _SHARED_PREFIX.value, _NUM_TURNS.value, _WORKLOAD.value)
     if settings.shared_prefix_len < 0 or settings.num_turns < 1:
         raise app.UsageError("--shared_prefix_len must be >= 0 and --num_turns >= 1")
     logging.info("peaks: %s", settings.peaks)
     model, points = load_model(_MODEL.value, dtype=_DTYPE.value), []
-    for caching in prefix_caching_values(_PREFIX_CACHING.value):
+    speculative_configs = [None, spec] if spec is not None and _COMPARE_SPEC.value else [spec]
+    for caching, speculative_config in itertools.product(prefix_caching_values(_PREFIX_CACHING.value),
+                                                         speculative_configs):
         llm = LLM(model, max_num_seqs=max(concurrencies), decode_steps=_DECODE_STEPS.value, page_size=_PAGE_SIZE.value,
                   max_model_len=max_model_len(_ISL.value, _OSL.value, _SHARED_PREFIX.value, _NUM_TURNS.value),
                   prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value,
-                  async_scheduling=_ASYNC.value, enable_prefix_caching=caching)
+                  async_scheduling=_ASYNC.value, enable_prefix_caching=caching, speculative_config=speculative_config)
         points += engine_points(llm, settings, concurrencies, num_prompts, _DTYPE.value)
     versions = {"jax": jax.__version__}
     header = report_header(llm, settings, started)
@@ -399,13 +450,21 @@ def finite_or_null(value):
     return value
 
 
+def spec_label(point: dict) -> str:
+    """"-" without speculation, else method, k and the mean acceptance length."""
+    s = point.get("speculation")
+    if not s:
+        return "-"
+    return f"{s['method']} k={s['num_speculative_tokens']} accept {s['mean_acceptance_length'] or 0:.2f}"
+
+
 def format_table(points: list[dict]) -> str:
     """A Markdown table of the headline numbers of every point."""
-    rows = ["| system | dtype | conc | out tok/s/dev | tok/s/user | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+    rows = ["| system | dtype | spec | conc | out tok/s/dev | tok/s/user | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
             "| E2E p50 s | roofline | $/M out |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        rows.append(f"| {p['system']} | {p['dtype']} | {p['concurrency']} | {p['output_tok_s']:.1f} | "
+        rows.append(f"| {p['system']} | {p['dtype']} | {spec_label(p)} | {p['concurrency']} | {p['output_tok_s']:.1f} | "
                     f"{p['interactivity']:.1f} | {p['ttft_ms']['median']:.0f} | {p['ttft_ms']['p99']:.0f} | "
                     f"{p['tpot_ms']['median']:.1f} | {p['e2e_ms']['median'] / 1e3:.1f} | "
                     f"{100 * p['roofline']['fraction']:.0f}% | {p['cost_per_million_output_tokens_usd']:.2f} |")

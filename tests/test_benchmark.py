@@ -107,3 +107,22 @@ def test_end_to_end_tiny_llama(tmp_path):
     for suffix in ("-pareto.png", "-latency.png"):
         assert (tmp_path / f"tiny{suffix}").read_bytes()[:4] == b"\x89PNG"
     assert elapsed < 120, f"benchmark took {elapsed:.0f} s (two engines, alone: ~40 s)"  # CI time guard
+
+
+def test_speculative_points_side_by_side(tmp_path):
+    """--speculative_config with --compare_no_speculation: the same point without and with n-gram
+    speculation in one JSON, the speculative one carrying its counters."""
+    output = tmp_path / "spec.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_serving.py"), "--model=tiny-llama",
+                    "--isl=24", "--osl=12", "--concurrency=2", "--num_prompts=4", f"--output={output}",
+                    "--peak_bandwidth_gb_s=45", "--peak_tflop_s=0.475", "--plot=false", "--compare_no_speculation",
+                    "--max_num_batched_tokens=64", "--prefill_chunk=32",
+                    '--speculative_config={"method": "synthetic", "num_speculative_tokens": 3, "acceptance_length": 2.5}'],
+                   check=True, cwd=tmp_path)
+    report = json.loads(output.read_text())
+    validate(report, SCHEMA)
+    plain, spec = report["points"]
+    assert plain["speculation"] is None and plain["compilations"] == 0 and spec["compilations"] == 0
+    s = spec["speculation"]
+    assert s["method"] == "synthetic" and s["num_speculative_tokens"] == 3 and s["proposed"] > 0
+    assert 1.5 < s["mean_acceptance_length"] <= 3.5  # synthetic: 2.5 on average, fewer near max_tokens

@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers (n-gram, draft model, MTP), the lossless rejection rule, metrics."""
