@@ -16,7 +16,7 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from engine import attention_choice, kv_cache
+from engine import attention_choice, compilation_cache, kv_cache
 from engine.config import EngineConfig
 from engine.output_processor import OutputProcessor
 from engine.page_allocator import PageAllocator
@@ -43,7 +43,9 @@ class LLM:
         The cache splits its kv heads over "tensor"; with fewer kv heads than the tensor size every
         device holds all of them (replicated), and the page pool is replicated over "data" and
         "expert" (pages are shared by all sequences of the batch).
+        Compiled steps persist on disk (engine/compilation_cache.py) for the next process.
         """
+        compilation_cache.enable()
         self.model = _placed_model(model, dtype, mesh)
         self.config = _engine_config(self.model, engine_args)
         self.allocator = PageAllocator(self.config.num_pages)
@@ -235,7 +237,8 @@ class LLM:
         return self.generate([self.model.tokenizer.apply_chat_template(messages)], params, use_tqdm=use_tqdm)[0]
 
     def warmup(self) -> int:
-        """Compile every shape bucket now (with all-padding batches); returns the number of shapes."""
+        """Compile every shape bucket now (with all-padding batches); returns the number of shapes.
+        The logprob variants compile when a request first asks for them."""
         return self.runner.warmup()
 
 

@@ -5,6 +5,9 @@ A mixed step is one ragged batch (vLLM V1): the scheduled tokens of every reques
 `context_lens [S]`, `block_tables [S, P]`; logits only at each sequence's last token. T and P are
 shape buckets, S is max_num_seqs. A decode-only step runs `decode_steps` steps with sampling
 inside one call (rows of one token each, the same ragged metadata with query_start_loc = 0..B).
+
+Top-k logprobs are a static variant: a call computes MAX_LOGPROBS alternatives only when one of its
+requests asks (compiled on first use, not by warmup), so other calls run the functions they always did.
 """
 
 from __future__ import annotations
@@ -20,18 +23,26 @@ import numpy as np
 from flax import nnx
 
 from engine.config import EngineConfig, bucket
-from engine.request import Request
-from engine.sampler import SamplingTensors, sample
+from engine.request import MAX_LOGPROBS, Request, SamplingParams
+from engine.sampler import SamplingTensors, sample, token_logprobs, top_logprobs
 from engine.scheduler import ScheduledRequest
 from models.attention import AttentionMetadata, LayerCache
+from models.loading.progress import progress
 
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """Host copies of what a step sampled: tokens and logprobs [rows, steps]."""
+    """Host copies of what a step sampled: tokens and logprobs [rows, steps]; when asked, the top
+    MAX_LOGPROBS alternatives [rows, steps, K], and per flat token [T] the logprob of the prompt token
+    it predicts (and the top alternatives [T, K])."""
 
     tokens: np.ndarray
     logprobs: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    prompt_logprobs: np.ndarray | None = None
+    prompt_top_ids: np.ndarray | None = None
+    prompt_top_logprobs: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,61 +55,94 @@ class DecodeInputs:
     block_tables: np.ndarray
     active: np.ndarray
     sampling: SamplingTensors
+    num_logprobs: int = 0  # static: 0 or MAX_LOGPROBS
 
     def args(self, tokens: jax.Array | np.ndarray | None = None) -> tuple:
         """The decode function's arguments; `tokens` (on device) replaces the host tokens."""
         return (self.tokens if tokens is None else tokens, self.positions, self.block_tables, self.active,
-                self.sampling)
+                self.sampling, self.num_logprobs)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MixedBatch:
     """A mixed step's inputs: flat tokens [T] with their metadata, and per sequence slot [S] the
-    index of its last token (where it samples) and its sampling parameters."""
+    index of its last token (where it samples) and its sampling parameters; when a request asks for
+    prompt logprobs, per flat token the prompt token it predicts (prompt_targets [T])."""
 
     tokens: jax.Array
     positions: jax.Array
     metadata: AttentionMetadata
     logits_indices: jax.Array
     sampling: SamplingTensors
+    num_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))  # 0 or MAX_LOGPROBS
+    prompt_targets: jax.Array | None = None
+
+
+def num_logprobs(params: list[SamplingParams]) -> int:
+    """The static top-k of a call: MAX_LOGPROBS when one of its requests asks for alternatives, else 0."""
+    return MAX_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0
+
+
+def _top(logits: jax.Array, k: int) -> dict[str, jax.Array]:
+    """The sampled rows' top-k alternatives [B, k] (nothing when k is 0)."""
+    if not k:
+        return {}
+    ids, values = top_logprobs(logits, k)
+    return {"top_ids": ids, "top_logprobs": values}
+
+
+def _prompt_logprobs(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    """Per flat token's logits [T, V]: the logprob of the prompt token it predicts, and the top alternatives."""
+    ids, values = top_logprobs(logits, MAX_LOGPROBS)
+    return {"prompt_logprobs": token_logprobs(logits, targets), "prompt_top_ids": ids, "prompt_top_logprobs": values}
 
 
 def _mixed_step(graphdef: nnx.GraphDef, impl: str, state: nnx.State, cache: list[LayerCache],
-                batch: MixedBatch) -> tuple[jax.Array, jax.Array, list[LayerCache]]:
+                batch: MixedBatch) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], list[LayerCache]]:
     """One ragged step: every scheduled token through the model, one sample per sequence slot."""
     model = nnx.merge(graphdef, state)
     hidden, cache = model(batch.tokens[None], batch.positions[None], cache, batch.metadata, attention_impl=impl)
-    last = hidden[0, batch.logits_indices]  # [S, D]
-    next_tokens, logprobs = sample(model.logits(last), batch.sampling, batch.positions[batch.logits_indices] + 1)
-    return next_tokens[:, None], logprobs[:, None], cache
+    logits = model.logits(hidden[0, batch.logits_indices])  # [S, V]
+    next_tokens, logprobs = sample(logits, batch.sampling, batch.positions[batch.logits_indices] + 1)
+    extras = jax.tree.map(lambda x: x[:, None], _top(logits, batch.num_logprobs))
+    if batch.prompt_targets is not None:
+        extras |= _prompt_logprobs(model.logits(hidden[0]), batch.prompt_targets)
+    return next_tokens[:, None], logprobs[:, None], extras, cache
 
 
 def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: int, state: nnx.State,
                  cache: list[LayerCache], tokens: jax.Array, positions: jax.Array, block_tables: jax.Array,
-                 active: jax.Array, sampling: SamplingTensors) -> tuple[jax.Array, jax.Array, list[LayerCache]]:
+                 active: jax.Array, sampling: SamplingTensors, num_logprobs: int = 0
+                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], list[LayerCache]]:
     """num_steps decode steps; step i feeds token i at positions + i. Inactive rows write page 0.
 
     tokens [B, num_steps]: the first fed token is its last column (so the previous call's sampled
-    tokens feed a call dispatched before they reach the host, without an op outside the jit)."""
+    tokens feed a call dispatched before they reach the host, without an op outside the jit).
+    num_logprobs (static): top alternatives per sampled token, [B, num_steps, k] (none when 0)."""
     model = nnx.merge(graphdef, state)
     b = tokens.shape[0]
     query_start_loc = jnp.arange(b + 1, dtype=jnp.int32)  # one query per row
 
     def step(i, carry):
-        cache, token, out_tokens, out_logprobs = carry
+        cache, token, outs = carry
         pos = positions + i
         page = jnp.take_along_axis(block_tables, (pos // page_size)[:, None], axis=1, mode="fill", fill_value=0)
         slot = jnp.where(active, page[:, 0] * page_size + pos % page_size, 0)
         metadata = AttentionMetadata(slot, query_start_loc, jnp.where(active, pos + 1, 0), block_tables,
                                      max_query_len=1)
         hidden, cache = model(token[None], pos[None], cache, metadata, attention_impl=impl)
-        token, logprob = sample(model.logits(hidden[0]), sampling, pos + 1)
-        return cache, token, out_tokens.at[:, i].set(token), out_logprobs.at[:, i].set(logprob)
+        logits = model.logits(hidden[0])
+        token, logprob = sample(logits, sampling, pos + 1)
+        new = {"tokens": token, "logprobs": logprob, **_top(logits, num_logprobs)}
+        return cache, token, {name: outs[name].at[:, i].set(value) for name, value in new.items()}
 
-    init = (cache, tokens[:, -1], jnp.zeros((b, num_steps), jnp.int32), jnp.zeros((b, num_steps), jnp.float32))
-    cache, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, num_steps, step, init)
-    return out_tokens, out_logprobs, cache
+    outs = {"tokens": jnp.zeros((b, num_steps), jnp.int32), "logprobs": jnp.zeros((b, num_steps), jnp.float32)}
+    if num_logprobs:
+        outs |= {"top_ids": jnp.zeros((b, num_steps, num_logprobs), jnp.int32),
+                 "top_logprobs": jnp.zeros((b, num_steps, num_logprobs), jnp.float32)}
+    cache, _, outs = jax.lax.fori_loop(0, num_steps, step, (cache, tokens[:, -1], outs))
+    return outs.pop("tokens"), outs.pop("logprobs"), outs, cache
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,7 +153,8 @@ def jitted_steps(graphdef: nnx.GraphDef, decode_impl: str, mixed_impl: str, page
     than passing it as a static argument) spares hashing it on every call (~5 ms per call).
     """
     mixed = jax.jit(partial(_mixed_step, graphdef, mixed_impl), donate_argnums=(1,))
-    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps), donate_argnums=(1,))
+    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps), donate_argnums=(1,),
+                     static_argnums=(7,))
     return mixed, decode
 
 
@@ -143,8 +188,31 @@ def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig) -> Mixe
     metadata = AttentionMetadata(slots, query_start_loc, context_lens, block_table(requests, rows, pages),
                                  max_query_len=config.prefill_chunk)
     logits_indices = np.maximum(query_start_loc[1:] - 1, 0)
-    sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
-    return MixedBatch(tokens, positions, metadata, logits_indices, sampling)
+    params = [r.params for r in requests]
+    sampling = SamplingTensors.build(params, [r.seed for r in requests], rows)
+    return MixedBatch(tokens, positions, metadata, logits_indices, sampling, num_logprobs(params),
+                      prompt_targets(scheduled, t))
+
+
+def wants_prompt_logprobs(s: ScheduledRequest) -> bool:
+    """Whether this chunk holds positions whose prompt logprobs the request asked for and lacks."""
+    prompt_len = len(s.request.prompt_token_ids)
+    return (s.request.params.prompt_logprobs is not None and len(s.request.prompt_logprobs) < prompt_len
+            and s.start + 1 < prompt_len)
+
+
+def prompt_targets(scheduled: list[ScheduledRequest], num_tokens: int) -> np.ndarray | None:
+    """[T] the prompt token each flat position predicts (position p: prompt token p + 1, across chunk
+    boundaries too; 0 where none), or None when no scheduled chunk needs prompt logprobs."""
+    if not any(wants_prompt_logprobs(s) for s in scheduled):
+        return None
+    targets, offset = np.zeros((num_tokens,), np.int32), 0
+    for s in scheduled:
+        prompt = s.request.prompt_token_ids
+        following = prompt[s.start + 1:s.start + 1 + s.num_tokens]
+        targets[offset:offset + len(following)] = following
+        offset += s.num_tokens
+    return targets
 
 
 class ModelRunner:
@@ -177,28 +245,30 @@ class ModelRunner:
         tokens[:len(requests), -1] = [r.tokens[-1] for r in requests]
         pages = bucket(-(-(int(positions.max()) + cfg.decode_steps) // cfg.page_size), cfg.page_buckets)
         active = np.arange(rows) < len(requests)
-        sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
-        return DecodeInputs(tokens, positions, block_table(requests, rows, pages), active, sampling)
+        params = [r.params for r in requests]
+        sampling = SamplingTensors.build(params, [r.seed for r in requests], rows)
+        return DecodeInputs(tokens, positions, block_table(requests, rows, pages), active, sampling,
+                            num_logprobs(params))
 
     def warmup(self) -> int:
         """Compile every (rows, pages) decode bucket and (tokens, pages) mixed bucket with all-padding
         inputs (they write page 0 only), and wait for those runs: dispatch is asynchronous, so the
         first request would wait instead."""
-        cfg, shapes = self.config, 0
-        for pages in cfg.page_buckets:
-            for rows in cfg.batch_buckets:
-                self.run_decode_arrays(*self.padding_decode(rows, pages))
-                shapes += 1
-            for t in cfg.token_buckets:
-                self.run_mixed_arrays(self.padding_mixed(t, pages))
-                shapes += 1
-        jax.block_until_ready(self.cache)
-        return shapes
+        cfg = self.config
+        shapes = [(run, n, pages) for pages in cfg.page_buckets
+                  for run, sizes in (("decode", cfg.batch_buckets), ("mixed", cfg.token_buckets)) for n in sizes]
+        for run, n, pages in progress(shapes, "compiling shapes"):
+            if run == "decode":
+                self.run_decode_arrays(*self.padding_decode(n, pages))
+            else:
+                self.run_mixed_arrays(self.padding_mixed(n, pages))
+            jax.block_until_ready(self.cache)  # each bar step is one compiled (and run) shape
+        return len(shapes)
 
     def padding_decode(self, rows: int, pages: int) -> tuple:
         zeros = np.zeros((rows,), np.int32)
         return (np.zeros((rows, self.config.decode_steps), np.int32), zeros, np.zeros((rows, pages), np.int32),
-                np.zeros((rows,), bool), SamplingTensors.build([], [], rows))
+                np.zeros((rows,), bool), SamplingTensors.build([], [], rows), 0)
 
     def padding_mixed(self, num_tokens: int, pages: int) -> MixedBatch:
         """A mixed batch of `num_tokens` padding tokens (no sequence), for compiling its bucket."""
@@ -208,18 +278,19 @@ class ModelRunner:
                                      np.zeros((rows, pages), np.int32), max_query_len=self.config.prefill_chunk)
         return MixedBatch(zeros, zeros, metadata, np.zeros((rows,), np.int32), SamplingTensors.build([], [], rows))
 
-    def run_mixed_arrays(self, batch: MixedBatch) -> tuple[jax.Array, jax.Array]:
-        out_tokens, out_logprobs, self.cache = self.mixed_fn(self.state, self.cache, batch)
-        return out_tokens, out_logprobs
+    def run_mixed_arrays(self, batch: MixedBatch) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        *outputs, self.cache = self.mixed_fn(self.state, self.cache, batch)
+        return tuple(outputs)
 
-    def run_decode_arrays(self, *inputs) -> tuple[jax.Array, jax.Array]:
-        out_tokens, out_logprobs, self.cache = self.decode_fn(self.state, self.cache, *inputs)
-        return out_tokens, out_logprobs
+    def run_decode_arrays(self, *inputs) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        *outputs, self.cache = self.decode_fn(self.state, self.cache, *inputs)
+        return tuple(outputs)
 
     def mixed(self, scheduled: list[ScheduledRequest]) -> StepResult:
         return fetch(self.run_mixed_arrays(mixed_batch(scheduled, self.config)))
 
 
-def fetch(outputs: tuple[jax.Array, jax.Array]) -> StepResult:
-    """The one host sync of a step: the sampled tokens and their logprobs."""
-    return StepResult(*(np.asarray(x) for x in outputs))
+def fetch(outputs: tuple[jax.Array, jax.Array, dict[str, jax.Array]]) -> StepResult:
+    """The one host sync of a step: the sampled tokens, their logprobs and whatever logprobs were asked."""
+    tokens, logprobs, extras = jax.device_get(outputs)
+    return StepResult(tokens, logprobs, **extras)
