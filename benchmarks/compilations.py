@@ -7,12 +7,14 @@ from collections.abc import Iterator
 
 import jax
 
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # a compilation, or a persistent-cache load
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 @contextlib.contextmanager
 def count_compilations() -> Iterator[list[int]]:
-    """Counts XLA backend compilations inside the block: `with count_compilations() as n: ...; n[0]`."""
+    """Counts XLA backend compilations inside the block: `with count_compilations() as n: ...; n[0]`
+    (an executable loaded from the persistent compilation cache counts too: see count_cache_hits)."""
     count = [0]
 
     def listener(event: str, duration: float, **kwargs) -> None:
@@ -24,3 +26,19 @@ def count_compilations() -> Iterator[list[int]]:
         yield count
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@contextlib.contextmanager
+def count_cache_hits() -> Iterator[list[int]]:
+    """Counts executables loaded from the persistent compilation cache inside the block."""
+    count = [0]
+
+    def listener(event: str, **kwargs) -> None:
+        del kwargs
+        count[0] += event == CACHE_HIT_EVENT
+
+    jax.monitoring.register_event_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_listener(listener)

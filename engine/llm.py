@@ -16,7 +16,7 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from engine import attention_choice, kv_cache
+from engine import attention_choice, compilation_cache, kv_cache
 from engine.config import EngineConfig
 from engine.output_processor import OutputProcessor
 from engine.page_allocator import PageAllocator
@@ -50,8 +50,11 @@ class LLM:
 
         speculative_config: vLLM's dict (engine/spec/config.py): {"method": "ngram" | "mtp" |
         "synthetic", or "model": a draft, "num_speculative_tokens": k, ...}; None: no speculation.
+
+        Compiled steps persist on disk (engine/compilation_cache.py) for the next process.
         """
         spec = SpeculativeConfig.from_dict(speculative_config)
+        compilation_cache.enable()
         self.model = _placed_model(model, dtype, mesh)
         self.config = _engine_config(self.model, engine_args, spec)
         self.allocator = PageAllocator(self.config.num_pages)
@@ -103,6 +106,9 @@ class LLM:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {params!r} ({type(params).__name__})")
+        if self.speculator is not None and ((params.logprobs or 0) > 0 or params.prompt_logprobs is not None):
+            raise ValueError("logprobs > 0 and prompt_logprobs are not supported with speculative decoding "
+                             "(the verify step returns the chosen tokens' logprobs only: logprobs=0)")
         ids = self._prompt_ids(prompt)
         self._validate(ids)
         vocab = self.model.config.vocab_size
@@ -254,7 +260,8 @@ class LLM:
         return self.generate([self.model.tokenizer.apply_chat_template(messages)], params, use_tqdm=use_tqdm)[0]
 
     def warmup(self) -> int:
-        """Compile every shape bucket now (with all-padding batches); returns the number of shapes."""
+        """Compile every shape bucket now (with all-padding batches); returns the number of shapes.
+        The logprob variants compile when a request first asks for them."""
         return self.runner.warmup() + (self.speculator.warmup() if self.speculator is not None else 0)
 
 

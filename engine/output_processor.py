@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from absl import logging
 
 from engine.request import Request, Status
-from engine.runner import StepResult
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.runner import StepResult, wants_prompt_logprobs
+from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from models.loading.tokenizer import Tokenizer
 
 
@@ -31,13 +32,15 @@ class OutputProcessor:
         """Record what the step computed and sampled; returns the requests it finished. A request
         whose output cannot be processed (e.g. its stop strings raise) finishes with "error" alone."""
         now = time.perf_counter()
-        finished = []
+        finished, offset = [], 0
         for row, s in enumerate(output.scheduled):
-            request = s.request
+            request, offset = s.request, offset + s.num_tokens
             if request.status is Status.FINISHED:
                 continue  # aborted, or finished before this run-ahead call's rows were known
             steps = output.decode_steps if result.counts is None else int(result.counts[row])
             try:
+                if result.prompt_logprobs is not None and wants_prompt_logprobs(s):
+                    _record_prompt_logprobs(s, offset - s.num_tokens, result)
                 done = self._apply_one(request, s.start + s.num_tokens - len(s.drafts), s.samples, result, row,
                                        steps, now)
                 if s.drafts:
@@ -64,15 +67,19 @@ class OutputProcessor:
         for col in range(steps):
             if col:
                 request.num_computed += 1
-            reason = self._append(request, int(result.tokens[row, col]), float(result.logprobs[row, col]), now)
+            token = int(result.tokens[row, col])
+            if request.params.logprobs is not None:
+                top = None if result.top_ids is None else (result.top_ids[row, col], result.top_logprobs[row, col])
+                request.output_logprobs.append(
+                    _logprob_entry(token, result.logprobs[row, col], top, request.params.logprobs))
+            reason = self._append(request, token, now)
             if reason:
                 return reason
         return None
 
-    def _append(self, request: Request, token: int, logprob: float, now: float) -> str | None:
+    def _append(self, request: Request, token: int, now: float) -> str | None:
         """Record one sampled token; the finish reason when it ends the request."""
         request.output_token_ids.append(token)
-        request.output_logprobs.append(logprob)
         request.metrics.token_times.append(now)
         if request.metrics.first_token is None:
             request.metrics.first_token = now
@@ -108,3 +115,25 @@ class OutputProcessor:
             if request.params.stop:
                 text = text[:max(0, len(text) - max(map(len, request.params.stop)) + 1)]
         return text.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its next byte
+
+
+def _logprob_entry(token: int, logprob: float, top: tuple[np.ndarray, np.ndarray] | None, k: int) -> dict[int, float]:
+    """vLLM's per-token logprobs: {token: logprob} of the chosen token, then its k most likely alternatives."""
+    entry = {token: float(logprob)}
+    if top is not None:
+        for alt, value in zip(top[0][:k].tolist(), top[1][:k].tolist()):
+            entry.setdefault(alt, value)
+    return entry
+
+
+def _record_prompt_logprobs(s: ScheduledRequest, offset: int, result: StepResult) -> None:
+    """Append the logprobs of the prompt tokens this chunk's flat positions (from `offset`) predict,
+    each once (a request recomputed after preemption has them already)."""
+    request, k = s.request, s.request.params.prompt_logprobs
+    prompt = request.prompt_token_ids
+    for i in range(s.num_tokens):
+        target = s.start + i + 1
+        if target == len(request.prompt_logprobs) and target < len(prompt):
+            j = offset + i
+            top = result.prompt_top_ids[j], result.prompt_top_logprobs[j]
+            request.prompt_logprobs.append(_logprob_entry(prompt[target], result.prompt_logprobs[j], top, k))

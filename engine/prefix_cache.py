@@ -64,9 +64,10 @@ class PrefixCache:
     def lookup(self, request: Request) -> list[int]:
         """The cached pages of `request`'s longest cached prefix, not yet referenced. The last
         prefill token is never among them (its logit must be computed), so writes start on a page
-        of the request's own: with a fully cached prompt its whole last page is recomputed."""
-        if not self.enabled:
-            return []
+        of the request's own: with a fully cached prompt its whole last page is recomputed. A
+        request asking for prompt logprobs computes its whole prompt (as vLLM)."""
+        if not self.enabled or request.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position's logits: nothing may be skipped
         hits = []
         for i in range((request.prefill_target - 1) // self.page_size):
             page = self.allocator.cached(self._key(request, i))

@@ -11,6 +11,7 @@ import numpy as np
 
 from engine.spec.metrics import SpecMetrics
 
+MAX_LOGPROBS = 20  # the most top-k alternatives a request may ask for: the device computes this many
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -25,15 +26,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: int | None = None  # per generated token: its logprob and the top-k alternatives' (vLLM)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p"):
             object.__setattr__(self, name, _checked_float(name, getattr(self, name)))
         for name in ("top_k", "max_tokens"):
             object.__setattr__(self, name, _checked_int(name, getattr(self, name)))
-        for name in ("ignore_eos", "logprobs"):
-            object.__setattr__(self, name, _checked_bool(name, getattr(self, name)))
+        object.__setattr__(self, "ignore_eos", _checked_bool("ignore_eos", self.ignore_eos))
+        for name in ("logprobs", "prompt_logprobs"):
+            object.__setattr__(self, name, _checked_num_logprobs(name, getattr(self, name)))
         if self.seed is not None:
             object.__setattr__(self, "seed", _checked_int("seed", self.seed))
         object.__setattr__(self, "stop", _checked_stop(self.stop))
@@ -62,6 +65,16 @@ def _checked_int(name: str, value: object) -> int:
     if not is_int(value):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     return int(value)
+
+
+def _checked_num_logprobs(name: str, value: object) -> int | None:
+    """None (not asked) or a count of alternatives in [0, MAX_LOGPROBS] (0: the chosen token's only)."""
+    if value is None:
+        return None
+    k = _checked_int(name, value)
+    if not 0 <= k <= MAX_LOGPROBS:
+        raise ValueError(f"{name} must be None or in [0, {MAX_LOGPROBS}], got {k}")
+    return k
 
 
 def _checked_float(name: str, value: object) -> float:
@@ -153,8 +166,11 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop", "length", "abort" or "error"
     metrics: RequestMetrics
-    logprobs: list[float] | None = None
+    # params.logprobs set: per generated token {token id: logprob} of it and the top-k alternatives
+    logprobs: list[dict[int, float]] | None = None
     error: str | None = None  # finish_reason "error": what failed
+    # params.prompt_logprobs set: the same per prompt token, None for the first (vLLM)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class Status(enum.Enum):
@@ -177,7 +193,8 @@ class Request:
     seed: int
     max_total_len: int  # prompt + output tokens this request may reach
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
-    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    output_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = dataclasses.field(default_factory=lambda: [None])
     pages: list[int] = dataclasses.field(default_factory=list)
     page_keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its leading full pages
     num_computed: int = 0
@@ -200,6 +217,7 @@ class Request:
         return self.num_computed < self.prefill_target
 
     def output(self) -> RequestOutput:
+        asked = self.params.logprobs is not None, self.params.prompt_logprobs is not None
         return RequestOutput(self.request_id, self.prompt_token_ids, self.text, list(self.output_token_ids),
-                             self.finish_reason, self.metrics,
-                             list(self.output_logprobs) if self.params.logprobs else None, self.error)
+                             self.finish_reason, self.metrics, list(self.output_logprobs) if asked[0] else None,
+                             self.error, list(self.prompt_logprobs) if asked[1] else None)

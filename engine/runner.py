@@ -4,8 +4,10 @@ A mixed step is one ragged batch (vLLM V1): the scheduled tokens of every reques
 `tokens [T]`, `positions [T]`, `slot_mapping [T]`, and per sequence slot `query_start_loc [S+1]`,
 `context_lens [S]`, `block_tables [S, P]`; logits only at each sequence's last token, or with
 speculation at every verify position (engine/spec/verify.py). T and P are shape buckets, S is
-max_num_seqs. A decode-only step runs `decode_steps` steps with sampling
-inside one call (rows of one token each, the same ragged metadata with query_start_loc = 0..B).
+max_num_seqs. A decode-only step runs `decode_steps` steps with sampling inside one call (rows of one token each, the same ragged metadata with query_start_loc = 0..B).
+
+Top-k logprobs are a static variant: a call computes MAX_LOGPROBS alternatives only when one of its
+requests asks (compiled on first use, not by warmup), so other calls run the functions they always did.
 """
 
 from __future__ import annotations
@@ -21,20 +23,28 @@ import numpy as np
 from flax import nnx
 
 from engine.config import EngineConfig, bucket
-from engine.request import Request
-from engine.sampler import SamplingTensors, sample
+from engine.request import MAX_LOGPROBS, Request, SamplingParams
+from engine.sampler import SamplingTensors, sample, token_logprobs, top_logprobs
 from engine.scheduler import ScheduledRequest
 from engine.spec import verify as spec_verify
 from models.attention import AttentionMetadata, LayerCache
+from models.loading.progress import progress
 
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """Host copies of what a step sampled: tokens and logprobs [rows, steps], and for a verify
-    step how many of each row's tokens are real (accepted drafts + 1) [rows]."""
+    """Host copies of what a step sampled: tokens and logprobs [rows, steps]; when asked, the top
+    MAX_LOGPROBS alternatives [rows, steps, K], and per flat token [T] the logprob of the prompt token
+    it predicts (and the top alternatives [T, K]); for a verify step how many of each row's tokens
+    are real (accepted drafts + 1) [rows]."""
 
     tokens: np.ndarray
     logprobs: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    prompt_logprobs: np.ndarray | None = None
+    prompt_top_ids: np.ndarray | None = None
+    prompt_top_logprobs: np.ndarray | None = None
     counts: np.ndarray | None = None
 
 
@@ -48,11 +58,12 @@ class DecodeInputs:
     block_tables: np.ndarray
     active: np.ndarray
     sampling: SamplingTensors
+    num_logprobs: int = 0  # static: 0 or MAX_LOGPROBS
 
     def args(self, tokens: jax.Array | np.ndarray | None = None) -> tuple:
         """The decode function's arguments; `tokens` (on device) replaces the host tokens."""
         return (self.tokens if tokens is None else tokens, self.positions, self.block_tables, self.active,
-                self.sampling)
+                self.sampling, self.num_logprobs)
 
 
 @jax.tree_util.register_dataclass
@@ -60,14 +71,36 @@ class DecodeInputs:
 class MixedBatch:
     """A mixed step's inputs: flat tokens [T] with their metadata, the flat indices of the tokens
     it takes logits at (each sequence slot's last [S], or with `verify` every verify position
-    [L]), and per sequence slot [S] its sampling parameters."""
+    [L]), and per sequence slot [S] its sampling parameters; when a request asks for prompt
+    logprobs, per flat token the prompt token it predicts (prompt_targets [T])."""
 
     tokens: jax.Array
     positions: jax.Array
     metadata: AttentionMetadata
     logits_indices: jax.Array
     sampling: SamplingTensors
+    num_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))  # 0 or MAX_LOGPROBS
+    prompt_targets: jax.Array | None = None
     verify: spec_verify.VerifyRows | None = None
+
+
+def num_logprobs(params: list[SamplingParams]) -> int:
+    """The static top-k of a call: MAX_LOGPROBS when one of its requests asks for alternatives, else 0."""
+    return MAX_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0
+
+
+def _top(logits: jax.Array, k: int) -> dict[str, jax.Array]:
+    """The sampled rows' top-k alternatives [B, k] (nothing when k is 0)."""
+    if not k:
+        return {}
+    ids, values = top_logprobs(logits, k)
+    return {"top_ids": ids, "top_logprobs": values}
+
+
+def _prompt_logprobs(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    """Per flat token's logits [T, V]: the logprob of the prompt token it predicts, and the top alternatives."""
+    ids, values = top_logprobs(logits, MAX_LOGPROBS)
+    return {"prompt_logprobs": token_logprobs(logits, targets), "prompt_top_ids": ids, "prompt_top_logprobs": values}
 
 
 SAMPLE_ROW_TIERS = (8,)  # a mixed step with at most this many sequences samples only that many rows
@@ -83,25 +116,31 @@ def _mixed_step(graphdef: nnx.GraphDef, impl: str, synthetic_accepts: float | No
     if batch.verify is not None:
         logits = model.logits(hidden[0, batch.logits_indices])  # [L, V]
         positions = batch.positions[batch.logits_indices] + 1
-        return (*spec_verify.verify(logits, batch.sampling, positions, batch.verify, synthetic_accepts), hidden[0],
-                cache)
-    next_tokens, logprobs = _sample_rows(model, hidden[0], batch)
-    return next_tokens[:, None], logprobs[:, None], cache
+        tokens, logprobs, counts = spec_verify.verify(logits, batch.sampling, positions, batch.verify,
+                                                      synthetic_accepts)
+        return tokens, logprobs, {"counts": counts}, hidden[0], cache
+    next_tokens, logprobs, extras = _sample_rows(model, hidden[0], batch)
+    extras = jax.tree.map(lambda x: x[:, None], extras)
+    if batch.prompt_targets is not None:
+        extras |= _prompt_logprobs(model.logits(hidden[0]), batch.prompt_targets)
+    return next_tokens[:, None], logprobs[:, None], extras, cache
 
 
-def _sample_rows(model: nnx.Module, hidden: jax.Array, batch: MixedBatch) -> tuple[jax.Array, jax.Array]:
-    """A sample at each sequence slot's last token [S]. The LM head and sampler run over the fewest
-    rows of SAMPLE_ROW_TIERS (or all S) that hold the step's sequences, picked on device by a
-    switch inside one executable: at S = 64, one 256-token prompt spent ~7% of its prefill on the
-    63 empty slots' logits (SmolLM2), and a shape bucket per tier would multiply compilations."""
+def _sample_rows(model: nnx.Module, hidden: jax.Array, batch: MixedBatch) -> tuple[jax.Array, jax.Array, dict]:
+    """A sample (and the asked top-k) at each sequence slot's last token [S]. The LM head and sampler
+    run over the fewest rows of SAMPLE_ROW_TIERS (or all S) that hold the step's sequences, picked
+    on device by a switch inside one executable: at S = 64, one 256-token prompt spent ~7% of its
+    prefill on the 63 empty slots' logits (SmolLM2), and a shape bucket per tier would multiply
+    compilations."""
     slots = batch.logits_indices.shape[0]
     tiers = tuple(t for t in SAMPLE_ROW_TIERS if t < slots) + (slots,)
 
-    def rows(n: int) -> tuple[jax.Array, jax.Array]:
+    def rows(n: int) -> tuple[jax.Array, jax.Array, dict]:
         index = batch.logits_indices[:n]
         sampling = jax.tree.map(lambda x: x[:n], batch.sampling)
-        tokens, logprobs = sample(model.logits(hidden[index]), sampling, batch.positions[index] + 1)
-        return jnp.pad(tokens, (0, slots - n)), jnp.pad(logprobs, (0, slots - n))
+        logits = model.logits(hidden[index])
+        outputs = (*sample(logits, sampling, batch.positions[index] + 1), _top(logits, batch.num_logprobs))
+        return jax.tree.map(lambda x: jnp.pad(x, [(0, slots - n)] + [(0, 0)] * (x.ndim - 1)), outputs)
 
     qsl = batch.metadata.query_start_loc
     num_seqs = jnp.sum(qsl[1:] > qsl[:-1])  # scheduled sequences fill the first slots, each >= 1 token
@@ -110,29 +149,36 @@ def _sample_rows(model: nnx.Module, hidden: jax.Array, batch: MixedBatch) -> tup
 
 def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: int, state: nnx.State,
                  cache: list[LayerCache], tokens: jax.Array, positions: jax.Array, block_tables: jax.Array,
-                 active: jax.Array, sampling: SamplingTensors) -> tuple[jax.Array, jax.Array, list[LayerCache]]:
+                 active: jax.Array, sampling: SamplingTensors, num_logprobs: int = 0
+                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], list[LayerCache]]:
     """num_steps decode steps; step i feeds token i at positions + i. Inactive rows write page 0.
 
     tokens [B, num_steps]: the first fed token is its last column (so the previous call's sampled
-    tokens feed a call dispatched before they reach the host, without an op outside the jit)."""
+    tokens feed a call dispatched before they reach the host, without an op outside the jit).
+    num_logprobs (static): top alternatives per sampled token, [B, num_steps, k] (none when 0)."""
     model = nnx.merge(graphdef, state)
     b = tokens.shape[0]
     query_start_loc = jnp.arange(b + 1, dtype=jnp.int32)  # one query per row
 
     def step(i, carry):
-        cache, token, out_tokens, out_logprobs = carry
+        cache, token, outs = carry
         pos = positions + i
         page = jnp.take_along_axis(block_tables, (pos // page_size)[:, None], axis=1, mode="fill", fill_value=0)
         slot = jnp.where(active, page[:, 0] * page_size + pos % page_size, 0)
         metadata = AttentionMetadata(slot, query_start_loc, jnp.where(active, pos + 1, 0), block_tables,
                                      max_query_len=1)
         hidden, cache = model(token[None], pos[None], cache, metadata, attention_impl=impl)
-        token, logprob = sample(model.logits(hidden[0]), sampling, pos + 1)
-        return cache, token, out_tokens.at[:, i].set(token), out_logprobs.at[:, i].set(logprob)
+        logits = model.logits(hidden[0])
+        token, logprob = sample(logits, sampling, pos + 1)
+        new = {"tokens": token, "logprobs": logprob, **_top(logits, num_logprobs)}
+        return cache, token, {name: outs[name].at[:, i].set(value) for name, value in new.items()}
 
-    init = (cache, tokens[:, -1], jnp.zeros((b, num_steps), jnp.int32), jnp.zeros((b, num_steps), jnp.float32))
-    cache, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, num_steps, step, init)
-    return out_tokens, out_logprobs, cache
+    outs = {"tokens": jnp.zeros((b, num_steps), jnp.int32), "logprobs": jnp.zeros((b, num_steps), jnp.float32)}
+    if num_logprobs:
+        outs |= {"top_ids": jnp.zeros((b, num_steps, num_logprobs), jnp.int32),
+                 "top_logprobs": jnp.zeros((b, num_steps, num_logprobs), jnp.float32)}
+    cache, _, outs = jax.lax.fori_loop(0, num_steps, step, (cache, tokens[:, -1], outs))
+    return outs.pop("tokens"), outs.pop("logprobs"), outs, cache
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,7 +190,8 @@ def jitted_steps(graphdef: nnx.GraphDef, decode_impl: str, mixed_impl: str, page
     than passing it as a static argument) spares hashing it on every call (~5 ms per call).
     """
     mixed = jax.jit(partial(_mixed_step, graphdef, mixed_impl, synthetic_accepts), donate_argnums=(1,))
-    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps), donate_argnums=(1,))
+    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps), donate_argnums=(1,),
+                     static_argnums=(7,))
     return mixed, decode
 
 
@@ -193,14 +240,37 @@ def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig,
     requests = [s.request for s in scheduled]
     metadata = AttentionMetadata(slots, query_start_loc, context_lens, block_table(requests, rows, pages),
                                  max_query_len=max_query_len(config, all(not r.is_prefilling for r in requests)))
-    sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
-    if config.num_speculative_tokens:
+    params = [r.params for r in requests]
+    sampling = SamplingTensors.build(params, [r.seed for r in requests], rows)
+    if config.num_speculative_tokens:  # logprobs are refused with speculation (LLM._checked)
         ends = [int(query_start_loc[i]) + s.num_tokens for i, s in enumerate(scheduled)]
         indices, verify = spec_verify.build(ends, [s.drafts for s in scheduled], rows,
                                             config.num_speculative_tokens, t, draft_probs)
-        return MixedBatch(tokens, positions, metadata, indices, sampling, verify)
+        return MixedBatch(tokens, positions, metadata, indices, sampling, verify=verify)
     logits_indices = np.maximum(query_start_loc[1:] - 1, 0)
-    return MixedBatch(tokens, positions, metadata, logits_indices, sampling)
+    return MixedBatch(tokens, positions, metadata, logits_indices, sampling, num_logprobs(params),
+                      prompt_targets(scheduled, t))
+
+
+def wants_prompt_logprobs(s: ScheduledRequest) -> bool:
+    """Whether this chunk holds positions whose prompt logprobs the request asked for and lacks."""
+    prompt_len = len(s.request.prompt_token_ids)
+    return (s.request.params.prompt_logprobs is not None and len(s.request.prompt_logprobs) < prompt_len
+            and s.start + 1 < prompt_len)
+
+
+def prompt_targets(scheduled: list[ScheduledRequest], num_tokens: int) -> np.ndarray | None:
+    """[T] the prompt token each flat position predicts (position p: prompt token p + 1, across chunk
+    boundaries too; 0 where none), or None when no scheduled chunk needs prompt logprobs."""
+    if not any(wants_prompt_logprobs(s) for s in scheduled):
+        return None
+    targets, offset = np.zeros((num_tokens,), np.int32), 0
+    for s in scheduled:
+        prompt = s.request.prompt_token_ids
+        following = prompt[s.start + 1:s.start + 1 + s.num_tokens]
+        targets[offset:offset + len(following)] = following
+        offset += s.num_tokens
+    return targets
 
 
 class ModelRunner:
@@ -241,31 +311,32 @@ class ModelRunner:
         tokens[:len(requests), -1] = [r.tokens[-1] for r in requests]
         pages = bucket(-(-(int(positions.max()) + cfg.decode_steps) // cfg.page_size), cfg.page_buckets)
         active = np.arange(rows) < len(requests)
-        sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
-        return DecodeInputs(tokens, positions, block_table(requests, rows, pages), active, sampling)
+        params = [r.params for r in requests]
+        sampling = SamplingTensors.build(params, [r.seed for r in requests], rows)
+        return DecodeInputs(tokens, positions, block_table(requests, rows, pages), active, sampling,
+                            num_logprobs(params))
 
     def warmup(self) -> int:
         """Compile every (rows, pages) decode bucket and (tokens, pages) mixed bucket with all-padding
         inputs (they write page 0 only), and wait for those runs: dispatch is asynchronous, so the
         first request would wait instead."""
-        cfg, shapes = self.config, 0
-        for pages in cfg.page_buckets:
-            for rows in cfg.batch_buckets:
-                self.run_decode_arrays(*self.padding_decode(rows, pages))
-                shapes += 1
-            for t in cfg.token_buckets:
-                self.run_mixed_arrays(self.padding_mixed(t, pages))
-                shapes += 1
-                if t in verify_buckets(cfg):
-                    self.run_mixed_arrays(self.padding_mixed(t, pages, decode_only=True), decode_only=True)
-                    shapes += 1
-        jax.block_until_ready(self.cache)
-        return shapes
+        cfg = self.config
+        shapes = [(run, n, pages) for pages in cfg.page_buckets
+                  for run, sizes in (("decode", cfg.batch_buckets), ("mixed", cfg.token_buckets),
+                                     ("verify", verify_buckets(cfg))) for n in sizes]
+        for run, n, pages in progress(shapes, "compiling shapes"):
+            if run == "decode":
+                self.run_decode_arrays(*self.padding_decode(n, pages))
+            else:
+                decode_only = run == "verify"
+                self.run_mixed_arrays(self.padding_mixed(n, pages, decode_only), decode_only)
+            jax.block_until_ready(self.cache)  # each bar step is one compiled (and run) shape
+        return len(shapes)
 
     def padding_decode(self, rows: int, pages: int) -> tuple:
         zeros = np.zeros((rows,), np.int32)
         return (np.zeros((rows, self.config.decode_steps), np.int32), zeros, np.zeros((rows, pages), np.int32),
-                np.zeros((rows,), bool), SamplingTensors.build([], [], rows))
+                np.zeros((rows,), bool), SamplingTensors.build([], [], rows), 0)
 
     def padding_mixed(self, num_tokens: int, pages: int, decode_only: bool = False) -> MixedBatch:
         """A mixed batch of `num_tokens` padding tokens (no sequence), for compiling its bucket."""
@@ -278,23 +349,26 @@ class ModelRunner:
         if self.config.num_speculative_tokens:
             indices, verify = spec_verify.padding(num_tokens, rows, self.config.num_speculative_tokens,
                                                   self.padding_draft_probs)
-            return MixedBatch(zeros, zeros, metadata, indices, sampling, verify)
+            return MixedBatch(zeros, zeros, metadata, indices, sampling, verify=verify)
         return MixedBatch(zeros, zeros, metadata, np.zeros((rows,), np.int32), sampling)
 
-    def run_mixed_arrays(self, batch: MixedBatch, decode_only: bool = False) -> tuple[jax.Array, ...]:
-        """decode_only: every sequence is a decode (with drafts): the verify function runs it."""
+    def run_mixed_arrays(self, batch: MixedBatch, decode_only: bool = False) -> tuple:
+        """(tokens, logprobs, extras) and for a verify step its hidden states [T, D]; decode_only:
+        every sequence is a decode (with drafts), which the verify function runs."""
         fn = self.verify_fn if decode_only and self.verify_fn is not None else self.mixed_fn
         *outputs, self.cache = fn(self.state, self.cache, batch)
         return tuple(outputs)
 
-    def run_decode_arrays(self, *inputs) -> tuple[jax.Array, jax.Array]:
-        out_tokens, out_logprobs, self.cache = self.decode_fn(self.state, self.cache, *inputs)
-        return out_tokens, out_logprobs
+    def run_decode_arrays(self, *inputs) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        *outputs, self.cache = self.decode_fn(self.state, self.cache, *inputs)
+        return tuple(outputs)
 
     def mixed(self, scheduled: list[ScheduledRequest]) -> StepResult:
         return fetch(self.run_mixed_arrays(mixed_batch(scheduled, self.config)))
 
 
-def fetch(outputs: tuple[jax.Array, ...]) -> StepResult:
-    """The one host sync of a step: the sampled tokens and their logprobs (and a verify step's counts)."""
-    return StepResult(*(np.asarray(x) for x in outputs[:3]))
+def fetch(outputs: tuple) -> StepResult:
+    """The one host sync of a step: the sampled tokens, their logprobs and whatever logprobs were
+    asked (or a verify step's counts); a verify step's hidden states stay on the device."""
+    tokens, logprobs, extras = jax.device_get(outputs[:3])
+    return StepResult(tokens, logprobs, **extras)

@@ -91,5 +91,16 @@ def sample(logits: jax.Array, s: SamplingTensors, positions: jax.Array) -> tuple
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     tokens = jax.lax.cond(jnp.all(s.temperature == 0), lambda: greedy,
                           lambda: jnp.where(s.temperature == 0, greedy, _inverse_cdf_sample(logits, s, positions)))
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, token_logprobs(logits, tokens)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Log-probabilities [B] of `tokens` [B] under the unfiltered model distribution of `logits` [B, V]."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+def top_logprobs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k (static) most likely token ids [B, k] under the unfiltered distribution, and their logprobs."""
+    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
+    return ids.astype(jnp.int32), values

@@ -1,14 +1,17 @@
-"""Stream a completion (or a chat answer) to stdout, then one line of timings.
+"""Stream a completion (or a chat answer) to stdout, then one line of timings, saying how many
+compilations (or loads from the persistent compilation cache) fell inside them.
 
   python scripts/generate.py --model=smollm2-135m-instruct --chat --prompt="What is the capital of France?"
 """
 
+import contextlib
+import json
 import time
 from pathlib import Path
 
-
 from absl import app, flags
 
+from benchmarks.compilations import count_cache_hits, count_compilations
 from engine import LLM, SamplingParams
 from pallas_kernels.ops import IMPLS
 
@@ -27,32 +30,59 @@ NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages (default: sized fr
 MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 8, "most concurrent sequences")
 MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 2048, "longest prompt + output")
 DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted call")
+MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", 2048, "token budget per step (fewer shape buckets)")
 WARMUP = flags.DEFINE_bool("warmup", False, "compile every shape bucket first (minutes), so the timings exclude compilation")
 ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(IMPLS), "attention ops (pallas_kernels/ops.py)")
+JSON_OUT = flags.DEFINE_string("json_out", None, "also write the timings here as JSON")
+
+
+@contextlib.contextmanager
+def timed(record: dict, name: str):
+    """Seconds, compilations and persistent-cache loads inside the block, into record[name + ...]."""
+    start = time.perf_counter()
+    with count_compilations() as compiles, count_cache_hits() as hits:
+        yield
+    record |= {f"{name}_s": time.perf_counter() - start, f"{name}_compilations": compiles[0],
+               f"{name}_cache_hits": hits[0]}
+
+
+def compilation_note(compiles: int, hits: int) -> str:
+    """What the timings include: compiling, loading from the persistent cache, or neither."""
+    if not compiles:
+        return "no compilation in these timings"
+    return (f"these timings include {compiles - hits} compilations and {hits} loads from the persistent "
+            f"compilation cache (--warmup excludes them)")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    llm = LLM(MODEL.value, dtype=DTYPE.value, page_size=PAGE_SIZE.value, num_pages=NUM_PAGES.value,
-              max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
-              decode_steps=DECODE_STEPS.value, attention_impl=ATTENTION_IMPL.value)
+    record = {"model": MODEL.value, "warmup": WARMUP.value}
+    with timed(record, "load"):
+            llm = LLM(MODEL.value, dtype=DTYPE.value, page_size=PAGE_SIZE.value, num_pages=NUM_PAGES.value,
+                  max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
+                  decode_steps=DECODE_STEPS.value, attention_impl=ATTENTION_IMPL.value,
+                  max_num_batched_tokens=MAX_BATCHED.value)
     params = SamplingParams(temperature=TEMPERATURE.value, top_p=TOP_P.value, top_k=TOP_K.value,
                             min_p=MIN_P.value, seed=SEED.value, max_tokens=MAX_TOKENS.value)
     prompt = PROMPT.value
     if CHAT.value:
         prompt = llm.model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     if WARMUP.value:
-        llm.warmup()
-    start = time.perf_counter()
-    request = llm.add_request(prompt, params)
-    for delta in llm.stream_request(request):
-        print(delta, end="", flush=True)
-    end = time.perf_counter()
+        with timed(record, "warmup"):
+            llm.warmup()
+    with timed(record, "generate"):
+        request = llm.add_request(prompt, params)
+        for delta in llm.stream_request(request):
+            print(delta, end="", flush=True)
     n = len(request.output_token_ids)
     decode_s = request.metrics.token_times[-1] - request.metrics.token_times[0]
-    note = "" if WARMUP.value else " (TTFT and decode include compilation; --warmup excludes it)"
-    print(f"\n[TTFT {request.metrics.ttft * 1e3:.0f} ms | {n} tokens in {end - start:.2f} s | "
-          f"decode {(n - 1) / decode_s if decode_s > 0 else float('nan'):.1f} tok/s | finish: {request.finish_reason}]{note}")
+    record |= {"ttft_s": request.metrics.ttft, "tokens": n, "decode_tok_s": (n - 1) / decode_s if decode_s > 0 else None}
+    warmup = f"warmup {record['warmup_s']:.2f} s | " if WARMUP.value else ""
+    print(f"\n[{warmup}TTFT {request.metrics.ttft * 1e3:.0f} ms | {n} tokens in {record['generate_s']:.2f} s | "
+          f"decode {(n - 1) / decode_s if decode_s > 0 else float('nan'):.1f} tok/s | finish: {request.finish_reason}] "
+          f"({compilation_note(record['generate_compilations'], record['generate_cache_hits'])})")
+    if JSON_OUT.value:
+        Path(JSON_OUT.value).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

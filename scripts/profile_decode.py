@@ -81,7 +81,7 @@ def decode_inputs(runner: ModelRunner, batch: int, context: int) -> tuple:
 
 def run_decode(runner: ModelRunner, inputs: tuple) -> np.ndarray:
     """One jitted decode call (decode_steps steps), blocking on the sampled tokens."""
-    out, _, runner.cache = runner.decode_fn(runner.state, runner.cache, *inputs)
+    out, _, _, runner.cache = runner.decode_fn(runner.state, runner.cache, *inputs)
     return np.asarray(out)
 
 

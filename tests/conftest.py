@@ -7,6 +7,9 @@ import os
 import numpy as np
 import pytest
 
+# Tests compile from scratch and leave the user's cache alone (test_compilation_cache sets its own).
+os.environ.setdefault("JAXSERVE_XLA_CACHE", "off")
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

@@ -99,9 +99,10 @@ def test_stop_conditions(smollm2):
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=(3575,)),
                        use_tqdm=False)[0]
     assert out.token_ids == [504, 3575] and out.finish_reason == "stop"
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3, logprobs=True), use_tqdm=False)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3, logprobs=0), use_tqdm=False)[0]
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
-    assert len(out.logprobs) == 3 and all(lp <= 0 for lp in out.logprobs)
+    assert [list(e) for e in out.logprobs] == [[t] for t in out.token_ids]
+    assert all(lp <= 0 for e in out.logprobs for lp in e.values())
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.token_ids) == 12 and out.token_ids[7] == 2  # went on past <|im_end|>
     streamed = "".join(llm.stream(prompt, SamplingParams(temperature=0.0, max_tokens=32)))
@@ -110,11 +111,11 @@ def test_stop_conditions(smollm2):
 
 def test_logprobs_match_forward(tiny):
     prompt = random_prompts(7, 1, 256, 12, 13)[0]
-    out = tiny_llm(tiny).generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, logprobs=True),
+    out = tiny_llm(tiny).generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, logprobs=0),
                                   use_tqdm=False)[0]
     logits = np.asarray(tiny.forward([prompt]))[0, -1].astype(np.float64)
     expected = logits[out.token_ids[0]] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
-    assert abs(out.logprobs[0] - expected) < 1e-4
+    assert abs(out.logprobs[0][out.token_ids[0]] - expected) < 1e-4
 
 
 @pytest.mark.parametrize("prompt,params,message", [
@@ -169,7 +170,7 @@ def test_bad_requests_rejected_while_others_continue(tiny, prompt, params, messa
     (dict(stop_token_ids=[-1]), "stop_token_ids must be >= 0, got -1"),
     (dict(stop_token_ids=3), r"stop_token_ids must be a list, got 3 \(int\)"),
     (dict(ignore_eos=1), r"ignore_eos must be a bool, got 1 \(int\)"),
-    (dict(logprobs="yes"), r"logprobs must be a bool, got 'yes' \(str\)"),
+    (dict(logprobs="yes"), r"logprobs must be an int, got 'yes' \(str\)"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -11,15 +11,17 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from engine import SamplingParams
+from engine.request import MAX_LOGPROBS
 from models import load_model
 from tests.engine_helpers import tiny_llm
 
 VOCAB, MAX_MODEL_LEN = 256, 32
 KNOWN_PROMPT = [5, 6, 7, 8, 9]
 KNOWN = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-INT_FIELDS = ("top_k", "max_tokens", "seed")
+INT_FIELDS = ("top_k", "max_tokens", "seed", "logprobs", "prompt_logprobs")
+OPTIONAL_FIELDS = ("seed", "logprobs", "prompt_logprobs")  # None, or an int
 FLOAT_FIELDS = ("temperature", "top_p", "min_p")
-BOOL_FIELDS = ("ignore_eos", "logprobs")
+BOOL_FIELDS = ("ignore_eos",)
 
 # Values that look like a field's type but are not, and anything else a user might pass.
 TRICKY = st.one_of(st.sampled_from([True, False, np.bool_(True), None, 2.0, 1.5, math.nan, math.inf, -math.inf,
@@ -39,7 +41,8 @@ VALID = {  # each field's valid values, edges included
                       st.lists(st.text(min_size=1, max_size=3), max_size=2)),
     "stop_token_ids": st.one_of(st.none(), st.lists(st.integers(0, VOCAB - 1), max_size=3), st.just(np.array([7]))),
     "ignore_eos": st.one_of(st.booleans(), st.just(np.bool_(True))),
-    "logprobs": st.booleans(),
+    "logprobs": st.one_of(st.none(), st.integers(0, MAX_LOGPROBS)),
+    "prompt_logprobs": st.one_of(st.none(), st.integers(0, MAX_LOGPROBS)),
 }
 VALID_KWARGS = st.fixed_dictionaries({}, optional=VALID)
 ONE_WILD = st.tuples(VALID_KWARGS, st.sampled_from(sorted(VALID)), TRICKY).map(lambda t: {**t[0], t[1]: t[2]})
@@ -71,7 +74,8 @@ def engine():
 
 def assert_well_typed(kwargs: dict, params: SamplingParams) -> None:
     """Accepted parameters hold Python values of their fields' types, and no bool passed as a number."""
-    assert all(type(getattr(params, f)) is int for f in INT_FIELDS if f != "seed" or params.seed is not None)
+    assert all(type(getattr(params, f)) is int for f in INT_FIELDS
+               if f not in OPTIONAL_FIELDS or getattr(params, f) is not None)
     assert all(type(getattr(params, f)) is float and math.isfinite(getattr(params, f)) for f in FLOAT_FIELDS)
     assert all(type(getattr(params, f)) is bool for f in BOOL_FIELDS)
     assert all(type(s) is str and s for s in params.stop)

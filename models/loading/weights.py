@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.loading.progress import progress
 
 TensorGetter = Callable[[str], np.ndarray]  # HF tensor name -> array (raises KeyError if absent)
 # A model's own mapping for parameters the Llama naming does not cover: (our parameter path, its
@@ -89,7 +90,7 @@ def fill_params(abstract_model: nnx.Module, get_tensor: TensorGetter, dtype: jnp
     """
     graphdef, state = nnx.split(abstract_model)
     flat = []
-    for path, var in nnx.to_flat_state(state):
+    for path, var in progress(nnx.to_flat_state(state), "loading weights"):
         ours_shape = tuple(var.get_value().shape)
         value = _load_param(path, ours_shape, get_tensor, param_loader)
         flat.append((path, var.replace(_place(value, dtype, sharding_for(path)))))
