@@ -209,12 +209,12 @@ def softmax_finish(acc: jax.Array, m_i: jax.Array, l_i: jax.Array) -> tuple[jax.
     return acc / lax.broadcast_in_dim(l_i, acc.shape, [0]), m_i + jnp.log(l_i)
 
 
-def attention_scratch(st: BlockedAttention, head_dim: int, loads_per_block: int) -> list:
-    """SMEM and barriers of attention_program: q, 2 K/V slots, P, output, lse; barriers."""
+def attention_scratch(st: BlockedAttention, head_dim: int, loads_per_block: int, stages: int = 2) -> list:
+    """SMEM and barriers of attention_program: q, `stages` K/V slots, P, output, lse; barriers."""
     swizzle_elems = 128 // jnp.dtype(st.dtype).itemsize  # one 128-byte swizzle row
     swizzled = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(128))
     smem = lambda shape: plgpu.SMEM(shape, st.dtype, transforms=swizzled)
-    kv_slots = (2, st.block_kv, head_dim)
+    kv_slots = (stages, st.block_kv, head_dim)
     return [
         smem((st.block_rows, head_dim)),
         smem(kv_slots),
@@ -223,8 +223,8 @@ def attention_scratch(st: BlockedAttention, head_dim: int, loads_per_block: int)
         plgpu.SMEM((st.block_rows, head_dim), jnp.float32),
         plgpu.SMEM((st.block_rows,), jnp.float32),
         plgpu.Barrier(),
-        plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=2),
-        plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=2),
+        plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=stages),
     ]
 
 

@@ -23,6 +23,7 @@ from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import mla_attention as mla
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import ragged_paged_attention as rpa
+from pallas_kernels import ragged_paged_attention_mgpu as rpm
 
 IMPLS = ("auto", "pallas", "interpret", "xla", "cpu")
 SM90_KINDS = ("H100", "H200")
@@ -126,9 +127,10 @@ def ragged_paged_attention(
     [T,Hq,D] in q.dtype. max_query_len: a static upper bound on any q_len_s (1 for decode-only
     steps), or None.
 
-    "cpu" runs the C++ kernel's ragged mode (tiles of 32 rows sharing each page); the Mosaic kernel
-    runs every token as its own Q=1 row; "xla" does so when max_query_len == 1, else tiles of
-    min(rpa.BLOCK_Q, max_query_len) rows per padded row.
+    "cpu" runs the C++ kernel's ragged mode (tiles of 32 rows sharing each page); "pallas" /
+    "interpret" the native ragged Mosaic kernel (ragged_paged_attention_mgpu.py), or where it
+    refuses the shapes (rpm.supported) every token as a Q=1 row of the paged kernel; "xla" per
+    token when max_query_len == 1, else tiles of min(rpa.BLOCK_Q, max_query_len) rows per padded row.
     """
     kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
     args = (q, k_pages, v_pages, query_start_loc, context_lens, block_tables)
@@ -140,6 +142,9 @@ def ragged_paged_attention(
     if resolved == "xla" and max_query_len != 1:
         block_q = min(rpa.BLOCK_Q, max_query_len or rpa.BLOCK_Q)
         return rpa.ragged_paged_attention_tiled(pa.paged_attention_blocked, *args, block_q=block_q, **kwargs)
+    hkv, _, page_size, _ = k_pages.shape
+    if resolved in ("pallas", "interpret") and rpm.supported(q.shape[-1], q.shape[1], hkv, page_size):
+        return rpm.ragged_paged_attention_kernel(*args, **kwargs, interpret=_interpret_params(resolved))
     paged = functools.partial(paged_attention, impl=resolved)
     return rpa.ragged_paged_attention_per_token(paged, *args, **kwargs)
 

@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import ops
+from pallas_kernels import paged_attention as pa
+from pallas_kernels import ragged_paged_attention as rpa
 
 OUTPUT = flags.DEFINE_string("output", None, "JSON file to write", required=True)
 SMALL = flags.DEFINE_bool("small", None, "shrunken shapes (default: on when not on an sm_90 GPU)")
 ITERS = flags.DEFINE_integer("iters", 20, "timed calls per measurement (median reported)")
-SUITES = flags.DEFINE_list("suites", ["prefill", "decode", "grouped"], "what to benchmark")
+SUITES = flags.DEFINE_list("suites", ["prefill", "decode", "ragged", "grouped"], "what to benchmark")
 
 # Model shapes, from the published configs.
 LLAMA3_8B = dict(q_heads=32, kv_heads=8, head_dim=128)
@@ -125,6 +127,33 @@ def decode_cases(small: bool, on_gpu: bool) -> list[Case]:
     return cases
 
 
+def ragged_cases(small: bool, on_gpu: bool) -> list[Case]:
+    """A mixed step at Llama-3-8B heads: one prefill chunk and decode rows, every sequence at the
+    same context; on a GPU the native ragged kernel beside the per-token adapter it replaced."""
+    hq, hkv, d = (4, 2, 64) if small else tuple(LLAMA3_8B.values())
+    points = ((4, 13, 256),) if small else ((64, 449, 4096), (256, 257, 1024), (8, 2041, 8192))
+    cases = []
+    for seqs, chunk, context in points:  # chunk + seqs - 1 decode rows
+        pages_per_seq = context // PAGE_SIZE
+        num_pages = seqs * pages_per_seq + 1
+        k_pages = normal(1, (hkv, num_pages, PAGE_SIZE, d))
+        v_pages = normal(2, (hkv, num_pages, PAGE_SIZE, d))
+        tables = jnp.arange(1, num_pages, dtype=jnp.int32).reshape(seqs, pages_per_seq)
+        tokens = chunk + seqs - 1
+        starts = jnp.asarray(np.concatenate([[0], chunk + np.arange(seqs)]), jnp.int32)
+        args = (normal(0, (tokens, hq, d)), k_pages, v_pages, starts, jnp.full((seqs,), context, jnp.int32), tables)
+        impls = {"xla": jitted(lambda *a: ops.ragged_paged_attention(*a, impl="xla"), *args)}
+        if on_gpu:
+            impls["pallas"] = jitted(lambda *a: ops.ragged_paged_attention(*a, impl="pallas"), *args)
+            per_token = lambda *a: rpa.ragged_paged_attention_per_token(pa.paged_attention_kernel, *a)  # noqa: E731
+            impls["pallas_per_token"] = jitted(per_token, *args)
+        visible = (seqs - 1) * context + chunk * (context - chunk) + chunk * (chunk + 1) / 2
+        kv_bytes = 2 * seqs * context * hkv * d * 2
+        cases.append(Case("ragged", f"llama3_8b_mixed_s{seqs}_chunk{chunk}_ctx{context}", impls,
+                          4 * hq * d * visible, kv_bytes + 4 * tokens * hq * d))
+    return cases
+
+
 def routed_group_sizes(rows: int, experts: int, skewed: bool) -> jax.Array:
     """Rows per expert: equal (balanced) or Zipf-like (skewed: a few hot experts)."""
     weights = 1.0 / np.arange(1, experts + 1) if skewed else np.ones(experts)
@@ -198,7 +227,7 @@ def main(argv):
     del argv
     on_gpu = ops.is_sm90_gpu()
     small = (not on_gpu) if SMALL.value is None else SMALL.value
-    builders = {"prefill": prefill_cases, "decode": decode_cases, "grouped": grouped_cases}
+    builders = {"prefill": prefill_cases, "decode": decode_cases, "ragged": ragged_cases, "grouped": grouped_cases}
     unknown = set(SUITES.value) - set(builders)
     if unknown:
         raise app.UsageError(f"unknown suites {sorted(unknown)}; choose from {sorted(builders)}")

@@ -32,6 +32,7 @@ from pallas_kernels import flash_attention as fa
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import mla_attention as mla
 from pallas_kernels import paged_attention as pa
+from pallas_kernels import ragged_paged_attention_mgpu as rpm
 
 MODELS = flags.DEFINE_list("model", ["llama3-8b"], "presets to check (comma-separated)")
 BATCH = flags.DEFINE_integer("batch", 64, "decode rows (and max_num_seqs of the mixed step)")
@@ -48,6 +49,7 @@ KERNELS = {
     "flash_attention": (fa, "flash_attention_kernel"),
     "grouped_matmul": (gmm, "grouped_matmul_kernel"),
     "mla_decode": (mla, "mla_decode_kernel"),
+    "ragged_paged_attention": (rpm, "ragged_paged_attention_kernel"),
 }
 
 

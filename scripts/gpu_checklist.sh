@@ -33,7 +33,7 @@ fi
 run nvidia_smi nvidia-smi
 run kernel_tests "$PY" -m pytest -q -p no:cacheprovider --durations=15 \
   tests/test_flash_attention.py tests/test_paged_attention.py tests/test_grouped_matmul.py \
-  tests/test_mla_attention.py tests/test_kernel_lowering.py
+  tests/test_mla_attention.py tests/test_ragged_paged_attention_mgpu.py tests/test_kernel_lowering.py
 run bench_kernels "$PY" scripts/bench_kernels.py --output="$OUT/bench_kernels.json"
 run engine_smoke "$PY" scripts/generate.py --model=smollm2-135m-instruct --dtype=bfloat16 \
   --attention_impl=pallas --max_tokens=32

@@ -21,7 +21,7 @@ def test_bench_kernels_writes_json_for_every_suite(tmp_path):
     assert report["peaks"]["matmul_tflops"] > 0 and report["peaks"]["copy_gbps"] > 0
     results = report["results"]
     assert not [r for r in results if "error" in r]
-    assert {r["suite"] for r in results} == {"prefill", "decode", "grouped"}
+    assert {r["suite"] for r in results} == {"prefill", "decode", "ragged", "grouped"}
     assert {r["impl"] for r in results} == {"xla", "dense_matmul"}
     grouped = {r["case"] for r in results if r["suite"] == "grouped"}
     assert len(grouped) == 8  # 2 models x 2 projections x balanced/skewed routing

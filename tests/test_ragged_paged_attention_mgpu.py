@@ -1,0 +1,133 @@
+"""The native ragged Mosaic GPU kernel: interpret mode (race-checked, NaN-poisoned outputs) vs float64
+on random mixed batches, ops dispatch, and lowering for an abstract H100 at full-size preset shapes."""
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from pallas_kernels import ops
+from pallas_kernels import ragged_paged_attention_mgpu as rpm
+from test_kernel_lowering import kernel_tolerance, lower_for_cuda, race_checked_interpret, sds
+from test_ragged_paged_attention import check, random_ragged
+
+
+def random_mixed(seed, num_seqs, max_context, max_q, decode_share=0.5):
+    """[(context_len, q_len)]: contexts 0..max_context, about decode_share of them decode rows (q 1),
+    the others q 1..min(context, max_q); a zero context has q 0."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(num_seqs):
+        n = int(rng.integers(0, max_context + 1))
+        q = 0 if n == 0 else 1 if rng.random() < decode_share else int(rng.integers(1, min(n, max_q) + 1))
+        seqs.append((n, q))
+    return seqs
+
+
+# name: (seed, seqs, pad_rows, Hq, Hkv, D, page_size, max_pages, window, sinks, config, dtype): GQA 1-8,
+# decode-only, prefill spanning tiles (G=1: 64 tokens per tile), a 3-head group (21 tokens, 63
+# rows per tile), a padded head dim, programs walking more blocks than the ring has slots (460 and
+# 300 tokens unsplit: the pages read ahead are used, a window skips the first blocks), 64-token pages (one page per block), the 2-slot ring, splits.
+CONFIG = rpm.RaggedAttentionConfig
+CASES = {
+    "mixed_gqa4_window_sinks_splits_f32": (0, random_mixed(0, 7, 90, 12), 3, 8, 2, 64, 8, 12, 7, True,
+                                           CONFIG(max_splits=3), jnp.float32),
+    "decode_only_gqa8_long_ring_f32": (1, [(65, 1), (1, 1), (0, 0), (460, 1), (64, 1)], 2, 8, 1, 64, 16, 29, None,
+                                       False, CONFIG(max_splits=1), jnp.float32),
+    "prefill_gqa1_two_tiles_bf16": (2, [(90, 70), (5, 1), (33, 33)], 1, 2, 2, 64, 8, 12, None, True, CONFIG(),
+                                    jnp.bfloat16),
+    "gqa3_head_dim_40_window_f32": (3, random_mixed(3, 5, 60, 30, 0.3) + [(300, 25)], 0, 6, 2, 40, 8, 38, 90,
+                                    True, CONFIG(max_splits=1), jnp.float32),
+    "page_64_two_stage_ring_bf16": (4, [(130, 9), (64, 64), (0, 0), (200, 1)], 4, 4, 4, 64, 64, 4, 100, False,
+                                    CONFIG(max_stages=2, max_splits=2), jnp.bfloat16),
+}
+
+
+def case_args(name):
+    seed, seqs, pad_rows, hq, hkv, d, page_size, max_pages, window, with_sinks, config, dtype = CASES[name]
+    args, sinks = random_ragged(seed, seqs, pad_rows, hq, hkv, d, page_size, max_pages, dtype, with_sinks)
+    return args, sinks, window, config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_interpret_matches_float64(name):
+    args, sinks, window, config = case_args(name)
+    with race_checked_interpret() as params:
+        got = rpm.ragged_paged_attention_kernel(*args, sliding_window=window, sinks=sinks, scale=0.3,
+                                                interpret=params, config=config)
+    assert got.dtype == args[0].dtype and got.shape == args[0].shape
+    check(got, args, window, sinks, scale=0.3, tol=kernel_tolerance(args[0].dtype, params))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_cases_lower_for_h100(name):
+    """The interpreted cases also obey the hardware path's rules (so they run compiled on a GPU)."""
+    args, sinks, window, config = case_args(name)
+    f = lambda *a: rpm.ragged_paged_attention_kernel(*a[:6], sliding_window=window, sinks=a[6],  # noqa: E731
+                                                     config=config)
+    assert "mosaic_gpu" in lower_for_cuda(f, *(sds(x.shape, x.dtype) for x in args), sinks)
+
+
+@pytest.mark.slow
+def test_ops_pallas_runs_the_native_kernel(monkeypatch):
+    """impl="interpret" goes through the native kernel where it supports the shapes (4-token pages
+    would fall back to the per-token adapter) and matches float64."""
+    calls = []
+    native = rpm.ragged_paged_attention_kernel
+    monkeypatch.setattr(rpm, "ragged_paged_attention_kernel", lambda *a, **k: calls.append(1) or native(*a, **k))
+    args, sinks = random_ragged(9, [(20, 3), (9, 1), (41, 1)], 2, 4, 2, 64, 8, 12, with_sinks=True)
+    with race_checked_interpret():
+        got = ops.ragged_paged_attention(*args, sinks=sinks, impl="interpret")
+    check(got, args, None, sinks, tol=1e-4)
+    assert len(calls) == 1
+    assert not rpm.supported(64, 4, 2, 4) and rpm.supported(64, 4, 2, 8)
+
+
+def test_unsupported_shapes_are_value_errors():
+    args, _ = random_ragged(0, [(9, 2)], 0, 4, 2, 64, 4, 4)
+    with pytest.raises(ValueError, match="page_size 4"):
+        rpm.ragged_paged_attention_kernel(*args)
+    assert not rpm.supported(576, 128, 1, 16)  # MLA's latent: its own kernel (mla_attention.py)
+    assert not rpm.supported(64, 128, 1, 16)  # a group larger than a tile's 64 rows
+
+
+def test_ring_depth_by_shared_memory():
+    """3 slots at head dim 64/128 with 64-token blocks; 2 where 3 overflow; none above the budget."""
+    config = CONFIG()
+    assert rpm.ring_stages(config, 64, 128, 2) == 3
+    assert rpm.ring_stages(config, 128, 128, 2) == 2
+    assert rpm.ring_stages(config, 64, 192, 2) == 2  # 3 slots lowered to 56 B over (the slack)
+    assert rpm.ring_stages(config, 1024, 128, 2) is None
+    assert rpm.smem_bytes(64, 64, 128, 3, 2) <= rpm.SMEM_BYTES < rpm.smem_bytes(64, 128, 128, 3, 2)
+
+
+def ragged_sds(tokens, seqs, hq, hkv, d, page_size, context):
+    """Abstract ragged inputs: q [T, Hq, D], a pool of pages, S sequences of `context` tokens' tables."""
+    max_pages = context // page_size
+    pages = sds((hkv, seqs * max_pages + 1, page_size, d))
+    return (sds((tokens, hq, d)), pages, pages, sds((seqs + 1,), jnp.int32), sds((seqs,), jnp.int32),
+            sds((seqs, max_pages), jnp.int32))
+
+
+# name: (T, S, Hq, Hkv, D, page_size, context, window, sinks): the engine's mixed step at 512 tokens
+# and 64 sequences, a decode step, one long prefill chunk, gpt-oss-120b's windowed / sink layers,
+# the head dim where the SMEM estimate's slack decides the ring depth.
+FULL_SIZE = {
+    "llama3_8b_mixed_512_tokens_64_seqs": (512, 64, 32, 8, 128, 16, 4096, None, False),
+    "llama3_8b_decode_b64_4k": (64, 64, 32, 8, 128, 16, 4096, None, False),
+    "llama3_8b_chunk_2048_after_30k": (2048, 1, 32, 8, 128, 16, 32768, None, False),
+    "llama3_70b_mixed_512_tokens": (512, 64, 64, 8, 128, 16, 4096, None, False),
+    "gpt_oss_120b_mixed_window_sinks": (512, 64, 64, 8, 64, 16, 4096, 128, True),
+    "gpt_oss_120b_mixed_sinks_page_256": (512, 16, 64, 8, 64, 256, 4096, None, True),
+    "head_dim_192_two_slot_ring": (64, 8, 32, 8, 192, 16, 1024, None, False),
+}
+
+
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size_shapes_lower_for_h100(name):
+    t, s, hq, hkv, d, page_size, context, window, with_sinks = FULL_SIZE[name]
+    sinks = sds((hq,), jnp.float32) if with_sinks else None
+    f = lambda *a: ops.ragged_paged_attention(*a[:6], sliding_window=window, sinks=a[6], impl="pallas")  # noqa: E731
+    text = lower_for_cuda(f, *ragged_sds(t, s, hq, hkv, d, page_size, context), sinks)
+    assert "mosaic_gpu" in text and rpm.supported(d, hq, hkv, page_size)
