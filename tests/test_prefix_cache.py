@@ -266,3 +266,12 @@ def test_the_config_flag_is_checked():
     with pytest.raises(ValueError, match="enable_prefix_caching must be a bool"):
         EngineConfig(max_model_len=64, enable_prefix_caching="yes")
     assert EngineConfig(max_model_len=64).enable_prefix_caching
+
+
+def test_smollm2_outputs_identical_with_caching_on_and_off(smollm2):
+    """The real checkpoint: 24 requests over 4 shared prefixes, in waves."""
+    waves = shared_prefix_waves(seed=8, n=24, vocab=smollm2.config.vocab_size, waves=4)
+    kwargs = dict(page_size=PAGE, max_model_len=128, max_num_seqs=6, max_num_batched_tokens=64, prefill_chunk=32)
+    off = run_checked(LLM(smollm2, enable_prefix_caching=False, **kwargs), waves)
+    llm = LLM(smollm2, **kwargs)
+    assert run_checked(llm, waves) == off and llm.prefix_cache.stats.hits > 0, llm.prefix_cache.stats
