@@ -3,13 +3,18 @@
 The fastest path is machine-dependent (the C++ CPU kernel beat XLA on one VM and lost on another),
 so `attention_impl="auto"` on a single CPU device times the candidates on the engine's own shapes,
 decode rows (one query per sequence) and mixed rows (prefill chunks) separately, and keeps the
-fastest of each; an explicit impl is used as given.
+fastest of each; an explicit impl is used as given. With the persistent compilation cache on, a
+measured choice is stored beside it (keyed by the shapes, candidates, jax version and CPU) and
+reused by later processes: re-measuring could choose differently under load, and a different
+choice compiles different programs, which then miss the cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import platform
 import time
 
 import jax
@@ -17,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from engine import compilation_cache
 from pallas_kernels import cpu_paged_attention as cpa
 from pallas_kernels import ops
 
@@ -56,8 +62,35 @@ def choose(impl: str, shapes: AttentionShapes, on_mesh: bool) -> AttentionChoice
     return measured_choice(shapes, ("cpu", "xla"))
 
 
+CHOICES_FILE = "attention_choice.json"
+
+
 @functools.cache
 def measured_choice(shapes: AttentionShapes, candidates: tuple[str, ...], repeats: int = 5) -> AttentionChoice:
+    """The stored choice for these shapes on this machine, else a fresh measurement (then stored)."""
+    path = None if (d := compilation_cache.cache_dir()) is None else d / CHOICES_FILE
+    key = repr((dataclasses.astuple(shapes), candidates, jax.__version__, platform.processor(), platform.machine()))
+    stored = _read_choices(path)
+    if key in stored:
+        choice = AttentionChoice(**stored[key])
+        logging.info("attention impl as measured earlier (%s): decode %s, mixed %s", path, choice.decode, choice.mixed)
+        return choice
+    choice = _measure(shapes, candidates, repeats)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**stored, key: dataclasses.asdict(choice)}, indent=1))
+    return choice
+
+
+def _read_choices(path) -> dict:
+    """The stored choices, or none when the file is missing or unreadable (it is then rewritten)."""
+    try:
+        return json.loads(path.read_text()) if path is not None and path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _measure(shapes: AttentionShapes, candidates: tuple[str, ...], repeats: int) -> AttentionChoice:
     """Time each candidate on a decode batch and on a prefill-chunk batch; the fastest of each."""
     timings = {kind: {impl: _time(impl, *inputs, repeats=repeats) for impl in candidates}
                for kind, inputs in (("decode", _decode_inputs(shapes)), ("mixed", _mixed_inputs(shapes)))}

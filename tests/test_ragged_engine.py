@@ -3,6 +3,7 @@ their tokens, abort and interrupts leave the engine consistent, no recompiles on
 and "auto" attention keeps the faster measured path."""
 
 import gc
+import json
 
 import numpy as np
 import pytest
@@ -211,3 +212,24 @@ def test_decode_calls_run_ahead_and_an_abort_between_them_is_safe(tiny, monkeypa
     assert [requests[i].output_token_ids for i in kept] == want
     assert requests[1].output_token_ids == greedy_reference(tiny, [prompts[1]], 30, pad_to=64)[0][
         :len(requests[1].output_token_ids)]
+
+
+def test_a_measured_choice_is_stored_beside_the_compilation_cache(monkeypatch, tmp_path):
+    """A later process reuses the stored choice (so it compiles the same programs); an unreadable
+    file is measured afresh and rewritten; no file at all when the compilation cache is off."""
+    shapes = attention_choice.AttentionShapes(num_heads=4, num_kv_heads=2, head_dim=16, dtype="float32", page_size=8,
+                                              decode_rows=8, decode_context=64, mixed_tokens=64, chunk=32)
+    measured = attention_choice.AttentionChoice("cpu", "xla", {"decode": {"cpu": 1.0}})
+    monkeypatch.setattr(attention_choice, "_measure", lambda *args: measured)
+    monkeypatch.setenv("JAXSERVE_XLA_CACHE", str(tmp_path))
+    choose = attention_choice.measured_choice.__wrapped__
+    assert choose(shapes, ("cpu", "xla")) == measured
+    monkeypatch.setattr(attention_choice, "_measure", lambda *args: pytest.fail("measured again"))
+    assert choose(shapes, ("cpu", "xla")) == measured
+    stored = tmp_path / attention_choice.CHOICES_FILE
+    stored.write_text("{not json")
+    monkeypatch.setattr(attention_choice, "_measure", lambda *args: measured)
+    assert choose(shapes, ("cpu", "xla")) == measured and len(json.loads(stored.read_text())) == 1
+    monkeypatch.setenv("JAXSERVE_XLA_CACHE", "off")
+    stored.unlink()
+    assert choose(shapes, ("cpu", "xla")) == measured and not stored.exists()
