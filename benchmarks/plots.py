@@ -22,7 +22,7 @@ def load_points(paths: list[Path], labels: list[str] | None = None) -> list[dict
         report = json.loads(Path(path).read_text())
         prefix = f"{labels[i]} " if labels else ""
         for p in report["points"]:
-            points.append({**p, "series": f"{prefix}{p['system']} {p['dtype']}", "device": report["device"]["kind"]})
+            points.append({**p, "series": f"{prefix}{p['system']}{' http' if p.get('client') == 'http' else ''} {p['dtype']}", "device": report["device"]["kind"]})
     return points
 
 
