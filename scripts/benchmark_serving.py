@@ -59,6 +59,7 @@ _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Engine KV page size.")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Engine prefill chunk.")
 _MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", 2048, "Engine token budget per (ragged) step.")
 _ASYNC = flags.DEFINE_bool("async_scheduling", False, "Engine: dispatch a decode call's successor before its tokens.")
+_ATTENTION = flags.DEFINE_string("attention_impl", "auto", "Engine attention ops (pallas_kernels/ops.py IMPLS).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Run an unscored warm-up wave at each point first.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 1, "Devices the throughput is divided by.")
 _RATE = flags.DEFINE_float("hourly_rate", None, "$ per device-hour; default from the GPU table, else --cpu_rate.")
@@ -310,7 +311,7 @@ def main(argv: list[str]) -> None:
     llm = LLM(_MODEL.value, dtype=_DTYPE.value, max_num_seqs=max(concurrencies),
               max_model_len=_ISL.value + _OSL.value, decode_steps=_DECODE_STEPS.value, page_size=_PAGE_SIZE.value,
               prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value,
-              async_scheduling=_ASYNC.value)
+              async_scheduling=_ASYNC.value, attention_impl=_ATTENTION.value)
     settings = Settings(_ISL.value, _OSL.value, _RANGE_RATIO.value, _SEED.value, _TEMPERATURE.value,
                         hourly_rate(jax.devices()[0].device_kind, _RATE.value, _CPU_RATE.value), _NUM_DEVICES.value,
                         device_peaks(_DTYPE.value, _PEAK_BW.value, _PEAK_TFLOPS.value), _WARMUP.value)

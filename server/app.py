@@ -29,6 +29,7 @@ import uvicorn
 from absl import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import protocol
@@ -143,34 +144,42 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
             raise APIError(first.status, first.message, param=bad if first.status == 400 else None)
         return stream
 
-    async def deltas(stream: Stream) -> AsyncIterator[Delta]:
-        """The stream's deltas up to its last; leaving early (a client gone) aborts the request."""
-        finished = False
-        try:
-            while not finished:
-                delta = await stream.events.get()
-                finished = delta.finish_reason is not None
-                yield delta
-        finally:
-            if not finished:
+    def release(stream: Stream) -> None:
+        """Let go of a stream once (aborting its request unless it finished): when its deltas end,
+        and again, as a no-op, after its response (whose body a client gone early never started)."""
+        if not stream.released:
+            stream.released = True
+            if not stream.finished:
                 engine.abort(stream)
             admission.release()
+
+    async def deltas(stream: Stream) -> AsyncIterator[Delta]:
+        """The stream's deltas up to its last; leaving early (a client gone) aborts the request."""
+        try:
+            while not stream.finished:
+                delta = await stream.events.get()
+                stream.finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            release(stream)
 
     async def collect(stream: Stream, request: Request) -> tuple[str, Delta]:
         """All of a non-streamed request's text and its last delta; a client that disconnects aborts it."""
         watcher = asyncio.create_task(_abort_on_disconnect(request, lambda: engine.abort(stream)))
         try:
             parts, last = [], None
-            async for last in deltas(stream):
-                parts.append(last.text)
+            async with contextlib.aclosing(deltas(stream)) as events:
+                async for last in events:
+                    parts.append(last.text)
         finally:
             watcher.cancel()
+            release(stream)
         if last.finish_reason == "error":
             raise APIError(500, f"generation failed: {last.error}", code="generation_error")
         return "".join(parts), last
 
-    def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream",
+    def sse_response(stream: Stream, events: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release, stream),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
@@ -200,7 +209,7 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
                     chunk = protocol.completion_chunk(rid, created, model_name, "")
                     yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), d.num_tokens)))
             yield protocol.sse("[DONE]")
-        return sse_response(events())
+        return sse_response(stream, events())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -233,7 +242,7 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
                     if body.include_usage:
                         yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), d.num_tokens)))
             yield protocol.sse("[DONE]")
-        return sse_response(events())
+        return sse_response(stream, events())
 
     return app
 

@@ -54,6 +54,8 @@ class Stream:
         self.prompt_ids, self.params, self.loop = prompt_ids, params, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.received = time.perf_counter()
+        self.finished = False  # the handler saw the last delta
+        self.released = False  # the handler let go of it (server/app.py)
         # Engine thread only:
         self.request: Request | None = None
         self.text_sent = 0
