@@ -24,7 +24,9 @@ def load_points(paths: list[Path], labels: list[str] | None = None) -> list[dict
         for p in report["points"]:
             spec = p.get("speculation")  # speculative runs are their own series, labelled with the method
             suffix = f" +{spec['method']} k={spec['num_speculative_tokens']}" if spec else ""
-            points.append({**p, "series": f"{prefix}{p['system']} {p['dtype']}{suffix}", "device": report["device"]["kind"]})
+            http = " http" if p.get("client") == "http" else ""  # served points: their own series
+            points.append({**p, "series": f"{prefix}{p['system']}{http} {p['dtype']}{suffix}",
+                           "device": report["device"]["kind"]})
     return points
 
 

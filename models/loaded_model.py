@@ -94,6 +94,23 @@ def load_model(source: str | Path, *, dtype: str | jnp.dtype = "float32", seed: 
     return loaded
 
 
+def load_config(source: str | Path) -> ModelConfig:
+    """The ModelConfig `load_model(source)` would have, without loading weights (a GGUF's or HF
+    dir's metadata only): what a client of a server running `source` needs."""
+    if isinstance(source, str) and source in EMBEDDED_WEIGHTS:
+        return GGUFCheckpoint(embedded_weights_path(source)).config
+    if isinstance(source, str) and source in registry.PRESETS:
+        return registry.get_preset(source)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFCheckpoint(path).config
+    if orbax_io.is_orbax_dir(path):
+        return orbax_io.load_config(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return registry.config_from_hf(HFConfig.read(path), name=path.name)
+    return registry.get_preset(str(source))  # raises: unknown preset, listing the known ones
+
+
 @dataclasses.dataclass(frozen=True)
 class _Placement:
     """Where loaders put each parameter: `sharding_for(abstract)` maps a path to its sharding."""

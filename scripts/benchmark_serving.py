@@ -41,15 +41,16 @@ from absl import app, flags, logging
 from tqdm.auto import tqdm
 
 
-from benchmarks import roofline, workloads
+from benchmarks import http_client, roofline, workloads
 from benchmarks.grounded import grounded_prompts
 from benchmarks.compilations import count_compilations
 from engine.llm import LLM
 from benchmarks.metrics import HOURLY_RATES_USD, RequestTiming, cost_per_million_tokens, pareto_frontier, point_metrics  # noqa: E501
+from engine.config import EngineConfig
 from engine.request import SamplingParams
 from engine.spec.metrics import SpecMetrics
 from models import ModelConfig, load_model, param_counts
-from models.loaded_model import EMBEDDED_WEIGHTS, embedded_weights_path
+from models.loaded_model import EMBEDDED_WEIGHTS, embedded_weights_path, load_config
 
 SCHEMA_VERSION = 2  # 2: per-point speculation and prefix-cache counters
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,7 @@ _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", None, "Engine prefill chu
 _MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", None, "Engine token budget per (ragged) step "
                                     "(default: the engine's, by platform).")
 _ASYNC = flags.DEFINE_bool("async_scheduling", False, "Engine: dispatch a decode call's successor before its tokens.")
+_ATTENTION = flags.DEFINE_string("attention_impl", "auto", "Engine attention ops (pallas_kernels/ops.py IMPLS).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Run an unscored warm-up wave at each point first.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 1, "Devices the throughput is divided by.")
 _RATE = flags.DEFINE_float("hourly_rate", None, "$ per device-hour; default from the GPU table, else --cpu_rate.")
@@ -95,6 +97,12 @@ _SPEC = flags.DEFINE_string("speculative_config", None, "JSON dict of LLM's spec
 _COMPARE_SPEC = flags.DEFINE_bool("compare_no_speculation", False, "Also run every point without speculation.")
 _WORKLOAD = flags.DEFINE_enum("workload", "random", ["random", "grounded"],
                               "random tokens, or repeat/rewrite prompts over README passages (needs a tokenizer).")
+_BASE_URL = flags.DEFINE_string("base_url", None, "Run the sweep against the OpenAI-compatible server at this URL "
+                                "(http://host:port: scripts/serve.py, vLLM, SGLang) instead of in process; "
+                                "--model then only gives the config (no weights are loaded).")
+_SERVED_MODEL = flags.DEFINE_string("served_model_name", None, "With --base_url: the model's name in the API "
+                                    "(default: the server's first /v1/models entry).")
+_API_KEY = flags.DEFINE_string("api_key", None, "With --base_url: sent as Authorization: Bearer KEY.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,18 +355,25 @@ def default_gguf(model: str) -> Path:
 
 def report_header(llm: LLM, settings: Settings, started: datetime.datetime) -> dict:
     """Model, device, engine and workload sections of the result JSON."""
-    device, config = jax.devices()[0], llm.model.config
+    device = jax.devices()[0]
+    return header_for(llm.model.config, jnp.dtype(llm.model.dtype).name, dataclasses.asdict(llm.config),
+                      {"platform": device.platform, "kind": device.device_kind}, settings, started)
+
+
+def header_for(config: ModelConfig, dtype: str, engine: dict, device: dict, settings: Settings,
+               started: datetime.datetime) -> dict:
+    """report_header's sections from their parts (a served run gets them from the server)."""
     peaks = settings.peaks
     return {
         "schema_version": SCHEMA_VERSION,
         "started_at": started.isoformat(timespec="seconds"),
-        "model": {"name": config.name, "num_params": param_counts(config).total, "dtype": jnp.dtype(llm.model.dtype).name,
+        "model": {"name": config.name, "num_params": param_counts(config).total, "dtype": dtype,
                   "config": dataclasses.asdict(config)},
-        "device": {"platform": device.platform, "kind": device.device_kind, "count": settings.num_devices,
+        "device": {"platform": device["platform"], "kind": device["kind"], "count": settings.num_devices,
                    "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                    "hourly_rate_usd": settings.hourly_rate, "peak_bandwidth_gb_s": peaks.bandwidth / 1e9,
                    "peak_tflop_s": peaks.flops / 1e12, "peaks_source": peaks.source},
-        "engine": dataclasses.asdict(llm.config),
+        "engine": engine,
         "workload": {"kind": settings.workload, "isl": settings.isl, "osl": settings.osl,
                      "range_ratio": settings.range_ratio,
                      "seed": settings.seed, "temperature": settings.temperature, "ignore_eos": True,
@@ -373,6 +388,8 @@ def main(argv: list[str]) -> None:
     concurrencies = sorted({int(c) for c in _CONCURRENCY.value})
     num_prompts = [min(_NUM_PROMPTS.value or 10 * c, _MAX_NUM_PROMPTS.value) for c in concurrencies]
     num_prompts = [max(n, c) for n, c in zip(num_prompts, concurrencies)]
+    if _BASE_URL.value:
+        return served_main(started, load_at_start, concurrencies, num_prompts)
     if _WORKLOAD.value == "grounded" and _BASELINE.value:
         raise app.UsageError("baselines run the random workload only")
     spec = json.loads(_SPEC.value) if _SPEC.value else None
@@ -390,7 +407,8 @@ def main(argv: list[str]) -> None:
         llm = LLM(model, max_num_seqs=max(concurrencies), decode_steps=_DECODE_STEPS.value, page_size=_PAGE_SIZE.value,
                   max_model_len=max_model_len(_ISL.value, _OSL.value, _SHARED_PREFIX.value, _NUM_TURNS.value),
                   prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value,
-                  async_scheduling=_ASYNC.value, enable_prefix_caching=caching, speculative_config=speculative_config)
+                  async_scheduling=_ASYNC.value, enable_prefix_caching=caching, speculative_config=speculative_config,
+                  attention_impl=_ATTENTION.value)
         points += engine_points(llm, settings, concurrencies, num_prompts, _DTYPE.value)
     versions = {"jax": jax.__version__}
     header = report_header(llm, settings, started)
@@ -413,6 +431,59 @@ def prefix_caching_values(values: list[str]) -> list[bool]:
     if bad or not values:
         raise app.UsageError(f"--enable_prefix_caching takes true/false values, got {values}")
     return [table[v.lower()] for v in values]
+
+
+def served_main(started: datetime.datetime, load_at_start: list[float], concurrencies: list[int],
+                num_prompts: list[int]) -> None:
+    """--base_url: the same sweep, metrics and JSON through a server's streamed /v1/completions
+    (benchmarks/http_client.py); the engine, dtype and device come from the server when it says."""
+    info = http_client.server_info(_BASE_URL.value, _SERVED_MODEL.value, _API_KEY.value)
+    config, dtype = load_config(_MODEL.value), info.dtype or _DTYPE.value
+    device = info.device or {"platform": "remote", "kind": "unknown"}
+    engine = {**{f.name: None for f in dataclasses.fields(EngineConfig)}, "max_model_len": info.max_model_len,
+              **(info.engine or {})}
+    if engine["max_num_seqs"] is not None and engine["max_num_seqs"] < max(concurrencies):
+        logging.warning("the server runs at most %d sequences: higher concurrencies queue", engine["max_num_seqs"])
+    settings = Settings(_ISL.value, _OSL.value, _RANGE_RATIO.value, _SEED.value, _TEMPERATURE.value,
+                        hourly_rate(device["kind"], _RATE.value, _CPU_RATE.value), _NUM_DEVICES.value,
+                        served_peaks(device["kind"], dtype), _WARMUP.value)
+    logging.info("server %s (%s, model %r); peaks: %s", info.base_url, info.system, info.model, settings.peaks)
+    points = served_points(info, settings, concurrencies, num_prompts, dtype, config)
+    header = {**header_for(config, dtype, engine, device, settings, started),
+              "server": {"base_url": info.base_url, "model": info.model, "system": info.system}}
+    versions = {"jax": jax.__version__, "httpx": http_client.httpx.__version__}
+    write_outputs(finish_report(header, points, versions, load_at_start), Path(_OUTPUT.value), _PLOT.value)
+
+
+def served_peaks(kind: str, dtype: str) -> roofline.DevicePeaks:
+    """The flags' peaks, else the GPU table by the server's device kind, else a probe of this
+    machine (right for a server on this host)."""
+    if _PEAK_BW.value is not None or _PEAK_TFLOPS.value is not None:
+        return device_peaks(dtype, _PEAK_BW.value, _PEAK_TFLOPS.value)
+    for key, peaks in roofline.GPU_PEAKS.items():
+        if key in kind.lower():
+            return peaks
+    return roofline.probe_peaks(dtype)
+
+
+def served_points(info: http_client.ServerInfo, settings: Settings, concurrencies: list[int],
+                  num_prompts: list[int], dtype: str, config: ModelConfig) -> list[dict]:
+    """engine_points through the server: per point a warm-up wave, then the scored closed loop
+    (the server compiles its buckets itself: start ours with --warmup)."""
+    points = []
+    item = jnp.dtype(dtype).itemsize
+    for c, n in zip(concurrencies, num_prompts):
+        if settings.warmup:
+            warm = make_workload(settings.seed, c, settings.isl, settings.osl, 1.0, config.vocab_size, 10_000 + c)
+            http_client.run_closed_loop(info, warm.prompts, warm.output_lens, c, settings.temperature, _API_KEY.value)
+        workload = make_workload(settings.seed, n, settings.isl, settings.osl, settings.range_ratio, config.vocab_size, c)
+        timings, duration = http_client.run_closed_loop(info, workload.prompts, workload.output_lens, c,
+                                                        settings.temperature, _API_KEY.value)
+        roof = roofline_summary(config, workload, c, duration, settings.peaks, item, item)
+        points.append({**score_point(info.system, dtype, timings, duration, c, settings, roof), "client": "http"})
+        logging.info("c=%d (served): %.1f output tok/s, %.1f tok/s/user, TTFT p50 %.0f ms", c,
+                     points[-1]["output_tok_s"], points[-1]["interactivity"], points[-1]["ttft_ms"]["median"])
+    return points
 
 
 def finish_report(header: dict, points: list[dict], versions: dict, load_at_start: list[float]) -> dict:
@@ -464,7 +535,9 @@ def format_table(points: list[dict]) -> str:
             "| E2E p50 s | roofline | $/M out |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        rows.append(f"| {p['system']} | {p['dtype']} | {spec_label(p)} | {p['concurrency']} | {p['output_tok_s']:.1f} | "
+        served = " (http)" if p.get("client") == "http" else ""
+        rows.append(f"| {p['system']}{served} | {p['dtype']} | {spec_label(p)} | {p['concurrency']} | "
+                    f"{p['output_tok_s']:.1f} | "
                     f"{p['interactivity']:.1f} | {p['ttft_ms']['median']:.0f} | {p['ttft_ms']['p99']:.0f} | "
                     f"{p['tpot_ms']['median']:.1f} | {p['e2e_ms']['median'] / 1e3:.1f} | "
                     f"{100 * p['roofline']['fraction']:.0f}% | {p['cost_per_million_output_tokens_usd']:.2f} |")

@@ -2,8 +2,12 @@
 
 import importlib.util
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,3 +130,38 @@ def test_speculative_points_side_by_side(tmp_path):
     s = spec["speculation"]
     assert s["method"] == "synthetic" and s["num_speculative_tokens"] == 3 and s["proposed"] > 0
     assert 1.5 < s["mean_acceptance_length"] <= 3.5  # synthetic: 2.5 on average, fewer near max_tokens
+
+
+def test_served_end_to_end_tiny_llama(tmp_path):
+    """scripts/serve.py on a free port, driven by benchmark_serving.py --base_url: the same JSON."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    output = tmp_path / "served.json"
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model=tiny-llama",
+                                   "--port=0", "--max_model_len=32", "--max_num_seqs=2"],
+                                  stdout=subprocess.PIPE, stderr=log, text=True, cwd=tmp_path, env=env)
+    watchdog = threading.Timer(180, server.kill)
+    watchdog.start()
+    try:
+        ready = server.stdout.readline()  # "jaxserve: serving 'tiny-llama' at http://127.0.0.1:PORT/v1 ..."
+        url = re.search(r"http://127\.0\.0\.1:\d+", ready)
+        assert url, f"no URL from serve.py: {ready!r}; log:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_serving.py"), f"--base_url={url[0]}",
+                        "--model=tiny-llama", "--isl=24", "--osl=8", "--concurrency=1,2", "--num_prompts=4",
+                        f"--output={output}", "--peak_bandwidth_gb_s=45", "--peak_tflop_s=0.475", "--noplot"],
+                       check=True, cwd=tmp_path, env=env)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+        watchdog.cancel()
+    assert server.returncode == 0
+    report = json.loads(output.read_text())
+    validate(report, SCHEMA)
+    assert report["server"] == {"base_url": url[0], "model": "tiny-llama", "system": "jaxserve"}
+    assert report["engine"]["max_num_seqs"] == 2 and report["engine"]["max_model_len"] == 32
+    assert [p["concurrency"] for p in report["points"]] == [1, 2]
+    for p in report["points"]:
+        assert p["system"] == "jaxserve" and p["client"] == "http" and p["num_requests"] == 4
+        assert 4 * 6 <= p["output_tokens"] <= 4 * 8 and 4 * 19 <= p["input_tokens"] <= 4 * 24
+        assert p["output_tok_s"] == pytest.approx(p["output_tokens"] / p["duration_s"])
+        assert p["ttft_ms"]["median"] > 0 and 0 < p["roofline"]["fraction"] < 1

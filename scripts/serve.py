@@ -1,0 +1,73 @@
+"""Serve a model over the OpenAI API (completions and chat, streamed or not) until Ctrl-C.
+
+  python scripts/serve.py --model=smollm2-135m-instruct --port=8000 [--warmup] [--api_key=KEY]
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 16}'
+
+Binds to 127.0.0.1 unless --host says otherwise. The routes and error bodies are in server/app.py.
+"""
+
+from __future__ import annotations
+
+import uvicorn
+from absl import app, flags, logging
+
+from engine import LLM
+from pallas_kernels.ops import IMPLS
+from server.app import Server, create_app
+from server.engine_loop import EngineLoop
+from server.metrics import ServerMetrics
+
+MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "preset, .gguf file, HF dir or orbax dir")
+SERVED_NAME = flags.DEFINE_string("served_model_name", None, "the model's name in the API (default: --model)")
+HOST = flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+PORT = flags.DEFINE_integer("port", 8000, "port to bind (0: a free one)")
+API_KEY = flags.DEFINE_string("api_key", None, "if set, every endpoint but /health needs Authorization: Bearer KEY")
+MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "requests that may wait beyond max_num_seqs (503 past that)")
+MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "largest request body (413 past that)")
+WARMUP = flags.DEFINE_bool("warmup", False, "compile every shape bucket before serving (minutes on a CPU)")
+ACCESS_LOG = flags.DEFINE_bool("access_log", False, "log every HTTP request (uvicorn's access log)")
+SHUTDOWN_S = flags.DEFINE_float("graceful_shutdown_s", 5.0, "on Ctrl-C, seconds open streams get to finish")
+# The engine's flags (engine/config.py).
+DTYPE = flags.DEFINE_string("dtype", "float32", "parameter and KV cache dtype")
+SEED = flags.DEFINE_integer("seed", 0, "seeds of requests that give none")
+MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "most concurrent sequences")
+MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 2048, "longest prompt + output")
+MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", 2048, "token budget per (ragged) step")
+PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "most prompt tokens of one request per step")
+PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "tokens per KV page")
+NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from --kv_cache_bytes)")
+KV_BYTES = flags.DEFINE_integer("kv_cache_bytes", 4 << 30, "KV pool budget when --num_pages is not set")
+DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted call")
+ASYNC = flags.DEFINE_bool("async_scheduling", False, "dispatch a decode call's successor before its tokens")
+ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(IMPLS), "attention ops (pallas_kernels/ops.py)")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    llm = LLM(MODEL.value, dtype=DTYPE.value, seed=SEED.value, max_num_seqs=MAX_NUM_SEQS.value,
+              max_model_len=MAX_MODEL_LEN.value, max_num_batched_tokens=MAX_BATCHED.value,
+              prefill_chunk=min(PREFILL_CHUNK.value, MAX_BATCHED.value), page_size=PAGE_SIZE.value,
+              num_pages=NUM_PAGES.value, kv_cache_bytes=KV_BYTES.value, decode_steps=DECODE_STEPS.value,
+              async_scheduling=ASYNC.value, attention_impl=ATTENTION_IMPL.value)
+    if WARMUP.value:
+        logging.info("compiling every shape bucket ...")
+        logging.info("compiled %d shape buckets", llm.warmup())
+    name = SERVED_NAME.value or MODEL.value
+    engine = EngineLoop(llm, ServerMetrics(name, llm.config.num_pages)).start()
+    api = create_app(engine, model_name=name, api_key=API_KEY.value, max_queue=MAX_QUEUE.value,
+                     max_body_bytes=MAX_BODY.value)
+    config = uvicorn.Config(api, host=HOST.value, port=PORT.value, log_level="info", lifespan="off",
+                            access_log=ACCESS_LOG.value, timeout_graceful_shutdown=SHUTDOWN_S.value)
+    server = Server(config, on_ready=lambda url: print(f"jaxserve: serving {name!r} at {url}/v1 "
+                                                      f"(health: {url}/health, metrics: {url}/metrics)", flush=True))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        pass
+    finally:
+        engine.stop()
+
+
+if __name__ == "__main__":
+    app.run(main)

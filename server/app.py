@@ -1,0 +1,353 @@
+"""The OpenAI-compatible routes (FastAPI), the API-key and body-size guard, and a uvicorn Server
+that reports its URL once bound.
+
+    POST /v1/completions        prompt: a string or a list of token ids
+    POST /v1/chat/completions   messages through the checkpoint's chat template
+    GET  /v1/models, /health, /metrics (Prometheus text)
+
+Both POST routes stream server-sent events with `"stream": true` (`data: [DONE]` last; with
+`stream_options.include_usage` a final chunk carries the usage, with vLLM's
+`continuous_usage_stats` every chunk does). Every error is an OpenAI-style body
+`{"error": {"message", "type", "param", "code"}}`: 400 for bad input, 401 without the API key,
+404 for an unknown model or route, 413 for a body over the limit, 503 when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import jax
+import jinja2
+import numpy as np
+import uvicorn
+from absl import logging
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import protocol
+from server.engine_loop import Delta, EngineLoop, Rejected, Stream
+from server.metrics import CONTENT_TYPE
+from server.protocol import APIError
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+class _Admission:
+    """Counts requests in flight (event-loop thread only) against max_num_seqs + max_queue."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.in_flight = capacity, 0
+
+    def take(self) -> None:
+        if self.in_flight >= self.capacity:
+            raise APIError(503, f"the server is at capacity ({self.in_flight} requests in flight): retry later",
+                           code="queue_full")
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+
+def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None, max_queue: int = 256,
+               max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The app over a started EngineLoop (the caller starts and stops it)."""
+    llm = engine.llm
+    tokenizer, max_model_len = llm.model.tokenizer, llm.config.max_model_len
+    admission = _Admission(llm.config.max_num_seqs + max_queue)
+    metrics = engine.metrics
+    app = FastAPI(title="jaxserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, on_error=metrics.http_error)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        metrics.http_error(e.status)
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        metrics.http_error(e.status_code)
+        return JSONResponse(protocol.error_body(str(e.detail), code=None if e.status_code != 404 else "not_found"),
+                            status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        logging.exception("unhandled error in a request handler")
+        metrics.http_error(500)
+        return JSONResponse(protocol.error_body(f"internal error: {type(e).__name__}: {e}", "server_error"),
+                            status_code=500)
+
+    # ---- plain endpoints ----------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.alive
+        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    device = jax.devices()[0]
+    card = {"id": model_name, "object": "model", "owned_by": "jaxserve", "max_model_len": max_model_len,
+            # jaxserve's own fields (benchmarks/http_client.py records them):
+            "dtype": np.dtype(llm.model.dtype).name, "engine": dataclasses.asdict(llm.config),
+            "device": {"platform": device.platform, "kind": device.device_kind}}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{**card, "created": protocol.now()}]}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist: this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def encode(text: str, param: str) -> list[int]:
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param=param)
+        return tokenizer.encode(text)
+
+    def chat_ids(messages: list[protocol.ChatMessage]) -> list[int]:
+        if tokenizer is None or not tokenizer.chat_template:
+            raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+        try:
+            return tokenizer.apply_chat_template(protocol.chat_messages(messages))
+        except (ValueError, jinja2.TemplateError) as e:
+            raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
+
+    async def submit(ids: list[int], params: Any, param: str) -> Stream:
+        """Hand the request to the engine thread; it is admitted (or refused) between steps."""
+        admission.take()
+        stream = Stream(ids, params, asyncio.get_running_loop())
+        try:
+            engine.submit(stream)
+        except RuntimeError:
+            admission.release()
+            raise APIError(503, "the engine is not running", code="engine_stopped") from None
+        try:
+            first = await stream.events.get()
+        except BaseException:  # cancelled while waiting: the client left
+            engine.abort(stream)
+            admission.release()
+            raise
+        if isinstance(first, Rejected):
+            admission.release()
+            bad = "stop_token_ids" if first.message.startswith("stop_token_ids") else param
+            raise APIError(first.status, first.message, param=bad if first.status == 400 else None)
+        return stream
+
+    def release(stream: Stream) -> None:
+        """Let go of a stream once (aborting its request unless it finished): when its deltas end,
+        and again, as a no-op, after its response (whose body a client gone early never started)."""
+        if not stream.released:
+            stream.released = True
+            if not stream.finished:
+                engine.abort(stream)
+            admission.release()
+
+    async def deltas(stream: Stream) -> AsyncIterator[Delta]:
+        """The stream's deltas up to its last; leaving early (a client gone) aborts the request."""
+        try:
+            while not stream.finished:
+                delta = await stream.events.get()
+                stream.finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            release(stream)
+
+    async def collect(stream: Stream, request: Request) -> tuple[str, Delta]:
+        """All of a non-streamed request's text and its last delta; a client that disconnects aborts it."""
+        watcher = asyncio.create_task(_abort_on_disconnect(request, lambda: engine.abort(stream)))
+        try:
+            parts, last = [], None
+            async with contextlib.aclosing(deltas(stream)) as events:
+                async for last in events:
+                    parts.append(last.text)
+        finally:
+            watcher.cancel()
+            release(stream)
+        if last.finish_reason == "error":
+            raise APIError(500, f"generation failed: {last.error}", code="generation_error")
+        return "".join(parts), last
+
+    def sse_response(stream: Stream, events: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release, stream),
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = protocol.parse(protocol.CompletionRequest, await request.body())
+        check_model(body.model)
+        protocol.check_supported(body)
+        prompt = protocol.completion_prompt(body.prompt)
+        ids = encode(prompt, "prompt") if isinstance(prompt, str) else prompt
+        budget = protocol.max_tokens(body.max_tokens, len(ids), max_model_len, COMPLETION_DEFAULT_MAX_TOKENS,
+                                     "max_tokens")
+        stream = await submit(ids, protocol.sampling_params(body, budget), "prompt")
+        rid, created = protocol.new_id("cmpl"), protocol.now()
+        if not body.stream:
+            text, last = await collect(stream, request)
+            return protocol.completion_body(rid, created, model_name, text, last.finish_reason,
+                                            protocol.usage(len(ids), last.num_tokens))
+
+        async def events() -> AsyncIterator[str]:
+            async for d in deltas(stream):
+                if d.text or d.finish_reason or body.continuous_usage:
+                    chunk = protocol.completion_chunk(rid, created, model_name, d.text, d.finish_reason)
+                    yield protocol.sse(with_usage(chunk, body, len(ids), d.num_tokens))
+                if d.finish_reason == "error":
+                    yield protocol.sse(protocol.error_body(f"generation failed: {d.error}", "server_error"))
+                if d.finish_reason and body.include_usage:
+                    chunk = protocol.completion_chunk(rid, created, model_name, "")
+                    yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), d.num_tokens)))
+            yield protocol.sse("[DONE]")
+        return sse_response(stream, events())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = protocol.parse(protocol.ChatCompletionRequest, await request.body())
+        check_model(body.model)
+        protocol.check_supported(body)
+        ids = chat_ids(body.messages)
+        requested, param = ((body.max_completion_tokens, "max_completion_tokens")
+                            if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
+        budget = protocol.max_tokens(requested, len(ids), max_model_len, None, param)
+        stream = await submit(ids, protocol.sampling_params(body, budget), "messages")
+        rid, created = protocol.new_id("chatcmpl"), protocol.now()
+        if not body.stream:
+            text, last = await collect(stream, request)
+            return protocol.chat_body(rid, created, model_name, text, last.finish_reason,
+                                      protocol.usage(len(ids), last.num_tokens))
+
+        async def events() -> AsyncIterator[str]:
+            first = protocol.chat_chunk(rid, created, model_name, {"role": "assistant", "content": ""})
+            yield protocol.sse(with_usage(first, body, len(ids), 0))
+            async for d in deltas(stream):
+                if d.text or body.continuous_usage:
+                    chunk = protocol.chat_chunk(rid, created, model_name, {"content": d.text})
+                    yield protocol.sse(with_usage(chunk, body, len(ids), d.num_tokens))
+                if d.finish_reason == "error":
+                    yield protocol.sse(protocol.error_body(f"generation failed: {d.error}", "server_error"))
+                if d.finish_reason:
+                    chunk = protocol.chat_chunk(rid, created, model_name, {}, d.finish_reason)
+                    yield protocol.sse(with_usage(chunk, body, len(ids), d.num_tokens))
+                    if body.include_usage:
+                        yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), d.num_tokens)))
+            yield protocol.sse("[DONE]")
+        return sse_response(stream, events())
+
+    return app
+
+
+def with_usage(chunk: dict, body: protocol._Sampling, prompt_tokens: int, completion_tokens: int) -> dict:
+    """A chunk with the `usage` key an include_usage stream carries: null, or the tokens so far
+    with continuous_usage_stats."""
+    if not body.include_usage:
+        return chunk
+    return {**chunk, "usage": protocol.usage(prompt_tokens, completion_tokens) if body.continuous_usage else None}
+
+
+async def _abort_on_disconnect(request: Request, abort: Callable[[], None]) -> None:
+    """Wait for the client's disconnect (the body was read already), then abort."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            abort()
+            return
+
+
+class _Guard:
+    """ASGI middleware: `Authorization: Bearer <key>` on every path but /health (when a key is set),
+    and the request body read whole up front, refused with 413 over `max_body_bytes`."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, on_error: Callable[[int], None]):
+        self.app, self.max_body_bytes, self.on_error = app, max_body_bytes, on_error
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"] != "/health":
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                return await self._refuse(send, 401, "invalid or missing API key: send Authorization: Bearer <key>",
+                                          "invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await self._refuse(send, 413, self._too_large(), "request_too_large")
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return None
+            body.append(message.get("body", b""))
+            size += len(body[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                return await self._refuse(send, 413, self._too_large(), "request_too_large")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return await receive()
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> str:
+        return f"the request body exceeds the server's limit of {self.max_body_bytes} bytes"
+
+    async def _refuse(self, send, status: int, message: str, code: str) -> None:
+        self.on_error(status)
+        payload = json.dumps(protocol.error_body(message, code=code)).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+class Server(uvicorn.Server):
+    """uvicorn's Server; `url` once bound (port 0 picks a free one), and `on_ready(url)` then."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[str], None] | None = None):
+        super().__init__(config)
+        self.on_ready = on_ready
+        self.url: str | None = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.url = f"http://{host}:{port}"
+            if self.on_ready is not None:
+                self.on_ready(self.url)
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30) -> str:
+    """Run `app` with uvicorn on a background thread; yields its URL, stops it on exit (tests, scripts)."""
+    import threading  # noqa: PLC0415
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    for _ in range(int(timeout * 100)):
+        if server.started or not thread.is_alive():
+            break
+        thread.join(0.01)
+    if not server.started:
+        raise RuntimeError("the HTTP server did not start")
+    try:
+        yield server.url
+    finally:
+        server.should_exit = True
+        thread.join(timeout)

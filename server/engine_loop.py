@@ -1,0 +1,218 @@
+"""The engine thread: the one owner of the LLM (which is not thread-safe).
+
+HTTP handlers run on the asyncio event loop. They hand requests over through a thread-safe inbox
+(`submit`, `abort`) and receive each request's events on its own asyncio.Queue, filled from the
+engine thread with `loop.call_soon_threadsafe`, so the event loop never blocks on the engine. The
+thread steps while work exists and sleeps on the inbox when there is none; between steps it
+admits new requests (`LLM.add_request`, whose ValueError becomes a `Rejected` event) and applies
+aborts (`LLM.abort`: pages freed at once).
+
+A stream's events: `Accepted` or `Rejected` first, then `Delta`s; the last Delta carries the
+finish reason ("stop", "length", "abort" or "error").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+import time
+
+from absl import logging
+
+from engine.llm import LLM
+from engine.request import Request, SamplingParams, Status
+from server.metrics import ServerMetrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    prompt_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    message: str
+    status: int = 400  # 503 when the server is shutting down
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """New text since the previous delta, the output tokens so far, and on the last one why it ended."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Stream:
+    """One request as both threads see it: the handler awaits `events`; the engine thread fills it."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
+        self.prompt_ids, self.params, self.loop = prompt_ids, params, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.received = time.perf_counter()
+        self.finished = False  # the handler saw the last delta
+        self.released = False  # the handler let go of it (server/app.py)
+        # Engine thread only:
+        self.request: Request | None = None
+        self.text_sent = 0
+        self.tokens_sent = 0
+
+    def post(self, event: Accepted | Rejected | Delta) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+_STOP = object()
+
+
+class EngineLoop:
+    """Runs `llm` on a background thread; submit/abort are safe from any thread."""
+
+    def __init__(self, llm: LLM, metrics: ServerMetrics | None = None, idle_wait_s: float = 0.5):
+        self.llm = llm
+        self.metrics = metrics or ServerMetrics("model", llm.config.num_pages)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[int, Stream] = {}  # request_id -> stream (engine thread only)
+        self._idle_wait_s = idle_wait_s
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 60) -> None:
+        """Finish the current step, abort every request (their streams end with "abort"), join."""
+        self._closed = True
+        self._inbox.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, stream: Stream) -> None:
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
+        self._inbox.put(("add", stream))
+
+    def abort(self, stream: Stream) -> None:
+        """Abort the stream's request (a no-op once it finished). Safe after stop()."""
+        self._inbox.put(("abort", stream))
+
+    # ---- the thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._drain(block=not self.llm.has_unfinished()):
+                if self.llm.has_unfinished():
+                    self._step()
+        except BaseException as e:  # noqa: BLE001 (a bug here must not leave clients waiting forever)
+            logging.exception("the engine thread failed")
+            self._closed = True
+            self._shut_down(f"the engine failed: {type(e).__name__}: {e}")
+            raise
+        self._shut_down("the server is shutting down")
+
+    def _drain(self, block: bool) -> bool:
+        """Apply everything in the inbox (waiting for the first item when `block`); False on stop."""
+        try:
+            item = self._inbox.get(timeout=self._idle_wait_s) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return not self._closed
+        while True:
+            if item is _STOP:
+                return False
+            kind, stream = item
+            self._add(stream) if kind == "add" else self._abort(stream)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        self._publish_state()
+        return True
+
+    def _add(self, stream: Stream) -> None:
+        try:
+            stream.request = self.llm.add_request(stream.prompt_ids, stream.params)
+        except ValueError as e:
+            stream.post(Rejected(str(e)))
+            return
+        self._active[stream.request.request_id] = stream
+        self.metrics.admitted(len(stream.prompt_ids))
+        stream.post(Accepted(len(stream.prompt_ids)))
+
+    def _abort(self, stream: Stream) -> None:
+        request = stream.request
+        if request is None or self._active.pop(request.request_id, None) is None:
+            return  # rejected, or already finished (its last delta is out)
+        self.llm.abort(request.request_id)
+        self._finished(stream, Delta("", len(request.output_token_ids), "abort"))
+
+    def _step(self) -> None:
+        try:
+            self.llm.step()
+        except Exception as e:  # noqa: BLE001 (LLM.step contains step failures; this is a last resort)
+            logging.exception("engine step raised")
+            for stream in list(self._active.values()):
+                self.llm.abort(stream.request.request_id)
+                self._active.pop(stream.request.request_id)
+                self._finished(stream, Delta("", len(stream.request.output_token_ids), "error",
+                                             f"{type(e).__name__}: {e}"))
+        for stream in list(self._active.values()):
+            self._publish(stream)
+        self._publish_state()
+
+    def _publish(self, stream: Stream) -> None:
+        """Post the stream's new text and tokens, if any, and its end when it finished."""
+        request = stream.request
+        n, done = len(request.output_token_ids), request.status is Status.FINISHED
+        if n == stream.tokens_sent and not done:
+            return
+        text = self.llm.processor.stream_text(request)
+        if done and len(request.text) >= stream.text_sent:
+            text = request.text  # the final text whole, as generate() returns it (an incomplete UTF-8 tail too)
+        delta = text[stream.text_sent:]
+        stream.text_sent = max(stream.text_sent, len(text))
+        first = stream.tokens_sent == 0 and n > 0
+        self.metrics.generated(n - stream.tokens_sent, ttft=request.metrics.first_token - stream.received if first else None)
+        stream.tokens_sent = n
+        if not done:
+            stream.post(Delta(delta, n))
+            return
+        del self._active[request.request_id]
+        self._finished(stream, Delta(delta, n, request.finish_reason, request.error))
+
+    def _finished(self, stream: Stream, last: Delta) -> None:
+        stream.post(last)
+        m = stream.request.metrics
+        end = m.token_times[-1] if m.token_times else time.perf_counter()
+        self.metrics.request_finished(last.finish_reason, m.tpot, end - stream.received)
+
+    def _publish_state(self) -> None:
+        scheduler, allocator = self.llm.scheduler, self.llm.allocator
+        self.metrics.engine_state(len(scheduler.running), len(scheduler.waiting),
+                                  allocator.num_pages - 1 - allocator.num_free)
+
+    def _shut_down(self, message: str) -> None:
+        """Abort every request in flight and refuse every one still in the inbox."""
+        for stream in list(self._active.values()):
+            try:
+                self.llm.abort(stream.request.request_id)
+            except Exception:  # noqa: BLE001 (shutting down after a failure: end the streams regardless)
+                pass
+            self._active.pop(stream.request.request_id)
+            self._finished(stream, Delta("", len(stream.request.output_token_ids), "abort", message))
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and item[0] == "add":
+                item[1].post(Rejected(message, status=503))

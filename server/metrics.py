@@ -1,0 +1,139 @@
+"""The server's Prometheus metrics (text exposition format 0.0.4), written by hand: gauges of the
+engine's state, token and request counters, and TTFT / TPOT / E2E histograms.
+
+The engine thread writes them (after every step) and the HTTP handlers count their errors;
+`/metrics` reads them. One lock keeps a scrape consistent.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Histogram:
+    """Cumulative buckets, a sum and a count (Prometheus semantics: `le` is an upper bound)."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def samples(self, name: str, labels: str) -> list[str]:
+        lines = [f'{name}_bucket{{{labels},le="{_number(b)}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
+        return lines + [f"{name}_sum{{{labels}}} {_number(self.sum)}", f"{name}_count{{{labels}}} {self.count}"]
+
+
+class ServerMetrics:
+    """Everything /metrics shows, labelled with the served model's name."""
+
+    def __init__(self, model_name: str, num_pages: int):
+        self._lock = threading.Lock()
+        self._labels = f'model_name="{_escape(model_name)}"'
+        self.running = self.waiting = self.pages_used = 0
+        self.pages_total = num_pages - 1  # page 0 is the reserved null page
+        self.prompt_tokens = self.generation_tokens = 0
+        self.finished: collections.Counter[str] = collections.Counter()
+        self.http_errors: collections.Counter[int] = collections.Counter()
+        self.ttft, self.tpot, self.e2e = Histogram(TTFT_BUCKETS), Histogram(TPOT_BUCKETS), Histogram(E2E_BUCKETS)
+
+    # ---- writers ----------------------------------------------------------------------------
+    def engine_state(self, running: int, waiting: int, pages_used: int) -> None:
+        with self._lock:
+            self.running, self.waiting, self.pages_used = running, waiting, pages_used
+
+    def admitted(self, prompt_tokens: int) -> None:
+        with self._lock:
+            self.prompt_tokens += prompt_tokens
+
+    def generated(self, tokens: int, ttft: float | None = None) -> None:
+        """`tokens` more output tokens; `ttft` when the first of a request is among them."""
+        with self._lock:
+            self.generation_tokens += tokens
+            if ttft is not None:
+                self.ttft.observe(ttft)
+
+    def request_finished(self, reason: str, tpot: float | None, e2e: float) -> None:
+        with self._lock:
+            self.finished[reason] += 1
+            if tpot is not None:
+                self.tpot.observe(tpot)
+            self.e2e.observe(e2e)
+
+    def http_error(self, status: int) -> None:
+        with self._lock:
+            self.http_errors[status] += 1
+
+    # ---- the scrape -------------------------------------------------------------------------
+    def render(self) -> str:
+        with self._lock:
+            out: list[str] = []
+            lab = self._labels
+
+            def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
+                out.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
+
+            metric("jaxserve_num_requests_running", "gauge", "Requests in the running batch.",
+                   [f"jaxserve_num_requests_running{{{lab}}} {self.running}"])
+            metric("jaxserve_num_requests_waiting", "gauge", "Requests waiting to be admitted.",
+                   [f"jaxserve_num_requests_waiting{{{lab}}} {self.waiting}"])
+            metric("jaxserve_kv_pages_used", "gauge", "KV cache pages held by requests.",
+                   [f"jaxserve_kv_pages_used{{{lab}}} {self.pages_used}"])
+            metric("jaxserve_kv_pages_total", "gauge", "KV cache pages in the pool (without the null page).",
+                   [f"jaxserve_kv_pages_total{{{lab}}} {self.pages_total}"])
+            metric("jaxserve_kv_cache_usage_ratio", "gauge", "Fraction of KV cache pages in use.",
+                   [f"jaxserve_kv_cache_usage_ratio{{{lab}}} {_number(self.pages_used / max(1, self.pages_total))}"])
+            metric("jaxserve_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
+                   [f"jaxserve_prompt_tokens_total{{{lab}}} {self.prompt_tokens}"])
+            metric("jaxserve_generation_tokens_total", "counter", "Generated tokens.",
+                   [f"jaxserve_generation_tokens_total{{{lab}}} {self.generation_tokens}"])
+            metric("jaxserve_requests_finished_total", "counter", "Finished requests by finish reason.",
+                   [f'jaxserve_requests_finished_total{{{lab},finish_reason="{_escape(r)}"}} {n}'
+                    for r, n in sorted(self.finished.items())])
+            metric("jaxserve_http_errors_total", "counter", "Error responses by HTTP status.",
+                   [f'jaxserve_http_errors_total{{{lab},status="{s}"}} {n}' for s, n in sorted(self.http_errors.items())])
+            metric("jaxserve_time_to_first_token_seconds", "histogram",
+                   "Time from receiving a request to its first output token.",
+                   self.ttft.samples("jaxserve_time_to_first_token_seconds", lab))
+            metric("jaxserve_time_per_output_token_seconds", "histogram",
+                   "A finished request's mean time per output token after the first.",
+                   self.tpot.samples("jaxserve_time_per_output_token_seconds", lab))
+            metric("jaxserve_e2e_request_latency_seconds", "histogram",
+                   "Time from receiving a request to its last output token.",
+                   self.e2e.samples("jaxserve_e2e_request_latency_seconds", lab))
+            return "\n".join(out) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(x: float) -> str:
+    if math.isinf(x):
+        return "+Inf" if x > 0 else "-Inf"
+    return repr(float(x)) if not float(x).is_integer() else str(float(x))
+
+
+def parse(text: str) -> dict[str, float]:
+    """{sample name with labels: value} of a Prometheus text page (for tests and clients)."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values

@@ -1,0 +1,283 @@
+"""The OpenAI wire format: request models (strictly typed), their translation into SamplingParams,
+response and stream-chunk bodies, and OpenAI-style errors.
+
+Unknown request fields are ignored (clients send `user`, `metadata`, vLLM's bench sends
+`repetition_penalty`); known fields this engine cannot honour are refused with 400 unless they
+hold their no-op value (`n=1`, `presence_penalty=0`, ...). Logprobs are refused in one place,
+`check_logprobs`, until the engine returns top-k logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+from engine.request import SamplingParams
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An HTTP error answered with an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):  # noqa: A002 (the OpenAI field's name)
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,  # noqa: A002
+               code: str | None = None) -> dict:
+    """{"error": {"message", "type", "param", "code"}}, as the OpenAI API answers errors."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def parse(model: type[BaseModel], raw: bytes) -> Any:
+    """The request body as `model`, or a 400 naming the first field that is wrong."""
+    try:
+        return model.model_validate_json(raw)
+    except pydantic.ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise APIError(400, f"the request body is not valid JSON: {err['msg']}", code="invalid_json") from None
+        if not err["loc"]:
+            raise APIError(400, f"the request body must be a JSON object: {err['msg']}") from None
+        where = ".".join(map(str, err["loc"]))
+        raise APIError(400, f"{where}: {err['msg']}", param=str(err["loc"][0])) from None
+
+
+# ---- requests --------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM: usage (tokens so far) in every chunk
+
+
+class _Sampling(_Strict):
+    """What both endpoints share. None means "not given": the OpenAI default applies."""
+
+    model: str | None = None  # None: the served model
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM extension
+    min_p: float | None = None  # vLLM extension
+    seed: int | None = None
+    stop: Any = None  # str or list of str: SamplingParams checks it
+    stop_token_ids: list[int] | None = None  # vLLM extension
+    ignore_eos: bool | None = None  # vLLM extension
+    n: int | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM extension
+    logit_bias: dict[str, Any] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and (self.stream_options.include_usage
+                                             or self.stream_options.continuous_usage_stats))
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Any  # a string or token ids (or a list of one of those): completion_prompt checks it
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+# Known parameters and the values that ask nothing of the engine (None: not given).
+_NO_OP = {
+    "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
+    "logit_bias": ({},), "echo": (False,), "suffix": ("",), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
+}
+
+
+def check_supported(request: _Sampling) -> None:
+    """400 for a known parameter this server cannot honour (n > 1, penalties, tools, logprobs...)."""
+    for name, allowed in _NO_OP.items():
+        value = getattr(request, name, None)
+        if value is not None and value not in allowed:
+            raise APIError(400, f"{name}={value!r} is not supported by this server (it accepts only "
+                                f"{' or '.join(map(repr, allowed))})", param=name, code="unsupported_parameter")
+    check_logprobs(*requested_logprobs(request))
+
+
+def requested_logprobs(request: _Sampling) -> tuple[int | None, str]:
+    """How many top logprobs per token the request asks for (None: none) and the parameter asking."""
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        return ((request.top_logprobs or 0) if request.logprobs else None), "logprobs"
+    return request.logprobs, "logprobs"
+
+
+def check_logprobs(k: int | None, param: str) -> None:
+    """The one place logprobs are refused: the engine does not return top-k logprobs yet. To enable
+    them, pass k to SamplingParams here instead and add the `logprobs` fields to the bodies below."""
+    if k is not None:
+        raise APIError(400, "logprobs are not supported by this server yet", param=param,
+                       code="unsupported_parameter")
+
+
+def completion_prompt(prompt: Any) -> str | list[int]:
+    """The one prompt of a completion request: a string or a list of int token ids (a list holding
+    exactly one of those is unwrapped; longer lists of prompts are refused)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(type(t) is int for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
+        raise APIError(400, f"a list of {len(prompt)} prompts is not supported: send one prompt per request",
+                       param="prompt", code="unsupported_parameter")
+    raise APIError(400, f"prompt must be a string or a list of int token ids, got {json.dumps(prompt)[:80]}",
+                   param="prompt")
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages for the chat template: content as one string (text parts joined by newlines)."""
+    if not messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            bad = next((p.type for p in content if p.type != "text" or p.text is None), None)
+            if bad is not None:
+                raise APIError(400, f"messages.{i}.content: only text parts are supported, got type {bad!r}",
+                               param="messages", code="unsupported_parameter")
+            content = "\n".join(p.text for p in content)
+        out.append({"role": m.role, "content": content or ""})
+    return out
+
+
+def max_tokens(requested: int | None, prompt_len: int, max_model_len: int, default: int | None,
+               param: str) -> int:
+    """The output budget: the request's, else `default` (None: the rest of the context), which must
+    fit beside the prompt in max_model_len (400 "context_length_exceeded" otherwise)."""
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, but the prompt "
+                            f"has {prompt_len} (it and at least one output token must fit)",
+                       param="prompt" if param == "max_tokens" else "messages", code="context_length_exceeded")
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, but {prompt_len} "
+                            f"prompt tokens + {param}={requested} is {prompt_len + requested}",
+                       param=param, code="context_length_exceeded")
+    return requested
+
+
+_PARAM_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "stop_token_ids", "stop",
+                 "ignore_eos")
+
+
+def sampling_params(request: _Sampling, budget: int) -> SamplingParams:
+    """SamplingParams with OpenAI's defaults (temperature 1, top_p 1) for what the request leaves
+    out; a value the engine refuses is a 400 naming its parameter."""
+    given = {
+        "temperature": request.temperature, "top_p": request.top_p, "min_p": request.min_p,
+        "top_k": -1 if request.top_k == 0 else request.top_k, "seed": request.seed, "stop": request.stop,
+        "stop_token_ids": request.stop_token_ids, "ignore_eos": request.ignore_eos,
+    }
+    try:
+        return SamplingParams(max_tokens=budget, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        message = str(e)
+        param = next((f for f in _PARAM_FIELDS if message.startswith(f)), None)
+        raise APIError(400, message, param=param) from None
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                    use: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": use}
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None = None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def chat_body(rid: str, created: int, model: str, text: str, finish_reason: str | None, use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": use}
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(chunk: dict, use: dict) -> dict:
+    """The final chunk of a stream with include_usage: no choices, the request's usage."""
+    return {**chunk, "choices": [], "usage": use}
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
