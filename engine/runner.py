@@ -216,6 +216,14 @@ def verify_buckets(config: EngineConfig) -> tuple[int, ...]:
     return tuple(t for t in config.token_buckets if t <= bucket(most, config.token_buckets))
 
 
+def padding_metadata(config: EngineConfig, num_tokens: int, pages: int, decode_only: bool) -> AttentionMetadata:
+    """The metadata of `num_tokens` padding tokens and no sequence (they write the null page's slot
+    0), for compiling a mixed step's (tokens, pages) bucket."""
+    rows, zeros = config.max_num_seqs, np.zeros((num_tokens,), np.int32)
+    return AttentionMetadata(zeros, np.zeros((rows + 1,), np.int32), np.zeros((rows,), np.int32),
+                             np.zeros((rows, pages), np.int32), max_query_len=max_query_len(config, decode_only))
+
+
 def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig,
                 draft_probs: jax.Array | None = None) -> MixedBatch:
     """The flat, bucketed numpy arrays of one mixed step (padding tokens write the null page's slot 0);
@@ -342,9 +350,7 @@ class ModelRunner:
         """A mixed batch of `num_tokens` padding tokens (no sequence), for compiling its bucket."""
         rows = self.config.max_num_seqs
         zeros = np.zeros((num_tokens,), np.int32)
-        metadata = AttentionMetadata(zeros, np.zeros((rows + 1,), np.int32), np.zeros((rows,), np.int32),
-                                     np.zeros((rows, pages), np.int32),
-                                     max_query_len=max_query_len(self.config, decode_only))
+        metadata = padding_metadata(self.config, num_tokens, pages, decode_only)
         sampling = SamplingTensors.build([], [], rows)
         if self.config.num_speculative_tokens:
             indices, verify = spec_verify.padding(num_tokens, rows, self.config.num_speculative_tokens,

@@ -20,7 +20,7 @@ from flax import nnx
 from engine import kv_cache
 from engine.attention_choice import AttentionChoice
 from engine.config import EngineConfig, bucket
-from engine.runner import MixedBatch, max_query_len, verify_buckets, block_table
+from engine.runner import MixedBatch, block_table, padding_metadata, verify_buckets
 from engine.sampler import SamplingTensors, filtered_logits, sample_from_probs, uniforms
 from engine.scheduler import ScheduledRequest
 from models import LoadedModel, ModelConfig
@@ -128,11 +128,8 @@ class DraftModelProposer:
             for t in cfg.token_buckets:
                 for decode_only in (False, True) if t in verify_buckets(cfg) else (False,):
                     zeros = np.zeros((t,), np.int32)
-                    metadata = AttentionMetadata(zeros, np.zeros((cfg.max_num_seqs + 1,), np.int32),
-                                                 np.zeros((cfg.max_num_seqs,), np.int32),
-                                                 np.zeros((cfg.max_num_seqs, pages), np.int32),
-                                                 max_query_len=max_query_len(cfg, decode_only))
-                    self.cache = self.fill_fn(self.state, self.cache, zeros, zeros, metadata)
+                    self.cache = self.fill_fn(self.state, self.cache, zeros, zeros,
+                                              padding_metadata(cfg, t, pages, decode_only))
                     shapes += 1
             for rows in cfg.batch_buckets:
                 zeros = np.zeros((rows,), np.int32)

@@ -23,7 +23,7 @@ from flax import nnx
 from engine import kv_cache
 from engine.attention_choice import AttentionChoice
 from engine.config import EngineConfig, bucket
-from engine.runner import MixedBatch, max_query_len, verify_buckets, StepResult, block_table
+from engine.runner import MixedBatch, StepResult, block_table, padding_metadata, verify_buckets
 from engine.sampler import SamplingTensors
 from engine.scheduler import ScheduledRequest
 from engine.spec.draft_model import draw
@@ -137,9 +137,7 @@ class MTPProposer:
             for t in cfg.token_buckets:
                 for decode_only in (False, True) if t in verify_buckets(cfg) else (False,):
                     zeros = np.zeros((t,), np.int32)
-                    metadata = AttentionMetadata(zeros, np.zeros((seqs + 1,), np.int32), np.zeros((seqs,), np.int32),
-                                                 np.zeros((seqs, pages), np.int32),
-                                                 max_query_len=max_query_len(cfg, decode_only))
+                    metadata = padding_metadata(cfg, t, pages, decode_only)
                     hidden = jnp.zeros((t, self.hidden_size), self.dtype)
                     _, self.cache = self.fill_fn(self.state, self.cache, hidden, zeros, zeros, zeros, metadata,
                                                  np.zeros((seqs,), np.int32))
