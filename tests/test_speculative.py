@@ -193,6 +193,7 @@ def test_smollm2_ngram_greedy_equals_no_speculation(smollm2):
     out = llm.generate([text], params, use_tqdm=False)[0]
     assert out.token_ids == want[0]
     assert out.metrics.speculation.mean_acceptance_length > 1.5
+    assert "".join(llm.stream(text, params)) == out.text  # streamed through verify steps, the same text
 
 
 def test_deepseek_mtp_greedy_equals_no_speculation_and_drafts_match_the_reference():
