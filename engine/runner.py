@@ -216,6 +216,15 @@ def verify_buckets(config: EngineConfig) -> tuple[int, ...]:
     return tuple(t for t in config.token_buckets if t <= bucket(most, config.token_buckets))
 
 
+def warmup_shapes(config: EngineConfig) -> list[tuple[str, int, int]]:
+    """Every compiled shape of an engine as (run, size, pages): decode calls by rows, mixed steps by
+    tokens, and with speculation decodes-only verify steps by tokens (the runner's and the
+    proposers' warm-ups walk the same list)."""
+    return [(run, n, pages) for pages in config.page_buckets
+            for run, sizes in (("decode", config.batch_buckets), ("mixed", config.token_buckets),
+                               ("verify", verify_buckets(config))) for n in sizes]
+
+
 def padding_metadata(config: EngineConfig, num_tokens: int, pages: int, decode_only: bool) -> AttentionMetadata:
     """The metadata of `num_tokens` padding tokens and no sequence (they write the null page's slot
     0), for compiling a mixed step's (tokens, pages) bucket."""
@@ -328,10 +337,7 @@ class ModelRunner:
         """Compile every (rows, pages) decode bucket and (tokens, pages) mixed bucket with all-padding
         inputs (they write page 0 only), and wait for those runs: dispatch is asynchronous, so the
         first request would wait instead."""
-        cfg = self.config
-        shapes = [(run, n, pages) for pages in cfg.page_buckets
-                  for run, sizes in (("decode", cfg.batch_buckets), ("mixed", cfg.token_buckets),
-                                     ("verify", verify_buckets(cfg))) for n in sizes]
+        shapes = warmup_shapes(self.config)
         for run, n, pages in progress(shapes, "compiling shapes"):
             if run == "decode":
                 self.run_decode_arrays(*self.padding_decode(n, pages))

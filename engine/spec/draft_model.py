@@ -20,7 +20,7 @@ from flax import nnx
 from engine import kv_cache
 from engine.attention_choice import AttentionChoice
 from engine.config import EngineConfig, bucket
-from engine.runner import MixedBatch, block_table, padding_metadata, verify_buckets
+from engine.runner import MixedBatch, block_table, padding_metadata, warmup_shapes
 from engine.sampler import SamplingTensors, filtered_logits, sample_from_probs, uniforms
 from engine.scheduler import ScheduledRequest
 from models import LoadedModel, ModelConfig
@@ -123,18 +123,14 @@ class DraftModelProposer:
 
     def warmup(self) -> int:
         """Compile the fill per (tokens, pages) bucket and the loop per (rows, pages) bucket."""
-        cfg, shapes = self.config, 0
-        for pages in cfg.page_buckets:
-            for t in cfg.token_buckets:
-                for decode_only in (False, True) if t in verify_buckets(cfg) else (False,):
-                    zeros = np.zeros((t,), np.int32)
-                    self.cache = self.fill_fn(self.state, self.cache, zeros, zeros,
-                                              padding_metadata(cfg, t, pages, decode_only))
-                    shapes += 1
-            for rows in cfg.batch_buckets:
-                zeros = np.zeros((rows,), np.int32)
-                self._run_loop(zeros, zeros, np.zeros((rows, pages), np.int32), np.zeros((rows,), bool),
-                               SamplingTensors.build([], [], rows))
-                shapes += 1
+        shapes = warmup_shapes(self.config)
+        for run, n, pages in shapes:
+            zeros = np.zeros((n,), np.int32)
+            if run == "decode":
+                self._run_loop(zeros, zeros, np.zeros((n, pages), np.int32), np.zeros((n,), bool),
+                               SamplingTensors.build([], [], n))
+            else:
+                self.cache = self.fill_fn(self.state, self.cache, zeros, zeros,
+                                          padding_metadata(self.config, n, pages, run == "verify"))
         jax.block_until_ready(self.cache)
-        return shapes
+        return len(shapes)

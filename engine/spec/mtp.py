@@ -23,7 +23,7 @@ from flax import nnx
 from engine import kv_cache
 from engine.attention_choice import AttentionChoice
 from engine.config import EngineConfig, bucket
-from engine.runner import MixedBatch, StepResult, block_table, padding_metadata, verify_buckets
+from engine.runner import MixedBatch, StepResult, block_table, padding_metadata, warmup_shapes
 from engine.sampler import SamplingTensors
 from engine.scheduler import ScheduledRequest
 from engine.spec.draft_model import draw
@@ -132,23 +132,19 @@ class MTPProposer:
 
     def warmup(self) -> int:
         """Compile the fill per (tokens, pages) bucket and the loop per (rows, pages) bucket."""
-        cfg, shapes, seqs = self.config, 0, self.config.max_num_seqs
-        for pages in cfg.page_buckets:
-            for t in cfg.token_buckets:
-                for decode_only in (False, True) if t in verify_buckets(cfg) else (False,):
-                    zeros = np.zeros((t,), np.int32)
-                    metadata = padding_metadata(cfg, t, pages, decode_only)
-                    hidden = jnp.zeros((t, self.hidden_size), self.dtype)
-                    _, self.cache = self.fill_fn(self.state, self.cache, hidden, zeros, zeros, zeros, metadata,
-                                                 np.zeros((seqs,), np.int32))
-                    shapes += 1
-            for rows in cfg.batch_buckets:
-                zeros = np.zeros((rows,), np.int32)
-                self._run_loop(zeros, zeros, np.zeros((rows, pages), np.int32), np.zeros((rows,), bool),
-                               SamplingTensors.build([], [], rows))
-                shapes += 1
+        shapes = warmup_shapes(self.config)
+        for run, n, pages in shapes:
+            zeros = np.zeros((n,), np.int32)
+            if run == "decode":
+                self._run_loop(zeros, zeros, np.zeros((n, pages), np.int32), np.zeros((n,), bool),
+                               SamplingTensors.build([], [], n))
+            else:
+                metadata = padding_metadata(self.config, n, pages, run == "verify")
+                hidden = jnp.zeros((n, self.hidden_size), self.dtype)
+                _, self.cache = self.fill_fn(self.state, self.cache, hidden, zeros, zeros, zeros, metadata,
+                                             np.zeros((self.config.max_num_seqs,), np.int32))
         jax.block_until_ready(self.cache)
-        return shapes
+        return len(shapes)
 
 
 def _fill_inputs(batch: MixedBatch, scheduled: list[ScheduledRequest], result: StepResult,
