@@ -163,20 +163,26 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
         finally:
             release(stream)
 
-    async def collect(stream: Stream, request: Request) -> tuple[str, Delta]:
-        """All of a non-streamed request's text and its last delta; a client that disconnects aborts it."""
+    async def collect(stream: Stream, request: Request) -> tuple[str, protocol.Entries, Delta]:
+        """All of a non-streamed request's text and logprobs, and its last delta; a client that
+        disconnects aborts it."""
         watcher = asyncio.create_task(_abort_on_disconnect(request, lambda: engine.abort(stream)))
         try:
-            parts, last = [], None
+            parts, logprobs, last = [], [], None
             async with contextlib.aclosing(deltas(stream)) as events:
                 async for last in events:
                     parts.append(last.text)
+                    logprobs.extend(last.logprobs or ())
         finally:
             watcher.cancel()
             release(stream)
         if last.finish_reason == "error":
             raise APIError(500, f"generation failed: {last.error}", code="generation_error")
-        return "".join(parts), last
+        return "".join(parts), logprobs, last
+
+    def token_text(token: int) -> str:
+        """A token's text in logprobs (vLLM's "token_id:N" when the model has no tokenizer)."""
+        return tokenizer.decode([token], skip_special_tokens=False) if tokenizer else f"token_id:{token}"
 
     def sse_response(stream: Stream, events: AsyncIterator[str]) -> StreamingResponse:
         return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release, stream),
@@ -191,17 +197,24 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
         ids = encode(prompt, "prompt") if isinstance(prompt, str) else prompt
         budget = protocol.max_tokens(body.max_tokens, len(ids), max_model_len, COMPLETION_DEFAULT_MAX_TOKENS,
                                      "max_tokens")
-        stream = await submit(ids, protocol.sampling_params(body, budget), "prompt")
+        params = protocol.sampling_params(body, budget)
+        stream = await submit(ids, params, "prompt")
         rid, created = protocol.new_id("cmpl"), protocol.now()
+        logprobs = (lambda entries, offset: protocol.completion_logprobs(entries, token_text, offset)
+                    if params.logprobs is not None else None)
         if not body.stream:
-            text, last = await collect(stream, request)
+            text, entries, last = await collect(stream, request)
             return protocol.completion_body(rid, created, model_name, text, last.finish_reason,
-                                            protocol.usage(len(ids), last.num_tokens))
+                                            protocol.usage(len(ids), last.num_tokens), logprobs(entries, 0))
 
         async def events() -> AsyncIterator[str]:
+            offset = 0  # text_offset of the next token
             async for d in deltas(stream):
-                if d.text or d.finish_reason or body.continuous_usage:
-                    chunk = protocol.completion_chunk(rid, created, model_name, d.text, d.finish_reason)
+                if d.text or d.finish_reason or d.logprobs or body.continuous_usage:
+                    chunk_logprobs = logprobs(d.logprobs or [], offset)
+                    offset += sum(map(len, chunk_logprobs["tokens"])) if chunk_logprobs else 0
+                    chunk = protocol.completion_chunk(rid, created, model_name, d.text, d.finish_reason,
+                                                      chunk_logprobs)
                     yield protocol.sse(with_usage(chunk, body, len(ids), d.num_tokens))
                 if d.finish_reason == "error":
                     yield protocol.sse(protocol.error_body(f"generation failed: {d.error}", "server_error"))
@@ -220,19 +233,23 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
         requested, param = ((body.max_completion_tokens, "max_completion_tokens")
                             if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
         budget = protocol.max_tokens(requested, len(ids), max_model_len, None, param)
-        stream = await submit(ids, protocol.sampling_params(body, budget), "messages")
+        params = protocol.sampling_params(body, budget)
+        stream = await submit(ids, params, "messages")
         rid, created = protocol.new_id("chatcmpl"), protocol.now()
+        logprobs = (lambda entries: protocol.chat_logprobs(entries, params.logprobs, token_text)
+                    if params.logprobs is not None else None)
         if not body.stream:
-            text, last = await collect(stream, request)
+            text, entries, last = await collect(stream, request)
             return protocol.chat_body(rid, created, model_name, text, last.finish_reason,
-                                      protocol.usage(len(ids), last.num_tokens))
+                                      protocol.usage(len(ids), last.num_tokens), logprobs(entries))
 
         async def events() -> AsyncIterator[str]:
             first = protocol.chat_chunk(rid, created, model_name, {"role": "assistant", "content": ""})
             yield protocol.sse(with_usage(first, body, len(ids), 0))
             async for d in deltas(stream):
-                if d.text or body.continuous_usage:
-                    chunk = protocol.chat_chunk(rid, created, model_name, {"content": d.text})
+                if d.text or d.logprobs or body.continuous_usage:
+                    chunk = protocol.chat_chunk(rid, created, model_name, {"content": d.text},
+                                                logprobs=logprobs(d.logprobs or []))
                     yield protocol.sse(with_usage(chunk, body, len(ids), d.num_tokens))
                 if d.finish_reason == "error":
                     yield protocol.sse(protocol.error_body(f"generation failed: {d.error}", "server_error"))

@@ -39,12 +39,14 @@ class Rejected:
 
 @dataclasses.dataclass(frozen=True)
 class Delta:
-    """New text since the previous delta, the output tokens so far, and on the last one why it ended."""
+    """New text since the previous delta, the output tokens so far, the new tokens' logprobs (when
+    the request asks for them), and on the last one why it ended."""
 
     text: str
     num_tokens: int
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[dict[int, float]] | None = None
 
 
 class Stream:
@@ -182,12 +184,13 @@ class EngineLoop:
         stream.text_sent = max(stream.text_sent, len(text))
         first = stream.tokens_sent == 0 and n > 0
         self.metrics.generated(n - stream.tokens_sent, ttft=request.metrics.first_token - stream.received if first else None)
+        logprobs = None if request.params.logprobs is None else request.output_logprobs[stream.tokens_sent:n]
         stream.tokens_sent = n
         if not done:
-            stream.post(Delta(delta, n))
+            stream.post(Delta(delta, n, logprobs=logprobs))
             return
         del self._active[request.request_id]
-        self._finished(stream, Delta(delta, n, request.finish_reason, request.error))
+        self._finished(stream, Delta(delta, n, request.finish_reason, request.error, logprobs))
 
     def _finished(self, stream: Stream, last: Delta) -> None:
         stream.post(last)

@@ -3,8 +3,9 @@ response and stream-chunk bodies, and OpenAI-style errors.
 
 Unknown request fields are ignored (clients send `user`, `metadata`, vLLM's bench sends
 `repetition_penalty`); known fields this engine cannot honour are refused with 400 unless they
-hold their no-op value (`n=1`, `presence_penalty=0`, ...). Logprobs are refused in one place,
-`check_logprobs`, until the engine returns top-k logprobs.
+hold their no-op value (`n=1`, `presence_penalty=0`, ...). Logprobs (the completions API's
+`logprobs: k`, chat's `logprobs: true` + `top_logprobs: k`) map onto SamplingParams.logprobs and
+come back in each API's own shape (`completion_logprobs`, `chat_logprobs`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pydantic
@@ -136,30 +138,22 @@ _NO_OP = {
 
 
 def check_supported(request: _Sampling) -> None:
-    """400 for a known parameter this server cannot honour (n > 1, penalties, tools, logprobs...)."""
+    """400 for a known parameter this server cannot honour (n > 1, penalties, tools...)."""
     for name, allowed in _NO_OP.items():
         value = getattr(request, name, None)
         if value is not None and value not in allowed:
             raise APIError(400, f"{name}={value!r} is not supported by this server (it accepts only "
                                 f"{' or '.join(map(repr, allowed))})", param=name, code="unsupported_parameter")
-    check_logprobs(*requested_logprobs(request))
 
 
 def requested_logprobs(request: _Sampling) -> tuple[int | None, str]:
-    """How many top logprobs per token the request asks for (None: none) and the parameter asking."""
+    """How many top alternatives per token the request asks for (None: no logprobs) and the
+    parameter that names the count."""
     if isinstance(request, ChatCompletionRequest):
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        return ((request.top_logprobs or 0) if request.logprobs else None), "logprobs"
+        return ((request.top_logprobs or 0) if request.logprobs else None), "top_logprobs"
     return request.logprobs, "logprobs"
-
-
-def check_logprobs(k: int | None, param: str) -> None:
-    """The one place logprobs are refused: the engine does not return top-k logprobs yet. To enable
-    them, pass k to SamplingParams here instead and add the `logprobs` fields to the bodies below."""
-    if k is not None:
-        raise APIError(400, "logprobs are not supported by this server yet", param=param,
-                       code="unsupported_parameter")
 
 
 def completion_prompt(prompt: Any) -> str | list[int]:
@@ -220,15 +214,18 @@ _PARAM_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens",
 def sampling_params(request: _Sampling, budget: int) -> SamplingParams:
     """SamplingParams with OpenAI's defaults (temperature 1, top_p 1) for what the request leaves
     out; a value the engine refuses is a 400 naming its parameter."""
+    logprobs, logprobs_param = requested_logprobs(request)
     given = {
         "temperature": request.temperature, "top_p": request.top_p, "min_p": request.min_p,
         "top_k": -1 if request.top_k == 0 else request.top_k, "seed": request.seed, "stop": request.stop,
-        "stop_token_ids": request.stop_token_ids, "ignore_eos": request.ignore_eos,
+        "stop_token_ids": request.stop_token_ids, "ignore_eos": request.ignore_eos, "logprobs": logprobs,
     }
     try:
         return SamplingParams(max_tokens=budget, **{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         message = str(e)
+        if message.startswith("logprobs"):
+            raise APIError(400, logprobs_param + message.removeprefix("logprobs"), param=logprobs_param) from None
         param = next((f for f in _PARAM_FIELDS if message.startswith(f)), None)
         raise APIError(400, message, param=param) from None
 
@@ -250,27 +247,63 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_body(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                    use: dict) -> dict:
+                    use: dict, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": use}
 
 
-def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None = None) -> dict:
+def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None = None,
+                     logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def chat_body(rid: str, created: int, model: str, text: str, finish_reason: str | None, use: dict) -> dict:
+def chat_body(rid: str, created: int, model: str, text: str, finish_reason: str | None, use: dict,
+              logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": finish_reason}],
             "usage": use}
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+# The engine's per-token logprobs: {chosen token: logprob, then its top alternatives} (engine/request.py).
+Entries = list[dict[int, float]]
+_MIN_LOGPROB = -9999.0  # vLLM's stand-in for -inf, which JSON cannot carry
+
+
+def _finite(value: float) -> float:
+    return max(value, _MIN_LOGPROB)
+
+
+def completion_logprobs(entries: Entries, token_text: Callable[[int], str], text_offset: int = 0) -> dict:
+    """The completions API's logprobs for these tokens: their texts, logprobs, top alternatives by
+    text (the chosen token's included, as vLLM) and character offsets counted from text_offset."""
+    tokens, offsets = [], []
+    for entry in entries:
+        tokens.append(token_text(next(iter(entry))))
+        offsets.append(text_offset)
+        text_offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [_finite(next(iter(e.values()))) for e in entries],
+            "top_logprobs": [{token_text(t): _finite(v) for t, v in e.items()} for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: Entries, top: int, token_text: Callable[[int], str]) -> dict:
+    """Chat's logprobs for these tokens: per token its text, logprob and UTF-8 bytes, and the `top`
+    most likely tokens in rank order (the chosen one among them where it ranks)."""
+    def item(token: int, logprob: float) -> dict:
+        text = token_text(token)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
+    return {"content": [{**item(*next(iter(e.items()))),
+                         "top_logprobs": [item(t, v) for t, v in sorted(e.items(), key=lambda tv: -tv[1])[:top]]}
+                        for e in entries]}
 
 
 def usage_chunk(chunk: dict, use: dict) -> dict:

@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -115,6 +116,46 @@ def test_chat_streamed_and_not_equal_generate(urls, reference, smollm2):
     assert cut.choices[0].message.content == "The capital of France is " and cut.choices[0].finish_reason == "stop"
 
 
+def test_logprobs_equal_generate(urls, reference, smollm2):
+    """Completions' and chat's logprobs, streamed and not, are the engine's for the same request."""
+    c = client(urls["main"])
+    prompt, k = "The capital of France is", 3
+    [expected] = reference.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                                             logprobs=k), use_tqdm=False)
+    text = lambda t: smollm2.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    tokens = [text(t) for t in expected.token_ids]
+    values = [e[t] for t, e in zip(expected.token_ids, expected.logprobs)]
+
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, logprobs=k, **GREEDY).choices[0].logprobs
+    assert r.tokens == tokens and r.text_offset == [sum(map(len, tokens[:i])) for i in range(6)]
+    np.testing.assert_allclose(r.token_logprobs, values, atol=1e-5)
+    assert [list(d) for d in r.top_logprobs] == [[text(t) for t in e] for e in expected.logprobs]
+    np.testing.assert_allclose([v for d in r.top_logprobs for v in d.values()],
+                               [v for e in expected.logprobs for v in e.values()], atol=1e-5)
+    chunks = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, logprobs=k, stream=True, **GREEDY))
+    streamed = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert [t for x in streamed for t in x.tokens] == tokens
+    assert [o for x in streamed for o in x.text_offset] == r.text_offset
+    np.testing.assert_allclose([v for x in streamed for v in x.token_logprobs], values, atol=1e-5)
+
+    chat = reference.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=6, logprobs=k))
+    ranked = [sorted(e.items(), key=lambda tv: -tv[1])[:k] for e in chat.logprobs]
+    for stream in (False, True):
+        out = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=6, temperature=0.0, logprobs=True,
+                                        top_logprobs=k, stream=stream)
+        content = ([x for ch in out if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
+                   if stream else out.choices[0].logprobs.content)
+        assert [x.token for x in content] == [text(t) for t in chat.token_ids]
+        np.testing.assert_allclose([x.logprob for x in content],
+                                   [e[t] for t, e in zip(chat.token_ids, chat.logprobs)], atol=1e-5)
+        assert [[a.token for a in x.top_logprobs] for x in content] == [[text(t) for t, _ in r] for r in ranked]
+        np.testing.assert_allclose([a.logprob for x in content for a in x.top_logprobs],
+                                   [v for r in ranked for _, v in r], atol=1e-5)
+        assert all(x.bytes == list(x.token.encode()) for x in content)
+    plain = c.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
 def test_32_concurrent_streaming_clients(urls, reference, smollm2):
     """32 clients x 3 streamed requests each: every one complete, with the greedy text of generate."""
     clients, per_client, max_tokens = 32, 3, 4
@@ -196,7 +237,8 @@ BAD = [  # path, body (bytes or a dict), status, the error's param (None: any), 
     (C, {**OK, "max_tokens": 0}, 400, "max_tokens", None),
     (C, {**OK, "n": 2}, 400, "n", "unsupported_parameter"),
     (C, {**OK, "best_of": 3}, 400, "best_of", "unsupported_parameter"),
-    (C, {**OK, "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),
+    (C, {**OK, "logprobs": 21}, 400, "logprobs", None),
+    (C, {**OK, "logprobs": -1}, 400, "logprobs", None),
     (C, {**OK, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
     (C, {**OK, "prompt": [10**6]}, 400, "prompt", None),
     (C, {**OK, "prompt": [1, True]}, 400, "prompt", None),
@@ -208,7 +250,7 @@ BAD = [  # path, body (bytes or a dict), status, the error's param (None: any), 
     (CHAT, {**CHAT_OK, "messages": "hi"}, 400, "messages", None),
     (CHAT, {**CHAT_OK, "messages": []}, 400, "messages", None),
     (CHAT, {"model": MODEL}, 400, "messages", None),
-    (CHAT, {**CHAT_OK, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    (CHAT, {**CHAT_OK, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
     (CHAT, {**CHAT_OK, "top_logprobs": 2}, 400, "top_logprobs", None),
     (CHAT, {**CHAT_OK, "n": 3}, 400, "n", "unsupported_parameter"),
     (CHAT, {**CHAT_OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
@@ -299,11 +341,21 @@ def test_models_and_metrics(urls):
 # ---- pieces without the model ----------------------------------------------------------------
 
 
-def test_logprobs_are_refused_in_one_place(monkeypatch):
+def test_logprobs_shapes():
     body = protocol.parse(protocol.ChatCompletionRequest, b'{"messages": [], "logprobs": true, "top_logprobs": 3}')
-    assert protocol.requested_logprobs(body) == (3, "logprobs")
-    monkeypatch.setattr(protocol, "check_logprobs", lambda k, param: None)
-    protocol.check_supported(body)  # nothing else refuses it
+    assert protocol.requested_logprobs(body) == (3, "top_logprobs")
+    assert protocol.sampling_params(body, 4).logprobs == 3
+    plain = protocol.parse(protocol.ChatCompletionRequest, b'{"messages": [], "logprobs": true}')
+    assert protocol.sampling_params(plain, 4).logprobs == 0
+    text = {5: "a", 6: "bc", 7: "é"}.__getitem__
+    entries = [{6: -0.5, 5: -1.0, 7: -2.0}, {7: -3.0, 5: -0.1, 6: float("-inf")}]  # chosen first, then top-k
+    chat = protocol.chat_logprobs(entries, 2, text)["content"]
+    assert [(c["token"], c["logprob"]) for c in chat] == [("bc", -0.5), ("é", -3.0)]
+    assert chat[1]["bytes"] == [0xC3, 0xA9]
+    assert [[t["token"] for t in c["top_logprobs"]] for c in chat] == [["bc", "a"], ["a", "é"]]
+    legacy = protocol.completion_logprobs(entries, text, 10)
+    assert legacy == {"tokens": ["bc", "é"], "token_logprobs": [-0.5, -3.0], "text_offset": [10, 12],
+                      "top_logprobs": [{"bc": -0.5, "a": -1.0, "é": -2.0}, {"é": -3.0, "a": -0.1, "bc": -9999.0}]}
 
 
 def test_sampling_defaults_are_openai_s():
