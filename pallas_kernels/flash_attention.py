@@ -17,6 +17,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import warp_specialized_attention as ws
+
+
+def target_device_kind() -> str:
+    """The device kind kernels are built for: an abstract mesh's device (cross-lowering for an
+    H100 on CPU) if one is set, else the default device's. Picks each kernel's frozen config."""
+    abstract = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return abstract.device_kind if abstract is not None else jax.devices()[0].device_kind
+
 
 def check_attention_args(q_heads: int, kv_heads: int, sliding_window: int | None, sinks: jax.Array | None) -> None:
     """Validates the arguments shared by flash and paged attention."""
@@ -99,32 +108,42 @@ def flash_attention_reference(
 # paged KV. All wgmma operands come from SMEM, which interpret mode requires.
 # ----------------------------------------------------------------------------------------------
 
+SMEM_BYTES = 232_448  # an H100's shared memory per block (227 KiB)
+# Barriers, alignment and Mosaic's own scratch beyond a kernel's own count (the ragged kernel at
+# head dim 192, 3 slots: 229,632 counted, 232,504 lowered).
+SMEM_SLACK = 4096
 NO_LOGIT = -1e30  # finite "minus infinity" for running maxima: keeps exp(m_old - m_new) NaN-free
 HEAD_DIM_MULTIPLE = 64  # a 128-byte swizzled SMEM row of bf16
 
 
 @dataclasses.dataclass(frozen=True)
 class FlashAttentionConfig:
-    """Block sizes: block_rows (query rows x heads) per program, block_kv keys per step."""
+    """Block sizes: block_rows (query rows x heads) per program, block_kv keys per step; with
+    warp_specialized, the FA3-style body (warp_specialized_attention.py: 2 x 64 rows)."""
 
     block_rows: int = 128
-    block_kv: int = 64  # 128 x 128 with head_dim 128 overflows the 227 KiB of SMEM
+    block_kv: int = 64  # 128 x 128 with head_dim 128 overflows the 227 KiB of SMEM (one warpgroup)
+    warp_specialized: bool = False
 
     def __post_init__(self):
         if self.block_rows % 64 or self.block_kv % 64:
             raise ValueError(f"block_rows and block_kv must be multiples of 64 (wgmma): {self}")
+        if self.warp_specialized and self.block_rows != ws.PROGRAM_ROWS:
+            raise ValueError(f"the warp-specialized body takes block_rows={ws.PROGRAM_ROWS}: {self}")
 
 
 def flash_attention_config(device_kind: str, head_dim: int = 128) -> FlashAttentionConfig:
     """The frozen block sizes per device kind (H100 and H200 share them; CPU interprets them).
 
-    Above head_dim 128 (DeepSeek-V3's expanded 192) a 128-row tile needs 259 KiB of SMEM (limit
-    227 KiB) and 2 x 192 accumulator registers per thread: 64 rows take 176 KiB and 2 x 96.
+    On Hopper the warp-specialized body: 2 consumers x 64 rows, block_kv 128 up to head_dim 128
+    (FA3's tile; a 2-slot ring, 160 KiB of SMEM) and 64 above (DeepSeek-V3's 192: 160 KiB).
+    Elsewhere the one-warpgroup body, whose 128-row tile at head_dim 192 would need 259 KiB and
+    2 x 192 accumulator registers per thread: 64 rows there.
     """
-    rows = 128 if head_dim <= 128 else 64
     if "H200" in device_kind or "H100" in device_kind:
-        return FlashAttentionConfig(block_rows=rows, block_kv=64)
-    return FlashAttentionConfig(block_rows=rows)
+        return FlashAttentionConfig(block_rows=ws.PROGRAM_ROWS, block_kv=128 if head_dim <= 128 else 64,
+                                    warp_specialized=True)
+    return FlashAttentionConfig(block_rows=128 if head_dim <= 128 else 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,12 +180,12 @@ def kv_block_range(
     return jnp.minimum(first + split * per_split, split_last), split_last
 
 
-def block_mask(length: jax.Array, tile: jax.Array, blk: jax.Array, st: BlockedAttention) -> jax.Array:
-    """[block_rows, block_kv] bool: the key exists and the row's query sees it."""
-    shape = (st.block_rows, st.block_kv)
+def block_mask(length: jax.Array, row0: jax.Array, num_rows: int, blk: jax.Array, st: BlockedAttention) -> jax.Array:
+    """[num_rows, block_kv] bool for rows row0.. and KV block blk: the key exists and the row's query sees it."""
+    shape = (num_rows, st.block_kv)
     rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
     cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-    q_pos = length - st.q_len + lax.div(rows + tile * st.block_rows, st.group)
+    q_pos = length - st.q_len + lax.div(rows + row0, st.group)
     k_pos = cols + blk * st.block_kv
     mask = k_pos < length
     if st.causal:
@@ -250,7 +269,8 @@ def attention_program(
         pl.when(blk + 1 < last)(lambda: load(blk + 1, 1 - slot))
         plgpu.barrier_wait(k_bars.at[slot])
         s = wgmma_f32(q_smem, k_smem.at[slot].T, (st.block_rows, st.block_kv)) * st.scale
-        p, alpha, m_i, l_i = softmax_update(jnp.where(block_mask(length, tile, blk, st), s, -jnp.inf), m_i, l_i)
+        mask = block_mask(length, tile * st.block_rows, st.block_rows, blk, st)
+        p, alpha, m_i, l_i = softmax_update(jnp.where(mask, s, -jnp.inf), m_i, l_i)
         p_smem[...] = p.astype(st.dtype)
         plgpu.commit_smem()
         plgpu.barrier_wait(v_bars.at[slot])
@@ -347,7 +367,8 @@ def pad_last(x: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def _flash_body(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch, st: BlockedAttention, kv_len: int):
+def _flash_body(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch, st: BlockedAttention, kv_len: int,
+                program: Callable = attention_program):
     """Contiguous KV: block blk of batch b, KV head h is k[b, blk*block_kv : +block_kv, h]."""
     b, h = lax.axis_index("batch"), lax.axis_index("kv_head")
 
@@ -356,7 +377,7 @@ def _flash_body(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch, st: BlockedAttent
         plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bars.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bars.at[slot])
 
-    attention_program(q_ref, o_ref, lse_ref, scratch, load_kv=load_kv, length=jnp.int32(kv_len), st=st)
+    program(q_ref, o_ref, lse_ref, scratch, load_kv=load_kv, length=jnp.int32(kv_len), st=st)
 
 
 def flash_attention_kernel(
@@ -384,7 +405,7 @@ def flash_attention_kernel(
         raise ValueError(f"more queries ({t}) than keys ({s_len})")
     dtype = mma_dtype(q.dtype, interpret)
     q_pad = pad_last(q.astype(dtype), HEAD_DIM_MULTIPLE)
-    config = config or flash_attention_config(jax.devices()[0].device_kind, q_pad.shape[-1])
+    config = config or flash_attention_config(target_device_kind(), q_pad.shape[-1])
     st = BlockedAttention(
         q_len=t,
         group=hq // hkv,
@@ -398,14 +419,11 @@ def flash_attention_kernel(
     )
     pad = ((0, 0), (0, -s_len % config.block_kv), (0, 0), (0, 0))
     k, v = (jnp.pad(pad_last(x.astype(dtype), HEAD_DIM_MULTIPLE), pad) for x in (k, v))
-    o_part, lse = run_blocked_attention(
-        functools.partial(_flash_body, st=st, kv_len=s_len),
-        to_rows(q_pad, hkv, config.block_rows),
-        (k, v),
-        st,
-        1,
-        "flash_attention",
-        interpret,
-    )
+    body, q_rows = functools.partial(_flash_body, st=st, kv_len=s_len), to_rows(q_pad, hkv, config.block_rows)
+    if config.warp_specialized:
+        stages = ws.ws_stages(config.block_kv, q_pad.shape[-1], jnp.dtype(dtype).itemsize)
+        o_part, lse = ws.run_ws_attention(body, q_rows, (k, v), st, 1, stages, "flash_attention", interpret)
+    else:
+        o_part, lse = run_blocked_attention(body, q_rows, (k, v), st, 1, "flash_attention", interpret)
     out = from_rows(merge_partials(o_part, lse, sinks), q_pad.shape)
     return out[..., :d].astype(q.dtype)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import flash_attention as fa
+
 
 def check_grouped_matmul_args(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
     """Validates ranks and matching dimensions."""
@@ -198,7 +200,7 @@ def grouped_matmul_kernel(
     bf16. M, K and N are zero-padded to whole tiles (a copy only when they are not already).
     """
     check_grouped_matmul_args(lhs, rhs, group_sizes)
-    config = config or grouped_matmul_config(jax.devices()[0].device_kind)
+    config = config or grouped_matmul_config(fa.target_device_kind())
     (m, k), n = lhs.shape, rhs.shape[2]
     m_pad, k_pad, n_pad = (-(-x // b) * b for x, b in ((m, config.block_m), (k, config.block_k), (n, 64)))
     cfg = dataclasses.replace(config, block_n=_pick_block_n(n_pad, config.block_n))

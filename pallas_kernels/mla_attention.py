@@ -96,7 +96,7 @@ def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_bar, kv
             plgpu.barrier_wait(kv_bars.at[slot])
             s = fa.wgmma_f32(q_smem, kv_smem.at[slot].T, (st.block_rows, st.block_kv)) * st.scale
             p, alpha, m_i, l_i = fa.softmax_update(
-                jnp.where(fa.block_mask(length, tile, blk, st), s, -jnp.inf), m_i, l_i)
+                jnp.where(fa.block_mask(length, tile * st.block_rows, st.block_rows, blk, st), s, -jnp.inf), m_i, l_i)
             p_smem[...] = p.astype(st.dtype)
             plgpu.commit_smem()
             # The value: columns [c * chunk, (c + 1) * chunk) of the latent (a static slice per branch).

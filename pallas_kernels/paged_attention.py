@@ -200,7 +200,7 @@ def paged_attention_kernel(
     b, q_len, hq, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
     check_attention_args(hq, hkv, sliding_window, sinks)
-    config = config or paged_attention_config(jax.devices()[0].device_kind)
+    config = config or paged_attention_config(fa.target_device_kind())
     block_kv = max(config.block_kv, page_size)
     if block_kv % page_size or block_kv % 64:
         raise ValueError(f"page_size {page_size} must divide {block_kv} or be a multiple of 64")

@@ -30,12 +30,6 @@ from pallas_kernels import paged_attention as pa
 from pallas_kernels import ragged_paged_attention as rpa
 from pallas_kernels.flash_attention import check_attention_args
 
-SMEM_BYTES = 232_448  # an H100's shared memory per block (227 KiB)
-# Barriers, alignment and Mosaic's own scratch beyond smem_bytes' count (head dim 192, 3 slots:
-# 229,632 counted, 232,504 lowered).
-SMEM_SLACK = 4096
-
-
 @dataclasses.dataclass(frozen=True)
 class RaggedAttentionConfig:
     """Block sizes: block_rows (tokens x group heads) per program, block_kv keys per step, up to
@@ -63,7 +57,7 @@ def smem_bytes(block_rows: int, block_kv: int, head_dim: int, stages: int, items
 def ring_stages(config: RaggedAttentionConfig, block_kv: int, head_dim: int, itemsize: int) -> int | None:
     """The deepest ring (max_stages down to 2) that fits in SMEM, or None when none does."""
     fits = [s for s in range(config.max_stages, 1, -1)
-            if smem_bytes(config.block_rows, block_kv, head_dim, s, itemsize) + SMEM_SLACK <= SMEM_BYTES]
+            if smem_bytes(config.block_rows, block_kv, head_dim, s, itemsize) + fa.SMEM_SLACK <= fa.SMEM_BYTES]
     return fits[0] if fits else None
 
 
@@ -117,7 +111,7 @@ def _ragged_body(q_ref, k_ref, v_ref, lens_ref, tables_ref, o_ref, lse_ref, q_sm
         ahead = page_ids(blk + stages)  # scalar reads overlap this step's wgmmas
         plgpu.barrier_wait(k_bars.at[slot])
         s = fa.wgmma_f32(q_smem, k_smem.at[slot].T, (st.block_rows, st.block_kv)) * st.scale
-        mask = fa.block_mask(length, jnp.int32(0), blk, st)
+        mask = fa.block_mask(length, jnp.int32(0), st.block_rows, blk, st)
         p, alpha, m_i, l_i = fa.softmax_update(jnp.where(mask, s, -jnp.inf), m_i, l_i)
         p_smem[...] = p.astype(st.dtype)
         plgpu.commit_smem()

@@ -139,6 +139,46 @@ def test_kernel_interpret_matches_float64(name):
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
 
 
+WARP_SPECIALIZED = fa.FlashAttentionConfig(block_rows=128, block_kv=64, warp_specialized=True)
+# Two consumer warpgroups x 64 rows: a tile whose second consumer holds only padding rows, two
+# tiles, a window that leaves interior (unmasked) blocks between masked ones, head dim 128.
+WS_CASES = {
+    "gqa4_two_tiles_sinks": (1, 40, 150, 8, 2, 64, True, None, True, jnp.bfloat16),
+    "gqa1_window_interior_blocks": (1, 60, 300, 2, 2, 64, True, 150, False, jnp.bfloat16),
+    "f32_noncausal_head_dim_128": (1, 20, 140, 4, 4, 128, False, None, False, jnp.float32),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(WS_CASES))
+def test_warp_specialized_interpret_matches_float64(name):
+    """The FA3-style body (producer + two ping-ponging consumers) vs float64, races checked."""
+    b, t, s, hq, hkv, d, causal, window, with_sinks, dtype = WS_CASES[name]
+    q, k, v, sinks = random_qkv(len(name), b, t, s, hq, hkv, d, dtype, with_sinks)
+    with race_checked_interpret() as params:
+        got = fa.flash_attention_kernel(q, k, v, causal=causal, sliding_window=window, sinks=sinks,
+                                        interpret=params, config=WARP_SPECIALIZED)
+    want = flash_np(q, k, v, causal, window, sinks, None)
+    tol = kernel_tolerance(dtype, params)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
+
+
+def test_warp_specialized_interior_blocks():
+    """Blocks every row of a consumer sees whole: exactly those skip the mask."""
+    from pallas_kernels import warp_specialized_attention as ws  # noqa: PLC0415
+
+    st = fa.BlockedAttention(q_len=64, group=2, block_rows=128, block_kv=16, num_splits=1, scale=1.0,
+                             window=40, causal=True, dtype=jnp.float32)
+    length = 200
+    for row0 in (0, 64):
+        lo, hi = (int(x) for x in ws.interior_blocks(jnp.int32(length), jnp.int32(row0), st))
+        q_pos = length - st.q_len + (row0 + np.arange(64)) // st.group
+        k_pos = np.arange(length)
+        seen = (k_pos[None] <= q_pos[:, None]) & (k_pos[None] > q_pos[:, None] - st.window)
+        whole = [blk for blk in range(-(-length // 16)) if (blk + 1) * 16 <= length and seen[:, blk * 16:(blk + 1) * 16].all()]
+        assert whole == list(range(lo, hi)), (row0, whole, lo, hi)
+
+
 @pytest.mark.slow
 def test_ops_interpret_matches_xla():
     q, k, v, sinks = random_qkv(13, 1, 16, 32, 4, 1, 64, jnp.bfloat16, with_sinks=True)

@@ -6,6 +6,7 @@ import pytest
 
 import jax.numpy as jnp
 
+from pallas_kernels import flash_attention as fa
 from pallas_kernels import ops
 from pallas_kernels import ragged_paged_attention_mgpu as rpm
 from test_kernel_lowering import kernel_tolerance, lower_for_cuda, race_checked_interpret, sds
@@ -99,7 +100,7 @@ def test_ring_depth_by_shared_memory():
     assert rpm.ring_stages(config, 128, 128, 2) == 2
     assert rpm.ring_stages(config, 64, 192, 2) == 2  # 3 slots lowered to 56 B over (the slack)
     assert rpm.ring_stages(config, 1024, 128, 2) is None
-    assert rpm.smem_bytes(64, 64, 128, 3, 2) <= rpm.SMEM_BYTES < rpm.smem_bytes(64, 128, 128, 3, 2)
+    assert rpm.smem_bytes(64, 64, 128, 3, 2) <= fa.SMEM_BYTES < rpm.smem_bytes(64, 128, 128, 3, 2)
 
 
 def ragged_sds(tokens, seqs, hq, hkv, d, page_size, context):
