@@ -68,29 +68,51 @@ def grouped_matmul_reference(
 # rhs[group] over K with a pipelined TMA + wgmma loop, then stores only that group's rows of the
 # block (a ladder of power-of-two TMA stores, since a TMA's size is static). Rows no entry covers
 # (padding, other shards' groups) are zeroed by the wrapper.
+#
+# On Hopper the persistent variant (config.persistent) runs one program per SM over all (entry,
+# column tile) work items, entries fastest: the row blocks of one group run side by side and
+# share its rhs columns in L2 (rhs is the large operand of an MoE layer). Each program has a TMA
+# producer warpgroup and two consumer warpgroups, each owning half of a 2 x block_n column tile
+# (emit_pipeline_warp_specialized, the structure of upstream's hopper_matmul_mgpu.py), and an
+# epilogue whose TMA stores stay in flight while the next item's main loop runs.
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupedMatmulConfig:
-    """Tile sizes: block_m rows x block_n columns per program, block_k per pipeline step."""
+    """Tile sizes: block_m rows x block_n columns per (consumer) warpgroup, block_k per pipeline
+    step; persistent: one program per SM (num_sms) with two consumers of block_n columns each."""
 
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64
     max_concurrent_steps: int = 4
+    persistent: bool = False
+    num_sms: int = 132
 
     def __post_init__(self):
         if self.block_m % 64 or self.block_n % 64 or self.block_k % 64:
             raise ValueError(f"block sizes must be multiples of 64: {self}")
-        if self.max_concurrent_steps < 2:
-            raise ValueError(f"max_concurrent_steps must be >= 2: {self}")
+        if self.max_concurrent_steps < 2 or self.num_sms < 1:
+            raise ValueError(f"max_concurrent_steps must be >= 2 and num_sms positive: {self}")
 
 
-def grouped_matmul_config(device_kind: str) -> GroupedMatmulConfig:
-    """The frozen tile sizes per device kind (H100 and H200 share them; CPU interprets them)."""
+DECODE_ROWS_PER_GROUP = 64  # at most this many rows per group on average: the weight-bound decode tiles
+
+
+def grouped_matmul_config(device_kind: str, rows_per_group: float = float("inf")) -> GroupedMatmulConfig:
+    """The frozen tile sizes per device kind (H100 and H200 share them; CPU interprets them).
+
+    Hopper: the persistent warp-specialized kernel. Prefill-sized groups take 128 x (2 x 128)
+    tiles and a 3-deep ring (3 x 48 KiB + a 64 KiB output tile: 208 KiB of the 227; 4 deep
+    overflows); decode-sized ones (a few rows per expert: the kernel streams the weights once and is
+    bound by HBM bandwidth) take wgmma's smallest M, 64, and 2 x 64 columns, so more work items
+    cover the SMs, with a deeper ring (6 stages of 24 KiB) keeping more weight bytes in flight.
+    """
     if "H200" in device_kind or "H100" in device_kind:
-        return GroupedMatmulConfig(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)
+        if rows_per_group <= DECODE_ROWS_PER_GROUP:
+            return GroupedMatmulConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=6, persistent=True)
+        return GroupedMatmulConfig(block_m=128, block_n=128, block_k=64, max_concurrent_steps=3, persistent=True)
     return GroupedMatmulConfig()
 
 
@@ -122,8 +144,9 @@ def tile_schedule(
     )
 
 
-def _store_rows(o_smem, o_ref, row_lo, row_hi, block, ni, cfg: GroupedMatmulConfig) -> None:
-    """Copies tile rows [row_lo, row_hi) (global rows of row block `block`) to o_ref.
+def _store_rows(o_smem, o_ref, row_lo, row_hi, block, ni, cfg: GroupedMatmulConfig, wait: bool = True) -> None:
+    """Copies tile rows [row_lo, row_hi) (global rows of row block `block`) to o_ref; `wait`:
+    until the stores have read o_smem (else the caller waits before reusing it).
 
     A TMA's extent is static, so rows go out in power-of-two pieces picked by the bits of the
     dynamic count: 5 rows = one 4-row store + one 1-row store.
@@ -141,7 +164,8 @@ def _store_rows(o_smem, o_ref, row_lo, row_hi, block, ni, cfg: GroupedMatmulConf
             )
 
         offset += count & rows
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    if wait:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _gmm_body(
@@ -179,9 +203,71 @@ def _gmm_body(
         _store_rows(o_smem, o_ref, row_lo, row_hi, block, ni, cfg)
 
 
-def _pick_block_n(n: int, preferred: int) -> int:
-    """The preferred column tile if it divides N (a multiple of 64), else 192, 128 or 64."""
-    return next(b for b in (preferred, 192, 128, 64) if n % b == 0)
+def _persistent_gmm_body(group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, *,
+                         cfg: GroupedMatmulConfig, k: int, n_iters: int):
+    """One SM's program: work items lin = sm, sm + num_sms, ... as (entry lin % T, column tile
+    lin // T) of 2 x block_n columns, consumer wg owning columns wg * block_n of the tile."""
+    num_entries, dtype = group_ref.shape[0], lhs_ref.dtype
+    wg, cta_n = jax.lax.axis_index("wg"), 2 * cfg.block_n
+    swizzle = plgpu.find_swizzle(cfg.block_k * jnp.dtype(dtype).itemsize * 8)
+    tiled = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k // cfg.block_k,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda kk: (0, kk), transforms=tiled,
+                                memory_space=plgpu.SMEM, delay_release=1),
+                plgpu.BlockSpec((cfg.block_k, cta_n), lambda kk: (kk, 0), transforms=tiled,
+                                memory_space=plgpu.SMEM, delay_release=1),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=cfg.max_concurrent_steps,
+            compute_context=context,
+        )
+
+    ignore = lambda *_, **__: None  # noqa: E731 (the bodies do not change the allocations)
+
+    @functools.partial(pl.run_scoped, allocations=pipeline(ignore, ignore).get_allocations(lhs_ref, rhs_ref.at[0]),
+                       o_smem=plgpu.SMEM((2, cfg.block_m, cfg.block_n), dtype), collective_axes="wg")
+    def _scope(allocations, o_smem):
+        @plgpu.nd_loop((num_entries * n_iters,), collective_axes="sm")
+        def _item(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            t, nb = jax.lax.rem(lin, num_entries), jax.lax.div(lin, num_entries)
+            group, block, row_lo, row_hi = group_ref[t], block_ref[t], lo_ref[t], hi_ref[t]
+
+            def context(run):
+                def acc_scope(acc_ref):
+                    run(acc_ref)
+                    acc = acc_ref[...].astype(dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last item's stores have read o_smem
+                    o_smem.at[wg][...] = acc
+                    plgpu.commit_smem()
+                    _store_rows(o_smem.at[wg], o_ref, row_lo, row_hi, block, nb * 2 + wg, cfg, wait=False)
+
+                pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n), jnp.float32))
+
+            def mma(_, lhs_smem, rhs_smem, acc_ref):
+                plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.at[:, pl.ds(wg * cfg.block_n, cfg.block_n)])
+                plgpu.wgmma_wait(1)  # delay_release=1: the previous step's wgmma is done (see _gmm_body)
+                return acc_ref
+
+            @pl.when(row_lo < row_hi)
+            def _compute():
+                pipeline(mma, context)(lhs_ref.at[pl.ds(block * cfg.block_m, cfg.block_m)],
+                                       rhs_ref.at[group, :, pl.ds(nb * cta_n, cta_n)], allocations=allocations)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last item's stores, before o_smem goes
+
+
+def _pick_block_n(n: int, preferred: int, largest: int) -> int:
+    """The preferred column tile (at most `largest`) if it divides N (a multiple of 64), else the
+    largest of 192, 128, 64 up to `largest` that does."""
+    return next(b for b in (min(preferred, largest), 192, 128, 64) if b <= largest and n % b == 0)
 
 
 def grouped_matmul_kernel(
@@ -200,25 +286,35 @@ def grouped_matmul_kernel(
     bf16. M, K and N are zero-padded to whole tiles (a copy only when they are not already).
     """
     check_grouped_matmul_args(lhs, rhs, group_sizes)
-    config = config or grouped_matmul_config(fa.target_device_kind())
     (m, k), n = lhs.shape, rhs.shape[2]
-    m_pad, k_pad, n_pad = (-(-x // b) * b for x, b in ((m, config.block_m), (k, config.block_k), (n, 64)))
-    cfg = dataclasses.replace(config, block_n=_pick_block_n(n_pad, config.block_n))
+    config = config or grouped_matmul_config(fa.target_device_kind(), m / group_sizes.shape[0])
+    halves = 2 if config.persistent else 1  # the persistent kernel's two consumers split a column tile
+    m_pad, k_pad, n_pad = (-(-x // b) * b for x, b in ((m, config.block_m), (k, config.block_k), (n, 64 * halves)))
+    if config.persistent:  # two K steps at least: a one-step warp-specialized pipeline with delay_release=1,
+        k_pad = max(k_pad, 2 * config.block_k)  # run once per work item, lets the producer lap a consumer
+    # The persistent kernel keeps column tiles at <= 128 per consumer: 192 overflows SMEM beside the ring.
+    cfg = dataclasses.replace(config, block_n=_pick_block_n(n_pad // halves, config.block_n,
+                                                                     128 if halves == 2 else 192))
     sizes, start = local_groups(group_sizes, rhs.shape[0], group_offset)
     schedule = tile_schedule(sizes, start, m, cfg.block_m)
     keep = lhs.dtype in (jnp.bfloat16, jnp.float16) or (interpret is not None and lhs.dtype == jnp.float32)
     dtype = lhs.dtype if keep else jnp.bfloat16
     lhs_pad = jnp.pad(lhs.astype(dtype), ((0, m_pad - m), (0, k_pad - k)))
     rhs_pad = jnp.pad(rhs.astype(dtype), ((0, 0), (0, k_pad - k), (0, n_pad - n)))
+    name = f"grouped_matmul_m{cfg.block_m}_n{cfg.block_n}_k{cfg.block_k}_st{cfg.max_concurrent_steps}"
+    if cfg.persistent:
+        launch = dict(body=functools.partial(_persistent_gmm_body, cfg=cfg, k=k_pad, n_iters=n_pad // (2 * cfg.block_n)),
+                      grid=(cfg.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+                      kernel_name=f"{name}_persistent")
+    else:
+        launch = dict(body=functools.partial(_gmm_body, cfg=cfg, k=k_pad),
+                      scratch_types=[plgpu.SMEM((cfg.block_m, cfg.block_n), dtype)],
+                      grid=(schedule[0].shape[0], n_pad // cfg.block_n), grid_names=("entry", "n"), kernel_name=name)
     kernel = plgpu.kernel(
-        functools.partial(_gmm_body, cfg=cfg, k=k_pad),
         out_type=jax.ShapeDtypeStruct((m_pad, n_pad), dtype),
-        scratch_types=[plgpu.SMEM((cfg.block_m, cfg.block_n), dtype)],
-        grid=(schedule[0].shape[0], n_pad // cfg.block_n),
-        grid_names=("entry", "n"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name=f"grouped_matmul_m{cfg.block_m}_n{cfg.block_n}_k{cfg.block_k}",
         interpret=interpret,
+        **launch,
     )
     out = kernel(*schedule, lhs_pad, rhs_pad)[:m, :n]
     rows = jnp.arange(m)[:, None]

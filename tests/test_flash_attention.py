@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import ops
+from pallas_kernels import warp_specialized_attention as ws
 from test_kernel_lowering import kernel_tolerance, race_checked_interpret
 
 
@@ -124,14 +125,27 @@ KERNEL_CASES = {
 }
 
 
+WARP_SPECIALIZED = fa.FlashAttentionConfig(block_rows=128, block_kv=64, warp_specialized=True)
+# The FA3-style body, two consumer warpgroups x 64 rows: a tile whose second consumer holds only
+# padding rows, two tiles, a window that leaves interior (unmasked) blocks between masked ones.
+WS_CASES = {
+    "ws_gqa4_two_tiles_sinks": (1, 40, 150, 8, 2, 64, True, None, True, jnp.bfloat16),
+    "ws_gqa1_window_interior_blocks": (1, 60, 300, 2, 2, 64, True, 150, False, jnp.bfloat16),
+    "ws_f32_noncausal_head_dim_128": (1, 20, 140, 4, 4, 128, False, None, False, jnp.float32),
+}
+KERNEL_RUNS = {**{n: (c, SMALL_BLOCKS) for n, c in KERNEL_CASES.items()},
+               **{n: (c, WARP_SPECIALIZED) for n, c in WS_CASES.items()}}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(KERNEL_CASES))
+@pytest.mark.parametrize("name", list(KERNEL_RUNS))
 def test_kernel_interpret_matches_float64(name):
-    b, t, s, hq, hkv, d, causal, window, with_sinks, dtype = KERNEL_CASES[name]
+    """Both bodies (one warpgroup; producer + two ping-ponging consumers) vs float64, races checked."""
+    (b, t, s, hq, hkv, d, causal, window, with_sinks, dtype), config = KERNEL_RUNS[name]
     q, k, v, sinks = random_qkv(len(name), b, t, s, hq, hkv, d, dtype, with_sinks)
     with race_checked_interpret() as params:
         got = fa.flash_attention_kernel(
-            q, k, v, causal=causal, sliding_window=window, sinks=sinks, interpret=params, config=SMALL_BLOCKS
+            q, k, v, causal=causal, sliding_window=window, sinks=sinks, interpret=params, config=config
         )
     assert got.dtype == dtype
     want = flash_np(q, k, v, causal, window, sinks, None)
@@ -139,34 +153,8 @@ def test_kernel_interpret_matches_float64(name):
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
 
 
-WARP_SPECIALIZED = fa.FlashAttentionConfig(block_rows=128, block_kv=64, warp_specialized=True)
-# Two consumer warpgroups x 64 rows: a tile whose second consumer holds only padding rows, two
-# tiles, a window that leaves interior (unmasked) blocks between masked ones, head dim 128.
-WS_CASES = {
-    "gqa4_two_tiles_sinks": (1, 40, 150, 8, 2, 64, True, None, True, jnp.bfloat16),
-    "gqa1_window_interior_blocks": (1, 60, 300, 2, 2, 64, True, 150, False, jnp.bfloat16),
-    "f32_noncausal_head_dim_128": (1, 20, 140, 4, 4, 128, False, None, False, jnp.float32),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(WS_CASES))
-def test_warp_specialized_interpret_matches_float64(name):
-    """The FA3-style body (producer + two ping-ponging consumers) vs float64, races checked."""
-    b, t, s, hq, hkv, d, causal, window, with_sinks, dtype = WS_CASES[name]
-    q, k, v, sinks = random_qkv(len(name), b, t, s, hq, hkv, d, dtype, with_sinks)
-    with race_checked_interpret() as params:
-        got = fa.flash_attention_kernel(q, k, v, causal=causal, sliding_window=window, sinks=sinks,
-                                        interpret=params, config=WARP_SPECIALIZED)
-    want = flash_np(q, k, v, causal, window, sinks, None)
-    tol = kernel_tolerance(dtype, params)
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol)
-
-
 def test_warp_specialized_interior_blocks():
     """Blocks every row of a consumer sees whole: exactly those skip the mask."""
-    from pallas_kernels import warp_specialized_attention as ws  # noqa: PLC0415
-
     st = fa.BlockedAttention(q_len=64, group=2, block_rows=128, block_kv=16, num_splits=1, scale=1.0,
                              window=40, causal=True, dtype=jnp.float32)
     length = 200

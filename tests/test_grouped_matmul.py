@@ -81,6 +81,10 @@ def test_ops_xla_and_bad_arguments():
 
 
 SMALL_TILES = gmm.GroupedMatmulConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
+# The persistent warp-specialized kernel on 3 "SMs": each walks several (entry, column tile) items,
+# so its epilogue's stores overlap the next item and its pipeline state carries across items.
+PERSISTENT = gmm.GroupedMatmulConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2, persistent=True,
+                                     num_sms=3)
 
 # (M, K, N, group_sizes, num_rhs, group_offset): M not a multiple of the tile, empty groups,
 # groups straddling tiles, padding rows, an expert-parallel shard that starts mid-tile.
@@ -92,14 +96,13 @@ KERNEL_CASES = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", [SMALL_TILES, PERSISTENT], ids=["grid", "persistent"])
 @pytest.mark.parametrize("name", list(KERNEL_CASES))
-def test_kernel_interpret_matches_float64(name):
+def test_kernel_interpret_matches_float64(name, config):
     m, k, n, sizes, num_rhs, offset = KERNEL_CASES[name]
     lhs, rhs, group_sizes = random_gmm(len(name), m, k, n, sizes, num_rhs, jnp.bfloat16)
     with race_checked_interpret() as params:
-        got = gmm.grouped_matmul_kernel(
-            lhs, rhs, group_sizes, group_offset=offset, interpret=params, config=SMALL_TILES
-        )
+        got = gmm.grouped_matmul_kernel(lhs, rhs, group_sizes, group_offset=offset, interpret=params, config=config)
     assert got.dtype == jnp.bfloat16
     want = grouped_np(lhs, rhs, sizes, offset)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=1e-2)

@@ -159,6 +159,15 @@ def test_grouped_matmul_lowers_for_h100(name):
     assert "mosaic_gpu" in lower_for_cuda(gmm.grouped_matmul_kernel, *args)
 
 
+def test_grouped_matmul_h100_configs_are_persistent():
+    """On an H100 the persistent warp-specialized kernel runs: prefill tiles for thousands of rows
+    per expert, wgmma's smallest M with a deeper ring for decode's few."""
+    for name, tiles in (("deepseek_v3_gate_up", "m128_n128_k64_st3"), ("deepseek_v3_down_decode", "m64_n64_k64_st6")):
+        m, k, n, experts = GROUPED_SHAPES[name]
+        text = lower_for_cuda(gmm.grouped_matmul_kernel, sds((m, k)), sds((experts, k, n)), sds((experts,), jnp.int32))
+        assert f"grouped_matmul_{tiles}_persistent" in text, name
+
+
 def test_grouped_matmul_expert_shard_lowers_for_h100():
     m, k, n, experts = GROUPED_SHAPES["gpt_oss_120b_down"]
     args = (sds((m, k)), sds((experts // 8, k, n)), sds((experts,), jnp.int32), sds((), jnp.int32))
