@@ -71,6 +71,7 @@ _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Engine KV page size.")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", None, "Engine prefill chunk (default: the engine's).")
 _MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", None, "Engine token budget per (ragged) step "
                                     "(default: the engine's, by platform).")
+_MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", None, "Engine sequence slots (default: the largest concurrency).")
 _ASYNC = flags.DEFINE_bool("async_scheduling", False, "Engine: dispatch a decode call's successor before its tokens.")
 _ATTENTION = flags.DEFINE_string("attention_impl", "auto", "Engine attention ops (pallas_kernels/ops.py IMPLS).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Run an unscored warm-up wave at each point first.")
@@ -404,7 +405,8 @@ def main(argv: list[str]) -> None:
     speculative_configs = [None, spec] if spec is not None and _COMPARE_SPEC.value else [spec]
     for caching, speculative_config in itertools.product(prefix_caching_values(_PREFIX_CACHING.value),
                                                          speculative_configs):
-        llm = LLM(model, max_num_seqs=max(concurrencies), decode_steps=_DECODE_STEPS.value, page_size=_PAGE_SIZE.value,
+        llm = LLM(model, max_num_seqs=_MAX_NUM_SEQS.value or max(concurrencies), decode_steps=_DECODE_STEPS.value,
+                  page_size=_PAGE_SIZE.value,
                   max_model_len=max_model_len(_ISL.value, _OSL.value, _SHARED_PREFIX.value, _NUM_TURNS.value),
                   prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value,
                   async_scheduling=_ASYNC.value, enable_prefix_caching=caching, speculative_config=speculative_config,

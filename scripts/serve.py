@@ -33,8 +33,10 @@ DTYPE = flags.DEFINE_string("dtype", "float32", "parameter and KV cache dtype")
 SEED = flags.DEFINE_integer("seed", 0, "seeds of requests that give none")
 MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "most concurrent sequences")
 MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 2048, "longest prompt + output")
-MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", 2048, "token budget per (ragged) step")
-PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "most prompt tokens of one request per step")
+MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", None, "token budget per (ragged) step "
+                                   "(default: the engine's by platform, engine/config.default_token_budget)")
+PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", None, "most prompt tokens of one request per step "
+                                     "(default: the engine's, min(512, budget))")
 PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from --kv_cache_bytes)")
 KV_BYTES = flags.DEFINE_integer("kv_cache_bytes", 4 << 30, "KV pool budget when --num_pages is not set")
@@ -47,7 +49,7 @@ def main(argv: list[str]) -> None:
     del argv
     llm = LLM(MODEL.value, dtype=DTYPE.value, seed=SEED.value, max_num_seqs=MAX_NUM_SEQS.value,
               max_model_len=MAX_MODEL_LEN.value, max_num_batched_tokens=MAX_BATCHED.value,
-              prefill_chunk=min(PREFILL_CHUNK.value, MAX_BATCHED.value), page_size=PAGE_SIZE.value,
+              prefill_chunk=PREFILL_CHUNK.value, page_size=PAGE_SIZE.value,
               num_pages=NUM_PAGES.value, kv_cache_bytes=KV_BYTES.value, decode_steps=DECODE_STEPS.value,
               async_scheduling=ASYNC.value, attention_impl=ATTENTION_IMPL.value)
     if WARMUP.value:
