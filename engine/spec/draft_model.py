@@ -78,6 +78,19 @@ def check_draft(draft: ModelConfig, target: ModelConfig, max_model_len: int) -> 
                          f"than max_model_len={max_model_len}")
 
 
+
+def warm_up_proposer(config: EngineConfig, run_loop, fill) -> int:
+    """Walk runner.warmup_shapes for a proposer (draft model, MTP): its draft loop per decode
+    (rows, pages) bucket, fill(zeros [n], metadata) per mixed and verify bucket; returns the count."""
+    shapes = warmup_shapes(config)
+    for run, n, pages in shapes:
+        zeros = np.zeros((n,), np.int32)
+        if run == "decode":
+            run_loop(zeros, zeros, np.zeros((n, pages), np.int32), np.zeros((n,), bool), SamplingTensors.build([], [], n))
+        else:
+            fill(zeros, padding_metadata(config, n, pages, run == "verify"))
+    return len(shapes)
+
 class DraftModelProposer:
     """Owns the draft's parameters, paged cache and two jitted calls (fill, draft loop)."""
 
@@ -123,14 +136,9 @@ class DraftModelProposer:
 
     def warmup(self) -> int:
         """Compile the fill per (tokens, pages) bucket and the loop per (rows, pages) bucket."""
-        shapes = warmup_shapes(self.config)
-        for run, n, pages in shapes:
-            zeros = np.zeros((n,), np.int32)
-            if run == "decode":
-                self._run_loop(zeros, zeros, np.zeros((n, pages), np.int32), np.zeros((n,), bool),
-                               SamplingTensors.build([], [], n))
-            else:
-                self.cache = self.fill_fn(self.state, self.cache, zeros, zeros,
-                                          padding_metadata(self.config, n, pages, run == "verify"))
+        def fill(zeros, metadata):
+            self.cache = self.fill_fn(self.state, self.cache, zeros, zeros, metadata)
+
+        count = warm_up_proposer(self.config, self._run_loop, fill)
         jax.block_until_ready(self.cache)
-        return len(shapes)
+        return count

@@ -23,10 +23,10 @@ from flax import nnx
 from engine import kv_cache
 from engine.attention_choice import AttentionChoice
 from engine.config import EngineConfig, bucket
-from engine.runner import MixedBatch, StepResult, block_table, padding_metadata, warmup_shapes
+from engine.runner import MixedBatch, StepResult, block_table
 from engine.sampler import SamplingTensors
 from engine.scheduler import ScheduledRequest
-from engine.spec.draft_model import draw
+from engine.spec.draft_model import draw, warm_up_proposer
 from models import LoadedModel
 from models.attention import AttentionMetadata, LayerCache
 
@@ -132,19 +132,14 @@ class MTPProposer:
 
     def warmup(self) -> int:
         """Compile the fill per (tokens, pages) bucket and the loop per (rows, pages) bucket."""
-        shapes = warmup_shapes(self.config)
-        for run, n, pages in shapes:
-            zeros = np.zeros((n,), np.int32)
-            if run == "decode":
-                self._run_loop(zeros, zeros, np.zeros((n, pages), np.int32), np.zeros((n,), bool),
-                               SamplingTensors.build([], [], n))
-            else:
-                metadata = padding_metadata(self.config, n, pages, run == "verify")
-                hidden = jnp.zeros((n, self.hidden_size), self.dtype)
-                _, self.cache = self.fill_fn(self.state, self.cache, hidden, zeros, zeros, zeros, metadata,
-                                             np.zeros((self.config.max_num_seqs,), np.int32))
+        def fill(zeros, metadata):
+            hidden = jnp.zeros((zeros.shape[0], self.hidden_size), self.dtype)
+            _, self.cache = self.fill_fn(self.state, self.cache, hidden, zeros, zeros, zeros, metadata,
+                                         np.zeros((self.config.max_num_seqs,), np.int32))
+
+        count = warm_up_proposer(self.config, self._run_loop, fill)
         jax.block_until_ready(self.cache)
-        return len(shapes)
+        return count
 
 
 def _fill_inputs(batch: MixedBatch, scheduled: list[ScheduledRequest], result: StepResult,
