@@ -82,9 +82,8 @@ for name, (op, args, oracle, impls) in cases.items():
 # %%
 def gather_all_attention(q, k_pages, v_pages, block_tables, context_lens, *, sliding_window=None, sinks=None,
                          scale=None):
-    """q [B, Q, Hq, D] against every page of each sequence (causal); rows without keys give zeros."""
-    if sliding_window is not None or sinks is not None:
-        raise NotImplementedError("this sketch covers plain causal attention only")
+    """q [B, Q, Hq, D] against every page of each sequence (causal, sliding window, per-head sinks
+    in the denominator); rows without keys give zeros."""
     b, q_len, hq, d = q.shape
     hkv = k_pages.shape[0]
     k_kbsd = k_pages[:, block_tables].reshape(hkv, b, -1, d).astype(jnp.float32)
@@ -92,9 +91,17 @@ def gather_all_attention(q, k_pages, v_pages, block_tables, context_lens, *, sli
     q_bqkgd = q.reshape(b, q_len, hkv, hq // hkv, d).astype(jnp.float32)
     s = jnp.einsum("bqkgd,kbsd->bkgqs", q_bqkgd, k_kbsd) * (d**-0.5 if scale is None else scale)
     q_pos = context_lens[:, None] - q_len + jnp.arange(q_len)  # [B, Q]
-    visible = jnp.arange(k_kbsd.shape[2]) <= q_pos[:, :, None]  # [B, Q, S]
-    p = jax.nn.softmax(jnp.where(visible[:, None, None], s, -jnp.inf), axis=-1)
-    p = jnp.where(visible[:, None, None], p, 0.0)  # a row that sees nothing: zeros, not NaN
+    k_pos = jnp.arange(k_kbsd.shape[2])
+    visible = k_pos <= q_pos[:, :, None]  # [B, Q, S]
+    if sliding_window is not None:
+        visible &= k_pos > q_pos[:, :, None] - sliding_window
+    s = jnp.where(visible[:, None, None], s, -jnp.inf)
+    sink = jnp.full((hkv, hq // hkv), -jnp.inf) if sinks is None else sinks.astype(jnp.float32).reshape(hkv, -1)
+    m = jnp.maximum(s.max(axis=-1), sink[None, :, :, None])  # [B, Hkv, G, Q]
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # a row that sees nothing and has no sink: zeros, not NaN
+    e = jnp.exp(s - m[..., None])
+    denom = e.sum(axis=-1) + jnp.exp(sink[None, :, :, None] - m)
+    p = e / jnp.where(denom > 0, denom, 1.0)[..., None]
     return jnp.einsum("bkgqs,kbsd->bqkgd", p, v_kbsd).reshape(b, q_len, hq, d).astype(q.dtype)
 
 
@@ -103,6 +110,11 @@ error = np.abs(np.asarray(mine(*paged), np.float64) - cases["paged_attention"][2
 results["paged_attention", "gather_all"] = error / np.abs(cases["paged_attention"][2]).max(), time_ms(
     lambda: mine(*paged), iters=3)
 print(f"gather_all: relative error {results['paged_attention', 'gather_all'][0]:.1e}")
+sinks = jnp.linspace(-1.0, 1.0, paged[0].shape[2])  # per query head
+windowed = jax.jit(lambda *a: gather_all_attention(*a, sliding_window=20, sinks=sinks))(*paged)
+want = paged_np(*paged, 20, sinks)
+print(f"gather_all with a window and sinks: relative error {np.abs(np.asarray(windowed) - want).max() / np.abs(want).max():.1e}")
+assert np.abs(np.asarray(windowed, np.float64) - want).max() <= 1e-4 * np.abs(want).max()
 
 original = ops.ragged_paged_attention
 ops.ragged_paged_attention = lambda q, *args, impl, max_query_len=None, **kwargs: (
