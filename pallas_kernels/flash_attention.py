@@ -180,11 +180,13 @@ def kv_block_range(
     return jnp.minimum(first + split * per_split, split_last), split_last
 
 
-def block_mask(length: jax.Array, row0: jax.Array, num_rows: int, blk: jax.Array, st: BlockedAttention) -> jax.Array:
-    """[num_rows, block_kv] bool for rows row0.. and KV block blk: the key exists and the row's query sees it."""
-    shape = (num_rows, st.block_kv)
-    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+def block_mask(length: jax.Array, row0: jax.Array, num_rows: int, blk: jax.Array, st: BlockedAttention,
+               keys_axis: int = 1) -> jax.Array:
+    """[num_rows, block_kv] bool for rows row0.. and KV block blk: the key exists and the row's query
+    sees it; keys_axis=0 gives it transposed, [block_kv, num_rows] (the A/B-swapped decode tile)."""
+    shape = (num_rows, st.block_kv) if keys_axis == 1 else (st.block_kv, num_rows)
+    rows = plgpu.broadcasted_iota(jnp.int32, shape, 1 - keys_axis, layout=plgpu.Layout.WGMMA)
+    cols = plgpu.broadcasted_iota(jnp.int32, shape, keys_axis, layout=plgpu.Layout.WGMMA)
     q_pos = length - st.q_len + lax.div(rows + row0, st.group)
     k_pos = cols + blk * st.block_kv
     mask = k_pos < length
@@ -205,31 +207,37 @@ def wgmma_f32(a_smem, b_smem, shape: tuple[int, int]) -> jax.Array:
     return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
 
 
-def softmax_init(rows: int, cols: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Online-softmax carry in wgmma layouts: accumulator [rows, cols], running max and sum [rows]."""
-    reduced = plgpu.Layout.WGMMA.reduce(1)
-    acc = plgpu.layout_cast(jnp.zeros((rows, cols), jnp.float32), plgpu.Layout.WGMMA)
+def softmax_init(rows: int, cols: int, keys_axis: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Online-softmax carry in wgmma layouts: accumulator [rows, cols], running max and sum [rows].
+
+    keys_axis=0 is the A/B-swapped tile (logits [keys, rows]): the accumulator is [cols, rows]."""
+    reduced = plgpu.Layout.WGMMA.reduce(keys_axis)
+    shape = (rows, cols) if keys_axis == 1 else (cols, rows)
+    acc = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
     m_i = plgpu.layout_cast(jnp.full((rows,), NO_LOGIT, jnp.float32), reduced)
     return acc, m_i, plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), reduced)
 
 
-def softmax_update(s: jax.Array, m_i: jax.Array, l_i: jax.Array) -> tuple[jax.Array, ...]:
-    """One KV block of online softmax: masked logits s [rows, block_kv] (-inf hidden) -> weights p,
-    the accumulator's rescale alpha [rows], and the new running max and sum."""
-    m_new = jnp.maximum(m_i, s.max(axis=1))
+def softmax_update(s: jax.Array, m_i: jax.Array, l_i: jax.Array, keys_axis: int = 1) -> tuple[jax.Array, ...]:
+    """One KV block of online softmax: masked logits s [rows, block_kv] ([block_kv, rows] for
+    keys_axis=0; -inf hidden) -> weights p, the accumulator's rescale alpha [rows], and the new
+    running max and sum."""
+    m_new = jnp.maximum(m_i, s.max(axis=keys_axis))
     alpha = jnp.exp(m_i - m_new)
-    p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-    return p, alpha, m_new, l_i * alpha + p.sum(axis=1)
+    p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [1 - keys_axis]))
+    return p, alpha, m_new, l_i * alpha + p.sum(axis=keys_axis)
 
 
-def softmax_finish(acc: jax.Array, m_i: jax.Array, l_i: jax.Array) -> tuple[jax.Array, jax.Array]:
+def softmax_finish(acc: jax.Array, m_i: jax.Array, l_i: jax.Array, keys_axis: int = 1) -> tuple[jax.Array, jax.Array]:
     """The program's output normalised by its own sum, and its log-sum-exp (for the split merge)."""
     l_i = jnp.maximum(l_i, 1.0)  # >= 1 once any key was seen (the max contributes exp(0)); 0: none
-    return acc / lax.broadcast_in_dim(l_i, acc.shape, [0]), m_i + jnp.log(l_i)
+    return acc / lax.broadcast_in_dim(l_i, acc.shape, [1 - keys_axis]), m_i + jnp.log(l_i)
 
 
-def attention_scratch(st: BlockedAttention, head_dim: int, loads_per_block: int, stages: int = 2) -> list:
-    """SMEM and barriers of attention_program: q, `stages` K/V slots, P, output, lse; barriers."""
+def attention_scratch(st: BlockedAttention, head_dim: int, loads_per_block: int, stages: int = 2,
+                      keys_axis: int = 1) -> list:
+    """SMEM and barriers of attention_program: q, `stages` K/V slots, P, output, lse; barriers.
+    keys_axis=0 (the A/B-swapped tile) holds the output transposed, [head_dim, rows]."""
     swizzle_elems = 128 // jnp.dtype(st.dtype).itemsize  # one 128-byte swizzle row
     swizzled = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(128))
     smem = lambda shape: plgpu.SMEM(shape, st.dtype, transforms=swizzled)
@@ -239,7 +247,7 @@ def attention_scratch(st: BlockedAttention, head_dim: int, loads_per_block: int,
         smem(kv_slots),
         smem(kv_slots),
         smem((st.block_rows, st.block_kv)),
-        plgpu.SMEM((st.block_rows, head_dim), jnp.float32),
+        plgpu.SMEM((st.block_rows, head_dim) if keys_axis == 1 else (head_dim, st.block_rows), jnp.float32),
         plgpu.SMEM((st.block_rows,), jnp.float32),
         plgpu.Barrier(),
         plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=stages),

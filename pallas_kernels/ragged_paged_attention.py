@@ -130,24 +130,28 @@ class QueryTiles(NamedTuple):
     token_valid: jax.Array  # [T] False for padding rows
 
 
-def num_query_tiles(num_tokens: int, num_seqs: int, block_q: int) -> int:
-    """A static bound on the tiles: sum_s ceil(q_len_s / block_q) <= T / block_q + S, and <= T."""
-    return min(-(-num_tokens // block_q) + num_seqs, num_tokens)
+def num_query_tiles(num_tokens: int, num_seqs: int, block_q: int, min_q: int = 1) -> int:
+    """A static bound on the tiles of the sequences with >= min_q rows: sum_s ceil(q_len_s / block_q)
+    <= T / block_q + (how many such sequences: <= S and <= T / min_q), and <= T."""
+    return min(-(-num_tokens // block_q) + min(num_seqs, num_tokens // min_q), num_tokens)
 
 
 def query_tiles(query_start_loc: jax.Array, context_lens: jax.Array, block_tables: jax.Array, num_tokens: int,
-                block_q: int) -> QueryTiles:
+                block_q: int, min_q: int = 1) -> QueryTiles:
     """Cuts each sequence's rows into tiles of block_q from its first row; the last one may be short.
 
     A tile never spans two sequences. Its queries are right-aligned: its last slot holds its last
     row, so the padded contract (the last Q tokens of the row) puts every slot at the right
     position; the slots before a short tile's first row recompute earlier positions, discarded.
+    Sequences with fewer than min_q rows get no tiles (another path serves them: their rows are
+    invalid here), which tightens the static tile count (num_query_tiles).
     """
     starts = query_start_loc.astype(jnp.int32)  # [S+1]
     num_seqs = context_lens.shape[0]
     q_lens = starts[1:] - starts[:-1]  # [S]
-    tile_starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(-(-q_lens // block_q))])  # [S+1]
-    num_tiles = num_query_tiles(num_tokens, num_seqs, block_q)
+    served = q_lens >= min_q  # [S]
+    tile_starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(jnp.where(served, -(-q_lens // block_q), 0))])
+    num_tiles = num_query_tiles(num_tokens, num_seqs, block_q, min_q)
 
     tile = jnp.arange(num_tiles, dtype=jnp.int32)  # [N]
     seq = jnp.clip(jnp.searchsorted(tile_starts, tile, side="right") - 1, 0, num_seqs - 1)  # [N]
@@ -161,7 +165,28 @@ def query_tiles(query_start_loc: jax.Array, context_lens: jax.Array, block_table
     tok_end = jnp.minimum((local // block_q + 1) * block_q, q_lens[tok.seq])
     token_tile = jnp.clip(tile_starts[tok.seq] + local // block_q, 0, num_tiles - 1)
     return QueryTiles(jnp.clip(rows, 0, num_tokens - 1), block_tables.astype(jnp.int32)[seq], lens, token_tile,
-                      jnp.clip(block_q - tok_end + local, 0, block_q - 1), tok.valid)
+                      jnp.clip(block_q - tok_end + local, 0, block_q - 1), tok.valid & served[tok.seq])
+
+
+def short_sequences(query_start_loc: jax.Array, max_q: int) -> jax.Array:
+    """[S] bool: sequences with 1..max_q new rows (decode, speculative verify), one tile each."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    return (q_lens > 0) & (q_lens <= max_q)
+
+
+def sequence_tiles(query_start_loc: jax.Array, context_lens: jax.Array, block_tables: jax.Array, num_tokens: int,
+                   block_q: int) -> QueryTiles:
+    """One right-aligned tile of block_q slots per sequence, used by the short_sequences(block_q) only
+    (the others' tiles have lens 0 and their rows are invalid here): the decode-shaped work items."""
+    starts = query_start_loc.astype(jnp.int32)  # [S+1]
+    q_lens = starts[1:] - starts[:-1]  # [S]
+    short = short_sequences(starts, block_q)
+    rows = starts[1:, None] - block_q + jnp.arange(block_q)  # [S, block_q]: the last block_q rows
+    lens = jnp.where(short, context_lens.astype(jnp.int32), 0)
+    tok = token_rows(query_start_loc, context_lens, num_tokens)
+    slot = block_q - q_lens[tok.seq] + jnp.arange(num_tokens, dtype=jnp.int32) - starts[tok.seq]
+    return QueryTiles(jnp.clip(rows, 0, num_tokens - 1), block_tables.astype(jnp.int32), lens, tok.seq,
+                      jnp.clip(slot, 0, block_q - 1), tok.valid & short[tok.seq])
 
 
 def ragged_paged_attention_tiled(

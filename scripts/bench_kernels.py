@@ -22,6 +22,7 @@ import numpy as np
 from pallas_kernels import ops
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import ragged_paged_attention as rpa
+from pallas_kernels import ragged_paged_attention_mgpu as rpm
 
 OUTPUT = flags.DEFINE_string("output", None, "JSON file to write", required=True)
 SMALL = flags.DEFINE_bool("small", None, "shrunken shapes (default: on when not on an sm_90 GPU)")
@@ -129,9 +130,10 @@ def decode_cases(small: bool, on_gpu: bool) -> list[Case]:
 
 def ragged_cases(small: bool, on_gpu: bool) -> list[Case]:
     """A mixed step at Llama-3-8B heads: one prefill chunk and decode rows, every sequence at the
-    same context; on a GPU the native ragged kernel beside the per-token adapter it replaced."""
+    same context (chunk 1: a decode-only step); on a GPU the native ragged kernel beside itself
+    with the A/B-swapped decode tile off (decode rows padded to 64) and the per-token adapter."""
     hq, hkv, d = (4, 2, 64) if small else tuple(LLAMA3_8B.values())
-    points = ((4, 13, 256),) if small else ((64, 449, 4096), (256, 257, 1024), (8, 2041, 8192))
+    points = ((4, 13, 256),) if small else ((64, 1, 4096), (64, 449, 4096), (256, 257, 1024), (8, 2041, 8192))
     cases = []
     for seqs, chunk, context in points:  # chunk + seqs - 1 decode rows
         pages_per_seq = context // PAGE_SIZE
@@ -145,6 +147,9 @@ def ragged_cases(small: bool, on_gpu: bool) -> list[Case]:
         impls = {"xla": jitted(lambda *a: ops.ragged_paged_attention(*a, impl="xla"), *args)}
         if on_gpu:
             impls["pallas"] = jitted(lambda *a: ops.ragged_paged_attention(*a, impl="pallas"), *args)
+            no_decode_tile = rpm.RaggedAttentionConfig(decode_rows=0)
+            impls["pallas_64_row_decode"] = jitted(
+                lambda *a: rpm.ragged_paged_attention_kernel(*a, config=no_decode_tile), *args)
             per_token = lambda *a: rpa.ragged_paged_attention_per_token(pa.paged_attention_kernel, *a)  # noqa: E731
             impls["pallas_per_token"] = jitted(per_token, *args)
         visible = (seqs - 1) * context + chunk * (context - chunk) + chunk * (chunk + 1) / 2

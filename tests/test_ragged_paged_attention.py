@@ -150,6 +150,29 @@ def test_query_tiles_layout():
     np.testing.assert_array_equal(found[valid], np.arange(11))
 
 
+
+def test_short_sequences_take_sequence_tiles_the_rest_query_tiles():
+    """q_lens [6, 0, 1, 4] with decode tiles of 2 tokens: only sequence 2 (1 row) is short; its one
+    right-aligned tile holds row 6, the query tiles (of sequences with >= 3 rows) skip it, and
+    each row is valid on one side."""
+    starts = jnp.array([0, 6, 6, 7, 11], jnp.int32)
+    lens = jnp.array([10, 0, 3, 4], jnp.int32)
+    tables = jnp.arange(8, dtype=jnp.int32).reshape(4, 2)
+    short = rpa.short_sequences(starts, 2)
+    np.testing.assert_array_equal(short, [False, False, True, False])
+    seq = rpa.sequence_tiles(starts, lens, tables, 12, 2)
+    np.testing.assert_array_equal(seq.lens, [0, 0, 3, 0])
+    np.testing.assert_array_equal(seq.rows[2], [5, 6])
+    long = rpa.query_tiles(starts, lens, tables, 12, 4, min_q=3)
+    assert long.rows.shape == (rpa.num_query_tiles(12, 4, 4, 3), 4) == (3 + 4, 4)  # S = 4 <= 12 // 3
+    assert rpa.num_query_tiles(64, 64, 16, 5) == 4 + 12  # a decode step's 64 tokens: 12 long ones at most
+    np.testing.assert_array_equal(long.lens, [8, 10, 4, 0, 0, 0, 0])
+    np.testing.assert_array_equal(seq.token_valid, np.arange(12) == 6)
+    np.testing.assert_array_equal(long.token_valid, (np.arange(12) < 11) & (np.arange(12) != 6))
+    for tiles in (seq, long):
+        found = np.asarray(tiles.rows)[tiles.token_tile, tiles.token_slot]
+        np.testing.assert_array_equal(found[tiles.token_valid], np.arange(12)[tiles.token_valid])
+
 @pytest.mark.parametrize("impl", ["xla", "cpu"])
 def test_jit_engine_shapes_one_compilation(impl):
     """S = max_num_seqs with zero-length sequences, T = a power-of-two bucket: two different

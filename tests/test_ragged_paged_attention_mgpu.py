@@ -27,8 +27,11 @@ def random_mixed(seed, num_seqs, max_context, max_q, decode_share=0.5):
 
 # name: (seed, seqs, pad_rows, Hq, Hkv, D, page_size, max_pages, window, sinks, config, dtype): GQA 1-8,
 # decode-only, prefill spanning tiles (G=1: 64 tokens per tile), a 3-head group (21 tokens, 63
-# rows per tile), a padded head dim, programs walking more blocks than the ring has slots (460 and
-# 300 tokens unsplit: the pages read ahead are used, a window skips the first blocks), 64-token pages (one page per block), the 2-slot ring, splits.
+# rows per tile; decode tiles of 5 tokens in 15 of 16 rows), a padded head dim, programs walking
+# more blocks than the ring has slots (460 and 300 tokens unsplit: the pages read ahead are used, a
+# window skips the first blocks), 64-token pages (one page per block), the 2-slot ring, splits.
+# Short sequences (<= decode_rows // G new tokens) take the A/B-swapped decode tile: verify rows of
+# 2-4 tokens at G=4, 32-row decode tiles at G=8, and the decode tile turned off (decode_rows=0).
 CONFIG = rpm.RaggedAttentionConfig
 CASES = {
     "mixed_gqa4_window_sinks_splits_f32": (0, random_mixed(0, 7, 90, 12), 3, 8, 2, 64, 8, 12, 7, True,
@@ -41,6 +44,12 @@ CASES = {
                                     True, CONFIG(max_splits=1), jnp.float32),
     "page_64_two_stage_ring_bf16": (4, [(130, 9), (64, 64), (0, 0), (200, 1)], 4, 4, 4, 64, 64, 4, 100, False,
                                     CONFIG(max_stages=2, max_splits=2), jnp.bfloat16),
+    "verify_gqa4_decode_tiles_window_splits_f32": (5, [(77, 4), (3, 3), (150, 2), (40, 1), (66, 5), (9, 9)], 2, 8,
+                                                   2, 64, 16, 10, 50, True, CONFIG(max_splits=4), jnp.float32),
+    "decode_rows_32_gqa8_bf16": (6, [(45, 4), (130, 1), (20, 3), (70, 12)], 1, 16, 2, 128, 16, 9, None, True,
+                                 CONFIG(decode_rows=32), jnp.bfloat16),
+    "decode_tile_off_gqa4_f32": (7, [(50, 1), (33, 3), (90, 20)], 2, 8, 2, 64, 8, 12, None, False,
+                                 CONFIG(decode_rows=0, max_splits=2), jnp.float32),
 }
 
 
@@ -96,10 +105,10 @@ def test_unsupported_shapes_are_value_errors():
 def test_ring_depth_by_shared_memory():
     """3 slots at head dim 64/128 with 64-token blocks; 2 where 3 overflow; none above the budget."""
     config = CONFIG()
-    assert rpm.ring_stages(config, 64, 128, 2) == 3
-    assert rpm.ring_stages(config, 128, 128, 2) == 2
-    assert rpm.ring_stages(config, 64, 192, 2) == 2  # 3 slots lowered to 56 B over (the slack)
-    assert rpm.ring_stages(config, 1024, 128, 2) is None
+    assert rpm.ring_stages(config, 64, 64, 128, 2) == 3
+    assert rpm.ring_stages(config, 64, 128, 128, 2) == 2
+    assert rpm.ring_stages(config, 64, 64, 192, 2) == 2  # 3 slots lowered to 56 B over (the slack)
+    assert rpm.ring_stages(config, 64, 1024, 128, 2) is None
     assert rpm.smem_bytes(64, 64, 128, 3, 2) <= fa.SMEM_BYTES < rpm.smem_bytes(64, 128, 128, 3, 2)
 
 
