@@ -158,15 +158,11 @@ def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: i
     num_logprobs (static): top alternatives per sampled token, [B, num_steps, k] (none when 0)."""
     model = nnx.merge(graphdef, state)
     b = tokens.shape[0]
-    query_start_loc = jnp.arange(b + 1, dtype=jnp.int32)  # one query per row
 
     def step(i, carry):
         cache, token, outs = carry
         pos = positions + i
-        page = jnp.take_along_axis(block_tables, (pos // page_size)[:, None], axis=1, mode="fill", fill_value=0)
-        slot = jnp.where(active, page[:, 0] * page_size + pos % page_size, 0)
-        metadata = AttentionMetadata(slot, query_start_loc, jnp.where(active, pos + 1, 0), block_tables,
-                                     max_query_len=1)
+        metadata = AttentionMetadata.one_token_per_row(pos, active, block_tables, page_size)
         hidden, cache = model(token[None], pos[None], cache, metadata, attention_impl=impl)
         logits = model.logits(hidden[0])
         token, logprob = sample(logits, sampling, pos + 1)

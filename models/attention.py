@@ -35,6 +35,16 @@ class AttentionMetadata:
     block_tables: jax.Array
     max_query_len: int = dataclasses.field(default=1, metadata=dict(static=True))
 
+    @classmethod
+    def one_token_per_row(cls, positions: jax.Array, active: jax.Array, block_tables: jax.Array,
+                          page_size: int) -> AttentionMetadata:
+        """A decode step outside the scheduler (multi-step decode, draft proposals): row b's one new
+        token at positions[b]; inactive rows write into the null page and attend to nothing."""
+        page = jnp.take_along_axis(block_tables, (positions // page_size)[:, None], axis=1, mode="fill", fill_value=0)
+        slot = jnp.where(active, page[:, 0] * page_size + positions % page_size, 0)
+        query_start_loc = jnp.arange(positions.shape[0] + 1, dtype=jnp.int32)
+        return cls(slot, query_start_loc, jnp.where(active, positions + 1, 0), block_tables, max_query_len=1)
+
     def attend(self, q_btnh: jax.Array, k_pages: jax.Array, v_pages: jax.Array, impl: str,
                **kwargs) -> jax.Array:
         """q [1, T, Hq, D] of the flat tokens against the pages -> [1, T, Hq, D]."""

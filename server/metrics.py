@@ -88,20 +88,18 @@ class ServerMetrics:
             def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
                 out.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
-            metric("jaxserve_num_requests_running", "gauge", "Requests in the running batch.",
-                   [f"jaxserve_num_requests_running{{{lab}}} {self.running}"])
-            metric("jaxserve_num_requests_waiting", "gauge", "Requests waiting to be admitted.",
-                   [f"jaxserve_num_requests_waiting{{{lab}}} {self.waiting}"])
-            metric("jaxserve_kv_pages_used", "gauge", "KV cache pages held by requests.",
-                   [f"jaxserve_kv_pages_used{{{lab}}} {self.pages_used}"])
-            metric("jaxserve_kv_pages_total", "gauge", "KV cache pages in the pool (without the null page).",
-                   [f"jaxserve_kv_pages_total{{{lab}}} {self.pages_total}"])
-            metric("jaxserve_kv_cache_usage_ratio", "gauge", "Fraction of KV cache pages in use.",
-                   [f"jaxserve_kv_cache_usage_ratio{{{lab}}} {_number(self.pages_used / max(1, self.pages_total))}"])
-            metric("jaxserve_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
-                   [f"jaxserve_prompt_tokens_total{{{lab}}} {self.prompt_tokens}"])
-            metric("jaxserve_generation_tokens_total", "counter", "Generated tokens.",
-                   [f"jaxserve_generation_tokens_total{{{lab}}} {self.generation_tokens}"])
+            def scalar(name: str, kind: str, help_text: str, value: object) -> None:
+                metric(name, kind, help_text, [f"{name}{{{lab}}} {value}"])
+
+            scalar("jaxserve_num_requests_running", "gauge", "Requests in the running batch.", self.running)
+            scalar("jaxserve_num_requests_waiting", "gauge", "Requests waiting to be admitted.", self.waiting)
+            scalar("jaxserve_kv_pages_used", "gauge", "KV cache pages held by requests.", self.pages_used)
+            scalar("jaxserve_kv_pages_total", "gauge", "KV cache pages in the pool (without the null page).",
+                   self.pages_total)
+            scalar("jaxserve_kv_cache_usage_ratio", "gauge", "Fraction of KV cache pages in use.",
+                   _number(self.pages_used / max(1, self.pages_total)))
+            scalar("jaxserve_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", self.prompt_tokens)
+            scalar("jaxserve_generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
             metric("jaxserve_requests_finished_total", "counter", "Finished requests by finish reason.",
                    [f'jaxserve_requests_finished_total{{{lab},finish_reason="{_escape(r)}"}} {n}'
                     for r, n in sorted(self.finished.items())])

@@ -50,15 +50,11 @@ def _draft_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, k: int, seqs:
     """k draft steps from each row's last token at `positions`: drafts [B, k] and q [seqs, k, V]."""
     model = nnx.merge(graphdef, state)
     b, vocab = tokens.shape[0], model.config.vocab_size
-    query_start_loc = jnp.arange(b + 1, dtype=jnp.int32)
 
     def step(i, carry):
         cache, token, drafts, probs = carry
         pos = positions + i
-        page = jnp.take_along_axis(block_tables, (pos // page_size)[:, None], axis=1, mode="fill", fill_value=0)
-        slot = jnp.where(active, page[:, 0] * page_size + pos % page_size, 0)
-        metadata = AttentionMetadata(slot, query_start_loc, jnp.where(active, pos + 1, 0), block_tables,
-                                     max_query_len=1)
+        metadata = AttentionMetadata.one_token_per_row(pos, active, block_tables, page_size)
         hidden, cache = model(token[None], pos[None], cache, metadata, attention_impl=impl)
         token, q = draw(model.logits(hidden[0]), sampling, pos + 1)
         return cache, token, drafts.at[:, i].set(token), probs.at[:, i].set(q)

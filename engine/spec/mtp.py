@@ -62,7 +62,6 @@ def _draft_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, k: int, seqs:
     [B] is each row's last token. Drafts [B, k] and q [seqs, k, V]."""
     model = nnx.merge(graphdef, state)
     b, vocab = positions.shape[0], model.config.vocab_size
-    query_start_loc = jnp.arange(b + 1, dtype=jnp.int32)
     hidden = last_hidden[row_map]
     token, q = draw(_module_logits(model, hidden), sampling, positions + 1)
     drafts = jnp.zeros((b, k), jnp.int32).at[:, 0].set(token)
@@ -71,10 +70,7 @@ def _draft_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, k: int, seqs:
     def step(i, carry):
         cache, hidden, token, drafts, probs = carry
         pos = positions + i - 1
-        page = jnp.take_along_axis(block_tables, (pos // page_size)[:, None], axis=1, mode="fill", fill_value=0)
-        slot = jnp.where(active, page[:, 0] * page_size + pos % page_size, 0)
-        metadata = AttentionMetadata(slot, query_start_loc, jnp.where(active, pos + 1, 0), block_tables,
-                                     max_query_len=1)
+        metadata = AttentionMetadata.one_token_per_row(pos, active, block_tables, page_size)
         out, layer = _module_forward(model, token[None, :], hidden[None], pos[None], cache[0], metadata, impl)
         token, q = draw(_module_logits(model, out[0]), sampling, pos + 2)
         return [layer], out[0], token, drafts.at[:, i].set(token), probs.at[:, i].set(q)
