@@ -11,6 +11,7 @@ temperature / top-k / top-p / min-p transforms, with their own random stream (se
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +75,7 @@ def check_draft(draft: ModelConfig, target: ModelConfig, max_model_len: int) -> 
                          f"than max_model_len={max_model_len}")
 
 
-
-def warm_up_proposer(config: EngineConfig, run_loop, fill) -> int:
+def warm_up_proposer(config: EngineConfig, run_loop: Callable[..., Any], fill: Callable[..., None]) -> int:
     """Walk runner.warmup_shapes for a proposer (draft model, MTP): its draft loop per decode
     (rows, pages) bucket, fill(zeros [n], metadata) per mixed and verify bucket; returns the count."""
     shapes = warmup_shapes(config)
@@ -86,6 +86,7 @@ def warm_up_proposer(config: EngineConfig, run_loop, fill) -> int:
         else:
             fill(zeros, padding_metadata(config, n, pages, run == "verify"))
     return len(shapes)
+
 
 class DraftModelProposer:
     """Owns the draft's parameters, paged cache and two jitted calls (fill, draft loop)."""
