@@ -11,6 +11,7 @@ from flax import nnx
 from models.config import ModelConfig
 from models.layers import Linear, RMSNorm, RotaryEmbedding
 from pallas_kernels import ops
+from sharding import head_parallel
 
 LayerCache = tuple[jax.Array, ...]  # K and V pages [Hkv, num_pages, page_size, D] (MLA: one latent tensor)
 
@@ -107,5 +108,14 @@ class Attention(nnx.Module):
             k_pages = write_pages(cache[0], k, metadata.slot_mapping)
             v_pages = write_pages(cache[1], v, metadata.slot_mapping)
             cache = (k_pages, v_pages)
-            out = metadata.attend(q, k_pages, v_pages, **kwargs)
+            out = self._attend(q, k_pages, v_pages, metadata, **kwargs)
         return self.o_proj(out.astype(x_btd.dtype)), cache
+
+    def _attend(self, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, metadata: AttentionMetadata, *,
+                sinks: jax.Array | None, impl: str, **kwargs) -> jax.Array:
+        """metadata.attend, per head shard where a kernel GSPMD cannot partition meets split heads."""
+        split = head_parallel.kv_heads_split(self.k_proj.kernel) if head_parallel.needs_shard_map(impl) else None
+        if split is None:
+            return metadata.attend(q, k_pages, v_pages, sinks=sinks, impl=impl, **kwargs)
+        attend = lambda q, k, v, s, m: m.attend(q, k, v, sinks=s, impl=impl, **kwargs)  # noqa: E731
+        return head_parallel.attend_per_head_shard(attend, *split, q, k_pages, v_pages, sinks, metadata)

@@ -7,6 +7,7 @@ The suite needs 8 devices, which must be requested before jax starts: in the mai
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from models import load_model
 from models import ModelConfig, get_preset
@@ -206,3 +208,43 @@ def test_rules_reject_two_axes_on_one_mesh_axis():
         rules.spec(("embed", "mlp"), (8, 8), make_mesh(tensor=8))
     with pytest.raises(ValueError, match="unknown mesh axes"):
         ShardingRules("bad", {"embed": ("model",)})
+
+
+@needs_8
+def test_attention_runs_per_head_shard_for_kernels_gspmd_cannot_split(monkeypatch):
+    """Under tensor parallelism a Mosaic kernel (a custom call GSPMD cannot partition) runs inside
+    shard_map on each device's KV heads, sinks and pages (sharding/head_parallel.py). The Mosaic
+    interpreter cannot run on several devices at once, so the jnp path stands in for the kernel:
+    forced through the same shard_map it must equal the unsharded layer, sliding window and sinks
+    included (gpt-oss), and gather no pages. (The compile gate shows the gather it removes: 1.7 GB
+    per step for Llama-3.3-70B on 2 H200s, README GPU section.)"""
+    from models.attention import Attention, AttentionMetadata
+    from sharding import head_parallel
+    config = variant("tiny-gpt-oss")  # 8 q heads, 2 kv heads: split over tensor=2; window 8, sinks
+    mesh = make_mesh(tensor=2, expert=4)
+    layer = Attention(config, dtype=jnp.float32, rngs=nnx.Rngs(0), layer=0)
+    layer.sinks[...] = jnp.asarray(np.random.default_rng(1).normal(size=config.num_heads), jnp.float32)
+    rng = np.random.default_rng(0)
+    lens, new, page_size, pages = [5, 0, 12], [2, 0, 12], 8, 7  # a decode-ish tail, an empty row, a prefill
+    tables = jnp.asarray([[1, 2], [0, 0], [3, 4]], jnp.int32)
+    positions = [p for s, n in enumerate(new) for p in range(lens[s] - n, lens[s])]
+    seq_of = [s for s, n in enumerate(new) for _ in range(n)]
+    slots = [int(tables[s, p // page_size]) * page_size + p % page_size for s, p in zip(seq_of, positions)]
+    metadata = AttentionMetadata(jnp.asarray(slots, jnp.int32), jnp.asarray(np.cumsum([0] + new), jnp.int32),
+                                 jnp.asarray(lens, jnp.int32), tables, max_query_len=12)
+    x = jnp.asarray(rng.normal(size=(1, len(slots), config.hidden_size)), jnp.float32)
+    shape = (config.num_kv_heads, pages, page_size, config.head_dim)
+    cache = tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2))
+    reference, _ = layer(x, jnp.asarray([positions]), cache, metadata, "xla")
+
+    calls = []
+    monkeypatch.setattr(head_parallel, "needs_shard_map", lambda impl: calls.append(impl) or True)
+    sharded = shard_model(layer, mesh)
+    placed = tuple(jax.device_put(c, cache_sharding(shape, mesh)) for c in cache)
+    step = jax.jit(lambda x, p, c, m: sharded(x, p, c, m, "xla"))
+    out, _ = step(x, jnp.asarray([positions]), placed, metadata)
+    assert calls  # the shard_map path ran
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=2e-5)
+    hlo = step.lower(x, jnp.asarray([positions]), placed, metadata).compile().as_text()
+    gathered = re.findall(r"=\s*(\S+)\s+all-gather", hlo)
+    assert not [g for g in gathered if g.startswith(f"f32[{config.num_kv_heads},{pages},")], gathered
