@@ -2,7 +2,8 @@
 each [heads, num_pages, page_size, head_dim] (models/architecture.py CacheLayout).
 
 Heads first, so tensor parallelism shards axis 0 and each head's pages are contiguous for kernels.
-Page 0 is the null page: padding tokens write there and block tables pad with it.
+Page 0 is the null page: padding tokens write there and block tables pad with it. The pool is
+stored in pool_dtype(the model's dtype): what the GPU kernels read in place.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ from models.architecture import CacheLayout
 from models.attention import LayerCache
 from models.config import ModelConfig
 from models.registry import get_architecture
+from pallas_kernels import ops
+
+
+def pool_dtype(model_dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype the KV pool is stored in: the model's, except float32 on an H100/H200, stored as
+    bfloat16. The compiled Pallas kernels read the pool in place as what wgmma multiplies
+    (bf16/f16: pallas_kernels.flash_attention.kv_pool) and refuse float32, whose per-step cast
+    would copy the whole cache. New K/V are cast as they are written (models/attention.py). The
+    choice does not wait for the attention impl, which the engine picks after sizing the pool."""
+    dtype = jnp.dtype(model_dtype)
+    return jnp.dtype(jnp.bfloat16) if dtype == jnp.float32 and ops.is_sm90_gpu() else dtype
 
 
 def layout(config: ModelConfig) -> CacheLayout:
@@ -26,14 +38,15 @@ def bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
     return config.num_layers * c.tensors * c.heads * c.head_dim * dtype_bytes
 
 
-def bytes_per_page(config: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:
-    return bytes_per_token(config, jnp.dtype(dtype).itemsize) * page_size
+def bytes_per_page(config: ModelConfig, page_size: int, model_dtype: jnp.dtype) -> int:
+    """Bytes of one page over all layers, in the pool's dtype (pool_dtype(model_dtype))."""
+    return bytes_per_token(config, pool_dtype(model_dtype).itemsize) * page_size
 
 
-def pages_for_budget(config: ModelConfig, page_size: int, dtype: jnp.dtype, budget_bytes: int,
+def pages_for_budget(config: ModelConfig, page_size: int, model_dtype: jnp.dtype, budget_bytes: int,
                      max_useful_pages: int) -> int:
     """Pages that fit in `budget_bytes`, never more than can ever be used (+1 for the null page)."""
-    return min(budget_bytes // bytes_per_page(config, page_size, dtype), max_useful_pages + 1)
+    return min(budget_bytes // bytes_per_page(config, page_size, model_dtype), max_useful_pages + 1)
 
 
 def page_shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
@@ -42,17 +55,18 @@ def page_shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple[int
     return (c.heads, num_pages, page_size, c.head_dim)
 
 
-def allocate(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype,
+def allocate(config: ModelConfig, num_pages: int, page_size: int, model_dtype: jnp.dtype,
              sharding: jax.sharding.Sharding | None = None) -> list[LayerCache]:
-    """Zeroed cache tensors per layer, created directly in their shards when `sharding` is given
-    (sharding.rules.cache_sharding: kv heads over "tensor", replicated when fewer than its size)."""
-    shape = page_shape(config, num_pages, page_size)
+    """Zeroed cache tensors per layer in pool_dtype(model_dtype), created directly in their shards
+    when `sharding` is given (sharding.rules.cache_sharding: kv heads over "tensor", replicated
+    when fewer than its size)."""
+    shape, dtype = page_shape(config, num_pages, page_size), pool_dtype(model_dtype)
     return [tuple(jnp.zeros(shape, dtype, device=sharding) for _ in range(layout(config).tensors))
             for _ in range(config.num_layers)]
 
 
-def summary(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> str:
-    total = num_pages * bytes_per_page(config, page_size, dtype)
+def summary(config: ModelConfig, num_pages: int, page_size: int, model_dtype: jnp.dtype) -> str:
+    total = num_pages * bytes_per_page(config, page_size, model_dtype)
     return (f"KV cache: {num_pages} pages x {page_size} tokens = {(num_pages - 1) * page_size} token capacity "
-            f"(page 0 reserved), {total / 2**20:.1f} MiB {jnp.dtype(dtype).name} "
+            f"(page 0 reserved), {total / 2**20:.1f} MiB {pool_dtype(model_dtype).name} "
             f"over {config.num_layers} layers")

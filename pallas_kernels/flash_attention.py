@@ -20,11 +20,29 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import warp_specialized_attention as ws
 
 
-def target_device_kind() -> str:
-    """The device kind kernels are built for: an abstract mesh's device (cross-lowering for an
-    H100 on CPU) if one is set, else the default device's. Picks each kernel's frozen config."""
+NOMINAL_NUM_SMS = 132  # an H100 SXM's SMs: what a target that reports none (a CPU interpreting) counts
+
+
+def _target_device() -> Any:
+    """The device kernels are built for: an abstract mesh's AbstractDevice when one is set
+    (cross-lowering for an H100 on CPU, compiling for a deviceless GPU topology), else the default
+    device."""
     abstract = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return abstract.device_kind if abstract is not None else jax.devices()[0].device_kind
+    return abstract if abstract is not None else jax.devices()[0]
+
+
+def target_device_kind() -> str:
+    """The kind of the device kernels are built for (_target_device). Picks each kernel's frozen config."""
+    return _target_device().device_kind
+
+
+def target_num_sms() -> int:
+    """The SM count of the device kernels are built for (_target_device): an AbstractDevice's
+    num_cores or a GPU's core_count (114 on an H100 PCIe, 132 on an SXM or an H200). Sizes the
+    persistent grids and the KV splits; NOMINAL_NUM_SMS where the device reports none (a CPU
+    interpreting the kernels, so interpret mode walks the H100 SXM's grids and splits)."""
+    device = _target_device()
+    return getattr(device, "num_cores", None) or getattr(device, "core_count", None) or NOMINAL_NUM_SMS
 
 
 def check_attention_args(q_heads: int, kv_heads: int, sliding_window: int | None, sinks: jax.Array | None) -> None:
@@ -366,13 +384,44 @@ def mma_dtype(dtype: Any, interpret: Any) -> Any:
     return jnp.bfloat16
 
 
+def round_up(x: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` >= x."""
+    return -(-x // multiple) * multiple
+
+
+def pad_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """x zero-padded at the end of each axis to `shape`; x itself, no copy and no op in the lowered
+    module, when it already has that shape (jnp.pad would still emit a pad)."""
+    if tuple(x.shape) == tuple(shape):
+        return x
+    return jnp.pad(x, [(0, want - have) for have, want in zip(x.shape, shape)])
+
+
 def pad_last(x: jax.Array, multiple: int) -> jax.Array:
     """Zero-pads the last axis to a multiple of `multiple` (head_dim, for 128-byte swizzled rows).
 
     Zero q/k columns leave the logits unchanged; zero v columns give output columns to drop.
     """
-    pad = [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % multiple)]
-    return jnp.pad(x, pad)
+    return pad_to(x, (*x.shape[:-1], round_up(x.shape[-1], multiple)))
+
+
+def kv_pool(pages: jax.Array, interpret: Any) -> jax.Array:
+    """A paged KV pool [Hkv, pages, page_size, D] as the paged kernels read it: in place.
+
+    A cast or pad here would copy the whole KV cache on every call, so compiled for the GPU
+    (interpret None) the pool must already be what wgmma multiplies, bfloat16 or float16, with D a
+    multiple of HEAD_DIM_MULTIPLE (128-byte swizzled rows); the engine stores its GPU pool that way
+    (engine/kv_cache.pool_dtype). Interpret mode (CPU) also reads float32 as stored, and zero-pads
+    the D of tiny test models (a copy, off the GPU's hot path). Anything else is a ValueError
+    naming the pool's dtype and shape.
+    """
+    if mma_dtype(pages.dtype, interpret) != pages.dtype or (interpret is None and pages.shape[-1] % HEAD_DIM_MULTIPLE):
+        raise ValueError(
+            f"the paged kernels read the KV pool in place (a cast or pad would copy the whole cache every step): "
+            f"compiled for the GPU it must be bfloat16 or float16 with head_dim a multiple of {HEAD_DIM_MULTIPLE} "
+            f"(the engine's GPU pool: kv_cache.pool_dtype), interpreted float32 too; got {pages.dtype}"
+            f"{list(pages.shape)}")
+    return pad_last(pages, HEAD_DIM_MULTIPLE)
 
 
 def _flash_body(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch, st: BlockedAttention, kv_len: int,
@@ -425,8 +474,8 @@ def flash_attention_kernel(
         causal=causal,
         dtype=dtype,
     )
-    pad = ((0, 0), (0, -s_len % config.block_kv), (0, 0), (0, 0))
-    k, v = (jnp.pad(pad_last(x.astype(dtype), HEAD_DIM_MULTIPLE), pad) for x in (k, v))
+    kv_shape = (b, round_up(s_len, config.block_kv), hkv, q_pad.shape[-1])
+    k, v = (pad_to(x.astype(dtype), kv_shape) for x in (k, v))
     body, q_rows = functools.partial(_flash_body, st=st, kv_len=s_len), to_rows(q_pad, hkv, config.block_rows)
     if config.warp_specialized:
         stages = ws.ws_stages(config.block_kv, q_pad.shape[-1], jnp.dtype(dtype).itemsize)

@@ -69,6 +69,12 @@ def grouped_matmul_reference(
 # block (a ladder of power-of-two TMA stores, since a TMA's size is static). Rows no entry covers
 # (padding, other shards' groups) are zeroed by the wrapper.
 #
+# No operand is copied to fit the tiles: a tile reaching past M, K or N is read by TMA with zeros
+# past the array's end (OOBFillMode.ZEROS, which interpret mode models too) and its stores past the
+# end are dropped. So the expert weights (rhs, e.g. gpt-oss-120b's [128, 2880, 2880] down
+# projection: 45 column tiles of 64) are read in place; only a K or N that is not a multiple of 64
+# (the swizzled TMA tile: tiny test models) or M off a multiple of 8 (its row tile) is padded.
+#
 # On Hopper the persistent variant (config.persistent) runs one program per SM over all (entry,
 # column tile) work items, entries fastest: the row blocks of one group run side by side and
 # share its rhs columns in L2 (rhs is the large operand of an MoE layer). Each program has a TMA
@@ -81,20 +87,21 @@ def grouped_matmul_reference(
 @dataclasses.dataclass(frozen=True)
 class GroupedMatmulConfig:
     """Tile sizes: block_m rows x block_n columns per (consumer) warpgroup, block_k per pipeline
-    step; persistent: one program per SM (num_sms) with two consumers of block_n columns each."""
+    step; persistent: num_sms programs (None: one per SM of the target device,
+    fa.target_num_sms()) with two consumers of block_n columns each."""
 
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64
     max_concurrent_steps: int = 4
     persistent: bool = False
-    num_sms: int = 132
+    num_sms: int | None = None
 
     def __post_init__(self):
         if self.block_m % 64 or self.block_n % 64 or self.block_k % 64:
             raise ValueError(f"block sizes must be multiples of 64: {self}")
-        if self.max_concurrent_steps < 2 or self.num_sms < 1:
-            raise ValueError(f"max_concurrent_steps must be >= 2 and num_sms positive: {self}")
+        if self.max_concurrent_steps < 2 or (self.num_sms is not None and self.num_sms < 1):
+            raise ValueError(f"max_concurrent_steps must be >= 2 and num_sms None or positive: {self}")
 
 
 DECODE_ROWS_PER_GROUP = 64  # at most this many rows per group on average: the weight-bound decode tiles
@@ -169,7 +176,7 @@ def _store_rows(o_smem, o_ref, row_lo, row_hi, block, ni, cfg: GroupedMatmulConf
 
 
 def _gmm_body(
-    group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, o_smem, *, cfg: GroupedMatmulConfig, k: int
+    group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, o_smem, *, cfg: GroupedMatmulConfig, k_steps: int
 ):
     """Program (t, n): one schedule entry's row block times one column block of its group's rhs."""
     t, ni = jax.lax.axis_index("entry"), jax.lax.axis_index("n")
@@ -180,22 +187,22 @@ def _gmm_body(
         def acc_scope(acc_ref):
             def mma(_, lhs_smem, rhs_smem):
                 plgpu.wgmma(acc_ref, lhs_smem, rhs_smem)
-                # delay_release=1 refills the previous step's slots after this body: this step's
-                # wgmma may stay in flight, the previous one must be done (upstream
-                # hopper_matmul_mgpu.py pairs delay_release=d with wgmma_wait(d)); without the
-                # wait a TMA could overwrite operands a wgmma is still reading.
+                # emit_pipeline with delay_release=1 refills step s-1's slots as soon as step s's body
+                # returns. wgmma_wait(1) leaves at most one wgmma group of this warpgroup in flight,
+                # step s's own, so step s-1's wgmma, the last reader of those slots, is done (upstream
+                # hopper_matmul_mgpu.py pairs delay_release=d with wgmma_wait(d)).
                 plgpu.wgmma_wait(1)
 
             plgpu.emit_pipeline(
                 mma,
-                grid=(k // cfg.block_k,),
+                grid=(k_steps,),
                 in_specs=[
                     plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda kk: (block, kk), delay_release=1),
                     plgpu.BlockSpec((cfg.block_k, cfg.block_n), lambda kk: (kk, ni), delay_release=1),
                 ],
                 max_concurrent_steps=cfg.max_concurrent_steps,
             )(lhs_ref, rhs_ref.at[group])
-            return acc_ref[...]
+            return acc_ref[...]  # reading an ACC waits for every wgmma (wgmma_wait(0)) first
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n), jnp.float32))
         o_smem[...] = acc.astype(o_smem.dtype)
@@ -204,24 +211,38 @@ def _gmm_body(
 
 
 def _persistent_gmm_body(group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, *,
-                         cfg: GroupedMatmulConfig, k: int, n_iters: int):
+                         cfg: GroupedMatmulConfig, k_steps: int, n_iters: int):
     """One SM's program: work items lin = sm, sm + num_sms, ... as (entry lin % T, column tile
-    lin // T) of 2 x block_n columns, consumer wg owning columns wg * block_n of the tile."""
+    lin // T) of 2 x block_n columns, consumer wg owning columns wg * block_n of the tile.
+
+    Operand slots (emit_pipeline_warp_specialized, delay_release=d): after its body of step s a
+    consumer arrives on the "consumed" barrier of step s-d's slot, and the producer refills a slot
+    only once both consumers arrived. Each body ends with wgmma_wait(d): at most d wgmma groups of
+    this consumer, steps s-d+1..s, stay in flight, so step s-d's wgmma, that slot's last reader, is
+    done. d = 1 lets step s's wgmma run while the consumer waits for step s+1's operands. But no
+    body follows the last d steps, so their slots are never released, while the producer, once it
+    saw the arrivals for steps 0..S-1-d, fills every slot for the next work item in its prologue
+    without waiting: so the last step's body waits for all its wgmmas (wgmma_wait(0)) before its
+    arrival, and no wgmma of an item reads a slot after the producer moved on. With one K step
+    there is no arrival at all to delay (the producer would lap the consumers): d = 0 there. The
+    accumulator is read after the pipeline (acc_ref[...] waits for every wgmma).
+    """
     num_entries, dtype = group_ref.shape[0], lhs_ref.dtype
     wg, cta_n = jax.lax.axis_index("wg"), 2 * cfg.block_n
+    delay = min(1, k_steps - 1)
     swizzle = plgpu.find_swizzle(cfg.block_k * jnp.dtype(dtype).itemsize * 8)
     tiled = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
             body,
-            grid=(k // cfg.block_k,),
+            grid=(k_steps,),
             memory_registers=40,
             in_specs=[
                 plgpu.BlockSpec((cfg.block_m, cfg.block_k), lambda kk: (0, kk), transforms=tiled,
-                                memory_space=plgpu.SMEM, delay_release=1),
+                                memory_space=plgpu.SMEM, delay_release=delay),
                 plgpu.BlockSpec((cfg.block_k, cta_n), lambda kk: (kk, 0), transforms=tiled,
-                                memory_space=plgpu.SMEM, delay_release=1),
+                                memory_space=plgpu.SMEM, delay_release=delay),
             ],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -239,6 +260,7 @@ def _persistent_gmm_body(group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref,
             (lin,) = info.index
             t, nb = jax.lax.rem(lin, num_entries), jax.lax.div(lin, num_entries)
             group, block, row_lo, row_hi = group_ref[t], block_ref[t], lo_ref[t], hi_ref[t]
+            ni = nb * 2 + wg  # this consumer's column tile
 
             def context(run):
                 def acc_scope(acc_ref):
@@ -247,13 +269,20 @@ def _persistent_gmm_body(group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref,
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last item's stores have read o_smem
                     o_smem.at[wg][...] = acc
                     plgpu.commit_smem()
-                    _store_rows(o_smem.at[wg], o_ref, row_lo, row_hi, block, nb * 2 + wg, cfg, wait=False)
+                    # The second half of an odd last column tile lies past N: it multiplied the TMA's
+                    # zero fill and stores nothing.
+                    pl.when(ni * cfg.block_n < o_ref.shape[1])(
+                        lambda: _store_rows(o_smem.at[wg], o_ref, row_lo, row_hi, block, ni, cfg, wait=False))
 
                 pl.run_scoped(acc_scope, plgpu.ACC((cfg.block_m, cfg.block_n), jnp.float32))
 
-            def mma(_, lhs_smem, rhs_smem, acc_ref):
+            def mma(idx, lhs_smem, rhs_smem, acc_ref):
                 plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.at[:, pl.ds(wg * cfg.block_n, cfg.block_n)])
-                plgpu.wgmma_wait(1)  # delay_release=1: the previous step's wgmma is done (see _gmm_body)
+                plgpu.wgmma_wait(delay)
+                if delay:
+                    @pl.when(idx[0] == k_steps - 1)
+                    def _drain():
+                        plgpu.wgmma_wait(0)
                 return acc_ref
 
             @pl.when(row_lo < row_hi)
@@ -264,10 +293,11 @@ def _persistent_gmm_body(group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last item's stores, before o_smem goes
 
 
-def _pick_block_n(n: int, preferred: int, largest: int) -> int:
-    """The preferred column tile (at most `largest`) if it divides N (a multiple of 64), else the
-    largest of 192, 128, 64 up to `largest` that does."""
-    return next(b for b in (min(preferred, largest), 192, 128, 64) if b <= largest and n % b == 0)
+def _pick_block_n(n: int, preferred: int, largest: int, halves: int) -> int:
+    """The widest column tile (the preferred one, else 192, 128, 64; at most `largest`) that cuts N
+    (a multiple of 64) into whole `halves` x block_n tiles; 64 where none does (N an odd number of
+    64-column tiles: the last tile's second half lies past N)."""
+    return next((b for b in (min(preferred, largest), 192, 128, 64) if b <= largest and n % (halves * b) == 0), 64)
 
 
 def grouped_matmul_kernel(
@@ -282,41 +312,47 @@ def grouped_matmul_kernel(
     """The grouped GEMM on the Mosaic GPU kernel (same contract as grouped_matmul_reference).
 
     interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
-    Multiplies bf16/f16 (and f32 when interpreting) with f32 accumulation; other dtypes go in as
-    bf16. M, K and N are zero-padded to whole tiles (a copy only when they are not already).
+    Multiplies in rhs's dtype with f32 accumulation, lhs cast to it. rhs, the expert weights, is
+    read in place: compiled for the GPU it must be bf16 or f16 (a ValueError otherwise: a cast
+    would copy every expert's weights on every call); interpret mode takes f32 too. Tiles reaching
+    past M, K or N read zeros and store nothing there, so nothing is padded to whole tiles; only K
+    or N off a multiple of 64 and M off a multiple of 8 (tiny test shapes) cost a padded copy.
     """
     check_grouped_matmul_args(lhs, rhs, group_sizes)
+    dtype = rhs.dtype
+    if fa.mma_dtype(dtype, interpret) != dtype:
+        raise ValueError(f"grouped_matmul reads the expert weights (rhs) in place: bfloat16 or float16 (float32 "
+                         f"too in interpret mode), got {dtype}{list(rhs.shape)}; a cast would copy them every call "
+                         f"(load the model with dtype='bfloat16')")
     (m, k), n = lhs.shape, rhs.shape[2]
     config = config or grouped_matmul_config(fa.target_device_kind(), m / group_sizes.shape[0])
     halves = 2 if config.persistent else 1  # the persistent kernel's two consumers split a column tile
-    m_pad, k_pad, n_pad = (-(-x // b) * b for x, b in ((m, config.block_m), (k, config.block_k), (n, 64 * halves)))
-    if config.persistent:  # two K steps at least: a one-step warp-specialized pipeline with delay_release=1,
-        k_pad = max(k_pad, 2 * config.block_k)  # run once per work item, lets the producer lap a consumer
+    m_in, k_in, n_in = fa.round_up(m, 8), fa.round_up(k, 64), fa.round_up(n, 64)
     # The persistent kernel keeps column tiles at <= 128 per consumer: 192 overflows SMEM beside the ring.
-    cfg = dataclasses.replace(config, block_n=_pick_block_n(n_pad // halves, config.block_n,
-                                                                     128 if halves == 2 else 192))
+    cfg = dataclasses.replace(config, block_n=_pick_block_n(n_in, config.block_n, 128 if halves == 2 else 192, halves),
+                              num_sms=config.num_sms or fa.target_num_sms())
+    k_steps = pl.cdiv(k_in, cfg.block_k)
     sizes, start = local_groups(group_sizes, rhs.shape[0], group_offset)
     schedule = tile_schedule(sizes, start, m, cfg.block_m)
-    keep = lhs.dtype in (jnp.bfloat16, jnp.float16) or (interpret is not None and lhs.dtype == jnp.float32)
-    dtype = lhs.dtype if keep else jnp.bfloat16
-    lhs_pad = jnp.pad(lhs.astype(dtype), ((0, m_pad - m), (0, k_pad - k)))
-    rhs_pad = jnp.pad(rhs.astype(dtype), ((0, 0), (0, k_pad - k), (0, n_pad - n)))
+    lhs_in = fa.pad_to(lhs.astype(dtype), (m_in, k_in))
+    rhs_in = fa.pad_to(rhs, (rhs.shape[0], k_in, n_in))
     name = f"grouped_matmul_m{cfg.block_m}_n{cfg.block_n}_k{cfg.block_k}_st{cfg.max_concurrent_steps}"
     if cfg.persistent:
-        launch = dict(body=functools.partial(_persistent_gmm_body, cfg=cfg, k=k_pad, n_iters=n_pad // (2 * cfg.block_n)),
+        launch = dict(body=functools.partial(_persistent_gmm_body, cfg=cfg, k_steps=k_steps,
+                                             n_iters=pl.cdiv(n_in, 2 * cfg.block_n)),
                       grid=(cfg.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
                       kernel_name=f"{name}_persistent")
     else:
-        launch = dict(body=functools.partial(_gmm_body, cfg=cfg, k=k_pad),
+        launch = dict(body=functools.partial(_gmm_body, cfg=cfg, k_steps=k_steps),
                       scratch_types=[plgpu.SMEM((cfg.block_m, cfg.block_n), dtype)],
-                      grid=(schedule[0].shape[0], n_pad // cfg.block_n), grid_names=("entry", "n"), kernel_name=name)
+                      grid=(schedule[0].shape[0], n_in // cfg.block_n), grid_names=("entry", "n"), kernel_name=name)
     kernel = plgpu.kernel(
-        out_type=jax.ShapeDtypeStruct((m_pad, n_pad), dtype),
+        out_type=jax.ShapeDtypeStruct((m_in, n_in), dtype),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret,
         **launch,
     )
-    out = kernel(*schedule, lhs_pad, rhs_pad)[:m, :n]
+    out = kernel(*schedule, lhs_in, rhs_in)[:m, :n]
     rows = jnp.arange(m)[:, None]
     covered = (rows >= start) & (rows < start + jnp.sum(sizes))
     return jnp.where(covered, out, 0).astype(lhs.dtype)

@@ -132,26 +132,27 @@ class PagedAttentionConfig:
 
     block_rows: query rows (Q x query heads per KV head) per program; wgmma wants M % 64 == 0.
     block_kv: tokens per KV step, a whole number of pages; bf16 PV wants a multiple of 64.
-    num_sms: streaming multiprocessors to fill when choosing the number of KV splits.
+    num_sms: streaming multiprocessors to fill when choosing the number of KV splits; None: the
+        target device's (fa.target_num_sms()).
     max_splits: upper bound on KV splits per (sequence, KV head, row tile).
     """
 
     block_rows: int = 64
     block_kv: int = 128
-    num_sms: int = 132
+    num_sms: int | None = None
     max_splits: int = 16
 
     def __post_init__(self):
         if self.block_rows % 64 or self.block_kv % 64:
             raise ValueError(f"block_rows and block_kv must be multiples of 64: {self}")
-        if self.num_sms < 1 or self.max_splits < 1:
-            raise ValueError(f"num_sms and max_splits must be positive: {self}")
+        if (self.num_sms is not None and self.num_sms < 1) or self.max_splits < 1:
+            raise ValueError(f"num_sms (or None) and max_splits must be positive: {self}")
 
 
 def paged_attention_config(device_kind: str) -> PagedAttentionConfig:
     """The frozen block sizes per device kind (H100 and H200 share them; CPU interprets them)."""
     if "H200" in device_kind or "H100" in device_kind:
-        return PagedAttentionConfig(block_rows=64, block_kv=128, num_sms=132, max_splits=16)
+        return PagedAttentionConfig(block_rows=64, block_kv=128, max_splits=16)
     return PagedAttentionConfig()
 
 
@@ -193,9 +194,9 @@ def paged_attention_kernel(
     """Paged attention on the Mosaic GPU kernel (same contract as paged_attention_reference).
 
     interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
-    Multiplies in fa.mma_dtype with f32 softmax. A cache of another dtype (f32 on the GPU) or a
-    head_dim that is not a multiple of 64 costs a converted copy of the cache: keep the GPU cache in
-    bf16 with head_dim 64 or 128. page_size must divide block_kv or be a multiple of 64.
+    Reads the KV pool in place (fa.kv_pool: compiled, bf16/f16 with head_dim a multiple of 64; a
+    ValueError otherwise) and multiplies in its dtype, q cast to it, with f32 softmax. page_size
+    must divide block_kv or be a multiple of 64.
     """
     b, q_len, hq, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
@@ -204,13 +205,14 @@ def paged_attention_kernel(
     block_kv = max(config.block_kv, page_size)
     if block_kv % page_size or block_kv % 64:
         raise ValueError(f"page_size {page_size} must divide {block_kv} or be a multiple of 64")
-    dtype = fa.mma_dtype(q.dtype, interpret)
+    k_pages, v_pages = (fa.kv_pool(x, interpret) for x in (k_pages, v_pages))
+    dtype = k_pages.dtype
     q_pad = fa.pad_last(q.astype(dtype), fa.HEAD_DIM_MULTIPLE)
     q_rows = fa.to_rows(q_pad, hkv, config.block_rows)
     pages_per_block = block_kv // page_size
     max_blocks = pl.cdiv(block_tables.shape[1], pages_per_block)
     programs = b * hkv * (q_rows.shape[2] // config.block_rows)
-    splits = num_kv_splits(programs, max_blocks, config.num_sms, config.max_splits)
+    splits = num_kv_splits(programs, max_blocks, config.num_sms or fa.target_num_sms(), config.max_splits)
     st = fa.BlockedAttention(
         q_len=q_len,
         group=hq // hkv,
@@ -226,7 +228,6 @@ def paged_attention_kernel(
     tables = jnp.pad(
         block_tables.astype(jnp.int32), ((0, 0), (0, max_blocks * pages_per_block - block_tables.shape[1]))
     )
-    k_pages, v_pages = (fa.pad_last(x.astype(dtype), fa.HEAD_DIM_MULTIPLE) for x in (k_pages, v_pages))
     operands = (k_pages, v_pages, tables, context_lens.astype(jnp.int32))
     o_part, lse = fa.run_blocked_attention(
         functools.partial(_paged_body, st=st, page_size=page_size),

@@ -36,13 +36,14 @@ from pallas_kernels.flash_attention import check_attention_args
 @dataclasses.dataclass(frozen=True)
 class RaggedAttentionConfig:
     """Block sizes: block_rows (tokens x group heads) per program, block_kv keys per step, up to
-    max_stages K/V ring slots, the SM count / split cap for the KV splits, and decode_rows: the
-    rows (tokens x group heads, a multiple of 16) of the A/B-swapped decode tile; 0 turns it off."""
+    max_stages K/V ring slots, the SM count (None: the target device's, fa.target_num_sms()) and
+    split cap for the KV splits, and decode_rows: the rows (tokens x group heads, a multiple of
+    16) of the A/B-swapped decode tile; 0 turns it off."""
 
     block_rows: int = 64
     block_kv: int = 64
     max_stages: int = 3
-    num_sms: int = 132
+    num_sms: int | None = None
     max_splits: int = 16
     decode_rows: int = 16
 
@@ -51,8 +52,8 @@ class RaggedAttentionConfig:
             raise ValueError(f"block_rows and block_kv must be multiples of 64 (wgmma): {self}")
         if self.decode_rows % 16 or not 0 <= self.decode_rows < self.block_rows:
             raise ValueError(f"decode_rows must be a multiple of 16 (wgmma N, a 32-byte row) below block_rows: {self}")
-        if self.max_stages < 2 or self.num_sms < 1 or self.max_splits < 1:
-            raise ValueError(f"max_stages must be >= 2, num_sms and max_splits positive: {self}")
+        if self.max_stages < 2 or (self.num_sms is not None and self.num_sms < 1) or self.max_splits < 1:
+            raise ValueError(f"max_stages must be >= 2, num_sms (or None) and max_splits positive: {self}")
 
 
 def smem_bytes(block_rows: int, block_kv: int, head_dim: int, stages: int, itemsize: int) -> int:
@@ -85,7 +86,7 @@ def supported(head_dim: int, q_heads: int, kv_heads: int, page_size: int,
     tiles and divide the KV block (or are whole multiples of 64), and a 2-slot ring fits in SMEM."""
     config = config or RaggedAttentionConfig()
     block_kv = kernel_block_kv(config, page_size)
-    padded = -(-head_dim // fa.HEAD_DIM_MULTIPLE) * fa.HEAD_DIM_MULTIPLE
+    padded = fa.round_up(head_dim, fa.HEAD_DIM_MULTIPLE)
     return (kv_heads > 0 and q_heads % kv_heads == 0 and q_heads // kv_heads <= config.block_rows
             and page_size % 8 == 0 and block_kv % page_size == 0 and block_kv % 64 == 0
             and ring_stages(config, config.block_rows, block_kv, padded, 2) is not None)
@@ -173,7 +174,7 @@ def _run_tiles(q_pad: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tiles: 
     q_tiles = fa.to_rows(q_pad[tiles.rows], hkv, block_rows)
     max_blocks = pl.cdiv(tiles.tables.shape[1], pages_per_block)
     tables = jnp.pad(tiles.tables, ((0, 0), (0, max_blocks * pages_per_block - tiles.tables.shape[1])))
-    splits = pa.num_kv_splits(num_tiles * hkv, max_blocks, config.num_sms, config.max_splits)
+    splits = pa.num_kv_splits(num_tiles * hkv, max_blocks, config.num_sms or fa.target_num_sms(), config.max_splits)
     st = fa.BlockedAttention(q_len=block_q, group=group, block_rows=block_rows, block_kv=block_kv,
                              num_splits=splits, scale=scale, window=window, causal=True, dtype=q_pad.dtype)
     out_rows = (block_rows, d_pad) if keys_axis == 1 else (d_pad, block_rows)
@@ -210,8 +211,9 @@ def ragged_paged_attention_kernel(
 ) -> jax.Array:
     """Ragged paged attention on the Mosaic GPU kernel (rpa.ragged_paged_attention_reference's
     contract). interpret: None compiles for the GPU, plgpu.InterpretGPUParams interprets on CPU.
-    Multiplies in fa.mma_dtype with f32 softmax; a head_dim that is not a multiple of 64 costs a
-    padded copy of the cache. Raises ValueError for shapes `supported` refuses.
+    Reads the KV pool in place (fa.kv_pool: compiled, bf16/f16 with head_dim a multiple of 64) and
+    multiplies in its dtype, q cast to it, with f32 softmax. Raises ValueError for a pool kv_pool
+    refuses and for shapes `supported` refuses.
 
     Two launches: sequences with at most decode_tokens new rows (decode, speculative verify) take
     one A/B-swapped tile each; the longer ones (prefill chunks) take query tiles of block_rows.
@@ -224,9 +226,8 @@ def ragged_paged_attention_kernel(
         raise ValueError(f"ragged kernel: unsupported head_dim {d}, heads {hq}/{hkv} or page_size {page_size} "
                          f"(pages: a multiple of 8 dividing {config.block_kv} or of 64; a 2-slot ring in SMEM)")
     group = hq // hkv
-    dtype = fa.mma_dtype(q.dtype, interpret)
-    q_pad = fa.pad_last(q.astype(dtype), fa.HEAD_DIM_MULTIPLE)
-    k_pages, v_pages = (fa.pad_last(x.astype(dtype), fa.HEAD_DIM_MULTIPLE) for x in (k_pages, v_pages))
+    k_pages, v_pages = (fa.kv_pool(x, interpret) for x in (k_pages, v_pages))
+    q_pad = fa.pad_last(q.astype(k_pages.dtype), fa.HEAD_DIM_MULTIPLE)
     run = functools.partial(_run_tiles, q_pad, k_pages, v_pages, config=config, group=group, page_size=page_size,
                             scale=d**-0.5 if scale is None else scale, window=sliding_window, sinks=sinks,
                             interpret=interpret)

@@ -87,11 +87,16 @@ PERSISTENT = gmm.GroupedMatmulConfig(block_m=64, block_n=64, block_k=64, max_con
                                      num_sms=3)
 
 # (M, K, N, group_sizes, num_rhs, group_offset): M not a multiple of the tile, empty groups,
-# groups straddling tiles, padding rows, an expert-parallel shard that starts mid-tile.
+# groups straddling tiles, padding rows, an expert-parallel shard that starts mid-tile, one K step
+# (the persistent kernel's pipeline then releases no slot late), and N an odd number of 64-column
+# tiles (as gpt-oss' 2880 = 45 x 64): the persistent kernel's last column tile reaches past N and
+# its second consumer reads zeros and stores nothing; nothing padded in the last case (M = 136 is
+# whole 8-row TMA tiles), so its row and column tiles past M and N rely on TMA's zero fill alone.
 KERNEL_CASES = {
     "ragged_empty_groups_padding": (150, 128, 128, [30, 0, 100, 7], None, 0),
     "one_row_groups_many_tiles": (70, 64, 192, [1, 1, 0, 64, 2], None, 0),
     "shard_starts_mid_tile": (100, 128, 64, [13, 40, 0, 30, 9], 2, 1),
+    "odd_column_tiles_unpadded": (136, 128, 320, [50, 0, 86], None, 0),
 }
 
 

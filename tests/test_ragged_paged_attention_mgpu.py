@@ -1,6 +1,8 @@
 """The native ragged Mosaic GPU kernel: interpret mode (race-checked, NaN-poisoned outputs) vs float64
 on random mixed batches, ops dispatch, and lowering for an abstract H100 at full-size preset shapes."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,8 @@ import jax.numpy as jnp
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import ops
 from pallas_kernels import ragged_paged_attention_mgpu as rpm
-from test_kernel_lowering import kernel_tolerance, lower_for_cuda, race_checked_interpret, sds
+from test_kernel_lowering import (BF16, kernel_tolerance, mosaic_calls, race_checked_interpret, sds, stored_pool,
+                                  tensor_shape, tensor_type)
 from test_ragged_paged_attention import check, random_ragged
 
 
@@ -62,21 +65,61 @@ def case_args(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_interpret_matches_float64(name):
+    """Interpreted the kernel reads the case's pool as it is (f32 too); compiled on a GPU, a bf16
+    pool (the engine's there), and a head dim off a multiple of 64 is refused (tested below)."""
     args, sinks, window, config = case_args(name)
     with race_checked_interpret() as params:
-        got = rpm.ragged_paged_attention_kernel(*args, sliding_window=window, sinks=sinks, scale=0.3,
-                                                interpret=params, config=config)
+        if params is None and args[0].shape[-1] % fa.HEAD_DIM_MULTIPLE:
+            pytest.skip("compiled, the kernel reads the pool in place: head_dim must be a multiple of 64")
+        pools = [stored_pool(x, params) for x in args[1:3]]
+        got = rpm.ragged_paged_attention_kernel(args[0], *pools, *args[3:], sliding_window=window, sinks=sinks,
+                                                scale=0.3, interpret=params, config=config)
     assert got.dtype == args[0].dtype and got.shape == args[0].shape
     check(got, args, window, sinks, scale=0.3, tol=kernel_tolerance(args[0].dtype, params))
 
 
+def lowered_launches(args, sinks, window, config: rpm.RaggedAttentionConfig | None) -> list:
+    """The kernel launches of a case lowered for an H100, its pool the bf16 one the GPU engine
+    stores; config None: through ops.ragged_paged_attention(impl="pallas"), the engine's dispatch."""
+    q, k_pages, _, *rest = (sds(x.shape, x.dtype) for x in args)
+    pool = sds(k_pages.shape, BF16)
+    if config is None:
+        f = lambda *a: ops.ragged_paged_attention(*a[:6], sliding_window=window, sinks=a[6],  # noqa: E731
+                                                  impl="pallas")
+    else:
+        f = lambda *a: rpm.ragged_paged_attention_kernel(*a[:6], sliding_window=window, sinks=a[6],  # noqa: E731
+                                                         config=config)
+    return mosaic_calls(f, q, pool, pool, *rest, sinks)
+
+
+def check_launches(calls: list, head_dim: int, pool_shape: tuple, config: rpm.RaggedAttentionConfig) -> None:
+    """A query-tile launch and, unless decode tiles are off, an A/B-swapped decode-tile launch, each
+    taking bf16 q tiles [N, Hkv, rows, D] and the pool itself (no cast, no pad) and writing its
+    tiles' f32 partials (transposed, [D, rows], in decode tiles) and log-sum-exps per KV split."""
+    d_pad, hkv, pool = fa.round_up(head_dim, 64), pool_shape[0], tensor_type(pool_shape)
+    names = [re.fullmatch(r"ragged_paged_attention_(ab_)?r(\d+)_kv\d+_st[23]_s(\d+)", c.name) for c in calls]
+    assert all(names), [c.name for c in calls]
+    assert [(m[1], int(m[2])) for m in names] == ([(None, config.block_rows)]
+                                                  + [("ab_", config.decode_rows)] * bool(config.decode_rows))
+    for call, m in zip(calls, names):
+        rows, splits = int(m[2]), int(m[3])
+        tiles = tensor_shape(call.operands[0])[0]
+        out = (rows, d_pad) if m[1] is None else (d_pad, rows)
+        assert call.operands[:3] == (tensor_type((tiles, hkv, rows, d_pad)), pool, pool)
+        assert call.results == (tensor_type((tiles, hkv, splits, *out), jnp.float32),
+                                tensor_type((tiles, hkv, splits, rows), jnp.float32))
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_cases_lower_for_h100(name):
-    """The interpreted cases also obey the hardware path's rules (so they run compiled on a GPU)."""
+    """The interpreted cases also obey the hardware path's rules (so they run compiled on a GPU),
+    with the pool in place; a head dim off a multiple of 64 is refused there."""
     args, sinks, window, config = case_args(name)
-    f = lambda *a: rpm.ragged_paged_attention_kernel(*a[:6], sliding_window=window, sinks=a[6],  # noqa: E731
-                                                     config=config)
-    assert "mosaic_gpu" in lower_for_cuda(f, *(sds(x.shape, x.dtype) for x in args), sinks)
+    if args[0].shape[-1] % fa.HEAD_DIM_MULTIPLE:
+        with pytest.raises(ValueError, match="head_dim a multiple of 64"):
+            lowered_launches(args, sinks, window, config)
+        return
+    check_launches(lowered_launches(args, sinks, window, config), args[0].shape[-1], args[1].shape, config)
 
 
 @pytest.mark.slow
@@ -138,6 +181,6 @@ FULL_SIZE = {
 def test_full_size_shapes_lower_for_h100(name):
     t, s, hq, hkv, d, page_size, context, window, with_sinks = FULL_SIZE[name]
     sinks = sds((hq,), jnp.float32) if with_sinks else None
-    f = lambda *a: ops.ragged_paged_attention(*a[:6], sliding_window=window, sinks=a[6], impl="pallas")  # noqa: E731
-    text = lower_for_cuda(f, *ragged_sds(t, s, hq, hkv, d, page_size, context), sinks)
-    assert "mosaic_gpu" in text and rpm.supported(d, hq, hkv, page_size)
+    args = ragged_sds(t, s, hq, hkv, d, page_size, context)
+    assert rpm.supported(d, hq, hkv, page_size)
+    check_launches(lowered_launches(args, sinks, window, None), d, args[1].shape, CONFIG())
