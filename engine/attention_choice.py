@@ -52,9 +52,13 @@ class AttentionChoice:
 
 
 def choose(impl: str, shapes: AttentionShapes, on_mesh: bool) -> AttentionChoice:
-    """An explicit impl for both kinds; "auto": Pallas on H100/H200, the jnp path on a CPU mesh
-    (GSPMD cannot partition the C++ kernel's custom call), else the faster measured candidate."""
+    """An explicit impl for both kinds; "auto": "auto" itself on H100/H200 (ops then runs each Pallas
+    kernel that passed its self-check, pallas_kernels/selfcheck.py, and the XLA path for one that
+    failed), the jnp path on a CPU mesh (GSPMD cannot partition the C++ kernel's custom call), else
+    the faster measured candidate."""
     resolved = ops.resolve_impl(impl)
+    if impl == "auto" and resolved == "pallas":
+        return AttentionChoice("auto", "auto")
     if impl != "auto" or resolved != "cpu":
         return AttentionChoice(resolved, resolved)
     if on_mesh or not cpa.supported(shapes.head_dim):

@@ -8,6 +8,11 @@ impl chooses the implementation:
   "cpu"       paged attention by the C++ XLA FFI kernel (cpu_paged_attention.cc), plain jnp for the
               other ops. "auto" falls back to "xla" where that kernel cannot be built or used.
 impl is a Python string, so it is static under jit.
+
+The gate (`checked_impl`): on an H100/H200 a Pallas kernel runs only after its first-use self-check
+passed (selfcheck.py: a child process per kernel, the result cached on disk). A failed check turns
+"auto" into "xla" with one warning per kernel and makes an explicit "pallas" raise SelfCheckError.
+It runs while tracing (impl is static), never on CPU, in interpret mode or when cross-lowering.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import functools
 
 import jax
+from absl import logging
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import cpu_paged_attention as cpa
@@ -44,6 +50,33 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+def checked_impl(kernel: str, impl: str) -> str:
+    """resolve_impl(impl), gated on an H100/H200 by the kernel's self-check (selfcheck.KERNELS names
+    it): "pallas" only if the check passed; else "xla" under "auto", SelfCheckError under "pallas"."""
+    resolved = resolve_impl(impl)
+    if resolved != "pallas" or not is_sm90_gpu():
+        return resolved
+    # Imported here, not at the top: `python -m pallas_kernels.selfcheck` must find it not yet imported.
+    from pallas_kernels import selfcheck
+
+    failure = selfcheck.result(kernel).failure
+    if failure is None:
+        return "pallas"
+    if impl == "pallas":
+        raise selfcheck.SelfCheckError(
+            f"the Pallas kernel {kernel} failed its self-check on this {jax.devices()[0].device_kind} ({failure}); "
+            f'impl="auto" would run the XLA path instead (docs/selfcheck.md)')
+    _warn_fallback(kernel, failure)
+    return "xla"
+
+
+@functools.cache
+def _warn_fallback(kernel: str, failure: str) -> None:
+    """The one warning per kernel and process that "auto" replaced it by the XLA path."""
+    logging.warning("the Pallas kernel %s failed its self-check on this GPU (%s): using the XLA path instead "
+                    "(docs/selfcheck.md)", kernel, failure)
+
+
 def _interpret_params(impl: str) -> plgpu.InterpretGPUParams | None:
     """Interpret-mode parameters for impl "interpret"; None compiles the kernel for the GPU."""
     return plgpu.InterpretGPUParams() if impl == "interpret" else None
@@ -66,7 +99,7 @@ def flash_attention(
     joins the softmax denominator. scale None means 1/sqrt(D). Returns [B,T,Hq,D] in q.dtype.
     """
     kwargs = dict(causal=causal, sliding_window=sliding_window, sinks=sinks, scale=scale)
-    impl = resolve_impl(impl)
+    impl = checked_impl("flash_attention", impl)
     if impl in ("xla", "cpu"):
         return fa.flash_attention_reference(q, k, v, **kwargs)
     return fa.flash_attention_kernel(q, k, v, **kwargs, interpret=_interpret_params(impl))
@@ -92,7 +125,7 @@ def paged_attention(
     """
     kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
     args = (q, k_pages, v_pages, block_tables, context_lens)
-    resolved = resolve_impl(impl)
+    resolved = checked_impl("paged_attention", impl)
     if resolved == "cpu" and (impl == "cpu" or cpa.supported(q.shape[-1])):
         return cpa.paged_attention_cpu(*args, **kwargs)
     if resolved in ("xla", "cpu"):
@@ -134,7 +167,9 @@ def ragged_paged_attention(
     """
     kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
     args = (q, k_pages, v_pages, query_start_loc, context_lens, block_tables)
-    resolved = resolve_impl(impl)
+    hkv, _, page_size, _ = k_pages.shape
+    native = rpm.supported(q.shape[-1], q.shape[1], hkv, page_size)
+    resolved = checked_impl("ragged_paged_attention" if native else "paged_attention", impl)
     if resolved == "cpu":
         if impl == "cpu" or cpa.supported(q.shape[-1]):
             return cpa.ragged_paged_attention_cpu(*args, **kwargs)
@@ -142,8 +177,7 @@ def ragged_paged_attention(
     if resolved == "xla" and max_query_len != 1:
         block_q = min(rpa.BLOCK_Q, max_query_len or rpa.BLOCK_Q)
         return rpa.ragged_paged_attention_tiled(pa.paged_attention_blocked, *args, block_q=block_q, **kwargs)
-    hkv, _, page_size, _ = k_pages.shape
-    if resolved in ("pallas", "interpret") and rpm.supported(q.shape[-1], q.shape[1], hkv, page_size):
+    if resolved in ("pallas", "interpret") and native:
         return rpm.ragged_paged_attention_kernel(*args, **kwargs, interpret=_interpret_params(resolved))
     paged = functools.partial(paged_attention, impl=resolved)
     return rpa.ragged_paged_attention_per_token(paged, *args, **kwargs)
@@ -168,18 +202,31 @@ def mla_attention(
     ragged_paged_attention. Returns [T, Hq, kv_lora_rank] in q.dtype. "pallas"/"interpret" run
     the MLA kernel (mla_attention.py) per token; the others are ragged_paged_attention with K = V.
     """
-    args = (q, latent_pages, latent_pages, query_start_loc, context_lens, block_tables)
-    resolved = resolve_impl(impl)
+    resolved = checked_impl("mla_attention", impl)
     if resolved not in ("pallas", "interpret"):
-        out = ragged_paged_attention(*args, scale=scale, impl=impl, max_query_len=max_query_len)
+        args = (q, latent_pages, latent_pages, query_start_loc, context_lens, block_tables)
+        out = ragged_paged_attention(*args, scale=scale, impl="xla" if resolved == "xla" else impl,
+                                     max_query_len=max_query_len)
         return out[..., :kv_lora_rank]
-    interpret = _interpret_params(resolved)
+    return mla_attention_kernel(q, latent_pages, query_start_loc, context_lens, block_tables,
+                                kv_lora_rank=kv_lora_rank, scale=scale, max_query_len=max_query_len,
+                                interpret=_interpret_params(resolved))
+
+
+def mla_attention_kernel(q: jax.Array, latent_pages: jax.Array, query_start_loc: jax.Array, context_lens: jax.Array,
+                         block_tables: jax.Array, *, kv_lora_rank: int, scale: float | None = None,
+                         max_query_len: int | None = None,
+                         interpret: plgpu.InterpretGPUParams | None = None) -> jax.Array:
+    """mla_attention's Pallas path, the one the self-check runs: every token a Q=1 row of the MLA
+    kernel (mla_attention.py), which needs no bound on the query lengths."""
+    del max_query_len
 
     def paged(q, k_pages, v_pages, tables, lens, *, scale):
         del v_pages  # the value is the latent itself
         return mla.mla_decode_kernel(q, k_pages, tables, lens, kv_lora_rank=kv_lora_rank, scale=scale,
                                      interpret=interpret)
 
+    args = (q, latent_pages, latent_pages, query_start_loc, context_lens, block_tables)
     return rpa.ragged_paged_attention_per_token(paged, *args, scale=scale)
 
 
@@ -192,7 +239,7 @@ def grouped_matmul(
     group_offset, group_sizes may list more groups than rhs holds: rhs holds groups
     group_offset .. group_offset+G-1 and rows of other groups give zeros (expert parallelism).
     """
-    impl = resolve_impl(impl)
+    impl = checked_impl("grouped_matmul", impl)
     if impl in ("xla", "cpu"):
         return gmm.grouped_matmul_reference(lhs, rhs, group_sizes, group_offset=group_offset)
     return gmm.grouped_matmul_kernel(
