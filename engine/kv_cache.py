@@ -18,14 +18,17 @@ from models.registry import get_architecture
 from pallas_kernels import ops
 
 
-def pool_dtype(model_dtype: jnp.dtype) -> jnp.dtype:
+def pool_dtype(model_dtype: jnp.dtype, sm90: bool | None = None) -> jnp.dtype:
     """The dtype the KV pool is stored in: the model's, except float32 on an H100/H200, stored as
     bfloat16. The compiled Pallas kernels read the pool in place as what wgmma multiplies
     (bf16/f16: pallas_kernels.flash_attention.kv_pool) and refuse float32, whose per-step cast
     would copy the whole cache. New K/V are cast as they are written (models/attention.py). The
-    choice does not wait for the attention impl, which the engine picks after sizing the pool."""
+    choice does not wait for the attention impl, which the engine picks after sizing the pool.
+    sm90: whether the pool is for an H100/H200 (None: this process's device; compiling for one
+    on a CPU machine says True)."""
     dtype = jnp.dtype(model_dtype)
-    return jnp.dtype(jnp.bfloat16) if dtype == jnp.float32 and ops.is_sm90_gpu() else dtype
+    sm90 = ops.is_sm90_gpu() if sm90 is None else sm90
+    return jnp.dtype(jnp.bfloat16) if dtype == jnp.float32 and sm90 else dtype
 
 
 def layout(config: ModelConfig) -> CacheLayout:

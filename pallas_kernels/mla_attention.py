@@ -1,26 +1,47 @@
-"""MLA decode attention (DeepSeek-V3) over the paged latent cache, FlashMLA-style.
+"""MLA attention (DeepSeek-V3) over the paged latent cache, FlashMLA-style, ragged or padded.
 
 In latent space (models/deepseek.py) every query head attends to one shared "KV head": the latent
 [c, k_rope] of each token (D = kv_lora_rank + rope, 576 for DeepSeek-V3) is the key, and its first
 kv_lora_rank columns (512) are the value. Paged attention with K = V = latent would read it twice,
 keep two 576-wide SMEM rings (811 KiB of SMEM) and run a PV wgmma with N = 576 (Mosaic allows
-N <= 256). This kernel reads each latent block once into one SMEM ring, QK over all D columns, and
-PV over a value chunk of value_chunk (<= 256) columns of the same buffer; the query heads are the
-wgmma's M rows (row = query * Hq + head, 64 rows per program, no padding at Hq = 128).
+N <= 256). This kernel reads each latent block once into one SMEM ring; the query heads are the
+wgmma's M rows (row = token * Hq + head, 64 rows per program: no padding at Hq = 128).
 
-Programs over (sequence, row tile, value chunk, KV split); a chunk picks its static column slice
-by lax.switch. Every chunk's program recomputes QK for its rows: at DeepSeek-V3 shapes that is
-1.5x the minimal MMA work, the price of keeping one warpgroup per program (README, kernel
-section). The programs of one sequence read the same latent blocks at about the same time, so L2
-should serve all but the first read (not yet measured). The split partials merge by log-sum-exp in jnp (flash-decoding),
-as in paged_attention.py. SMEM per program: q 72 KiB, a 2-slot ring of 64 latent tokens 144 KiB,
-P 8 KiB (224 KiB of the 227); the output tile reuses the ring's space after the loop.
+A program owns 64 rows of one query tile, one KV split, and W consumer warpgroups, one per value
+chunk of C = value_chunk columns (DeepSeek-V3: W = 2 of C = 256, as FlashMLA). Warpgroup 0 runs QK
+over all D columns and the online softmax, and hands P (bf16) and the rows' rescale alpha to the
+others through SMEM (barrier "p_ready"); every warpgroup then rescales its own 64 x C f32
+accumulator and adds P @ latent[:, its chunk]; the others arrive on "p_free" when done, which
+frees P and the ring slot they read. So QK runs once per block (the old one-warpgroup kernel ran it
+once per value chunk: 1.5x the MMA work) and no thread holds more than one 64 x 256 accumulator.
+On the GPU PV accumulates in place (plgpu.ACC.init; warpgroup 0's P straight from registers):
+`acc * alpha + pv` beside a fresh 64 x 256 result needed 2 x 128 registers per thread and spilled.
+Interpret mode cannot run pl.run_state: there P goes through SMEM into a fresh accumulator (the
+same arithmetic; interpret mode checks numbers and races, compiling checks the hardware path).
+
+Ragged (mla_ragged_kernel, ops.ragged_paged_attention's metadata): each sequence's new tokens are
+cut into query tiles of block_q tokens (rpa.query_tiles, right-aligned on the sequence's last
+token), rows = token * Hq + head, and every row is masked causally at its own token's position.
+block_q = 64 / gcd(Hq, 64) tokens fill whole 64-row programs (1 at Hq = 128: each token's 128 rows
+are two programs), capped by max_query_len. The padded contract (mla_decode_kernel, q [B, Q, ...])
+is the same launch with one tile per row. KV splits (flash-decoding) are chosen by SM waves over
+the static program count; a short sequence's spare splits exit at once; partials merge by
+log-sum-exp in jnp.
+
+SMEM per program (bf16, DeepSeek-V3: D = 576, W x C = 2 x 256, block_kv 64; smem_bytes), every
+buffer starting on 1 KiB: q 64 x 576 x 2 = 73,728; one RefUnion of the loop's 2-slot latent ring
+2 x 64 x 576 x 2 = 147,456 + P 64 x 64 x 2 = 8,192 + alpha 64 x 4 = 256 (155,904, rounded up to
+156,672) and the epilogue's f32 output 64 x 512 x 4 = 131,072 + lse and normaliser 2 x 256, which
+fit inside: 230,400 bytes, + 5 barriers x 8 = 230,440 of the 232,448. Mosaic GPU's default 2 KiB
+of cross-warp reduction scratch would not fit beside them; the softmax's row reductions stay within
+a warp (lowering refuses one that does not), so the kernel reserves none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -31,27 +52,53 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import paged_attention as pa
+from pallas_kernels import ragged_paged_attention as rpa
+
+BLOCK_ROWS = 64  # rows (tokens x heads) per program: one warpgroup's wgmma M
+MAX_WARPGROUPS = 4  # value chunks per program (threads: 128 each, registers: 65,536 / threads)
+SMEM_ALIGNMENT = 1024  # Mosaic GPU starts every SMEM buffer (and a RefUnion's members) on 1 KiB
+NUM_BARRIERS = 5  # 8 bytes each, counted against the limit beside the buffers
 
 
 @dataclasses.dataclass(frozen=True)
 class MLADecodeConfig:
     """Block sizes of the MLA kernel.
 
-    block_rows: query rows (Q x heads) per program (wgmma M); block_kv: latent tokens per step,
-    whole pages (bf16 PV: a multiple of 64); value_chunk: value columns per program (wgmma N <= 256);
-    num_sms / max_splits: how far to split the KV range to fill the GPU at small batch.
+    block_kv: latent tokens per step, whole pages (bf16 PV: a multiple of 64); value_chunk: value
+    columns per consumer warpgroup (wgmma N <= 256, a 64 x value_chunk f32 accumulator each);
+    num_sms (None: the target device's, fa.target_num_sms()) / max_splits: how far to split the KV
+    range to fill the GPU at small batch.
     """
 
-    block_rows: int = 64
     block_kv: int = 64
     value_chunk: int = 256
-    num_sms: int = 132
+    num_sms: int | None = None
     max_splits: int = 16
 
     def __post_init__(self):
-        if self.block_rows % 64 or self.block_kv % 64 or self.value_chunk % 64 or not 0 < self.value_chunk <= 256:
-            raise ValueError(f"block_rows, block_kv and value_chunk must be multiples of 64, "
-                             f"value_chunk <= 256: {self}")
+        if self.block_kv % 64 or self.value_chunk % 64 or not 0 < self.value_chunk <= 256:
+            raise ValueError(f"block_kv and value_chunk must be multiples of 64, value_chunk <= 256: {self}")
+        if (self.num_sms is not None and self.num_sms < 1) or self.max_splits < 1:
+            raise ValueError(f"num_sms (or None) and max_splits must be positive: {self}")
+
+
+def value_chunks(kv_lora_rank: int, value_chunk: int) -> tuple[int, int]:
+    """(columns per warpgroup C, warpgroups W): W = ceil(rank / value_chunk) equal chunks of a
+    multiple of 64 columns covering the rank (C x W may pass it; the extra columns are dropped)."""
+    num = -(-kv_lora_rank // value_chunk)
+    return -(-kv_lora_rank // (num * 64)) * 64, num
+
+
+def smem_bytes(head_dim: int, block_kv: int, chunk: int, num_chunks: int, itemsize: int) -> int:
+    """Shared memory of one program as Mosaic GPU allocates it (each buffer on 1 KiB): q, then one
+    RefUnion of the loop's (latent ring, P, alpha) and the epilogue's (f32 output, lse, normaliser).
+    The softmax's row reductions stay within a warp, so the kernel reserves no reduction scratch."""
+    align = lambda n: -(-n // SMEM_ALIGNMENT) * SMEM_ALIGNMENT  # noqa: E731
+    group = lambda *sizes: align(sum(align(n) for n in sizes[:-1]) + sizes[-1])  # noqa: E731
+    row = 4 * BLOCK_ROWS
+    loop = group(itemsize * 2 * block_kv * head_dim, itemsize * BLOCK_ROWS * block_kv, row)
+    out = group(4 * BLOCK_ROWS * chunk * num_chunks, row, row)
+    return align(itemsize * BLOCK_ROWS * head_dim) + max(loop, out)
 
 
 def mla_attention_reference(q: jax.Array, latent_pages: jax.Array, block_tables: jax.Array,
@@ -64,112 +111,234 @@ def mla_attention_reference(q: jax.Array, latent_pages: jax.Array, block_tables:
     return out[..., :kv_lora_rank]
 
 
-def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_bar, kv_bars, *,
-              st: fa.BlockedAttention, page_size: int, head_dim: int, chunk: int, num_chunks: int):
-    """Program (b, tile, split): latent blocks once into SMEM, QK over head_dim, PV over `cols`."""
-    b, tile, split = lax.axis_index("batch"), lax.axis_index("tile"), lax.axis_index("split")
-    c = lax.axis_index("chunk")
-    length = lens_ref[b]
-    first, last = fa.kv_block_range(length, tile, split, st)
-    rows = pl.ds(tile * st.block_rows, st.block_rows)
-    pages_per_block = st.block_kv // page_size
-    swizzle = 128 // jnp.dtype(st.dtype).itemsize
-    smem = lambda shape: plgpu.SMEM(shape, st.dtype, transforms=(  # noqa: E731
-        plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(128)))
+def _accumulate(acc: jax.Array, alpha: jax.Array, p, value_smem, hardware: bool) -> jax.Array:
+    """acc * alpha + p @ value: in place on the GPU (p in registers or SMEM), into a fresh
+    accumulator when interpreting (p in SMEM; the interpreter cannot run pl.run_state)."""
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    if hardware:
+        def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p, value_smem)
+        return pl.run_state(pv)(plgpu.ACC.init(acc))
+    return acc + fa.wgmma_f32(p, value_smem, acc.shape)
 
-    def attend(q_smem, kv_smem, p_smem):
+
+def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_smem, union, q_bar, kv_bars, p_ready,
+              p_free, *, st: fa.BlockedAttention, page_size: int, chunk: int, num_chunks: int,
+              hardware: bool):
+    """Program (tile, row tile, split) on warpgroup wg: warpgroup 0 loads, runs QK and the softmax
+    and accumulates value chunk 0; warpgroup k > 0 accumulates chunk k from the P it hands over."""
+    (kv_smem, p_smem, alpha_smem), (o_smem, lse_smem, norm_smem) = union
+    n, tile, split, wg = (lax.axis_index(a) for a in ("tile", "row_tile", "split", "wg"))
+    length = lens_ref[n]  # position of the tile's last token + 1 (0: a spare tile of the static bound)
+    first, last = fa.kv_block_range(length, tile, split, st)
+    row0 = tile * BLOCK_ROWS
+    rows = pl.ds(row0, BLOCK_ROWS)
+    pages_per_block = st.block_kv // page_size
+    last_entry = tables_ref.shape[1] - 1
+    others = num_chunks > 1
+
+    def value(slot, k):  # chunk k of the value: static columns of the latent block in the slot
+        return kv_smem.at[slot, :, pl.ds(k * chunk, chunk)]
+
+    def finish(k, acc, l_i, lse):
+        o_smem.at[k][...] = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
+        if lse is not None:
+            lse_smem[...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[k], o_ref.at[n, 0, split, rows, pl.ds(k * chunk, chunk)])
+        if lse is not None:
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[n, 0, split, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    def softmax_warpgroup():
         def load(blk, slot):
             for i in range(pages_per_block):
-                page = tables_ref[b, blk * pages_per_block + i]
+                page = tables_ref[n, jnp.minimum(blk * pages_per_block + i, last_entry)]
                 dst = kv_smem.at[slot, pl.ds(i * page_size, page_size)]
                 plgpu.copy_gmem_to_smem(latent_ref.at[0, page], dst, kv_bars.at[slot])
 
-        plgpu.copy_gmem_to_smem(q_ref.at[b, 0, rows], q_smem, q_bar)
+        plgpu.copy_gmem_to_smem(q_ref.at[n, 0, rows], q_smem, q_bar)
         pl.when(first < last)(lambda: load(first, 0))
         plgpu.barrier_wait(q_bar)
 
         def step(i, carry):
             acc, m_i, l_i = carry
             blk, slot = first + i, lax.rem(i, 2)
+            if others:  # they are done with P and with the other slot (block blk - 1)
+                pl.when(i > 0)(lambda: plgpu.barrier_wait(p_free))
             # The other slot was last read by the previous step's (completed) wgmmas: refill it now.
             pl.when(blk + 1 < last)(lambda: load(blk + 1, 1 - slot))
             plgpu.barrier_wait(kv_bars.at[slot])
-            s = fa.wgmma_f32(q_smem, kv_smem.at[slot].T, (st.block_rows, st.block_kv)) * st.scale
-            p, alpha, m_i, l_i = fa.softmax_update(
-                jnp.where(fa.block_mask(length, tile * st.block_rows, st.block_rows, blk, st), s, -jnp.inf), m_i, l_i)
-            p_smem[...] = p.astype(st.dtype)
-            plgpu.commit_smem()
-            # The value: columns [c * chunk, (c + 1) * chunk) of the latent (a static slice per branch).
-            pv = lax.switch(c, [functools.partial(fa.wgmma_f32, p_smem, kv_smem.at[slot, :, pl.ds(i * chunk, chunk)],
-                                                  acc.shape) for i in range(num_chunks)])
-            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_i, l_i
+            s = fa.wgmma_f32(q_smem, kv_smem.at[slot].T, (BLOCK_ROWS, st.block_kv)) * st.scale
+            mask = fa.block_mask(length, row0, BLOCK_ROWS, blk, st)
+            p, alpha, m_i, l_i = fa.softmax_update(jnp.where(mask, s, -jnp.inf), m_i, l_i)
+            p = p.astype(st.dtype)
+            if others or not hardware:
+                p_smem[...] = p
+                if others:
+                    alpha_smem[...] = alpha
+                plgpu.commit_smem()  # P reaches the other warpgroups' wgmmas (the async proxy)
+                if others:
+                    plgpu.barrier_arrive(p_ready)
+            acc = _accumulate(acc, alpha, p if hardware else p_smem, value(slot, 0), hardware)
+            return acc, m_i, l_i
 
-        return lax.fori_loop(0, last - first, step, fa.softmax_init(st.block_rows, chunk))
+        acc, m_i, l_i = lax.fori_loop(0, last - first, step, fa.softmax_init(BLOCK_ROWS, chunk))
+        o_l = jnp.maximum(l_i, 1.0)  # >= 1 once any key was seen; 0: none (fa.softmax_finish)
+        if others:  # the last p_free: the loop's SMEM is idle; then the others' normaliser
+            pl.when(first < last)(lambda: plgpu.barrier_wait(p_free))
+            norm_smem[...] = o_l
+            plgpu.barrier_arrive(p_ready)
+        finish(0, acc, o_l, m_i + jnp.log(o_l))
 
-    acc, m_i, l_i = pl.run_scoped(attend, smem((st.block_rows, head_dim)), smem((2, st.block_kv, head_dim)),
-                                  smem((st.block_rows, st.block_kv)))
-    o, lse = fa.softmax_finish(acc, m_i, l_i)
+    def value_warpgroup(k):
+        def step(i, acc):
+            plgpu.barrier_wait(p_ready)
+            alpha = plgpu.load(alpha_smem, layout=plgpu.Layout.WGMMA.reduce(1)) if hardware else alpha_smem[...]
+            acc = _accumulate(acc, alpha, p_smem, value(lax.rem(i, 2), k), hardware)
+            plgpu.barrier_arrive(p_free)
+            return acc
 
-    def store(o_smem, lse_smem):  # in the space the latent ring held
-        o_smem[...] = o
-        plgpu.commit_smem()
-        lse_smem[...] = lse
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, 0, split, rows, pl.ds(c * chunk, chunk)])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, 0, split, c, rows])
-        plgpu.wait_smem_to_gmem(0)
+        acc, _, _ = fa.softmax_init(BLOCK_ROWS, chunk)
+        acc = lax.fori_loop(0, last - first, step, acc)
+        plgpu.barrier_wait(p_ready)  # the loop is over everywhere: norm_smem holds the normaliser
+        o_l = plgpu.load(norm_smem, layout=plgpu.Layout.WGMMA.reduce(1)) if hardware else norm_smem[...]
+        finish(k, acc, o_l, None)
 
-    pl.run_scoped(store, plgpu.SMEM((st.block_rows, chunk), jnp.float32), plgpu.SMEM((st.block_rows,), jnp.float32))
+    @pl.when(length > 0)
+    def _():
+        pl.when(wg == 0)(softmax_warpgroup)
+        for k in range(1, num_chunks):
+            pl.when(wg == k)(functools.partial(value_warpgroup, k))
 
 
-def mla_decode_kernel(q: jax.Array, latent_pages: jax.Array, block_tables: jax.Array, context_lens: jax.Array,
-                      *, kv_lora_rank: int, scale: float | None = None, interpret: Any = None,
-                      config: MLADecodeConfig | None = None) -> jax.Array:
-    """MLA attention on the Mosaic GPU kernel (same contract as mla_attention_reference).
+def _launch(q_rows: jax.Array, latent: jax.Array, tables: jax.Array, lens: jax.Array, *, q_len: int, group: int,
+            kv_lora_rank: int, scale: float, page_size: int, config: MLADecodeConfig,
+            interpret: Any) -> jax.Array:
+    """One launch over N query tiles: q_rows [N, 1, R, D] (row = token * group + head, R a multiple
+    of 64; the tile's tokens are the last q_len of a sequence of lens[n] tokens), tables [N, P]
+    -> merged f32 output [N, 1, R, C x W] (rows of a tile with lens 0 unwritten)."""
+    num_tiles, _, num_rows, d_pad = q_rows.shape
+    chunk, num_chunks = value_chunks(kv_lora_rank, config.value_chunk)
+    if num_chunks > MAX_WARPGROUPS:
+        raise ValueError(f"kv_lora_rank {kv_lora_rank} needs {num_chunks} value chunks of {config.value_chunk} "
+                         f"columns: at most {MAX_WARPGROUPS}")
+    dtype = q_rows.dtype
+    if dtype == jnp.bfloat16 or dtype == jnp.float16:
+        need = smem_bytes(d_pad, config.block_kv, chunk, num_chunks, 2)
+        if need + 8 * NUM_BARRIERS > fa.SMEM_BYTES:
+            raise ValueError(f"MLA kernel: {need} bytes of SMEM at head dim {d_pad}, block_kv {config.block_kv}, "
+                             f"{num_chunks} x {chunk} value columns (limit {fa.SMEM_BYTES - 8 * NUM_BARRIERS})")
+    pages_per_block = config.block_kv // page_size
+    max_blocks = pl.cdiv(tables.shape[1], pages_per_block)
+    row_tiles = num_rows // BLOCK_ROWS
+    splits = pa.num_kv_splits(num_tiles * row_tiles, max_blocks, config.num_sms or fa.target_num_sms(),
+                              config.max_splits)
+    st = fa.BlockedAttention(q_len=q_len, group=group, block_rows=BLOCK_ROWS, block_kv=config.block_kv,
+                             num_splits=splits, scale=scale, window=None, causal=True, dtype=dtype)
+    swizzled = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
+    smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=swizzled)  # noqa: E731
+    row_f32 = plgpu.SMEM((BLOCK_ROWS,), jnp.float32)
+    union = plgpu.RefUnion(
+        (smem((2, config.block_kv, d_pad)), smem((BLOCK_ROWS, config.block_kv)), row_f32),  # ring, P, alpha
+        (plgpu.SMEM((num_chunks, BLOCK_ROWS, chunk), jnp.float32), row_f32, row_f32),  # output, lse, normaliser
+    )
+    hardware = interpret is None
+    kernel = plgpu.kernel(
+        functools.partial(_mla_body, st=st, page_size=page_size, chunk=chunk, num_chunks=num_chunks,
+                          hardware=hardware),
+        out_type=(jax.ShapeDtypeStruct((num_tiles, 1, splits, num_rows, chunk * num_chunks), jnp.float32),
+                  jax.ShapeDtypeStruct((num_tiles, 1, splits, num_rows), jnp.float32)),
+        scratch_types=[
+            smem((BLOCK_ROWS, d_pad)),  # q
+            union,  # after q: a 1 KiB-aligned f32 row of its own would push DeepSeek-V3 past the limit
+            plgpu.Barrier(),  # q loaded
+            plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=2),  # ring slot loaded
+            plgpu.Barrier(),  # P and alpha ready (warpgroup 0 arrives)
+            plgpu.Barrier(num_arrivals=max(num_chunks - 1, 1)),  # P and the slot free (the others arrive)
+        ],
+        grid=(num_tiles, row_tiles, splits),
+        grid_names=("tile", "row_tile", "split"),
+        num_threads=num_chunks,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=0) if hardware else None,
+        kernel_name=f"mla_attention_q{q_len}_kv{config.block_kv}_wg{num_chunks}x{chunk}_s{splits}",
+        interpret=interpret,
+    )
+    o_part, lse = kernel(q_rows, latent, tables, lens)
+    if splits == 1:  # already normalised by its own sum (zeros where no key was seen)
+        return o_part[:, :, 0]
+    return fa.merge_partials(o_part, lse, None)
 
-    interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
-    Multiplies in fa.mma_dtype with f32 softmax. page_size: a multiple of 8 dividing block_kv. A
-    head dim that is not a multiple of 64 costs a padded copy of the cache (DeepSeek-V3's 576 needs
-    none).
-    """
-    b, q_len, hq, d = q.shape
-    _, _, page_size, _ = latent_pages.shape
-    config = config or MLADecodeConfig()
-    if latent_pages.shape[0] != 1 or latent_pages.shape[3] != d:
+
+def _prepare(q: jax.Array, latent_pages: jax.Array, kv_lora_rank: int, interpret: Any,
+             config: MLADecodeConfig) -> tuple[jax.Array, jax.Array]:
+    """Checks the shapes; the latent pool as stored (fa.kv_pool: compiled, bf16/f16 with D a multiple
+    of 64, read in place; interpreted, f32 too and D zero-padded), q cast to its dtype. Zero columns
+    leave the logits unchanged; a rank whose value chunks pass D (not DeepSeek-V3's) pads both."""
+    d = q.shape[-1]
+    page_size = latent_pages.shape[2]
+    if latent_pages.ndim != 4 or latent_pages.shape[0] != 1 or latent_pages.shape[3] != d:
         raise ValueError(f"latent_pages must be [1, pages, page_size, {d}], got {latent_pages.shape}")
     if not 0 < kv_lora_rank <= d:
         raise ValueError(f"kv_lora_rank {kv_lora_rank} must be in 1..head dim {d}")
     if config.block_kv % page_size or page_size % 8:  # a page lands on whole (8, 64) SMEM tiles
         raise ValueError(f"page_size {page_size} must be a multiple of 8 dividing block_kv {config.block_kv}")
-    dtype = fa.mma_dtype(q.dtype, interpret)
-    # Zero columns up to 128-byte swizzle rows leave the logits unchanged; the value then spans
-    # the rank rounded up to 64 (extra output columns are dropped).
-    q_pad, latent = (fa.pad_last(x.astype(dtype), fa.HEAD_DIM_MULTIPLE) for x in (q, latent_pages))
-    d_pad, width = q_pad.shape[-1], -(-kv_lora_rank // 64) * 64
-    chunk = next(c for c in range(min(config.value_chunk, width), 0, -64) if width % c == 0)
-    q_rows = fa.to_rows(q_pad, 1, config.block_rows)  # [B, 1, R, D]
-    tiles = q_rows.shape[2] // config.block_rows
-    pages_per_block = config.block_kv // page_size
-    max_blocks = pl.cdiv(block_tables.shape[1], pages_per_block)
-    splits = pa.num_kv_splits(b * tiles * (width // chunk), max_blocks, config.num_sms, config.max_splits)
-    st = fa.BlockedAttention(q_len=q_len, group=hq, block_rows=config.block_rows, block_kv=config.block_kv,
-                             num_splits=splits, scale=d**-0.5 if scale is None else scale, window=None,
-                             causal=True, dtype=dtype)
-    tables = jnp.pad(block_tables.astype(jnp.int32),
-                     ((0, 0), (0, max_blocks * pages_per_block - block_tables.shape[1])))
-    operands = (q_rows, latent, tables, context_lens.astype(jnp.int32))
-    rows, num_chunks = q_rows.shape[2], width // chunk
-    kernel = plgpu.kernel(
-        functools.partial(_mla_body, st=st, page_size=page_size, head_dim=d_pad, chunk=chunk, num_chunks=num_chunks),
-        out_type=(jax.ShapeDtypeStruct((b, 1, splits, rows, width), jnp.float32),
-                  jax.ShapeDtypeStruct((b, 1, splits, num_chunks, rows), jnp.float32)),  # every chunk's lse agree
-        scratch_types=[plgpu.Barrier(), plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=2)],
-        grid=(b, tiles, num_chunks, splits),
-        grid_names=("batch", "tile", "chunk", "split"),
-        kernel_name=f"mla_decode_r{st.block_rows}_kv{st.block_kv}_v{chunk}x{num_chunks}_s{splits}",
-        interpret=interpret,
-    )
-    o_part, lse = kernel(*operands)
-    out = fa.from_rows(fa.merge_partials(o_part, lse[:, :, :, 0], None), (b, q_len, hq, width))
-    return out[..., :kv_lora_rank].astype(q.dtype)
+    latent = fa.kv_pool(latent_pages, interpret)
+    chunk, num_chunks = value_chunks(kv_lora_rank, config.value_chunk)
+    width = max(latent.shape[-1], chunk * num_chunks)
+    latent = fa.pad_to(latent, (*latent.shape[:-1], width))
+    return fa.pad_to(q.astype(latent.dtype), (*q.shape[:-1], width)), latent
 
+
+def mla_ragged_kernel(q: jax.Array, latent_pages: jax.Array, query_start_loc: jax.Array, context_lens: jax.Array,
+                      block_tables: jax.Array, *, kv_lora_rank: int, scale: float | None = None,
+                      max_query_len: int | None = None, interpret: Any = None,
+                      config: MLADecodeConfig | None = None) -> jax.Array:
+    """MLA attention of a ragged flat batch (ops.ragged_paged_attention's metadata, K = V = latent).
+
+    q [T, Hq, D]; latent_pages [1, num_pages, page_size, D]; query_start_loc [S+1], context_lens [S],
+    block_tables [S, P] int32. Returns [T, Hq, kv_lora_rank] in q.dtype; padding rows are zero.
+    max_query_len: a static bound on any sequence's new tokens (None: unknown), which caps the
+    query tile. interpret: None compiles for the GPU, plgpu.InterpretGPUParams interprets on CPU.
+    The latent pool as in mla_decode_kernel (read in place).
+    """
+    t, hq, d = q.shape
+    config = config or MLADecodeConfig()
+    q_pad, latent = _prepare(q, latent_pages, kv_lora_rank, interpret, config)
+    block_q = BLOCK_ROWS // math.gcd(hq, BLOCK_ROWS)  # tokens filling whole 64-row programs
+    if max_query_len is not None:
+        block_q = max(1, min(block_q, max_query_len))
+    tiles = rpa.query_tiles(query_start_loc, context_lens, block_tables, t, block_q)
+    # One token per tile: tile n is token n (T tiles, spare ones past the last token), so q and the
+    # output need no gather (at DeepSeek-V3's Hq = 128 always: 75 MB of q and 134 MB of output at
+    # 512 tokens).
+    q_tiles = q_pad[:, None] if block_q == 1 else q_pad[tiles.rows]
+    out = _launch(fa.to_rows(q_tiles, 1, BLOCK_ROWS), latent, tiles.tables, tiles.lens, q_len=block_q, group=hq,
+                  kv_lora_rank=kv_lora_rank, scale=d**-0.5 if scale is None else scale,
+                  page_size=latent_pages.shape[2], config=config, interpret=interpret)
+    out = fa.from_rows(out, (tiles.rows.shape[0], block_q, hq, out.shape[-1]))
+    out = out[:, 0] if block_q == 1 else out[tiles.token_tile, tiles.token_slot]
+    return jnp.where(tiles.token_valid[:, None, None], out[..., :kv_lora_rank], 0).astype(q.dtype)
+
+
+def mla_decode_kernel(q: jax.Array, latent_pages: jax.Array, block_tables: jax.Array, context_lens: jax.Array,
+                      *, kv_lora_rank: int, scale: float | None = None, interpret: Any = None,
+                      config: MLADecodeConfig | None = None) -> jax.Array:
+    """MLA attention on the Mosaic GPU kernel, padded contract (that of mla_attention_reference):
+    the last Q tokens of each row, one query tile per row; rows of context 0 give zeros.
+
+    interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
+    Reads the latent pool in place (fa.kv_pool: compiled, bf16/f16 with D a multiple of 64, else a
+    ValueError) and multiplies in its dtype with f32 softmax. page_size: a multiple of 8 dividing
+    block_kv.
+    """
+    b, q_len, hq, d = q.shape
+    config = config or MLADecodeConfig()
+    q_pad, latent = _prepare(q, latent_pages, kv_lora_rank, interpret, config)
+    lens = context_lens.astype(jnp.int32)
+    out = _launch(fa.to_rows(q_pad, 1, BLOCK_ROWS), latent, block_tables.astype(jnp.int32), lens, q_len=q_len,
+                  group=hq, kv_lora_rank=kv_lora_rank, scale=d**-0.5 if scale is None else scale,
+                  page_size=latent_pages.shape[2], config=config, interpret=interpret)
+    out = fa.from_rows(out, (b, q_len, hq, out.shape[-1]))[..., :kv_lora_rank]
+    return jnp.where((lens > 0)[:, None, None, None], out, 0).astype(q.dtype)

@@ -178,8 +178,8 @@ def step_inputs(config: ModelConfig, engine: EngineConfig, dtype: jnp.dtype, bat
     shape = kv_cache.page_shape(config, engine.num_pages, engine.page_size)
     place = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
     cache_spec = None if mesh is None else cache_sharding(shape, mesh, DEFAULT_RULES)
-    cache = [tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=cache_spec) for _ in range(kv_cache.layout(config).tensors))
-             for _ in range(config.num_layers)]
+    pool = jax.ShapeDtypeStruct(shape, kv_cache.pool_dtype(dtype, sm90=True), sharding=cache_spec)
+    cache = [(pool,) * kv_cache.layout(config).tensors for _ in range(config.num_layers)]
     replicated = None if mesh is None else jax.NamedSharding(mesh, jax.P())
     runner = types.SimpleNamespace(config=engine)  # the runner's padding-input builders need only its config
     inputs = lambda tree: jax.tree.map(lambda x: place(_abstract(x), replicated) if hasattr(x, "shape") else x, tree)  # noqa: E731
@@ -349,8 +349,9 @@ def memory_plan(full: ModelConfig, engine: EngineConfig, dtype: jnp.dtype, mesh:
     compiled steps' largest temporary (the layers run one after another, so it does not grow)."""
     model = place_abstract(abstract_model(full, dtype), mesh, DEFAULT_RULES)
     shape = kv_cache.page_shape(full, engine.num_pages, engine.page_size)
-    kv = per_device_bytes([jax.ShapeDtypeStruct(shape, dtype, sharding=cache_sharding(shape, mesh, DEFAULT_RULES))]
-                          * kv_cache.layout(full).tensors) * full.num_layers
+    pool = jax.ShapeDtypeStruct(shape, kv_cache.pool_dtype(dtype, sm90=True),
+                                sharding=cache_sharding(shape, mesh, DEFAULT_RULES))
+    kv = per_device_bytes([pool] * kv_cache.layout(full).tensors) * full.num_layers
     temp = max((s["memory"]["temp_bytes"] for s in steps.values() if "memory" in s), default=0)
     weights = per_device_bytes(nnx.state(model))
     peak = weights + kv + temp
