@@ -200,7 +200,8 @@ def mla_attention(
     q [T, Hq, D] (absorbed queries) against latent_pages [1, num_pages, page_size, D]: the latent
     is every head's key and its first kv_lora_rank columns the value. Ragged metadata as in
     ragged_paged_attention. Returns [T, Hq, kv_lora_rank] in q.dtype. "pallas"/"interpret" run
-    the MLA kernel (mla_attention.py) per token; the others are ragged_paged_attention with K = V.
+    the ragged MLA kernel (mla_attention.mla_ragged_kernel); the others are ragged_paged_attention
+    with K = V.
     """
     resolved = checked_impl("mla_attention", impl)
     if resolved not in ("pallas", "interpret"):
@@ -217,17 +218,9 @@ def mla_attention_kernel(q: jax.Array, latent_pages: jax.Array, query_start_loc:
                          block_tables: jax.Array, *, kv_lora_rank: int, scale: float | None = None,
                          max_query_len: int | None = None,
                          interpret: plgpu.InterpretGPUParams | None = None) -> jax.Array:
-    """mla_attention's Pallas path, the one the self-check runs: every token a Q=1 row of the MLA
-    kernel (mla_attention.py), which needs no bound on the query lengths."""
-    del max_query_len
-
-    def paged(q, k_pages, v_pages, tables, lens, *, scale):
-        del v_pages  # the value is the latent itself
-        return mla.mla_decode_kernel(q, k_pages, tables, lens, kv_lora_rank=kv_lora_rank, scale=scale,
-                                     interpret=interpret)
-
-    args = (q, latent_pages, latent_pages, query_start_loc, context_lens, block_tables)
-    return rpa.ragged_paged_attention_per_token(paged, *args, scale=scale)
+    """mla_attention's Pallas path, the one the self-check runs: the ragged MLA kernel (mla_attention.py)."""
+    return mla.mla_ragged_kernel(q, latent_pages, query_start_loc, context_lens, block_tables, kv_lora_rank=kv_lora_rank,
+                                 scale=scale, max_query_len=max_query_len, interpret=interpret)
 
 
 def grouped_matmul(
