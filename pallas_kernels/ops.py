@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -231,7 +232,11 @@ def grouped_matmul(
     Rows past sum(group_sizes) give zeros; float32 accumulation, output in lhs.dtype. With
     group_offset, group_sizes may list more groups than rhs holds: rhs holds groups
     group_offset .. group_offset+G-1 and rows of other groups give zeros (expert parallelism).
+    "auto" on a GPU runs float32 weights on the XLA path: the kernel reads them in place and takes
+    bf16/f16 only (a per-call cast would copy every expert).
     """
+    if impl == "auto" and rhs.dtype not in (jnp.bfloat16, jnp.float16):
+        impl = "xla" if resolve_impl(impl) == "pallas" else impl
     impl = checked_impl("grouped_matmul", impl)
     if impl in ("xla", "cpu"):
         return gmm.grouped_matmul_reference(lhs, rhs, group_sizes, group_offset=group_offset)

@@ -73,7 +73,7 @@ KERNELS = {
     "paged_attention": (pa, "paged_attention_kernel"),
     "flash_attention": (fa, "flash_attention_kernel"),
     "grouped_matmul": (gmm, "grouped_matmul_kernel"),
-    "mla_decode": (mla, "mla_decode_kernel"),
+    "mla_attention": (mla, "mla_ragged_kernel"),
     "ragged_paged_attention": (rpm, "ragged_paged_attention_kernel"),
 }
 

@@ -168,6 +168,7 @@ def test_warp_specialized_interior_blocks():
 
 
 @pytest.mark.slow
+@pytest.mark.interpret_only
 def test_ops_interpret_matches_xla():
     q, k, v, sinks = random_qkv(13, 1, 16, 32, 4, 1, 64, jnp.bfloat16, with_sinks=True)
     with race_checked_interpret():

@@ -114,6 +114,7 @@ def test_kernel_interpret_matches_float64(name, config):
 
 
 @pytest.mark.slow
+@pytest.mark.interpret_only
 def test_ops_interpret_f32_tiny_dims_matches_xla():
     """f32 stays f32 in interpret mode; K=32 and N=48 (tiny test models) are padded to tiles."""
     lhs, rhs, group_sizes = random_gmm(12, 40, 32, 48, [16, 0, 20])
@@ -136,3 +137,12 @@ def test_tile_schedule_covers_each_row_once():
     want = np.full(m, -1)
     want[3:139] = np.repeat(np.arange(6), [5, 0, 70, 1, 0, 60])
     np.testing.assert_array_equal(owner, want)
+
+
+def test_auto_on_a_gpu_runs_float32_weights_on_xla(monkeypatch):
+    """The kernel reads expert weights in place (bf16/f16): "auto" sends an f32 model's to XLA."""
+    monkeypatch.setattr(ops, "is_sm90_gpu", lambda: True)
+    monkeypatch.setattr(gmm, "grouped_matmul_kernel", lambda *a, **k: pytest.fail("the kernel ran f32 weights"))
+    lhs, rhs, group_sizes = random_gmm(3, 40, 64, 64, [16, 0, 20])
+    np.testing.assert_array_equal(ops.grouped_matmul(lhs, rhs, group_sizes),
+                                  gmm.grouped_matmul_reference(lhs, rhs, group_sizes))

@@ -169,6 +169,7 @@ def sds(shape, dtype=BF16):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
+@pytest.mark.interpret_only
 def test_interpret_mode_poisons_unwritten_outputs():
     """The poisoning the interpret tests rely on: an output element nobody writes reads NaN."""
 

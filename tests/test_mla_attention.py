@@ -175,6 +175,7 @@ def test_kernel_cases_lower_for_h100(name):
 
 
 @pytest.mark.slow
+@pytest.mark.interpret_only
 def test_ops_ragged_interpret_matches_float64_and_xla():
     """A mixed batch (a 3-token chunk, two decodes, padding rows) through ops.mla_attention."""
     args, _ = random_ragged(5, [(20, 3), (9, 1), (41, 1)], 2, 4, 1, 64, 8, 6)

@@ -123,6 +123,7 @@ def test_kernel_cases_lower_for_h100(name):
 
 
 @pytest.mark.slow
+@pytest.mark.interpret_only
 def test_ops_pallas_runs_the_native_kernel(monkeypatch):
     """impl="interpret" goes through the native kernel where it supports the shapes (4-token pages
     would fall back to the per-token adapter) and matches float64."""
