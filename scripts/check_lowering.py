@@ -311,7 +311,8 @@ def compile_model(name: str, target: gpu_target.GpuTarget, *, tensor: int, exper
                     "mesh": dict(mesh.shape), "layers_compiled": config.num_layers, "layers": full.num_layers,
                     "batch": batch, "context": context, "tokens": tokens, "dtype": jnp.dtype(dtype).name,
                     "page_size": page_size, "steps": {}}
-    failures, seen = [], set(compiled_stats.read(dumps, set()))
+    failures, seen = [], set()
+    compiled_stats.read(dumps, seen)  # the dumps of presets compiled before this one
     for step, calls, traced, error in traced_steps(engine, inputs, lambda: jax.set_mesh(mesh)):
         if error:
             failures.append(f"{name} {step} step: {error}")
