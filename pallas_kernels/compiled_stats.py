@@ -54,3 +54,33 @@ def read(directory: Path, skip: set[str]) -> list[KernelStats]:
         stats.append(KernelStats(re.sub(r"_\d+$", "", base), int(registers.group(1)), int(spills.group(1)),
                                  int(spills.group(2)), int(smem.group(1)) if smem else 0, notes))
     return stats
+
+
+def gate_failures(kernel: dict, target: str, smem_limit: int) -> list[str]:
+    """Why one compiled call's kernels ({"call", "kernels": [KernelStats as dicts]}) fail the
+    compile gate: any spilled byte, or SMEM over the target's opt-in limit per block."""
+    failures = []
+    for k in kernel["kernels"]:
+        if k["spill_store_bytes"] or k["spill_load_bytes"]:
+            failures.append(f"{k['name']} spills ({k['spill_store_bytes']} B stored, {k['spill_load_bytes']} B loaded, "
+                            f"{k['registers']} registers) in {kernel['call']}")
+        if k["smem_bytes"] > smem_limit:
+            failures.append(f"{k['name']} uses {k['smem_bytes']} B of SMEM, over {target}'s {smem_limit} B "
+                            f"in {kernel['call']}")
+    return failures
+
+
+def table(reports: list[dict]) -> str:
+    """A markdown table of every distinct compiled kernel in check_lowering's per-preset reports:
+    registers, spills, SMEM and the presets using it."""
+    rows: dict[tuple, set[str]] = {}
+    for report in reports:
+        for step in report["steps"].values():
+            for call in step["kernels"]:
+                for k in call["kernels"]:
+                    key = (k["name"], k["registers"], k["spill_store_bytes"] + k["spill_load_bytes"], k["smem_bytes"])
+                    rows.setdefault(key, set()).add(report["model"])
+    lines = ["| kernel | registers | spill bytes | SMEM bytes | presets |", "|---|---|---|---|---|"]
+    lines += [f"| `{name}` | {regs} | {spills} | {smem:,} | {', '.join(sorted(models))} |"
+              for (name, regs, spills, smem), models in sorted(rows.items())]
+    return "\n".join(lines)

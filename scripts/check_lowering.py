@@ -263,35 +263,9 @@ def compile_kernel_call(call: KernelCall, mesh: jax.sharding.Mesh, dumps: Path, 
             "kernels": [dataclasses.asdict(k) for k in compiled_stats.read(dumps, seen)]}
 
 
-def kernel_failures(target: gpu_target.GpuTarget, kernel: dict) -> list[str]:
-    """Why a compiled kernel fails the gate: spills, or SMEM over the target's opt-in limit."""
-    failures = []
-    for k in kernel["kernels"]:
-        if k["spill_store_bytes"] or k["spill_load_bytes"]:
-            failures.append(f"{k['name']} spills ({k['spill_store_bytes']} B stored, {k['spill_load_bytes']} B loaded, "
-                            f"{k['registers']} registers) in {kernel['call']}")
-        if k["smem_bytes"] > target.smem_optin_bytes:
-            failures.append(f"{k['name']} uses {k['smem_bytes']} B of SMEM, over {target.name}'s "
-                            f"{target.smem_optin_bytes} B in {kernel['call']}")
-    return failures
-
-
 def per_device_bytes(tree: Any) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (its largest shard)."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def preset_mesh(entry: str, devices: int, expert: int) -> tuple[str, int, int]:
-    """(preset, tensor, expert) of a --model entry NAME or NAME:TENSORxEXPERT."""
-    name, _, mesh = entry.partition(":")
-    if not mesh:
-        if devices % expert:
-            raise app.UsageError(f"--expert={expert} must divide --devices={devices}")
-        return name, devices // expert, expert
-    tensor, _, expert_axis = mesh.partition("x")
-    if not (tensor.isdigit() and expert_axis.isdigit() and int(tensor) * int(expert_axis) > 0):
-        raise app.UsageError(f"--model entry {entry!r}: the mesh must read TENSORxEXPERT, e.g. {name}:2x4")
-    return name, int(tensor), int(expert_axis)
 
 
 def compile_model(name: str, target: gpu_target.GpuTarget, *, tensor: int, expert: int, batch: int, context: int,
@@ -321,7 +295,7 @@ def compile_model(name: str, target: gpu_target.GpuTarget, *, tensor: int, exper
         for call in calls:
             try:
                 kernels.append(compile_kernel_call(call, one_gpu, dumps, seen))
-                failures += [f"{name} {step} step: {f}" for f in kernel_failures(target, kernels[-1])]
+                failures += [f"{name} {step} step: {f}" for f in compiled_stats.gate_failures(kernels[-1], target.name, target.smem_optin_bytes)]
             except Exception as e:  # noqa: BLE001 (every compile error is a finding)
                 failures.append(f"{name} {step} step: {call.describe()}: {type(e).__name__}: {_first_line(e)}")
         entry: dict = {"kernels": kernels}
@@ -360,21 +334,6 @@ def memory_plan(full: ModelConfig, engine: EngineConfig, dtype: jnp.dtype, mesh:
             "peak_bytes": peak, "device_memory_bytes": target.memory_bytes, "fits": peak <= target.memory_bytes}
 
 
-def kernel_table(reports: list[dict]) -> str:
-    """A markdown table of every distinct compiled kernel: registers, spills, SMEM, the presets using it."""
-    rows: dict[tuple, set[str]] = {}
-    for report in reports:
-        for step in report["steps"].values():
-            for call in step["kernels"]:
-                for k in call["kernels"]:
-                    key = (k["name"], k["registers"], k["spill_store_bytes"] + k["spill_load_bytes"], k["smem_bytes"])
-                    rows.setdefault(key, set()).add(report["model"])
-    lines = ["| kernel | registers | spill bytes | SMEM bytes | presets |", "|---|---|---|---|---|"]
-    lines += [f"| `{name}` | {regs} | {spills} | {smem:,} | {', '.join(sorted(models))} |"
-              for (name, regs, spills, smem), models in sorted(rows.items())]
-    return "\n".join(lines)
-
-
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:400] if text else ""
@@ -392,7 +351,10 @@ def main(argv: list[str]) -> None:
         with tempfile.TemporaryDirectory(prefix="mosaic_dumps_") as dumps:
             compiled_stats.enable_dumps(Path(dumps))
             for entry in MODELS.value:
-                name, tensor, expert = preset_mesh(entry, DEVICES.value, EXPERT.value)
+                try:
+                    name, tensor, expert = gpu_target.preset_mesh(entry, DEVICES.value, EXPERT.value)
+                except ValueError as e:
+                    raise app.UsageError(str(e)) from e
                 report, model_failures = compile_model(
                     name, target, tensor=tensor, expert=expert, batch=BATCH.value,
                     context=CONTEXT.value, tokens=TOKENS.value, dtype=jnp.dtype(DTYPE.value),
@@ -401,7 +363,7 @@ def main(argv: list[str]) -> None:
                 failures += model_failures
         text = json.dumps({"jax": jax.__version__, "models": reports, "passed": not failures}, indent=1)
         Path(OUTPUT.value).write_text(text) if OUTPUT.value else print(text)
-        print(kernel_table(reports), flush=True)
+        print(compiled_stats.table(reports), flush=True)
     for failure in failures:
         print(f"{'COMPILE' if COMPILE.value else 'LOWERING'} FAILED: {failure}", file=sys.stderr)
     sys.exit(1 if failures else 0)

@@ -52,3 +52,17 @@ def devices(target: GpuTarget, count: int) -> list[jax.Device]:
         raise RuntimeError("deviceless GPU compiling runs with JAX_PLATFORMS=cpu")
     return list(topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
                                              target_config=target.spec).devices)
+
+
+def preset_mesh(entry: str, devices: int, expert: int) -> tuple[str, int, int]:
+    """(preset, tensor, expert) of a compile-gate entry NAME (on devices / expert x expert GPUs)
+    or NAME:TENSORxEXPERT; a ValueError says what is wrong."""
+    name, _, mesh = entry.partition(":")
+    if not mesh:
+        if devices % expert:
+            raise ValueError(f"--expert={expert} must divide --devices={devices}")
+        return name, devices // expert, expert
+    tensor, _, expert_axis = mesh.partition("x")
+    if not (tensor.isdigit() and expert_axis.isdigit() and int(tensor) * int(expert_axis) > 0):
+        raise ValueError(f"--model entry {entry!r}: the mesh must read TENSORxEXPERT, e.g. {name}:2x4")
+    return name, int(tensor), int(expert_axis)

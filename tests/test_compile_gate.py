@@ -1,18 +1,14 @@
 """The sm_90a compile gate's pieces that run on any jaxlib: target specs, ptxas report parsing, the
 verdict on a compiled kernel, and preset meshes. The compiling itself needs jax[cuda13]
-(`make gpu-check`, which CI runs: .ci/run)."""
+(`make gpu-check`, which CI runs: .ci/run); the script itself keeps only the wiring."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-from absl import app
 
 from pallas_kernels import compiled_stats
 from sharding import gpu_target
 
-ROOT = Path(__file__).resolve().parents[1]
 PTXAS = """\
 ptxas info    : (C7519) warpgroup.arrive is injected in around line 666 by compiler to allow use of registers in GMMA in function 'gmm_mosaic_gpu_kernel'
 ptxas info    : 0 bytes gmem
@@ -22,15 +18,6 @@ ptxas info    : Function properties for gmm_mosaic_gpu_kernel
 ptxas info    : Used {registers} registers, used 16 barriers, 1 bytes smem
 """
 RESOURCES = "Resources(smem_scratch_bytes={smem}, tmem_scratch_cols=0, barrier_counts=Counter(), scoped_gmem_semaphores={{}})"
-
-
-@pytest.fixture(scope="module")
-def check_lowering():
-    spec = importlib.util.spec_from_file_location("check_lowering", ROOT / "scripts" / "check_lowering.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_lowering"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_targets_carry_the_spec_facts():
@@ -72,21 +59,28 @@ def test_a_report_without_register_line_is_an_error(tmp_path):
     (dict(registers=64, store=0, load=4, smem=1024), "k spills (0 B stored, 4 B loaded"),
     (dict(registers=64, store=0, load=0, smem=232_449), "k uses 232449 B of SMEM, over h200's 232448 B"),
 ])
-def test_the_gate_fails_spills_and_smem_overflow(check_lowering, stats, reason):
+def test_the_gate_fails_spills_and_smem_overflow(stats, reason):
     kernel = {"call": "k(bfloat16[8])", "kernels": [
         dict(name="k", registers=stats["registers"], spill_store_bytes=stats["store"], spill_load_bytes=stats["load"],
              smem_bytes=stats["smem"], notes=())]}
-    failures = check_lowering.kernel_failures(gpu_target.load("h200"), kernel)
+    failures = compiled_stats.gate_failures(kernel, "h200", gpu_target.load("h200").smem_optin_bytes)
     assert len(failures) == (reason is not None)
     if reason:
         assert reason in failures[0] and "k(bfloat16[8])" in failures[0]
 
 
-def test_preset_meshes(check_lowering):
-    assert check_lowering.preset_mesh("llama3-8b", 1, 1) == ("llama3-8b", 1, 1)
-    assert check_lowering.preset_mesh("llama3-8b", 8, 2) == ("llama3-8b", 4, 2)
-    assert check_lowering.preset_mesh("deepseek-v3:1x16", 1, 1) == ("deepseek-v3", 1, 16)
-    with pytest.raises(app.UsageError, match="must read TENSORxEXPERT"):
-        check_lowering.preset_mesh("deepseek-v3:16", 1, 1)
-    with pytest.raises(app.UsageError, match="--expert=3 must divide --devices=8"):
-        check_lowering.preset_mesh("llama3-8b", 8, 3)
+def test_preset_meshes():
+    assert gpu_target.preset_mesh("llama3-8b", 1, 1) == ("llama3-8b", 1, 1)
+    assert gpu_target.preset_mesh("llama3-8b", 8, 2) == ("llama3-8b", 4, 2)
+    assert gpu_target.preset_mesh("deepseek-v3:1x16", 1, 1) == ("deepseek-v3", 1, 16)
+    with pytest.raises(ValueError, match="must read TENSORxEXPERT"):
+        gpu_target.preset_mesh("deepseek-v3:16", 1, 1)
+    with pytest.raises(ValueError, match="--expert=3 must divide --devices=8"):
+        gpu_target.preset_mesh("llama3-8b", 8, 3)
+
+
+def test_the_table_lists_each_kernel_once_with_its_presets():
+    stats = dict(registers=111, spill_store_bytes=0, spill_load_bytes=0, smem_bytes=115_712, notes=())
+    step = {"kernels": [{"call": "c", "kernels": [dict(name="rpa_ab", **stats)]}]}
+    reports = [{"model": m, "steps": {"decode": step, "mixed": step}} for m in ("qwen3-8b", "llama3-8b")]
+    assert compiled_stats.table(reports).splitlines()[2] == "| `rpa_ab` | 111 | 0 | 115,712 | llama3-8b, qwen3-8b |"
