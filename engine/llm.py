@@ -37,11 +37,15 @@ class LLM:
     """Paged-KV, continuously batched generation over one model."""
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m-instruct", *, dtype: str = "float32",
-                 seed: int = 0, mesh: Mesh | None = None, speculative_config: dict | None = None, **engine_args):
+                 weights: str = "native", seed: int = 0, mesh: Mesh | None = None,
+                 speculative_config: dict | None = None, **engine_args):
         """engine_args: EngineConfig's fields (page_size, num_pages, max_num_seqs, max_model_len,
         attention_impl, decode_steps, prefill_chunk, max_num_batched_tokens, kv_cache_bytes,
         enable_prefix_caching); its defaults are the engine's. max_model_len defaults to the model's
         context.
+
+        weights: how a quantized checkpoint's weights are held (models.load_model): "native" packed
+        as they ship, or a dtype name to dequantize them at load. Ignored for a LoadedModel.
 
         mesh: shard the parameters (sharding/rules.py, the model's rules) and the KV cache over it.
         The cache splits its kv heads over "tensor"; with fewer kv heads than the tensor size every
@@ -55,7 +59,7 @@ class LLM:
         """
         spec = SpeculativeConfig.from_dict(speculative_config)
         compilation_cache.enable()
-        self.model = _placed_model(model, dtype, mesh)
+        self.model = _placed_model(model, dtype, mesh, weights)
         self.config = _engine_config(self.model, engine_args, spec)
         self.allocator = PageAllocator(self.config.num_pages)
         self.prefix_cache = PrefixCache(self.allocator, self.config.page_size, self.config.enable_prefix_caching,
@@ -309,9 +313,9 @@ def _attention_shapes(model: LoadedModel, config: EngineConfig) -> attention_cho
         mixed_tokens=config.max_num_batched_tokens, chunk=config.prefill_chunk)
 
 
-def _placed_model(model: str | LoadedModel, dtype: str, mesh: Mesh | None) -> LoadedModel:
+def _placed_model(model: str | LoadedModel, dtype: str, mesh: Mesh | None, weights: str) -> LoadedModel:
     """Load `model` (unless given loaded) and place its parameters on `mesh`."""
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, mesh=mesh)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, mesh=mesh, weights=weights)
     if mesh is not None and loaded.mesh is None:
         loaded = dataclasses.replace(loaded, model=shard_model(loaded.model, mesh, loaded.rules), mesh=mesh)
     return loaded

@@ -82,11 +82,11 @@ class Attention(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, layer: int = 0):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        bias = config.attention_bias
-        self.q_proj = Linear((d,), (h, hd), ("embed", "q_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), bias=bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear((h, hd), (d,), ("q_heads", "head_dim", "embed"), bias=bias, dtype=dtype, rngs=rngs)
+        kw = dict(bias=config.attention_bias, dtype=dtype, rngs=rngs, fmt=config.packed_format("linear"))
+        self.q_proj = Linear((d,), (h, hd), ("embed", "q_heads", "head_dim"), **kw)
+        self.k_proj = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v_proj = Linear((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o_proj = Linear((h, hd), (d,), ("q_heads", "head_dim", "embed"), **kw)
         norm = lambda: RMSNorm(hd, config.rms_norm_eps, dtype=dtype, axis="head_dim")  # noqa: E731
         self.q_norm, self.k_norm = (norm(), norm()) if config.qk_norm else (None, None)
         self.sinks = nnx.Param(jnp.zeros((h,), dtype), logical_axes=("q_heads",)) if config.attention_sinks else None
@@ -95,11 +95,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, cache: LayerCache | None,
                  metadata: AttentionMetadata | None, attention_impl: str) -> tuple[jax.Array, LayerCache | None]:
-        q, k = self.q_proj(x_btd), self.k_proj(x_btd)  # [B, T, Hq, D], [B, T, Hkv, D]
+        q, k = self.q_proj(x_btd, attention_impl), self.k_proj(x_btd, attention_impl)  # [B, T, Hq, D], [B, T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, positions_bt), self.rotary(k, positions_bt)
-        v = self.v_proj(x_btd)
+        v = self.v_proj(x_btd, attention_impl)
         kwargs = dict(sliding_window=self.sliding_window, sinks=None if self.sinks is None else self.sinks[...],
                       impl=attention_impl)
         if cache is None:
@@ -109,7 +109,7 @@ class Attention(nnx.Module):
             v_pages = write_pages(cache[1], v, metadata.slot_mapping)
             cache = (k_pages, v_pages)
             out = self._attend(q, k_pages, v_pages, metadata, **kwargs)
-        return self.o_proj(out.astype(x_btd.dtype)), cache
+        return self.o_proj(out.astype(x_btd.dtype), attention_impl), cache
 
     def _attend(self, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, metadata: AttentionMetadata, *,
                 sinks: jax.Array | None, impl: str, **kwargs) -> jax.Array:

@@ -7,6 +7,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pallas_kernels.quantized import FORMATS
+
+# The layers a checkpoint of each packed format quantizes: "experts" (routed MoE experts) and
+# "linear" (every projection of a block but MLA's kv_b_proj; never the embedding, LM head, router
+# or MTP's eh_proj). gpt-oss ships only its experts in MXFP4 (everything else bf16); DeepSeek-V3/R1
+# and Qwen3 FP8 checkpoints ship every block projection in 128 x 128 block FP8.
+QUANTIZED_LAYERS = {"mxfp4": ("experts",), "fp8_block": ("experts", "linear")}
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -150,6 +158,9 @@ class ModelConfig:
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None
     mtp: MTPConfig | None = None
+    # The checkpoint's packed format (pallas_kernels/quantized.py FORMATS): those layers are held
+    # packed (QUANTIZED_LAYERS); None: every weight dense in the model dtype.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -162,6 +173,8 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         self._check_attention_variants()
+        if self.quantization is not None and self.quantization not in FORMATS:
+            raise ValueError(f"unknown quantization {self.quantization!r} (known: {', '.join(FORMATS)})")
         if self.mla is not None and self.head_dim != self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim:
             raise ValueError(f"MLA head_dim={self.head_dim} must equal qk_nope_head_dim + qk_rope_head_dim")
         if self.moe is not None and any(not 0 <= i < self.num_layers for i in self.moe.dense_layers):
@@ -182,6 +195,10 @@ class ModelConfig:
         if self.layer_types and self.layer_types[layer] == "sliding_attention":
             return self.sliding_window
         return None
+
+    def packed_format(self, layer_kind: str) -> str | None:
+        """The format layers of this kind ("experts" or "linear") are held packed in; None: dense."""
+        return self.quantization if layer_kind in QUANTIZED_LAYERS.get(self.quantization, ()) else None
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer not in self.moe.dense_layers

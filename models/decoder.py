@@ -82,7 +82,7 @@ def feed_forward(config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx
     """Routed experts in the config's MoE layers, a dense SwiGLU MLP elsewhere."""
     if config.is_moe_layer(layer):
         return MoE(config, dtype=dtype, rngs=rngs)
-    return MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
+    return MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs, fmt=config.packed_format("linear"))
 
 
 class GQADecoder(Decoder):

@@ -51,19 +51,21 @@ class MLAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         c = config.mla
         d, h, bias, head_dim = config.hidden_size, config.num_heads, config.attention_bias, config.head_dim
+        kw = dict(dtype=dtype, rngs=rngs, fmt=config.packed_format("linear"))
         if c.q_lora_rank:
-            self.q_a_proj = Linear((d,), (c.q_lora_rank,), ("embed", "q_lora"), bias=bias, dtype=dtype, rngs=rngs)
+            self.q_a_proj = Linear((d,), (c.q_lora_rank,), ("embed", "q_lora"), bias=bias, **kw)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, LORA_NORM_EPS, dtype=dtype)
-            self.q_b_proj = Linear((c.q_lora_rank,), (h, head_dim), ("q_lora", "q_heads", "head_dim"),
-                                   dtype=dtype, rngs=rngs)
+            self.q_b_proj = Linear((c.q_lora_rank,), (h, head_dim), ("q_lora", "q_heads", "head_dim"), **kw)
         else:
-            self.q_proj = Linear((d,), (h, head_dim), ("embed", "q_heads", "head_dim"), dtype=dtype, rngs=rngs)
+            self.q_proj = Linear((d,), (h, head_dim), ("embed", "q_heads", "head_dim"), **kw)
         self.kv_a_proj_with_mqa = Linear((d,), (c.kv_lora_rank + c.qk_rope_head_dim,), ("embed", "kv_lora"),
-                                         bias=bias, dtype=dtype, rngs=rngs)
+                                         bias=bias, **kw)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LORA_NORM_EPS, dtype=dtype)
+        # Dense even from an FP8 checkpoint (dequantized at load): the absorbed path multiplies its
+        # halves into the queries and the attention output (as vLLM and DeepSeek's reference do).
         self.kv_b_proj = Linear((c.kv_lora_rank,), (h, c.qk_nope_head_dim + c.v_head_dim),
                                 ("kv_lora", "q_heads", "head_dim"), dtype=dtype, rngs=rngs)
-        self.o_proj = Linear((h, c.v_head_dim), (d,), ("q_heads", "head_dim", "embed"), bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear((h, c.v_head_dim), (d,), ("q_heads", "head_dim", "embed"), bias=bias, **kw)
         # The rotary embedding sees only the rope dims (a plain, non-MLA config of that head size).
         self.rotary = RotaryEmbedding(dataclasses.replace(config, head_dim=c.qk_rope_head_dim, mla=None))
         self.config = c
@@ -75,29 +77,29 @@ class MLAttention(nnx.Module):
             x_btnr = jnp.concatenate([x_btnr[..., 0::2], x_btnr[..., 1::2]], axis=-1)
         return self.rotary(x_btnr, positions_bt)
 
-    def _queries(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _queries(self, x_btd: jax.Array, positions_bt: jax.Array, impl: str) -> tuple[jax.Array, jax.Array]:
         """q_nope [B, T, H, nope] and rotated q_rope [B, T, H, rope]."""
         if self.config.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_btd)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_btd, impl)), impl)
         else:
-            q = self.q_proj(x_btd)
+            q = self.q_proj(x_btd, impl)
         q_nope, q_rope = jnp.split(q, [self.config.qk_nope_head_dim], axis=-1)
         return q_nope, self._rope(q_rope, positions_bt)
 
-    def _latent(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _latent(self, x_btd: jax.Array, positions_bt: jax.Array, impl: str) -> tuple[jax.Array, jax.Array]:
         """Normed latent c [B, T, L] and rotated shared key k_rope [B, T, 1, rope]."""
-        c_kv, k_rope = jnp.split(self.kv_a_proj_with_mqa(x_btd), [self.config.kv_lora_rank], axis=-1)
+        c_kv, k_rope = jnp.split(self.kv_a_proj_with_mqa(x_btd, impl), [self.config.kv_lora_rank], axis=-1)
         return self.kv_a_layernorm(c_kv), self._rope(k_rope[:, :, None, :], positions_bt)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, cache: LatentCache | None,
                  metadata: AttentionMetadata | None, attention_impl: str) -> tuple[jax.Array, LatentCache | None]:
-        q_nope, q_rope = self._queries(x_btd, positions_bt)
-        c_btl, k_rope = self._latent(x_btd, positions_bt)
+        q_nope, q_rope = self._queries(x_btd, positions_bt, attention_impl)
+        c_btl, k_rope = self._latent(x_btd, positions_bt, attention_impl)
         if cache is None:
             out = self._expanded(q_nope, q_rope, c_btl, k_rope, attention_impl)
         else:
             out, cache = self._absorbed(q_nope, q_rope, c_btl, k_rope, cache, metadata, attention_impl)
-        return self.o_proj(out.astype(x_btd.dtype)), cache
+        return self.o_proj(out.astype(x_btd.dtype), attention_impl), cache
 
     def _expanded(self, q_nope: jax.Array, q_rope: jax.Array, c_btl: jax.Array, k_rope: jax.Array,
                   impl: str) -> jax.Array:
@@ -214,12 +216,13 @@ def _latent_cache(config: ModelConfig) -> CacheLayout:
 
 def _preset(name: str, *, mla: MLAConfig | None = None, moe: MoEConfig | None = None, **sizes: Any) -> ModelConfig:
     """DeepSeek-V3 at the released sizes unless told otherwise: a 512 + 64 latent, YaRN with mscale,
-    256 experts in 8 groups (top 4 groups, top 8 experts), one shared expert, one MTP module."""
+    256 experts in 8 groups (top 4 groups, top 8 experts), one shared expert, one MTP module, the
+    block projections in 128 x 128 block FP8 (as DeepSeek ships V3 and R1)."""
     defaults: dict[str, Any] = dict(
         vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_layers=61, num_heads=128,
         num_kv_heads=128, head_dim=192, max_position_embeddings=163840,
         rope_scaling=RopeScaling(kind="yarn", factor=40.0, original_max_position_embeddings=4096,
-                                 mscale=1.0, mscale_all_dim=1.0))
+                                 mscale=1.0, mscale_all_dim=1.0), quantization="fp8_block")
     mla = mla or MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                            q_lora_rank=1536, rope_interleave=True)
     moe = moe or MoEConfig(num_experts=256, num_experts_per_tok=8, intermediate_size=2048, dense_layers=(0, 1, 2),
@@ -242,5 +245,5 @@ ARCHITECTURE = Architecture(
                               num_shared_experts=1, router="sigmoid_grouped", n_group=4, topk_group=2,
                               routed_scaling_factor=2.5),
                 rope_scaling=RopeScaling(kind="yarn", factor=4.0, original_max_position_embeddings=32,
-                                         mscale=1.0, mscale_all_dim=1.0)),
+                                         mscale=1.0, mscale_all_dim=1.0), quantization=None),
     ))

@@ -10,6 +10,7 @@ import numpy as np
 from models.architecture import Architecture
 from models.config import ModelConfig, MoEConfig, RopeScaling
 from models.decoder import GQADecoder
+from models.loading import quantized as packed
 from models.loading.hf_config import HFConfig
 from models.loading.weights import TensorGetter
 
@@ -36,16 +37,18 @@ def _hf_fields(hf: HFConfig) -> dict[str, Any]:
                 layer_types=tuple(hf.get("layer_types", None) or _alternating_windows(layers)))
 
 
-def _deinterleave(gate_up: np.ndarray) -> np.ndarray:
-    """gpt-oss stores gate and up interleaved on the last axis (g0 u0 g1 u1 ...); ours is [gate | up]."""
-    return np.concatenate([gate_up[..., ::2], gate_up[..., 1::2]], axis=-1)
+def _deinterleave(gate_up: packed.HFWeight, name: str) -> packed.HFWeight:
+    """gpt-oss stores gate and up interleaved along out (g0 u0 g1 u1 ...); ours is [gate | up]. On a
+    packed (MXFP4) weight this permutes its rows with their scales: exact."""
+    n = gate_up.shape[-1]
+    return packed.take_out(gate_up, np.concatenate([np.arange(0, n, 2), np.arange(1, n, 2)]), name)
 
 
 def load_hf_param(config: ModelConfig, path: tuple[str, ...], shape: tuple[int, ...],
-                  get_tensor: TensorGetter) -> np.ndarray | None:
+                  get_tensor: TensorGetter) -> packed.HFWeight | None:
     """Our parameter at `path` from gpt-oss HF tensors, for the names the Llama mapping lacks.
 
-    Experts (bf16 names; quantized checkpoints are dequantized to these names by the getter):
+    Experts (bf16 names: the getter dequantizes or packs an MXFP4 checkpoint's *_blocks + *_scales):
     gate_up_proj [E, D, 2I] interleaved, gate_up_proj_bias [E, 2I], down_proj [E, I, D] and
     down_proj_bias [E, D], already in our [in, out] order. None: use the default mapping.
     """
@@ -55,17 +58,18 @@ def load_hf_param(config: ModelConfig, path: tuple[str, ...], shape: tuple[int, 
         return get_tensor(f"{prefix}.sinks")
     if path[-2] != "experts":
         return None
-    tensor = get_tensor(f"{prefix}.{leaf}")
-    return _deinterleave(tensor) if leaf.startswith("gate_up_proj") else tensor
+    name = f"{prefix}.{leaf}"
+    return _deinterleave(get_tensor(name), name) if leaf.startswith("gate_up_proj") else get_tensor(name)
 
 
 def _preset(name: str, num_layers: int, num_experts: int, *, moe_size: int = 2880, experts_per_tok: int = 4,
             **sizes: Any) -> ModelConfig:
-    """gpt-oss at the released sizes unless `sizes` say otherwise."""
+    """gpt-oss at the released sizes (experts in MXFP4, as OpenAI ships them) unless `sizes` say otherwise."""
     defaults: dict[str, Any] = dict(
         vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_heads=64, num_kv_heads=8, head_dim=64,
         max_position_embeddings=131072, sliding_window=128, rope_theta=150000.0,
-        rope_scaling=RopeScaling(kind="yarn", factor=32.0, original_max_position_embeddings=4096, truncate=False))
+        rope_scaling=RopeScaling(kind="yarn", factor=32.0, original_max_position_embeddings=4096, truncate=False),
+        quantization="mxfp4")
     return ModelConfig(name=name, architecture="gpt_oss", num_layers=num_layers, rms_norm_eps=1e-5,
                        attention_bias=True, attention_sinks=True, layer_types=_alternating_windows(num_layers),
                        moe=_moe(num_experts, moe_size, experts_per_tok), **{**defaults, **sizes})
@@ -81,5 +85,5 @@ ARCHITECTURE = Architecture(
                 hidden_size=64, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=16,
                 max_position_embeddings=128, sliding_window=8,
                 rope_scaling=RopeScaling(kind="yarn", factor=4.0, original_max_position_embeddings=32,
-                                         truncate=False)),
+                                         truncate=False), quantization=None),
     ))

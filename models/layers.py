@@ -1,4 +1,5 @@
-"""Building blocks shared by the model assemblies: RMSNorm, embeddings, rotary, dense MLP."""
+"""Building blocks shared by the model assemblies: RMSNorm, embeddings, rotary, dense MLP, and the
+packed storage of checkpoint-quantized weights (PackedWeight)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig, RopeScaling
+from pallas_kernels import ops
+from pallas_kernels.quantized import QuantizedWeight
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype, std: float = 0.02) -> jax.Array:
@@ -42,35 +45,77 @@ class Embedding(nnx.Module):
         return jnp.einsum("...d,vd->...v", x_btd, self.embedding[...], preferred_element_type=jnp.float32)
 
 
+class PackedWeight(nnx.Module):
+    """A weight of dense shape [..., K, N] held as its checkpoint packs it: `values` and `scales`
+    nnx.Params in the K-major layout [..., N, K(/2)] (pallas_kernels/quantized.py), both along the
+    dense weight's logical axes with N before K (scales at block granularity). It stands where an
+    nnx.Param would: `[...]` gives the QuantizedWeight the ops take, `get_metadata()` the values'."""
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], fmt: str, *, rngs: nnx.Rngs):
+        w = QuantizedWeight.random(rngs.params(), shape, fmt)
+        *lead, k_axis, n_axis = axes
+        self.values = nnx.Param(w.values, logical_axes=(*lead, n_axis, k_axis), fmt=fmt)
+        self.scales = nnx.Param(w.scales, logical_axes=(*lead, n_axis, k_axis), fmt=fmt)
+        self.fmt = fmt
+
+    def __getitem__(self, index: type(Ellipsis)) -> QuantizedWeight:
+        assert index is Ellipsis, "a packed weight is read whole: w[...]"
+        return QuantizedWeight(self.values[...], self.scales[...], self.fmt)
+
+    def get_metadata(self) -> dict:
+        return self.values.get_metadata()
+
+
+def weight(shape: tuple[int, ...], axes: tuple[str, ...], fmt: str | None, *, dtype: jnp.dtype,
+           rngs: nnx.Rngs) -> nnx.Param | PackedWeight:
+    """A [..., K, N] weight: dense in dtype, or packed in `fmt` (ModelConfig.packed_format)."""
+    if fmt is None:
+        return nnx.Param(_normal(rngs, shape, dtype), logical_axes=axes)
+    return PackedWeight(shape, axes, fmt, rngs=rngs)
+
+
 class Linear(nnx.Module):
-    """A bias-optional projection whose kernel has named (logical) axes for sharding."""
+    """A bias-optional projection whose kernel has named (logical) axes for sharding.
+
+    fmt: hold the kernel packed (PackedWeight), flattened to [prod(in), prod(out)] along the leading
+    in and out axes (a contiguous split of the flat axis is that axis' split), run by ops.quantized_matmul.
+    """
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple[str, ...],
-                 *, bias: bool = False, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_normal(rngs, (*in_shape, *out_shape), dtype), logical_axes=axes)
-        self.bias = (nnx.Param(jnp.zeros(out_shape, dtype), logical_axes=axes[len(in_shape):])
+                 *, bias: bool = False, dtype: jnp.dtype, rngs: nnx.Rngs, fmt: str | None = None):
+        n_in = len(in_shape)
+        if fmt is None:
+            self.kernel = weight((*in_shape, *out_shape), axes, None, dtype=dtype, rngs=rngs)
+        else:
+            flat = (math.prod(in_shape), math.prod(out_shape))
+            self.kernel = weight(flat, (axes[0], axes[n_in]), fmt, dtype=dtype, rngs=rngs)
+        self.bias = (nnx.Param(jnp.zeros(out_shape, dtype), logical_axes=axes[n_in:])
                      if bias else None)
-        self.n_in = len(in_shape)
+        self.n_in, self.out_shape = n_in, out_shape
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel[...]
-        y = jax.lax.dot_general(x, k, (((tuple(range(x.ndim - self.n_in, x.ndim))),
-                                        tuple(range(self.n_in))), ((), ())))
+    def __call__(self, x: jax.Array, impl: str = "auto") -> jax.Array:
+        """impl: the packed kernel's matmul impl (pallas_kernels.ops); a dense kernel has no choice."""
+        if isinstance(self.kernel, PackedWeight):
+            lead = x.shape[:x.ndim - self.n_in]
+            y = ops.quantized_matmul(x.reshape(math.prod(lead), -1), self.kernel[...], impl=impl)
+            y = y.reshape(*lead, *self.out_shape)
+        else:
+            y = jax.lax.dot_general(x, self.kernel[...], (((tuple(range(x.ndim - self.n_in, x.ndim))),
+                                                           tuple(range(self.n_in))), ((), ())))
         return y if self.bias is None else y + self.bias[...]
 
 
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.gate_proj = Linear((dim,), (hidden,), ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.up_proj = Linear((dim,), (hidden,), ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.down_proj = Linear((hidden,), (dim,), ("mlp", "embed"), dtype=dtype, rngs=rngs)
+    def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, fmt: str | None = None):
+        self.gate_proj = Linear((dim,), (hidden,), ("embed", "mlp"), dtype=dtype, rngs=rngs, fmt=fmt)
+        self.up_proj = Linear((dim,), (hidden,), ("embed", "mlp"), dtype=dtype, rngs=rngs, fmt=fmt)
+        self.down_proj = Linear((hidden,), (dim,), ("mlp", "embed"), dtype=dtype, rngs=rngs, fmt=fmt)
 
     def __call__(self, x: jax.Array, impl: str = "auto") -> jax.Array:
-        """impl is accepted so every feed-forward has one interface; a dense MLP has no kernel choice."""
-        del impl
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        """impl: the packed projections' matmul impl (every feed-forward takes one)."""
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, impl)) * self.up_proj(x, impl), impl)
 
 
 def rope_frequencies(config: ModelConfig) -> tuple[np.ndarray, float]:

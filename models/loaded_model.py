@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -74,17 +75,22 @@ def embedded_weights_path(preset: str) -> Path:
 
 
 def load_model(source: str | Path, *, dtype: str | jnp.dtype = "float32", seed: int = 0,
-               mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES) -> LoadedModel:
+               mesh: jax.sharding.Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
+               weights: str = quantized.NATIVE) -> LoadedModel:
     """Load a preset name, a .gguf file, an HF checkpoint dir or an orbax dir.
 
     Presets without embedded weights (e.g. `tiny-llama`, `llama3-8b`) get random weights from `seed`.
     mesh: place every parameter in its shards (sharding/rules.py). HF safetensors and GGUF go
     tensor by tensor straight to their shards (each tensor is read whole on the host, one at a
     time, then device_put); presets and orbax dirs load unsharded first, then are resharded.
+    weights: "native" holds a quantized HF checkpoint's (or preset's) MXFP4 / block-FP8 weights
+    packed as they ship; a dtype name ("bfloat16" or "bf16", "float32", ...) dequantizes them at
+    load, rounded to that dtype (docs/quantization.md). GGUF quantizations always dequantize.
     """
     dtype = jnp.dtype(dtype)
+    quantized.dequantized_dtype(weights)  # a ValueError names an unknown value first
     start = time.perf_counter()
-    loaded = _load(source, dtype, seed, _Placement(mesh, rules))
+    loaded = _load(source, dtype, seed, _Placement(mesh, rules), weights)
     if mesh is not None:  # tags each parameter with its sharding (a no-op transfer when already placed)
         loaded = dataclasses.replace(loaded, model=shard_model(loaded.model, mesh, rules), mesh=mesh, rules=rules)
     counts = param_counts(loaded.config)
@@ -124,21 +130,24 @@ class _Placement:
         return param_shardings(abstract, self.mesh, self.rules).get
 
 
-def _load(source: str | Path, dtype: jnp.dtype, seed: int, placement: _Placement) -> LoadedModel:
+def _load(source: str | Path, dtype: jnp.dtype, seed: int, placement: _Placement, weights: str) -> LoadedModel:
     if isinstance(source, str) and source in registry.PRESETS:
         if source in EMBEDDED_WEIGHTS:
-            return _load(embedded_weights_path(source), dtype, seed, placement)
-        config = registry.get_preset(source)
+            return _load(embedded_weights_path(source), dtype, seed, placement, weights)
+        config = registry.served_config(registry.get_preset(source), weights)
         return LoadedModel(config, random_model(config, dtype, seed), None, dtype)
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, dtype, placement)
     if orbax_io.is_orbax_dir(path):
         config = orbax_io.load_config(path)
+        if config.quantization is not None and weights != quantized.NATIVE:
+            raise ValueError(f"{path} holds {config.quantization} weights packed; weights={weights!r} dequantizes "
+                             f"HF checkpoints only (convert the HF checkpoint with that option instead)")
         return LoadedModel(config, orbax_io.restore(path, abstract_model(config, dtype)),
                            orbax_io.load_tokenizer(path), dtype)
     if path.is_dir() and (path / "config.json").exists():
-        return _load_hf(path, dtype, placement)
+        return _load_hf(path, dtype, placement, weights)
     if path.exists():
         raise ValueError(f"{path} is neither a .gguf file, an HF checkpoint dir (config.json + safetensors) "
                          f"nor an orbax dir ({orbax_io.CONFIG_FILE} + {orbax_io.PARAMS_DIR}/)")
@@ -153,13 +162,17 @@ def _load_gguf(path: Path, dtype: jnp.dtype, placement: _Placement) -> LoadedMod
     return LoadedModel(ckpt.config, model, tokenizer_from_gguf(ckpt.fields), dtype)
 
 
-def _load_hf(path: Path, dtype: jnp.dtype, placement: _Placement) -> LoadedModel:
+def _load_hf(path: Path, dtype: jnp.dtype, placement: _Placement, weights: str) -> LoadedModel:
     hf = HFConfig.read(path)
     checkpoint = SafetensorsCheckpoint(path)
     config = registry.config_from_hf(hf, name=path.name, has_tensor=checkpoint.weight_map.__contains__)
-    get_tensor = quantized.tensor_getter(checkpoint, hf.get("quantization_config", None))
+    config = registry.served_config(config, weights)
+    quantization_config = hf.get("quantization_config", None)
+    round_to = quantized.dequantized_dtype(weights) or np.dtype(np.float32)
+    get_tensor = quantized.tensor_getter(checkpoint, quantization_config, round_to)
+    get_packed = None if config.quantization is None else quantized.packed_getter(checkpoint, quantization_config)
     abstract = abstract_model(config, dtype)
     loader = registry.get_architecture(config.architecture).load_hf_param
     model = fill_params(abstract, get_tensor, dtype, placement.sharding_for(abstract),
-                        param_loader=None if loader is None else partial(loader, config))
+                        param_loader=None if loader is None else partial(loader, config), get_packed=get_packed)
     return LoadedModel(config, model, tokenizer_from_hf_dir(path, eos_ids_from_hf(path, hf.raw)), dtype)

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import numpy as np
-
 from models.config import ModelConfig, MoEConfig
-from models.layers import MLP, _normal
+from models.layers import MLP, _normal, weight
+from models.loading import quantized as packed
 from models.loading.weights import TensorGetter
 from pallas_kernels import ops
+from pallas_kernels import quantized as qz
 from sharding import expert_parallel
 
 DENSE = "dense"  # the reference backend's impl name, beside ops.IMPLS
@@ -91,14 +91,15 @@ def expert_activation(h_mf: jax.Array, config: MoEConfig) -> jax.Array:
 
 
 class Experts(nnx.Module):
-    """E expert MLPs: gate_up_proj [E, D, 2I] ([gate | up] halves), down_proj [E, I, D], optional biases."""
+    """E expert MLPs: gate_up_proj [E, D, 2I] ([gate | up] halves), down_proj [E, I, D], optional
+    biases; the two weights packed (layers.PackedWeight) when the checkpoint quantizes experts."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         e, d, i = config.moe.num_experts, config.hidden_size, config.moe.intermediate_size
         self.config = config.moe
-        self.gate_up_proj = nnx.Param(_normal(rngs, (e, d, 2 * i), dtype),
-                                      logical_axes=("experts", "embed", "expert_mlp"))
-        self.down_proj = nnx.Param(_normal(rngs, (e, i, d), dtype), logical_axes=("experts", "expert_mlp", "embed"))
+        fmt = config.packed_format("experts")
+        self.gate_up_proj = weight((e, d, 2 * i), ("experts", "embed", "expert_mlp"), fmt, dtype=dtype, rngs=rngs)
+        self.down_proj = weight((e, i, d), ("experts", "expert_mlp", "embed"), fmt, dtype=dtype, rngs=rngs)
         biased = config.moe.activation == "gpt_oss_swiglu"
         self.gate_up_proj_bias = (nnx.Param(jnp.zeros((e, 2 * i), dtype), logical_axes=("experts", "expert_mlp"))
                                   if biased else None)
@@ -125,11 +126,13 @@ class Experts(nnx.Module):
 
     def dense(self, x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array) -> jax.Array:
         """Reference: every expert on every token, combined with the (mostly zero) routing weights."""
-        h = jnp.einsum("nd,edf->enf", x_nd, self.gate_up_proj[...], preferred_element_type=jnp.float32)
+        x_in, gate_up = qz.dense_operands(x_nd, self.gate_up_proj[...])  # the numerics of the grouped path
+        h = jnp.einsum("nd,edf->enf", x_in, gate_up, preferred_element_type=jnp.float32)
         if self.gate_up_proj_bias is not None:
             h = h + self.gate_up_proj_bias[...][:, None, :]
         h = expert_activation(h, self.config).astype(x_nd.dtype)
-        y = jnp.einsum("enf,efd->end", h, self.down_proj[...], preferred_element_type=jnp.float32)
+        h_in, down = qz.dense_operands(h.reshape(-1, h.shape[-1]), self.down_proj[...])
+        y = jnp.einsum("enf,efd->end", h_in.reshape(h.shape), down, preferred_element_type=jnp.float32)
         if self.down_proj_bias is not None:
             y = y + self.down_proj_bias[...][:, None, :]
         combine_ne = jnp.einsum("nk,nke->ne", weights_nk,
@@ -144,7 +147,8 @@ class MoE(nnx.Module):
         self.router = Router(config, dtype=dtype, rngs=rngs)
         self.experts = Experts(config, dtype=dtype, rngs=rngs)
         shared = config.moe.intermediate_size * config.moe.num_shared_experts
-        self.shared_experts = MLP(config.hidden_size, shared, dtype=dtype, rngs=rngs) if shared else None
+        fmt = config.packed_format("linear")
+        self.shared_experts = MLP(config.hidden_size, shared, dtype=dtype, rngs=rngs, fmt=fmt) if shared else None
 
     def __call__(self, x_btd: jax.Array, impl: str = "auto") -> jax.Array:
         """x [B, T, D] -> [B, T, D]. impl: an `ops` impl for the grouped GEMMs, or "dense"."""
@@ -158,21 +162,22 @@ class MoE(nnx.Module):
             if y_nd is None:
                 y_nd = self.experts.grouped(x_nd, weights_nk, ids_nk, impl)
         y = y_nd.reshape(x_btd.shape)
-        return y if self.shared_experts is None else y + self.shared_experts(x_btd)
+        return y if self.shared_experts is None else y + self.shared_experts(x_btd, "xla" if impl == DENSE else impl)
 
 
-def _stacked_experts(prefix: str, leaf: str, num_experts: int, get_tensor: TensorGetter) -> np.ndarray:
-    """Per-expert HF tensors experts.{i}.{gate,up,down}_proj.weight ([out, in]) -> our stacked [E, in, out]."""
-    def expert(i: int) -> np.ndarray:
+def _stacked_experts(prefix: str, leaf: str, num_experts: int, get_tensor: TensorGetter) -> packed.HFWeight:
+    """Per-expert HF tensors experts.{i}.{gate,up,down}_proj.weight ([out, in], dense or packed) ->
+    our stacked [E, in, out]."""
+    def expert(i: int) -> packed.HFWeight:
         if leaf == "down_proj":
-            return get_tensor(f"{prefix}.{i}.down_proj.weight").T
-        gate = get_tensor(f"{prefix}.{i}.gate_proj.weight").T
-        return np.concatenate([gate, get_tensor(f"{prefix}.{i}.up_proj.weight").T], axis=-1)
-    return np.stack([expert(i) for i in range(num_experts)])
+            return packed.to_in_out(get_tensor(f"{prefix}.{i}.down_proj.weight"))
+        gate, up = (packed.to_in_out(get_tensor(f"{prefix}.{i}.{p}_proj.weight")) for p in ("gate", "up"))
+        return packed.concat_out([gate, up], f"{prefix}.{i}.gate_proj.weight")
+    return packed.stack([expert(i) for i in range(num_experts)])
 
 
 def load_per_expert_param(config: ModelConfig, path: tuple[str, ...], shape: tuple[int, ...],
-                          get_tensor: TensorGetter) -> np.ndarray | None:
+                          get_tensor: TensorGetter) -> packed.HFWeight | None:
     """The router (HF `mlp.gate`) and the experts of checkpoints that store one tensor per expert
     (DeepSeek-V3, Qwen3-MoE, as transformers saves them); None for every other parameter."""
     prefix = "model." + ".".join(path[:-1])

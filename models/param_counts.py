@@ -36,8 +36,8 @@ class ParamCounts:
 
 @functools.cache
 def param_counts(config: ModelConfig) -> ParamCounts:
-    """Count `config`'s parameters from its abstract model."""
-    state = nnx.state(abstract_model(config, jnp.float32), nnx.Param)
+    """Count `config`'s parameters from its abstract model (dense: a packed weight counts its values)."""
+    state = nnx.state(abstract_model(config, jnp.float32, weights="float32"), nnx.Param)
     moe = config.moe
     total = embedding = mtp = 0
     routed = 0.0

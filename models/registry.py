@@ -3,6 +3,7 @@ an `ARCHITECTURE` record, models/architecture.py) and add it to `ARCHITECTURES` 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from flax import nnx
 from models import deepseek, gpt_oss, llama, qwen3, qwen3_moe
 from models.architecture import Architecture
 from models.config import ModelConfig
+from models.loading import quantized
 from models.loading.hf_config import HFConfig, common_fields
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
@@ -46,7 +48,8 @@ def config_from_hf(hf: HFConfig, name: str, has_tensor: Callable[[str], bool] | 
                                         f"(supported: {', '.join(_BY_HF_NAME)})")
     arch = _BY_HF_NAME[archs[0]]
     try:
-        config = ModelConfig(**{**common_fields(hf, name), "architecture": arch.name, **arch.hf_fields(hf)})
+        config = ModelConfig(**{**common_fields(hf, name), "architecture": arch.name, **arch.hf_fields(hf),
+                                "quantization": quantized.checkpoint_format(hf.get("quantization_config", None))})
     except ValueError as e:
         if str(e).startswith(hf.path):
             raise
@@ -61,10 +64,20 @@ def build(config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Modul
     return get_architecture(config.architecture).module(config, dtype=dtype, rngs=rngs)
 
 
-def abstract_model(config: ModelConfig, dtype: jnp.dtype) -> nnx.Module:
-    """The model's structure with ShapeDtypeStruct leaves: nothing allocated."""
-    return nnx.eval_shape(lambda: build(config, dtype=dtype, rngs=nnx.Rngs(0)))
+def served_config(config: ModelConfig, weights: str = quantized.NATIVE) -> ModelConfig:
+    """The config of the model `weights` builds: the checkpoint's quantized layers packed ("native"),
+    or dense (a dtype name: dequantized at load, models/loading/quantized.py)."""
+    if quantized.dequantized_dtype(weights) is None:
+        return config
+    return dataclasses.replace(config, quantization=None)
 
 
-def random_model(config: ModelConfig, dtype: jnp.dtype, seed: int = 0) -> nnx.Module:
-    return build(config, dtype=dtype, rngs=nnx.Rngs(seed))
+def abstract_model(config: ModelConfig, dtype: jnp.dtype, weights: str = quantized.NATIVE) -> nnx.Module:
+    """The model's structure with ShapeDtypeStruct leaves: nothing allocated. The default counts a
+    quantized preset or checkpoint in its packed bytes (served_config)."""
+    return nnx.eval_shape(lambda: build(served_config(config, weights), dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def random_model(config: ModelConfig, dtype: jnp.dtype, seed: int = 0, weights: str = quantized.NATIVE) -> nnx.Module:
+    """Random weights for `config` (packed ones random codes and scales: served_config)."""
+    return build(served_config(config, weights), dtype=dtype, rngs=nnx.Rngs(seed))

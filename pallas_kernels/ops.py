@@ -29,6 +29,7 @@ from pallas_kernels import flash_attention as fa
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import mla_attention as mla
 from pallas_kernels import paged_attention as pa
+from pallas_kernels import quantized as qz
 from pallas_kernels import ragged_paged_attention as rpa
 from pallas_kernels import ragged_paged_attention_mgpu as rpm
 
@@ -225,7 +226,8 @@ def mla_attention_kernel(q: jax.Array, latent_pages: jax.Array, query_start_loc:
 
 
 def grouped_matmul(
-    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, group_offset: jax.Array | int = 0, impl: str = "auto"
+    lhs: jax.Array, rhs: jax.Array | qz.QuantizedWeight, group_sizes: jax.Array, *, group_offset: jax.Array | int = 0,
+    impl: str = "auto"
 ) -> jax.Array:
     """MoE grouped GEMM: lhs [M,K] rows sorted by group, rhs [G,K,N], group_sizes [G] -> [M,N].
 
@@ -233,8 +235,11 @@ def grouped_matmul(
     group_offset, group_sizes may list more groups than rhs holds: rhs holds groups
     group_offset .. group_offset+G-1 and rows of other groups give zeros (expert parallelism).
     "auto" on a GPU runs float32 weights on the XLA path: the kernel reads them in place and takes
-    bf16/f16 only (a per-call cast would copy every expert).
+    bf16/f16 only (a per-call cast would copy every expert). A QuantizedWeight rhs (packed MXFP4 /
+    block-FP8 experts) goes to quantized_grouped_matmul.
     """
+    if isinstance(rhs, qz.QuantizedWeight):
+        return quantized_grouped_matmul(lhs, rhs, group_sizes, group_offset=group_offset, impl=impl)
     if impl == "auto" and rhs.dtype not in (jnp.bfloat16, jnp.float16):
         impl = "xla" if resolve_impl(impl) == "pallas" else impl
     impl = checked_impl("grouped_matmul", impl)
@@ -243,3 +248,26 @@ def grouped_matmul(
     return gmm.grouped_matmul_kernel(
         lhs, rhs, group_sizes, group_offset=group_offset, interpret=_interpret_params(impl)
     )
+
+
+def quantized_matmul(x: jax.Array, w: qz.QuantizedWeight, *, impl: str = "auto") -> jax.Array:
+    """x [M, K] @ w (packed [K, N]: pallas_kernels/quantized.py) -> [M, N] in x.dtype, f32 accumulation.
+
+    mxfp4 runs W4A16, fp8_block W8A8 (activations quantized per token in groups of 128 along K).
+    "xla"/"cpu" dequantize the weight inside the step (qz.matmul_reference). "pallas"/"interpret"
+    will run fp8_matmul.fp8_block_matmul_kernel (mxfp4 ships only in experts); until that kernel
+    lands every impl takes the XLA path.
+    """
+    resolve_impl(impl)  # a ValueError names an unknown impl
+    return qz.matmul_reference(x, w)
+
+
+def quantized_grouped_matmul(lhs: jax.Array, rhs: qz.QuantizedWeight, group_sizes: jax.Array, *,
+                             group_offset: jax.Array | int = 0, impl: str = "auto") -> jax.Array:
+    """grouped_matmul (same contract) with packed expert weights rhs [G, K, N] (W4A16 / W8A8 as
+    quantized_matmul). "pallas"/"interpret" will run mxfp4_grouped_matmul.mxfp4_grouped_matmul_kernel
+    and fp8_matmul.fp8_block_grouped_matmul_kernel; until those land every impl takes the XLA path,
+    which dequantizes one layer's experts inside the step."""
+    resolve_impl(impl)
+    a, b = qz.dense_operands(lhs, rhs)
+    return gmm.grouped_matmul_reference(a, b, group_sizes, group_offset=group_offset).astype(lhs.dtype)

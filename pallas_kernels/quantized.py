@@ -12,6 +12,7 @@ K-major layout [..., N, K] (what an 8-bit wgmma operand needs, and what both for
 
 `dequantize` is the reference every kernel is tested against, and the XLA path: inside the
 jitted step it expands one layer's weight at a time, so memory stays packed (QUANT.md).
+`dense_operands` says what that path multiplies (W4A16 or W8A8), `matmul_reference` is the dense GEMM.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 E8M0_NAN = 255
 FP4_E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                             -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+DTYPES = {"mxfp4": (jnp.uint8, jnp.uint8), "fp8_block": (jnp.float8_e4m3fn, jnp.float32)}  # (values, scales)
+MXFP4_MEAN_SQUARE = float(np.mean(FP4_E2M1_VALUES ** 2))  # of a uniformly random e2m1 code
+
+
+def packed_shapes(shape: tuple[int, ...], fmt: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The values and scales shapes of a weight whose dense shape is [..., K, N] (module doc)."""
+    *lead, k, n = shape
+    if fmt == "mxfp4":
+        return (*lead, n, k // 2), (*lead, n, -(-k // MXFP4_BLOCK))
+    return (*lead, n, k), (*lead, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK))
+
+
+def scale_block(fmt: str) -> tuple[int, int]:
+    """Stored values one scale covers along the values' last two axes [N, K(/2)]: one row of 16
+    bytes (32 e2m1 values) for mxfp4, 128 x 128 for fp8_block."""
+    return (1, MXFP4_BLOCK // 2) if fmt == "mxfp4" else (FP8_BLOCK, FP8_BLOCK)
 
 
 @jax.tree_util.register_dataclass
@@ -52,6 +69,18 @@ class QuantizedWeight:
         """Bytes held: packed values plus scales."""
         return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in (self.values, self.scales))
 
+    @classmethod
+    def random(cls, key: jax.Array, shape: tuple[int, ...], fmt: str, std: float = 0.02) -> QuantizedWeight:
+        """Random packed weight of dense shape [..., K, N] whose values have about `std` RMS (random
+        presets: the packed bytes of a full-size model without a checkpoint)."""
+        values_shape, scales_shape = packed_shapes(shape, fmt)
+        if fmt == "mxfp4":  # uniform codes, one power-of-two scale
+            exponent = round(math.log2(std / math.sqrt(MXFP4_MEAN_SQUARE)))
+            return cls(jax.random.bits(key, values_shape, jnp.uint8), jnp.full(scales_shape, 127 + exponent, jnp.uint8),
+                       fmt)
+        values = jax.random.normal(key, values_shape, jnp.float32).astype(jnp.float8_e4m3fn)
+        return cls(values, jnp.full(scales_shape, std, jnp.float32), fmt)
+
     def dequantize(self, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
         """The dense weight [..., K, N] in dtype (exact in bf16 for MXFP4 scales up to 2**125)."""
         if self.fmt == "mxfp4":
@@ -66,18 +95,37 @@ class QuantizedWeight:
         return jnp.swapaxes(dense, -1, -2).astype(dtype)
 
 
+def quantize(dense: jax.Array, fmt: str) -> QuantizedWeight:
+    """A dense weight [..., K, N] packed as the checkpoints are made: mxfp4 by the OCP rule (per 32
+    values along K a power-of-two scale 2**ceil(log2(amax / 6)), each value to the nearest e2m1);
+    fp8_block by amax / 448 per 128 x 128 block (DeepSeek's weight_scale_inv), values clipped to +-448."""
+    w = jnp.swapaxes(dense.astype(jnp.float32), -1, -2)  # [..., N, K]
+    *lead, n, k = w.shape
+    if fmt == "mxfp4":
+        groups = w.reshape(*lead, n, k // MXFP4_BLOCK, MXFP4_BLOCK)
+        amax = jnp.max(jnp.abs(groups), axis=-1, keepdims=True)
+        exponent = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(amax, 2.0 ** -127) / 6.0)), -127, 127)
+        scaled = groups / jnp.exp2(exponent)
+        lut = jnp.asarray(FP4_E2M1_VALUES[:8])
+        codes = jnp.argmin(jnp.abs(jnp.abs(scaled)[..., None] - lut), axis=-1) + 8 * (scaled < 0)
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(jnp.uint8)
+        return QuantizedWeight(packed.reshape(*lead, n, k // 2), (exponent[..., 0] + 127).astype(jnp.uint8), fmt)
+    pad_n, pad_k = -n % FP8_BLOCK, -k % FP8_BLOCK
+    tiles = jnp.pad(w, [(0, 0)] * len(lead) + [(0, pad_n), (0, pad_k)]).reshape(
+        *lead, (n + pad_n) // FP8_BLOCK, FP8_BLOCK, (k + pad_k) // FP8_BLOCK, FP8_BLOCK)
+    scale = jnp.maximum(jnp.max(jnp.abs(tiles), axis=(-3, -1)), 1e-12) / FP8_MAX
+    values = jnp.clip(tiles / scale[..., :, None, :, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return QuantizedWeight(values.reshape(*lead, n + pad_n, k + pad_k)[..., :n, :k], scale, fmt)
+
+
 def check(w: QuantizedWeight, name: str) -> None:
     """A ValueError naming the tensor when values and scales do not make a weight of w.fmt."""
     if w.fmt not in FORMATS:
         raise ValueError(f"{name}: unknown quantized format {w.fmt!r}; expected one of {FORMATS}")
-    *lead, n, k = w.values.shape
-    if w.fmt == "mxfp4":
-        want_dtypes, want_scales = (jnp.uint8, jnp.uint8), (*lead, n, -(-2 * k // MXFP4_BLOCK))
-        if (2 * k) % MXFP4_BLOCK:
-            raise ValueError(f"{name}: mxfp4 K = {2 * k} is not a multiple of the {MXFP4_BLOCK}-value block")
-    else:
-        want_dtypes = (jnp.float8_e4m3fn, jnp.float32)
-        want_scales = (*lead, -(-n // FP8_BLOCK), -(-k // FP8_BLOCK))
+    k = w.shape[-2]
+    if w.fmt == "mxfp4" and k % MXFP4_BLOCK:
+        raise ValueError(f"{name}: mxfp4 K = {k} is not a multiple of the {MXFP4_BLOCK}-value block")
+    want_dtypes, want_scales = DTYPES[w.fmt], packed_shapes(w.shape, w.fmt)[1]
     got_dtypes = (jnp.dtype(w.values.dtype), jnp.dtype(w.scales.dtype))
     if got_dtypes != tuple(jnp.dtype(d) for d in want_dtypes):
         raise ValueError(f"{name}: {w.fmt} values/scales must be {[jnp.dtype(d).name for d in want_dtypes]}, "
@@ -112,3 +160,25 @@ def quantize_activations_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def dequantize_activations_fp8(values: jax.Array, scale: jax.Array) -> jax.Array:
     """The f32 activations [M, K] a W8A8 GEMM multiplies: values times their group's scale."""
     return values.astype(jnp.float32) * jnp.repeat(scale, FP8_BLOCK, axis=-1)[:, :values.shape[1]]
+
+
+def dense_operands(x: jax.Array, w: jax.Array | QuantizedWeight) -> tuple[jax.Array, jax.Array]:
+    """The operands the XLA path multiplies for x [M, K] by w [..., K, N]: a dense w as it is;
+    mxfp4 (W4A16) x by the weight dequantized to x.dtype (exact); fp8_block (W8A8) both operands
+    quantized as the GPU GEMM sees them, dequantized to f32 (= the block-scaled GEMM up to f32
+    rounding: DeepGEMM promotes each 128-K partial sum by sA * sB)."""
+    if not isinstance(w, QuantizedWeight):
+        return x, w
+    # The weight waits for the activations: else XLA computes every layer's dequantized weight up
+    # front (it depends on parameters only) and keeps them all live (DeepSeek-V3 on 8 CPU devices:
+    # +174 GB of temporaries per device).
+    x, w = jax.lax.optimization_barrier((x, w))
+    if w.fmt == "mxfp4":
+        return x, w.dequantize(x.dtype)
+    return dequantize_activations_fp8(*quantize_activations_fp8(x)), w.dequantize(jnp.float32)
+
+
+def matmul_reference(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """x [M, K] @ w [K, N] -> [M, N] in x.dtype, f32 accumulation, numerics of dense_operands."""
+    a, b = dense_operands(x, w)
+    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(x.dtype)

@@ -19,6 +19,8 @@ MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "preset, .gguf fil
 PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "the prompt (a user message with --chat)")
 CHAT = flags.DEFINE_bool("chat", False, "wrap the prompt in the checkpoint's chat template")
 DTYPE = flags.DEFINE_string("dtype", "float32", "parameter and cache dtype")
+WEIGHTS = flags.DEFINE_string("weights", "native", "a quantized checkpoint's weights: native (packed as shipped) "
+                              "or a dtype to dequantize them to at load (docs/quantization.md)")
 MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "most tokens to generate")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
@@ -58,8 +60,8 @@ def main(argv: list[str]) -> None:
     del argv
     record = {"model": MODEL.value, "warmup": WARMUP.value}
     with timed(record, "load"):
-            llm = LLM(MODEL.value, dtype=DTYPE.value, page_size=PAGE_SIZE.value, num_pages=NUM_PAGES.value,
-                  max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
+            llm = LLM(MODEL.value, dtype=DTYPE.value, weights=WEIGHTS.value, page_size=PAGE_SIZE.value,
+                  num_pages=NUM_PAGES.value, max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
                   decode_steps=DECODE_STEPS.value, attention_impl=ATTENTION_IMPL.value,
                   max_num_batched_tokens=MAX_BATCHED.value)
     params = SamplingParams(temperature=TEMPERATURE.value, top_p=TOP_P.value, top_k=TOP_K.value,

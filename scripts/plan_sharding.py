@@ -8,6 +8,11 @@ and every collective of each step with its bytes (parsed from the partitioned HL
   python scripts/plan_sharding.py --model=gpt-oss-120b --expert=8 --rules=expert_dp \\
       --batch=256 --context=8192 --hbm_gib=80
 
+Quantized presets (gpt-oss: MXFP4 experts, DeepSeek-V3: block FP8) count their packed bytes
+(--weights=native, the default; --weights=bfloat16 plans the dequantized model). The KV cache is
+held in the pool dtype the engine stores (bf16 for bf16 models); kv_capacity_tokens says how many
+tokens of it one device could hold beside its weights (kv_token_bytes each).
+
 Caveat: on CPU the attention runs as the XLA reference, which gathers each sequence's pages into
 a temporary (the Pallas kernels on sm_90 do not), so temp bytes are an upper bound there.
 """
@@ -32,6 +37,7 @@ flags.DEFINE_integer("prefill_rows", 4, "Prefill chunks of one mixed step (engin
 flags.DEFINE_integer("prefill_chunk", 512, "Tokens per row of one prefill step (engine: prefill_chunk).")
 flags.DEFINE_integer("page_size", 16, "KV-cache page size.")
 flags.DEFINE_string("dtype", "bfloat16", "Parameter, activation and KV-cache dtype.")
+flags.DEFINE_string("weights", "native", "A quantized preset's weights: native (packed) or a dtype (dequantized).")
 flags.DEFINE_float("hbm_gib", 80.0, "Device memory to check the plan against (H100 80, H200 141).")
 
 def per_device_bytes(tree) -> int:
@@ -115,7 +121,7 @@ def plan() -> dict:
 
     config, dtype, rules = get_preset(FLAGS.model), jnp.dtype(FLAGS.dtype), RULES[FLAGS.rules]
     mesh = make_mesh(FLAGS.data, FLAGS.tensor, FLAGS.expert)
-    model = place_abstract(abstract_model(config, dtype), mesh, rules)
+    model = place_abstract(abstract_model(config, dtype, FLAGS.weights), mesh, rules)
     graphdef, state = nnx.split(model)
     shards = math.prod(mesh.shape[a] for a in rules.mesh_axes("pages"))
     num_pages = -(-(FLAGS.batch * -(-FLAGS.context // FLAGS.page_size) + 1) // shards) * shards
@@ -123,11 +129,13 @@ def plan() -> dict:
     counts = param_counts(config)
     report = {
         "model": FLAGS.model, "mesh": dict(mesh.shape), "rules": rules.name, "dtype": dtype.name,
+        "weights": FLAGS.weights, "quantization": model.config.quantization,
         "devices": jax.device_count(), "batch": FLAGS.batch, "context": FLAGS.context,
         "prefill": {"rows": FLAGS.prefill_rows, "chunk": FLAGS.prefill_chunk}, "param_count": counts.total,
         "active_param_count": counts.active, "mtp_param_count": counts.mtp,
         "per_device": {"param_bytes": per_device_bytes(state), "kv_cache_bytes": per_device_bytes(cache),
-                       "kv_cache_pages": num_pages},
+                       "kv_cache_pages": num_pages, "kv_dtype": jax.tree.leaves(cache)[0].dtype.name,
+                       "kv_token_bytes": per_device_bytes(cache) // (num_pages // shards * FLAGS.page_size)},
     }
     for name, compiled in compile_steps(graphdef, state, cache, mesh, rules).items():
         report[name] = {**report.get(name, {}), "memory": memory(compiled), "collectives": collectives(compiled.as_text())}
@@ -135,11 +143,17 @@ def plan() -> dict:
 
 
 def _fit(report: dict) -> dict:
-    """Adds the peak per device (params + cache + the larger step temporary) and the verdict."""
+    """Adds the peak per device (params + cache + the larger step temporary), the verdict, and the
+    KV tokens one device could hold beside its weights (before step temporaries, which the CPU's
+    XLA reference paths overstate: module doc)."""
     temp = max(report[s]["memory"]["temp_bytes"] for s in ("prefill", "decode"))
-    peak = report["per_device"]["param_bytes"] + report["per_device"]["kv_cache_bytes"] + temp
-    report["per_device"]["peak_bytes"] = peak
-    report["per_device"]["peak_gib"] = round(peak / 2**30, 2)
+    per_device = report["per_device"]
+    peak = per_device["param_bytes"] + per_device["kv_cache_bytes"] + temp
+    per_device["peak_bytes"] = peak
+    per_device["peak_gib"] = round(peak / 2**30, 2)
+    per_device["param_gib"] = round(per_device["param_bytes"] / 2**30, 2)
+    free = FLAGS.hbm_gib * 2**30 - per_device["param_bytes"]
+    per_device["kv_capacity_tokens"] = max(0, int(free // per_device["kv_token_bytes"]))
     report["hbm_gib"] = FLAGS.hbm_gib
     report["fits"] = peak <= FLAGS.hbm_gib * 2**30
     return report

@@ -30,6 +30,8 @@ ACCESS_LOG = flags.DEFINE_bool("access_log", False, "log every HTTP request (uvi
 SHUTDOWN_S = flags.DEFINE_float("graceful_shutdown_s", 5.0, "on Ctrl-C, seconds open streams get to finish")
 # The engine's flags (engine/config.py).
 DTYPE = flags.DEFINE_string("dtype", "float32", "parameter and KV cache dtype")
+WEIGHTS = flags.DEFINE_string("weights", "native", "a quantized checkpoint's weights: native (packed as shipped) "
+                              "or a dtype to dequantize them to at load (docs/quantization.md)")
 SEED = flags.DEFINE_integer("seed", 0, "seeds of requests that give none")
 MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "most concurrent sequences")
 MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 2048, "longest prompt + output")
@@ -47,9 +49,9 @@ ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(IMPLS), "atten
 
 def main(argv: list[str]) -> None:
     del argv
-    llm = LLM(MODEL.value, dtype=DTYPE.value, seed=SEED.value, max_num_seqs=MAX_NUM_SEQS.value,
-              max_model_len=MAX_MODEL_LEN.value, max_num_batched_tokens=MAX_BATCHED.value,
-              prefill_chunk=PREFILL_CHUNK.value, page_size=PAGE_SIZE.value,
+    llm = LLM(MODEL.value, dtype=DTYPE.value, weights=WEIGHTS.value, seed=SEED.value,
+              max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
+              max_num_batched_tokens=MAX_BATCHED.value, prefill_chunk=PREFILL_CHUNK.value, page_size=PAGE_SIZE.value,
               num_pages=NUM_PAGES.value, kv_cache_bytes=KV_BYTES.value, decode_steps=DECODE_STEPS.value,
               async_scheduling=ASYNC.value, attention_impl=ATTENTION_IMPL.value)
     if WARMUP.value:

@@ -20,12 +20,13 @@ MeshAxes = str | tuple[str, ...]
 
 
 def kv_heads_split(k_proj_kernel) -> tuple[Mesh, MeshAxes] | None:
-    """(mesh, axes) splitting the KV heads when the k projection [embed, kv_heads, head_dim] was
-    placed split over heads (sharding.rules.place), else None."""
-    sharding = k_proj_kernel.get_metadata().get("placement")
-    if sharding is None or len(sharding.spec) < 2 or sharding.spec[1] is None:
+    """(mesh, axes) splitting the KV heads when the k projection (dense [embed, kv_heads, head_dim]
+    or packed [kv_heads * head_dim, embed]) was placed split over heads (sharding.rules.place), else None."""
+    metadata = k_proj_kernel.get_metadata()
+    sharding, heads = metadata.get("placement"), metadata["logical_axes"].index("kv_heads")
+    if sharding is None or len(sharding.spec) <= heads or sharding.spec[heads] is None:
         return None
-    return sharding.mesh, sharding.spec[1]
+    return sharding.mesh, sharding.spec[heads]
 
 
 def needs_shard_map(impl: str) -> bool:

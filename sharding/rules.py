@@ -21,6 +21,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pallas_kernels.quantized import scale_block
 from sharding.mesh import MESH_AXES
 
 MeshAxes = tuple[str, ...]  # () = replicated
@@ -115,14 +116,33 @@ def logical_axes_of(var: nnx.Variable, path: tuple) -> tuple[str | None, ...]:
 
 def param_shardings(model: nnx.Module, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
                     ) -> dict[tuple, NamedSharding]:
-    """{parameter path: NamedSharding} for every parameter of `model` (abstract or concrete)."""
+    """{parameter path: NamedSharding} for every parameter of `model` (abstract or concrete).
+
+    A packed weight's values and scales (models.layers.PackedWeight, `fmt` metadata) share logical
+    axes, so spec() checks the scales' block counts divide too; check_scale_blocks that the values
+    split on block boundaries (each shard keeps whole blocks with their scales)."""
     _, state = nnx.split(model)
     out = {}
     for path, var in nnx.to_flat_state(state):
         what = f"parameter {'.'.join(map(str, path))}"
-        spec = rules.spec(logical_axes_of(var, path), var.get_value().shape, mesh, what)
+        shape, fmt = var.get_value().shape, var.get_metadata().get("fmt")
+        spec = rules.spec(logical_axes_of(var, path), shape, mesh, what)
+        if fmt is not None and path[-1] == "values":
+            check_scale_blocks(spec, shape, scale_block(fmt), mesh, what)
         out[tuple(path)] = NamedSharding(mesh, spec)
     return out
+
+
+def check_scale_blocks(spec: PartitionSpec, shape: Sequence[int], block: Sequence[int], mesh: Mesh, what: str) -> None:
+    """A ValueError naming the tensor when a shard of packed values [..., N, K] would end inside a
+    scale block (`block`: values per scale along the last axes)."""
+    block = (1,) * (len(shape) - len(block)) + tuple(block)
+    for axis, (size, entry, b) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape), block)):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        shards = math.prod(mesh.shape[a] for a in axes)
+        if shards > 1 and (size // shards) % b:
+            raise ValueError(f"{what}: {shards} shards of axis {axis} ({size} stored values, {size // shards} per "
+                             f"shard) would split its {b}-value scale blocks")
 
 
 def cache_sharding(shape: Sequence[int], mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:

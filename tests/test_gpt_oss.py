@@ -92,7 +92,7 @@ def copy_fixture(tmp_path, directory: str, edit_config=None, drop_tensor: str | 
         (dst / "config.json").write_text(json.dumps(config))
     if drop_tensor is not None:
         ckpt = SafetensorsCheckpoint(src)
-        save_file({n: np.ascontiguousarray(ckpt.get_tensor(n)) for n in ckpt.weight_map if n != drop_tensor},
+        save_file({n: np.ascontiguousarray(ckpt.get_raw(n)) for n in ckpt.weight_map if n != drop_tensor},
                   str(dst / "model.safetensors"))
     return dst
 

@@ -365,13 +365,14 @@ def gpt_oss_steps(batch: int = 64, context: int = 4096, tokens: int = 512, page_
     """gpt-oss-120b's engine steps (decode loop and mixed step) with the Pallas kernels, as
     scripts/check_lowering.py builds them (that script defines absl flags at import, which other
     scripts' tests define too): {step: (jitted function, abstract arguments)}, two layers (sliding
-    window and full) at the real widths, the bf16 pool the GPU engine stores."""
+    window and full) at the real widths, the bf16 pool the GPU engine stores, its experts dense bf16
+    (the bf16 grouped GEMM kernel; the packed MXFP4 experts run their own kernel)."""
     config = get_preset("gpt-oss-120b")
     config = dataclasses.replace(config, num_layers=2, layer_types=config.layer_types[:2])
     pages = context // page_size
     engine = EngineConfig(max_model_len=context, page_size=page_size, num_pages=batch * pages + 1, max_num_seqs=batch,
                           prefill_chunk=tokens, max_num_batched_tokens=tokens, attention_impl="pallas")
-    graphdef, state = nnx.split(abstract_model(config, BF16))
+    graphdef, state = nnx.split(abstract_model(config, BF16, weights="bfloat16"))
     pool = sds(kv_cache.page_shape(config, engine.num_pages, page_size))
     cache = [(pool, pool) for _ in range(config.num_layers)]
     runner = types.SimpleNamespace(config=engine)  # the padding-input builders need only its config

@@ -1,5 +1,6 @@
-"""plan_sharding.py on 8 simulated devices: gpt-oss-120b compiles from abstract shapes within the
-time limit, its parameter count matches the config, and the report is self-consistent."""
+"""plan_sharding.py on simulated devices: gpt-oss-120b compiles from abstract shapes within the
+time limit, its parameter count matches the config, its MXFP4 experts count their packed bytes,
+it fits one H200, and the report is self-consistent."""
 
 import json
 import subprocess
@@ -12,6 +13,19 @@ import pytest
 from sharding.hlo import collectives, shape_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
+GPT_OSS_120B_BYTES = 65.25e9  # MXFP4 experts + bf16 rest: OpenAI's 60.8 GiB checkpoint (SCALE.md)
+GPT_OSS_120B_EXPERT_BYTES = 36 * 128 * (2 * 2880 + 2880) * (2880 // 2 + 2880 // 32)  # e2m1 pairs + e8m0 scales
+
+
+def plan(*flags: str) -> dict:
+    """The script's JSON report for these flags (it must finish within two minutes)."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "scripts/plan_sharding.py", *flags],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elapsed < 120, f"plan took {elapsed:.0f} s"
+    return json.loads(result.stdout)
 
 
 def test_collectives_parsed_from_hlo():
@@ -28,21 +42,27 @@ def test_collectives_parsed_from_hlo():
 
 @pytest.mark.timeout(300)
 def test_gpt_oss_120b_plan_on_8_devices():
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "scripts/plan_sharding.py", "--model=gpt-oss-120b", "--expert=8",
-                             "--rules=expert_dp", "--batch=64", "--context=2048"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    elapsed = time.perf_counter() - start
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout)
-    assert elapsed < 120, f"plan took {elapsed:.0f} s"
+    report = plan("--model=gpt-oss-120b", "--expert=8", "--rules=expert_dp", "--batch=64", "--context=2048")
     assert report["devices"] == 8 and report["mesh"] == {"data": 1, "tensor": 1, "expert": 8}
     assert report["param_count"] == pytest.approx(116.83e9, rel=1e-3)  # OpenAI's model card
     assert report["active_param_count"] - 201088 * 2880 == pytest.approx(5.13e9, rel=2e-2)
+    assert report["weights"] == "native" and report["quantization"] == "mxfp4"
     per_device = report["per_device"]
-    # Experts (most of the model) split 8 ways, attention and embeddings replicated.
-    assert report["param_count"] * 2 / 8 < per_device["param_bytes"] < report["param_count"] * 2 / 4
+    # Packed experts (most of the model) split 8 ways, attention and embeddings (bf16) replicated.
+    rest = GPT_OSS_120B_BYTES - GPT_OSS_120B_EXPERT_BYTES
+    assert per_device["param_bytes"] == pytest.approx(GPT_OSS_120B_EXPERT_BYTES / 8 + rest, rel=1e-2)
     # 64 x 2048 tokens x 36 layers x K,V x 8 heads x 64 x bf16, pages split over the 8 expert groups.
     assert per_device["kv_cache_bytes"] == pytest.approx(64 * 2048 * 36 * 2 * 8 * 64 * 2 / 8, rel=0.01)
     assert "all-to-all" in report["prefill"]["collectives"]  # prefill dispatches all-to-all
     assert report["decode"]["memory"]["temp_bytes"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_gpt_oss_120b_native_fits_one_h200():
+    """65.25 GB of weights (60.8 GiB) leave an H200 room for 64 x 8k tokens of bf16 KV and the steps."""
+    report = plan("--model=gpt-oss-120b", "--devices=1", "--hbm_gib=141", "--batch=64", "--context=8192")
+    per_device = report["per_device"]
+    assert per_device["param_bytes"] == pytest.approx(GPT_OSS_120B_BYTES, rel=1e-3)
+    assert per_device["kv_dtype"] == "bfloat16" and per_device["kv_token_bytes"] == 36 * 2 * 8 * 64 * 2
+    assert per_device["kv_capacity_tokens"] == (141 * 2**30 - per_device["param_bytes"]) // (36 * 2 * 8 * 64 * 2)
+    assert report["fits"]

@@ -15,12 +15,14 @@ import numpy as np
 from flax import nnx
 
 from models.loading.progress import progress
+from pallas_kernels.quantized import QuantizedWeight
 
-TensorGetter = Callable[[str], np.ndarray]  # HF tensor name -> array (raises KeyError if absent)
+# HF tensor name -> array (raises KeyError if absent); a packed getter gives QuantizedWeights.
+TensorGetter = Callable[[str], "np.ndarray | QuantizedWeight"]
 # A model's own mapping for parameters the Llama naming does not cover: (our parameter path, its
-# shape, the getter) -> the array in our layout, or None to fall back to the default mapping
-# (raises KeyError if a tensor is absent).
-ParamLoader = Callable[[tuple[str, ...], tuple[int, ...], TensorGetter], "np.ndarray | None"]
+# shape, the getter) -> the array (or packed weight) in our layout, or None to fall back to the
+# default mapping (raises KeyError if a tensor is absent).
+ParamLoader = Callable[[tuple[str, ...], tuple[int, ...], TensorGetter], "np.ndarray | QuantizedWeight | None"]
 
 
 def _hf_name(path: tuple) -> str:
@@ -55,12 +57,16 @@ def _kernel_inputs(path: tuple) -> int:
     return 2 if "o_proj" in [str(p) for p in path] else 1
 
 
-def default_param(path: tuple, ours_shape: tuple[int, ...], get_tensor: TensorGetter) -> np.ndarray:
+def default_param(path: tuple, ours_shape: tuple[int, ...], get_tensor: TensorGetter) -> np.ndarray | QuantizedWeight:
     """One parameter through the Llama naming, shape-checked against the HF layout."""
     name = _hf_name(path)
     is_kernel = str(path[-1]) == "kernel"
     n_in = _kernel_inputs(path)
     hf = get_tensor(name)
+    if isinstance(hf, QuantizedWeight):  # packed [out, in] as shipped: our flattened [in, out] kernel
+        if hf.shape != ours_shape:
+            raise ValueError(f"tensor {name!r} has shape {hf.shape[::-1]} but the config expects {ours_shape[::-1]}")
+        return hf
     expected = _expected_hf_shape(ours_shape, is_kernel, n_in, name)
     if tuple(hf.shape) != expected:
         raise ValueError(f"tensor {name!r} has shape {tuple(hf.shape)} but the config expects {expected}")
@@ -68,7 +74,7 @@ def default_param(path: tuple, ours_shape: tuple[int, ...], get_tensor: TensorGe
 
 
 def _load_param(path: tuple, ours_shape: tuple[int, ...], get_tensor: TensorGetter,
-                param_loader: ParamLoader | None) -> np.ndarray:
+                param_loader: ParamLoader | None) -> np.ndarray | QuantizedWeight:
     try:
         special = None if param_loader is None else param_loader(tuple(str(p) for p in path), ours_shape, get_tensor)
         if special is None:
@@ -83,18 +89,40 @@ def _load_param(path: tuple, ours_shape: tuple[int, ...], get_tensor: TensorGett
 
 def fill_params(abstract_model: nnx.Module, get_tensor: TensorGetter, dtype: jnp.dtype,
                 sharding_for: Callable[[tuple], jax.sharding.Sharding | None] = lambda path: None,
-                param_loader: ParamLoader | None = None) -> nnx.Module:
+                param_loader: ParamLoader | None = None, get_packed: TensorGetter | None = None) -> nnx.Module:
     """Materialise `abstract_model` (from nnx.eval_shape) tensor by tensor from `get_tensor`.
 
-    param_loader: the architecture's mapping for parameters outside the Llama naming.
+    param_loader: the architecture's mapping for parameters outside the Llama naming. get_packed:
+    the packed getter (models/loading/quantized.py) for the values + scales of packed weights
+    (layers.PackedWeight, marked by their `fmt` metadata), which keep their stored dtypes.
     """
     graphdef, state = nnx.split(abstract_model)
-    flat = []
-    for path, var in progress(nnx.to_flat_state(state), "loading weights"):
-        ours_shape = tuple(var.get_value().shape)
-        value = _load_param(path, ours_shape, get_tensor, param_loader)
-        flat.append((path, var.replace(_place(value, dtype, sharding_for(path)))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    flat = [(tuple(path), var) for path, var in nnx.to_flat_state(state)]
+    abstract = dict(flat)
+    ready: dict[tuple, jax.Array] = {}  # the placed other half of a packed weight
+    out = []
+    for path, var in progress(flat, "loading weights"):
+        if path not in ready:
+            fmt = var.get_metadata().get("fmt")
+            if fmt is None:
+                ready[path] = _place(_load_param(path, tuple(var.get_value().shape), get_tensor, param_loader), dtype,
+                                     sharding_for(path))
+            else:
+                ready.update(_load_packed(path[:-1], fmt, abstract, get_packed, param_loader, sharding_for))
+        out.append((path, var.replace(ready.pop(path))))
+    return nnx.merge(graphdef, nnx.from_flat_state(out))
+
+
+def _load_packed(owner: tuple, fmt: str, abstract: dict[tuple, nnx.Variable], get_packed: TensorGetter,
+                 param_loader: ParamLoader | None, sharding_for: Callable) -> dict[tuple, jax.Array]:
+    """Both halves (values, scales) of the packed weight at `owner`, placed in their stored dtypes."""
+    want = QuantizedWeight(abstract[(*owner, "values")].get_value(), abstract[(*owner, "scales")].get_value(), fmt)
+    w = _load_param(owner, want.shape, get_packed, param_loader)
+    if not isinstance(w, QuantizedWeight) or w.fmt != fmt:
+        raise ValueError(f"parameter {'.'.join(map(str, owner))} is held packed in {fmt}, but the checkpoint "
+                         f"gives {getattr(w, 'fmt', 'a dense tensor')}")
+    return {(*owner, part): _place(getattr(w, part), getattr(want, part).dtype, sharding_for((*owner, part)))
+            for part in ("values", "scales")}
 
 
 def read_shard(value: np.ndarray, index: tuple[slice, ...], dtype: jnp.dtype) -> np.ndarray:
