@@ -94,9 +94,10 @@ def load_model(source: str | Path, *, dtype: str | jnp.dtype = "float32", seed: 
     if mesh is not None:  # tags each parameter with its sharding (a no-op transfer when already placed)
         loaded = dataclasses.replace(loaded, model=shard_model(loaded.model, mesh, rules), mesh=mesh, rules=rules)
     counts = param_counts(loaded.config)
-    logging.info("loaded %s (%s, %s: %.3gB parameters, %.3gB active per token) in %.2f s", source,
-                 loaded.config.architecture, dtype, counts.total / 1e9, counts.active / 1e9,
-                 time.perf_counter() - start)
+    logging.info("loaded %s (%s, %s%s: %.3gB parameters, %.3gB active per token) in %.2f s", source,
+                 loaded.config.architecture, dtype,
+                 "" if loaded.config.quantization is None else f", {loaded.config.quantization} packed",
+                 counts.total / 1e9, counts.active / 1e9, time.perf_counter() - start)
     return loaded
 
 

@@ -162,6 +162,41 @@ def test_llm_weights_option():
         load_model(MXFP4, weights="int4")
 
 
+def fp8_projections(tensors: dict, config: dict) -> None:
+    """Every block projection to FP8 e4m3 + weight_scale_inv per 128 x 128 block, as Qwen3's FP8
+    releases ship (embeddings, norms and the head stay as they are)."""
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    for name in [n for n in tensors if re.search(r"layers\.\d+\..*_proj\.weight$", n)]:
+        w = qz.quantize(jnp.asarray(tensors[name].T, jnp.float32), "fp8_block")
+        tensors[name], tensors[f"{name}_scale_inv"] = np.asarray(w.values), np.asarray(w.scales)
+
+
+def test_qwen3_fp8_serves_natively(tmp_path):
+    """Qwen3 FP8 goes the same way (GQA attention, dense MLP): packed q/k/v/o and MLP, W8A8 close to
+    the dequantized model."""
+    path = rewrite(tmp_path, FIXTURES / "tiny-qwen3-hf", fp8_projections)
+    loaded = load_model(path)
+    assert packed_paths(loaded.model) == {f"layers.{i}.{p}.kernel" for i in range(2) for p in
+                                          ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    r = compare(path, "float32")
+    assert r["mean_abs_dlogit"] < 0.1 * r["logit_std"] and r["greedy_agreement"] >= 0.85
+
+
+def test_orbax_keeps_packed_weights(tmp_path, native):
+    """An orbax dir of a native model restores packed (uint8 / e4m3 leaves) and gives the same logits."""
+    from models.loading import orbax_io
+    loaded = native[FP8.name]
+    orbax_io.save(tmp_path / "orbax", loaded.config, loaded.model, loaded.tokenizer)
+    restored = load_model(tmp_path / "orbax")
+    assert packed_paths(restored.model) == packed_paths(loaded.model)
+    tokens = np.arange(12)[None]
+    np.testing.assert_array_equal(np.asarray(restored.forward(tokens)), np.asarray(loaded.forward(tokens)))
+    with pytest.raises(ValueError, match="holds fp8_block weights packed; weights='bf16' dequantizes HF checkpoints"):
+        load_model(tmp_path / "orbax", weights="bf16")
+
+
 def rewrite(tmp_path: Path, src: Path, edit) -> Path:
     """A copy of a fixture whose tensors (raw dtypes) and config.json `edit(tensors, config)` changes."""
     dst = tmp_path / src.name
@@ -273,3 +308,17 @@ def test_a_mesh_splitting_scale_blocks_is_named():
     with pytest.raises(ValueError, match=r"parameter kernel.values: 2 shards of axis 0 \(200 stored values, 100 per "
                                          r"shard\) would split its 128-value scale blocks"):
         param_shardings(linear, make_mesh(tensor=2, data=4))
+
+
+@needs_8
+def test_packed_k_proj_gives_the_kv_head_split():
+    """Paged attention per head shard reads the KV heads' split off k_proj: on a packed kernel
+    ([kv_heads * head_dim, embed]) that is its first axis."""
+    from models.layers import Linear
+    from sharding import head_parallel, make_mesh
+    from sharding.rules import place_abstract
+    mesh = make_mesh(tensor=2, data=4)
+    k_proj = place_abstract(nnx.eval_shape(lambda: Linear((256,), (2, 128), ("embed", "kv_heads", "head_dim"),
+                                                          dtype=jnp.float32, rngs=nnx.Rngs(0), fmt="fp8_block")),
+                            mesh)
+    assert head_parallel.kv_heads_split(k_proj.kernel) == (mesh, "tensor")
