@@ -4,6 +4,7 @@ packed storage of checkpoint-quantized weights (PackedWeight)."""
 from __future__ import annotations
 
 import math
+from types import EllipsisType
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ class PackedWeight(nnx.Module):
         self.scales = nnx.Param(w.scales, logical_axes=(*lead, n_axis, k_axis), fmt=fmt)
         self.fmt = fmt
 
-    def __getitem__(self, index: type(Ellipsis)) -> QuantizedWeight:
+    def __getitem__(self, index: EllipsisType) -> QuantizedWeight:
         assert index is Ellipsis, "a packed weight is read whole: w[...]"
         return QuantizedWeight(self.values[...], self.scales[...], self.fmt)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -169,8 +168,7 @@ def _load_hf(path: Path, dtype: jnp.dtype, placement: _Placement, weights: str) 
     config = registry.config_from_hf(hf, name=path.name, has_tensor=checkpoint.weight_map.__contains__)
     config = registry.served_config(config, weights)
     quantization_config = hf.get("quantization_config", None)
-    round_to = quantized.dequantized_dtype(weights) or np.dtype(np.float32)
-    get_tensor = quantized.tensor_getter(checkpoint, quantization_config, round_to)
+    get_tensor = quantized.tensor_getter(checkpoint, quantization_config, quantized.dequantized_dtype(weights))
     get_packed = None if config.quantization is None else quantized.packed_getter(checkpoint, quantization_config)
     abstract = abstract_model(config, dtype)
     loader = registry.get_architecture(config.architecture).load_hf_param

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pallas_kernels import ops
+from pallas_kernels.quantized import QuantizedWeight
 
 STRATEGIES = ("replicated", "all_to_all")
 ALL_TO_ALL_MIN_TOKENS = 128  # a step with at least this many tokens (prefill) dispatches all-to-all
@@ -34,10 +35,11 @@ Activation = Callable[[jax.Array], jax.Array]  # [M, 2I] ([gate | up]) -> [M, I]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ExpertWeights:
-    """gate_up [E, D, 2I], down [E, I, D] and the optional biases [E, 2I], [E, D]."""
+    """gate_up [E, D, 2I], down [E, I, D] (dense, or packed QuantizedWeights: their values and
+    scales split along E like any leaf) and the optional biases [E, 2I], [E, D]."""
 
-    gate_up: jax.Array
-    down: jax.Array
+    gate_up: jax.Array | QuantizedWeight
+    down: jax.Array | QuantizedWeight
     gate_up_bias: jax.Array | None = None
     down_bias: jax.Array | None = None
 

@@ -155,9 +155,14 @@ def test_engine_serves_fp8_natively(native):
 
 
 def test_llm_weights_option():
+    """weights=<dtype> dequantizes at load, rounded to that dtype (then held in the model's)."""
     from engine import LLM
-    llm = LLM(str(MXFP4), weights="bf16", max_model_len=64, num_pages=32, max_num_seqs=2)
+    llm = LLM(str(FP8), weights="bf16", max_model_len=64, num_pages=32, max_num_seqs=2)
     assert llm.model.config.quantization is None and not packed_paths(llm.model.model)
+    assert llm.model.dtype == jnp.float32
+    for weights, rounded in (("bf16", True), ("float32", False)):
+        kernel = np.asarray(load_model(FP8, weights=weights).model.layers[0].self_attn.q_a_proj.kernel[...])
+        assert (kernel.astype(jnp.bfloat16).astype(np.float32) == kernel).all() == rounded
     with pytest.raises(ValueError, match=r"weights='int4': expected 'native' \(serve a quantized checkpoint packed"):
         load_model(MXFP4, weights="int4")
 

@@ -43,7 +43,7 @@ def dequantized_dtype(weights: str) -> np.dtype | None:
     if weights not in _DTYPE_NAMES:
         raise ValueError(f"weights={weights!r}: expected {NATIVE!r} (serve a quantized checkpoint packed, as it "
                          f"ships) or a dtype to dequantize it to at load ({', '.join(_DTYPE_NAMES)})")
-    return np.dtype(jnp.dtype(_DTYPE_NAMES[weights]))
+    return jnp.dtype(_DTYPE_NAMES[weights])
 
 
 def checkpoint_format(quantization_config: dict[str, Any] | None) -> str | None:
@@ -94,13 +94,14 @@ def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray, block: tupl
 
 
 def tensor_getter(ckpt: SafetensorsCheckpoint, quantization_config: dict[str, Any] | None,
-                  round_to: np.dtype = np.dtype(np.float32)) -> TensorGetter:
-    """Dense tensors under their bf16 names: quantized ones dequantized in float32 and rounded to
-    `round_to` (weights=<dtype>); unquantized checkpoints give lazy memory-mapped arrays in their
-    stored dtype."""
+                  round_to: np.dtype | None = None) -> TensorGetter:
+    """Dense tensors under their bf16 names: quantized ones dequantized in float32, rounded to
+    `round_to` when given (weights=<dtype>); unquantized checkpoints give lazy memory-mapped arrays
+    in their stored dtype."""
     fmt = checkpoint_format(quantization_config)
     if fmt is None:
         return ckpt.get_raw
+    round_to = np.dtype(np.float32) if round_to is None else round_to
     if fmt == "mxfp4":
         return lambda name: _mxfp4_tensor(ckpt, name, round_to)
     block = _fp8_block(quantization_config)
