@@ -38,10 +38,11 @@ clean:
 # (jax[cuda13]: XLA, Mosaic GPU and ptxas for an H100/H200 with no driver; ~4 GB of wheels), so the
 # default install stays CPU-only. Compiles every kernel the presets' steps call and the steps
 # themselves for GPU_TARGET; writes GPU_CHECK_JSON; exits 1 on a compile failure, a spill, SMEM
-# over the limit or a plan over the GPU's memory. Meshes: the fewest GPUs that hold the bf16 weights.
+# over the limit or a plan over the GPU's memory. Meshes: the fewest GPUs that hold the weights as shipped
+# (bf16; gpt-oss-120b MXFP4 experts on 1 GPU; DeepSeek-V3 FP8 experts over 8).
 GPU_VENV := .venv-gpu
 GPU_TARGET ?= h200
-GPU_PRESETS ?= llama3-8b,qwen3-8b,qwen3-30b-a3b,llama3.3-70b:2x1,gpt-oss-120b:1x2,deepseek-v3:1x16
+GPU_PRESETS ?= llama3-8b,qwen3-8b,qwen3-30b-a3b,llama3.3-70b:2x1,gpt-oss-120b,deepseek-v3:1x8
 GPU_CHECK_JSON ?= benchmarks/results/gpu-check-$(GPU_TARGET).json
 
 $(GPU_VENV)/.installed: pyproject.toml

@@ -26,8 +26,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import cpu_paged_attention as cpa
 from pallas_kernels import flash_attention as fa
+from pallas_kernels import fp8_matmul as f8
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import mla_attention as mla
+from pallas_kernels import mxfp4_grouped_matmul as mx
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import quantized as qz
 from pallas_kernels import ragged_paged_attention as rpa
@@ -254,20 +256,28 @@ def quantized_matmul(x: jax.Array, w: qz.QuantizedWeight, *, impl: str = "auto")
     """x [M, K] @ w (packed [K, N]: pallas_kernels/quantized.py) -> [M, N] in x.dtype, f32 accumulation.
 
     mxfp4 runs W4A16, fp8_block W8A8 (activations quantized per token in groups of 128 along K).
-    "xla"/"cpu" dequantize the weight inside the step (qz.matmul_reference). "pallas"/"interpret"
-    will run fp8_matmul.fp8_block_matmul_kernel (mxfp4 ships only in experts); until that kernel
-    lands every impl takes the XLA path.
+    "pallas"/"interpret" run fp8_matmul.fp8_block_matmul_kernel for fp8_block (mxfp4 ships only in
+    experts: grouped); everything else dequantizes the weight inside the step (qz.matmul_reference).
     """
-    resolve_impl(impl)  # a ValueError names an unknown impl
+    if w.fmt == "fp8_block":
+        impl = checked_impl("fp8_block_matmul", impl)
+        if impl in ("pallas", "interpret"):
+            return f8.fp8_block_matmul_kernel(x, w, interpret=_interpret_params(impl)).astype(x.dtype)
+    else:
+        resolve_impl(impl)  # a ValueError names an unknown impl
     return qz.matmul_reference(x, w)
 
 
 def quantized_grouped_matmul(lhs: jax.Array, rhs: qz.QuantizedWeight, group_sizes: jax.Array, *,
                              group_offset: jax.Array | int = 0, impl: str = "auto") -> jax.Array:
     """grouped_matmul (same contract) with packed expert weights rhs [G, K, N] (W4A16 / W8A8 as
-    quantized_matmul). "pallas"/"interpret" will run mxfp4_grouped_matmul.mxfp4_grouped_matmul_kernel
-    and fp8_matmul.fp8_block_grouped_matmul_kernel; until those land every impl takes the XLA path,
-    which dequantizes one layer's experts inside the step."""
-    resolve_impl(impl)
+    quantized_matmul). "pallas"/"interpret" run the format's kernel (mxfp4_grouped_matmul.py,
+    fp8_matmul.py), which reads the packed weights in place; "xla"/"cpu" dequantize one layer's
+    experts inside the step."""
+    mxfp4 = rhs.fmt == "mxfp4"
+    impl = checked_impl("mxfp4_grouped_matmul" if mxfp4 else "fp8_block_grouped_matmul", impl)
+    if impl in ("pallas", "interpret"):
+        kernel = mx.mxfp4_grouped_matmul_kernel if mxfp4 else f8.fp8_block_grouped_matmul_kernel
+        return kernel(lhs, rhs, group_sizes, group_offset=group_offset, interpret=_interpret_params(impl)).astype(lhs.dtype)
     a, b = qz.dense_operands(lhs, rhs)
     return gmm.grouped_matmul_reference(a, b, group_sizes, group_offset=group_offset).astype(lhs.dtype)

@@ -41,10 +41,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh
 
 from pallas_kernels import flash_attention as fa
+from pallas_kernels import fp8_matmul as f8
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import mla_attention as mla
+from pallas_kernels import mxfp4_grouped_matmul as mx
 from pallas_kernels import ops
 from pallas_kernels import paged_attention as pa
+from pallas_kernels import quantized as qz
 from pallas_kernels import ragged_paged_attention as rpa
 from pallas_kernels import ragged_paged_attention_mgpu as rpm
 from pallas_kernels import warp_specialized_attention as ws
@@ -206,6 +209,44 @@ def _gmm(sizes: list[int], rows: int, k: int = 128, n: int = 128, num_rhs: int |
     return build
 
 
+def _packed(rng: np.random.Generator, fmt: str, lead: tuple[int, ...], k: int, n: int) -> qz.QuantizedWeight:
+    """Random packed weights [*lead, K, N]: every fp4 code and e8m0 bytes around 1, or e4m3 values
+    with 128 x 128 block scales over a decade."""
+    if fmt == "mxfp4":
+        values = rng.integers(0, 256, (*lead, n, k // 2), dtype=np.uint8)
+        scales = rng.integers(122, 130, (*lead, n, k // qz.MXFP4_BLOCK), dtype=np.uint8)
+    else:
+        values = np.clip(rng.normal(size=(*lead, n, k)) * 64, -qz.FP8_MAX, qz.FP8_MAX).astype(jnp.float8_e4m3fn)
+        scales = rng.uniform(2**-10, 2**-7, (*lead, -(-n // qz.FP8_BLOCK), -(-k // qz.FP8_BLOCK))).astype(np.float32)
+    return qz.QuantizedWeight(jnp.asarray(values), jnp.asarray(scales), fmt)
+
+
+def _quantized_gmm(fmt: str, sizes: list[int], rows: int, k: int = 256, n: int = 128, num_rhs: int | None = None,
+                   offset: int = 0, seed: int = 0) -> Case:
+    """A packed-weight grouped GEMM (mxfp4 / fp8_block) vs its reference (the dequantized weights)."""
+    kernel, reference = ((mx.mxfp4_grouped_matmul_kernel, mx.mxfp4_grouped_matmul_reference) if fmt == "mxfp4"
+                         else (f8.fp8_block_grouped_matmul_kernel, f8.fp8_block_grouped_matmul_reference))
+
+    def build(interpret):
+        rng = np.random.default_rng(seed)
+        lhs, rhs = _normal(rng, (rows, k), k**-0.5), _packed(rng, fmt, (num_rhs or len(sizes),), k, n)
+        return (functools.partial(kernel, group_offset=offset, interpret=interpret),
+                functools.partial(reference, group_offset=offset), (lhs, rhs, jnp.asarray(sizes, jnp.int32)), {})
+
+    return build
+
+
+def _fp8_dense(rows: int, k: int, n: int, seed: int = 0) -> Case:
+    """The dense W8A8 block-scaled GEMM vs its reference."""
+
+    def build(interpret):
+        rng = np.random.default_rng(seed)
+        x, w = _normal(rng, (rows, k), k**-0.5), _packed(rng, "fp8_block", (), k, n)
+        return functools.partial(f8.fp8_block_matmul_kernel, interpret=interpret), f8.fp8_block_matmul_reference, (x, w), {}
+
+    return build
+
+
 def _paged(contexts: list[int], q_len: int = 1, heads: tuple[int, int] = (8, 2), head_dim: int = 64,
            window: int | None = None, sinks: bool = False, seed: int = 0) -> Case:
     """The padded paged kernel vs ops' XLA path (the blocked page loop), 16-token pages."""
@@ -285,6 +326,32 @@ def paged_cases(compiled: bool) -> dict[str, Case]:
     }
 
 
+def quantized_gmm_cases(fmt: str) -> Callable[[bool], dict[str, Case]]:
+    """Largest bucket compiled: gpt-oss-120b's down projection over 8 experts (mxfp4) or one
+    DeepSeek-V3 expert shard's down projection (fp8_block), 2,048 rows; interpreted: small."""
+
+    def cases(compiled: bool) -> dict[str, Case]:
+        k, n = (2880, 2880) if fmt == "mxfp4" else (2048, 7168)
+        largest = (_quantized_gmm(fmt, [300, 0, 212, 500, 36, 400, 300, 300], 2048, k, n) if compiled
+                   else _quantized_gmm(fmt, [40, 0, 70, 18], 128, seed=3))
+        return {
+            "empty_and_one_row_groups_padding_rows": _quantized_gmm(fmt, [30, 0, 1, 1, 20], 60),
+            "expert_shard_mid_tile": _quantized_gmm(fmt, [13, 40, 0, 30], 90, num_rhs=2, offset=1, seed=2),
+            "largest_bucket": largest,
+        }
+
+    return cases
+
+
+def fp8_dense_cases(compiled: bool) -> dict[str, Case]:
+    """Decode (split K) and a partial N block; largest bucket compiled: DeepSeek-V3's q_a at 2,048 rows."""
+    return {
+        "one_row_partial_n_block": _fp8_dense(1, 512, 192),
+        "decode_rows": _fp8_dense(17, 384, 128, seed=1),
+        "largest_bucket": _fp8_dense(2048, 7168, 1536, seed=2) if compiled else _fp8_dense(130, 256, 256, seed=2),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """What a kernel's check needs: the modules whose sources key its cache entry, the frozen
@@ -302,6 +369,12 @@ KERNELS = {
     "grouped_matmul": Kernel((gmm, fa, ws), lambda kind: (gmm.grouped_matmul_config(kind),
                                                           gmm.grouped_matmul_config(kind, 1)), gmm_cases),
     "paged_attention": Kernel((pa, fa, ws), pa.paged_attention_config, paged_cases),
+    "mxfp4_grouped_matmul": Kernel((mx, qz, gmm, fa), lambda kind: mx.mxfp4_grouped_matmul_config(kind),
+                                   quantized_gmm_cases("mxfp4")),
+    "fp8_block_matmul": Kernel((f8, qz, gmm, fa), lambda kind: f8.fp8_matmul_config(kind, 64, 7168, 1536),
+                               fp8_dense_cases),
+    "fp8_block_grouped_matmul": Kernel((f8, qz, gmm, fa), lambda kind: f8.fp8_matmul_config(kind, 64, 7168, 2048, 32),
+                                       quantized_gmm_cases("fp8_block")),
 }
 
 

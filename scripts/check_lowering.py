@@ -44,10 +44,13 @@ from models.config import ModelConfig
 from models.registry import abstract_model, get_preset
 from pallas_kernels import compiled_stats
 from pallas_kernels import flash_attention as fa
+from pallas_kernels import fp8_matmul as f8
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import mla_attention as mla
+from pallas_kernels import mxfp4_grouped_matmul as mx
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import ragged_paged_attention_mgpu as rpm
+from pallas_kernels.quantized import QuantizedWeight
 from sharding import DEFAULT_RULES, cache_sharding, gpu_target, hlo, make_mesh
 from sharding.rules import place_abstract
 
@@ -75,6 +78,9 @@ KERNELS = {
     "grouped_matmul": (gmm, "grouped_matmul_kernel"),
     "mla_attention": (mla, "mla_ragged_kernel"),
     "ragged_paged_attention": (rpm, "ragged_paged_attention_kernel"),
+    "mxfp4_grouped_matmul": (mx, "mxfp4_grouped_matmul_kernel"),
+    "fp8_block_matmul": (f8, "fp8_block_matmul_kernel"),
+    "fp8_block_grouped_matmul": (f8, "fp8_block_grouped_matmul_kernel"),
 }
 
 
@@ -91,7 +97,7 @@ class KernelCall:
     statics: tuple[tuple[str, Any], ...]
 
     def describe(self) -> str:
-        shapes = ", ".join("None" if a is None else f"{a.dtype}{list(a.shape)}" for a in self.arrays)
+        shapes = ", ".join(_describe(a) for a in self.arrays)
         statics = "".join(f", {k}={v}" for k, v in self.statics)
         return f"{self.kernel}({shapes}{statics})"
 
@@ -102,7 +108,14 @@ def abstract_h100() -> contextlib.AbstractContextManager:
 
 
 def _abstract(x: Any) -> Any:
-    return jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") and hasattr(x, "dtype") else x
+    """An array argument (or a pytree of them, e.g. a QuantizedWeight) as ShapeDtypeStructs."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if hasattr(leaf, "dtype") else leaf, x)
+
+
+def _describe(a: Any) -> str:
+    if isinstance(a, QuantizedWeight):
+        return f"{a.fmt}({_describe(a.values)}, {_describe(a.scales)})"
+    return "None" if a is None else f"{a.dtype}{list(a.shape)}"
 
 
 @contextlib.contextmanager
@@ -254,7 +267,8 @@ def compile_kernel_call(call: KernelCall, mesh: jax.sharding.Mesh, dumps: Path, 
         return getattr(module, fn)(*arrays[:num_positional], **dict(zip(array_keys, arrays[num_positional:])), **statics)
 
     replicated = jax.NamedSharding(mesh, jax.P())
-    arrays = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in call.arrays]
+    arrays = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), a)
+              for a in call.arrays]
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         jax.jit(kernel).trace(*arrays).lower().compile()
