@@ -150,24 +150,18 @@ def fp8_matmul_config(device_kind: str, m: int, n: int, k: int, groups: int = 1,
 # ----------------------------------------------------------------------------------------------
 
 
-def _dequantized_activations(x: jax.Array) -> jax.Array:
-    """The f32 activations the W8A8 GEMM multiplies: x quantized per token group and expanded."""
-    return qw.dequantize_activations_fp8(*qw.quantize_activations_fp8(x))
-
-
 def fp8_block_matmul_reference(x: jax.Array, w: QuantizedWeight) -> jax.Array:
-    """x [M, K] times the fp8_block weight [K, N], both quantized as the kernel sees them, in f32
-    (exact products, f32 sums) -> bf16 [M, N]."""
-    return jnp.dot(_dequantized_activations(x), w.dequantize(jnp.float32),
-                   precision=lax.Precision.HIGHEST).astype(jnp.bfloat16)
+    """x [M, K] times the fp8_block weight [K, N], both quantized as the kernel sees them
+    (qw.dense_operands, the XLA path's operands), exact products summed in f32 -> bf16 [M, N]."""
+    a, b = qw.dense_operands(x, w)
+    return jnp.dot(a, b, precision=lax.Precision.HIGHEST).astype(jnp.bfloat16)
 
 
 def fp8_block_grouped_matmul_reference(lhs: jax.Array, rhs: QuantizedWeight, group_sizes: jax.Array, *,
                                        group_offset: jax.Array | int = 0) -> jax.Array:
     """grouped_matmul_reference's contract on the dequantized operands -> bf16 [M, N]."""
-    out = gmm.grouped_matmul_reference(_dequantized_activations(lhs), rhs.dequantize(jnp.float32), group_sizes,
-                                       group_offset=group_offset)
-    return out.astype(jnp.bfloat16)
+    a, b = qw.dense_operands(lhs, rhs)
+    return gmm.grouped_matmul_reference(a, b, group_sizes, group_offset=group_offset).astype(jnp.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
