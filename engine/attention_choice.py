@@ -51,12 +51,15 @@ class AttentionChoice:
     timings_ms: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
-def choose(impl: str, shapes: AttentionShapes, on_mesh: bool) -> AttentionChoice:
+def choose(impl: str, shapes: AttentionShapes, on_mesh: bool, fp8_kv: bool = False) -> AttentionChoice:
     """An explicit impl for both kinds; "auto": "auto" itself on H100/H200 (ops then runs each Pallas
     kernel that passed its self-check, pallas_kernels/selfcheck.py, and the XLA path for one that
     failed), the jnp path on a CPU mesh (GSPMD cannot partition the C++ kernel's custom call), else
-    the faster measured candidate."""
+    the faster measured candidate. fp8_kv (an FP8 pool, which only the jnp path reads): "auto" is
+    "xla" off the GPU and stays "auto" on it (ops runs the XLA path for FP8 pools)."""
     resolved = ops.resolve_impl(impl)
+    if fp8_kv and impl == "auto" and resolved != "pallas":
+        return AttentionChoice("xla", "xla")
     if impl == "auto" and resolved == "pallas":
         return AttentionChoice("auto", "auto")
     if impl != "auto" or resolved != "cpu":

@@ -54,6 +54,10 @@ class EngineConfig:
     # overlaps, and an arrival waits for the call run ahead (TTFT p50 +75-150% at c=4-16, measured).
     async_scheduling: bool = False
     attention_impl: str = "auto"
+    # KV pool storage (engine/kv_cache.py KV_CACHE_DTYPES): "auto" the model's dtype; "fp8_e4m3"
+    # (or vLLM's "fp8") float8_e4m3fn with the per-tensor scale models.attention.KV_SCALE: half
+    # the bytes, twice the pages per kv_cache_bytes; read by the jnp path only ("pallas" refused).
+    kv_cache_dtype: str = "auto"
     # Share the KV of full pages between requests with the same prefix (engine/prefix_cache.py).
     enable_prefix_caching: bool = True
     kv_cache_bytes: int = 4 << 30  # pool budget when num_pages is None
@@ -70,6 +74,12 @@ class EngineConfig:
                      "max_num_batched_tokens", "decode_steps", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from engine.kv_cache import check_kv_cache_dtype  # here: engine.kv_cache imports the models
+        from pallas_kernels.ops import fp8_kv_unsupported
+
+        check_kv_cache_dtype(self.kv_cache_dtype)
+        if self.kv_cache_dtype != "auto" and self.attention_impl in ("pallas", "interpret"):
+            raise ValueError(fp8_kv_unsupported())
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if self.num_speculative_tokens < 0:

@@ -40,7 +40,7 @@ class LLM:
                  weights: str = "native", seed: int = 0, mesh: Mesh | None = None,
                  speculative_config: dict | None = None, **engine_args):
         """engine_args: EngineConfig's fields (page_size, num_pages, max_num_seqs, max_model_len,
-        attention_impl, decode_steps, prefill_chunk, max_num_batched_tokens, kv_cache_bytes,
+        attention_impl, kv_cache_dtype, decode_steps, prefill_chunk, max_num_batched_tokens, kv_cache_bytes,
         enable_prefix_caching); its defaults are the engine's. max_model_len defaults to the model's
         context.
 
@@ -66,7 +66,8 @@ class LLM:
                                         identity=(self.model.config, np.dtype(self.model.dtype).name))
         self.scheduler = Scheduler(self.config, self.allocator, self.prefix_cache)
         self.attention = attention_choice.choose(self.config.attention_impl, _attention_shapes(self.model, self.config),
-                                                 on_mesh=self.model.mesh is not None)
+                                                 on_mesh=self.model.mesh is not None,
+                                                 fp8_kv=self.config.kv_cache_dtype != "auto")
         self.speculator: Speculator | None = (None if spec is None else
                                               make_speculator(spec, self.model, self.config, self.attention, dtype))
         accepts, q = (None, None) if spec is None else (self.speculator.synthetic_accepts,
@@ -343,9 +344,10 @@ def _engine_config(model: LoadedModel, engine_args: dict, spec: SpeculativeConfi
     config = EngineConfig(max_model_len=max_model_len, **engine_args)
     if config.num_pages is None:
         useful = config.max_num_seqs * (config.pages_per_seq + 1)
-        num_pages = kv_cache.pages_for_budget(cfg, config.page_size, model.dtype, config.kv_cache_bytes, useful)
+        num_pages = kv_cache.pages_for_budget(cfg, config.page_size, model.dtype, config.kv_cache_bytes, useful,
+                                               config.kv_cache_dtype)
         config = dataclasses.replace(config, num_pages=num_pages)
-    logging.info(kv_cache.summary(cfg, config.num_pages, config.page_size, model.dtype))
+    logging.info(kv_cache.summary(cfg, config.num_pages, config.page_size, model.dtype, config.kv_cache_dtype))
     return config
 
 
@@ -353,4 +355,5 @@ def _allocate_cache(model: LoadedModel, config: EngineConfig) -> list:
     """Zeroed pages, sharded on the model's mesh: kv heads over "tensor" (sharding/rules.py)."""
     shape = kv_cache.page_shape(model.config, config.num_pages, config.page_size)
     sharding = None if model.mesh is None else cache_sharding(shape, model.mesh, model.rules)
-    return kv_cache.allocate(model.config, config.num_pages, config.page_size, model.dtype, sharding)
+    return kv_cache.allocate(model.config, config.num_pages, config.page_size, model.dtype, sharding,
+                             config.kv_cache_dtype)

@@ -15,6 +15,32 @@ from sharding import head_parallel
 
 LayerCache = tuple[jax.Array, ...]  # K and V pages [Hkv, num_pages, page_size, D] (MLA: one latent tensor)
 
+# FP8 KV cache (EngineConfig.kv_cache_dtype="fp8_e4m3"), vLLM's per-tensor scheme: a pool stored as
+# float8_e4m3fn holds clip(x / KV_SCALE, -448, 448) and is read as fp8 * KV_SCALE. KV_SCALE is the
+# one scale of every K, V and MLA latent pool: 1.0, as vLLM without calibration. The clip comes
+# before the cast: XLA's CPU cast to e4m3 does not saturate (values past ~464 become NaN).
+KV_SCALE = 1.0
+FP8_KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn)
+FP8_MAX = float(jnp.finfo(FP8_KV_DTYPE).max)  # 448
+
+
+def is_fp8_pool(pages: jax.Array) -> bool:
+    """Whether a cache tensor is an FP8 pool (stored scaled by KV_SCALE)."""
+    return pages.dtype == FP8_KV_DTYPE
+
+
+def quantize_kv(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """New K/V (or latent) values as the pool stores them: fp8 = clip(x / KV_SCALE) for an FP8
+    pool, else a plain cast."""
+    if jnp.dtype(dtype) != FP8_KV_DTYPE:
+        return x.astype(dtype)
+    return jnp.clip(x.astype(jnp.float32) / KV_SCALE, -FP8_MAX, FP8_MAX).astype(FP8_KV_DTYPE)
+
+
+def pool_scale(pages: jax.Array) -> float:
+    """The factor that turns a pool's stored values back into K/V: KV_SCALE for FP8, else 1."""
+    return KV_SCALE if is_fp8_pool(pages) else 1.0
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +77,7 @@ class AttentionMetadata:
         """q [1, T, Hq, D] of the flat tokens against the pages -> [1, T, Hq, D]."""
         out = ops.ragged_paged_attention(q_btnh[0], k_pages, v_pages, self.query_start_loc, self.context_lens,
                                          self.block_tables, impl=impl, max_query_len=self.max_query_len,
-                                         **kwargs)
+                                         kv_scale=pool_scale(k_pages), **kwargs)
         return out[None]
 
     def attend_latent(self, q_btnh: jax.Array, latent_pages: jax.Array, kv_lora_rank: int, impl: str,
@@ -59,7 +85,8 @@ class AttentionMetadata:
         """MLA: q [1, T, Hq, D] against the latent pages (keys; values their first kv_lora_rank
         columns) -> [1, T, Hq, kv_lora_rank]."""
         out = ops.mla_attention(q_btnh[0], latent_pages, self.query_start_loc, self.context_lens, self.block_tables,
-                                kv_lora_rank=kv_lora_rank, scale=scale, impl=impl, max_query_len=self.max_query_len)
+                                kv_lora_rank=kv_lora_rank, scale=scale, impl=impl, max_query_len=self.max_query_len,
+                                kv_scale=pool_scale(latent_pages))
         return out[None]
 
 
@@ -71,7 +98,7 @@ def write_pages(pages: jax.Array, new_bqhd: jax.Array, slot_mapping: jax.Array) 
     """
     hkv, _, page_size, d = pages.shape
     slots = slot_mapping.reshape(-1)
-    new_hnd = new_bqhd.reshape(-1, hkv, d).transpose(1, 0, 2).astype(pages.dtype)
+    new_hnd = quantize_kv(new_bqhd.reshape(-1, hkv, d).transpose(1, 0, 2), pages.dtype)
     return pages.at[:, slots // page_size, slots % page_size].set(new_hnd)
 
 

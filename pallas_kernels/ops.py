@@ -81,6 +81,25 @@ def _warn_fallback(kernel: str, failure: str) -> None:
                     "(docs/selfcheck.md)", kernel, failure)
 
 
+FP8_KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn)
+
+
+def fp8_kv_unsupported(kernel: str = "ragged paged attention") -> str:
+    """The refusal of an FP8 KV pool by a Pallas kernel (EngineConfig validation and ops say it)."""
+    return (f"kv_cache_dtype='fp8_e4m3' is not supported by the Pallas {kernel} kernel yet; "
+            f"use attention_impl='xla'")
+
+
+def _fp8_pool_impl(impl: str, resolved: str, kernel: str) -> str:
+    """The impl an FP8 pool runs on: the jnp path ("xla") where `resolved` is the C++ "cpu"
+    kernel (it reads no fp8) or "auto"'s Pallas choice; a ValueError for an explicit Pallas impl."""
+    if resolved in ("pallas", "interpret"):
+        if impl != "auto":
+            raise ValueError(fp8_kv_unsupported(kernel))
+        return "xla"
+    return "xla" if resolved == "cpu" else resolved
+
+
 def _interpret_params(impl: str) -> plgpu.InterpretGPUParams | None:
     """Interpret-mode parameters for impl "interpret"; None compiles the kernel for the GPU."""
     return plgpu.InterpretGPUParams() if impl == "interpret" else None
@@ -154,6 +173,7 @@ def ragged_paged_attention(
     scale: float | None = None,
     impl: str = "auto",
     max_query_len: int | None = None,
+    kv_scale: float = 1.0,
 ) -> jax.Array:
     """One flat batch of new tokens from many sequences attends (causally) to their KV pages.
 
@@ -168,7 +188,19 @@ def ragged_paged_attention(
     "interpret" the native ragged Mosaic kernel (ragged_paged_attention_mgpu.py), or where it
     refuses the shapes (rpm.supported) every token as a Q=1 row of the paged kernel; "xla" per
     token when max_query_len == 1, else tiles of min(rpa.BLOCK_Q, max_query_len) rows per padded row.
+
+    kv_scale: the pages hold K/V / kv_scale (models/attention.py KV_SCALE for an FP8 pool): folded
+    into the softmax scale and the output. An FP8 (float8_e4m3fn) pool runs the jnp path, which
+    casts the pages it gathers: "cpu" and "auto" go to "xla", "pallas"/"interpret" raise ValueError.
     """
+    if k_pages.dtype == FP8_KV_DTYPE:
+        impl = _fp8_pool_impl(impl, resolve_impl(impl), "ragged paged attention")
+    if kv_scale != 1.0:
+        scale = (q.shape[-1] ** -0.5 if scale is None else scale) * kv_scale
+        out = ragged_paged_attention(q, k_pages, v_pages, query_start_loc, context_lens, block_tables,
+                                     sliding_window=sliding_window, sinks=sinks, scale=scale, impl=impl,
+                                     max_query_len=max_query_len)
+        return (out.astype(jnp.float32) * kv_scale).astype(q.dtype)
     kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
     args = (q, k_pages, v_pages, query_start_loc, context_lens, block_tables)
     hkv, _, page_size, _ = k_pages.shape
@@ -198,6 +230,7 @@ def mla_attention(
     scale: float | None = None,
     impl: str = "auto",
     max_query_len: int | None = None,
+    kv_scale: float = 1.0,
 ) -> jax.Array:
     """Multi-head latent attention (DeepSeek-V3) of a ragged flat batch in latent space.
 
@@ -205,13 +238,16 @@ def mla_attention(
     is every head's key and its first kv_lora_rank columns the value. Ragged metadata as in
     ragged_paged_attention. Returns [T, Hq, kv_lora_rank] in q.dtype. "pallas"/"interpret" run
     the ragged MLA kernel (mla_attention.mla_ragged_kernel); the others are ragged_paged_attention
-    with K = V.
+    with K = V. kv_scale as in ragged_paged_attention; an FP8 latent pool runs the jnp path ("auto"
+    included), and "pallas"/"interpret" raise ValueError.
     """
+    if latent_pages.dtype == FP8_KV_DTYPE:
+        impl = _fp8_pool_impl(impl, resolve_impl(impl), "MLA attention")
     resolved = checked_impl("mla_attention", impl)
     if resolved not in ("pallas", "interpret"):
         args = (q, latent_pages, latent_pages, query_start_loc, context_lens, block_tables)
         out = ragged_paged_attention(*args, scale=scale, impl="xla" if resolved == "xla" else impl,
-                                     max_query_len=max_query_len)
+                                     max_query_len=max_query_len, kv_scale=kv_scale)
         return out[..., :kv_lora_rank]
     return mla_attention_kernel(q, latent_pages, query_start_loc, context_lens, block_tables,
                                 kv_lora_rank=kv_lora_rank, scale=scale, max_query_len=max_query_len,

@@ -34,6 +34,8 @@ MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", 2048, "longest prompt + ou
 DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted call")
 MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", 2048, "token budget per step (fewer shape buckets)")
 WARMUP = flags.DEFINE_bool("warmup", False, "compile every shape bucket first (minutes), so the timings exclude compilation")
+KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"],
+                                   "KV pool storage: model dtype, or FP8 e4m3 (half the bytes; jnp attention path)")
 ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(IMPLS), "attention ops (pallas_kernels/ops.py)")
 JSON_OUT = flags.DEFINE_string("json_out", None, "also write the timings here as JSON")
 
@@ -63,7 +65,7 @@ def main(argv: list[str]) -> None:
             llm = LLM(MODEL.value, dtype=DTYPE.value, weights=WEIGHTS.value, page_size=PAGE_SIZE.value,
                   num_pages=NUM_PAGES.value, max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
                   decode_steps=DECODE_STEPS.value, attention_impl=ATTENTION_IMPL.value,
-                  max_num_batched_tokens=MAX_BATCHED.value)
+                  kv_cache_dtype=KV_CACHE_DTYPE.value, max_num_batched_tokens=MAX_BATCHED.value)
     params = SamplingParams(temperature=TEMPERATURE.value, top_p=TOP_P.value, top_k=TOP_K.value,
                             min_p=MIN_P.value, seed=SEED.value, max_tokens=MAX_TOKENS.value)
     prompt = PROMPT.value

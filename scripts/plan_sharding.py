@@ -10,7 +10,8 @@ and every collective of each step with its bytes (parsed from the partitioned HL
 
 Quantized presets (gpt-oss: MXFP4 experts, DeepSeek-V3: block FP8) count their packed bytes
 (--weights=native, the default; --weights=bfloat16 plans the dequantized model). The KV cache is
-held in the pool dtype the engine stores (bf16 for bf16 models); kv_capacity_tokens says how many
+held in the pool dtype the engine stores (bf16 for bf16 models; float8_e4m3fn, half the bytes, with
+--kv_cache_dtype=fp8_e4m3); kv_capacity_tokens says how many
 tokens of it one device could hold beside its weights (kv_token_bytes each).
 
 Caveat: on CPU the attention runs as the XLA reference, which gathers each sequence's pages into
@@ -37,6 +38,8 @@ flags.DEFINE_integer("prefill_rows", 4, "Prefill chunks of one mixed step (engin
 flags.DEFINE_integer("prefill_chunk", 512, "Tokens per row of one prefill step (engine: prefill_chunk).")
 flags.DEFINE_integer("page_size", 16, "KV-cache page size.")
 flags.DEFINE_string("dtype", "bfloat16", "Parameter, activation and KV-cache dtype.")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"],
+                  "KV pool storage (EngineConfig.kv_cache_dtype): --dtype's, or FP8 e4m3 (1 byte an element).")
 flags.DEFINE_string("weights", "native", "A quantized preset's weights: native (packed) or a dtype (dequantized).")
 flags.DEFINE_float("hbm_gib", 80.0, "Device memory to check the plan against (H100 80, H200 141).")
 
@@ -61,7 +64,8 @@ def abstract_cache(model, config, num_pages: int, dtype, mesh, rules):
     import jax
     from engine import kv_cache
     from sharding.rules import cache_sharding
-    shapes = jax.eval_shape(lambda: kv_cache.allocate(config, num_pages, FLAGS.page_size, dtype))
+    shapes = jax.eval_shape(lambda: kv_cache.allocate(config, num_pages, FLAGS.page_size, dtype,
+                                                      kv_cache_dtype=FLAGS.kv_cache_dtype))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache_sharding(x.shape, mesh, rules)),
                         shapes)
 

@@ -44,6 +44,8 @@ NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages (default: sized fr
 KV_BYTES = flags.DEFINE_integer("kv_cache_bytes", 4 << 30, "KV pool budget when --num_pages is not set")
 DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted call")
 ASYNC = flags.DEFINE_bool("async_scheduling", False, "dispatch a decode call's successor before its tokens")
+KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"],
+                                   "KV pool storage: model dtype, or FP8 e4m3 (half the bytes; jnp attention path)")
 ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(IMPLS), "attention ops (pallas_kernels/ops.py)")
 
 
@@ -53,7 +55,8 @@ def main(argv: list[str]) -> None:
               max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
               max_num_batched_tokens=MAX_BATCHED.value, prefill_chunk=PREFILL_CHUNK.value, page_size=PAGE_SIZE.value,
               num_pages=NUM_PAGES.value, kv_cache_bytes=KV_BYTES.value, decode_steps=DECODE_STEPS.value,
-              async_scheduling=ASYNC.value, attention_impl=ATTENTION_IMPL.value)
+              async_scheduling=ASYNC.value, attention_impl=ATTENTION_IMPL.value,
+              kv_cache_dtype=KV_CACHE_DTYPE.value)
     if WARMUP.value:
         logging.info("compiling every shape bucket ...")
         logging.info("compiled %d shape buckets", llm.warmup())
