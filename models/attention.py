@@ -42,6 +42,18 @@ def pool_scale(pages: jax.Array) -> float:
     return KV_SCALE if is_fp8_pool(pages) else 1.0
 
 
+def _softmax_scale(q: jax.Array, scale: float | None) -> float:
+    """The attention's softmax scale: the given one, else 1/sqrt(head_dim) as the ops default."""
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _unscale(out: jax.Array, kv_scale: float) -> jax.Array:
+    """Attention over pages holding V / kv_scale, back to V's scale (a no-op for unscaled pools).
+    The K side folds kv_scale into the softmax scale, so the ops see plain pages: a researcher's
+    replacement for ops.ragged_paged_attention keeps its signature whatever the cache dtype."""
+    return out if kv_scale == 1.0 else (out.astype(jnp.float32) * kv_scale).astype(out.dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
@@ -75,19 +87,22 @@ class AttentionMetadata:
     def attend(self, q_btnh: jax.Array, k_pages: jax.Array, v_pages: jax.Array, impl: str,
                **kwargs) -> jax.Array:
         """q [1, T, Hq, D] of the flat tokens against the pages -> [1, T, Hq, D]."""
+        kv_scale = pool_scale(k_pages)
+        if kv_scale != 1.0:
+            kwargs["scale"] = _softmax_scale(q_btnh, kwargs.get("scale")) * kv_scale
         out = ops.ragged_paged_attention(q_btnh[0], k_pages, v_pages, self.query_start_loc, self.context_lens,
-                                         self.block_tables, impl=impl, max_query_len=self.max_query_len,
-                                         kv_scale=pool_scale(k_pages), **kwargs)
-        return out[None]
+                                         self.block_tables, impl=impl, max_query_len=self.max_query_len, **kwargs)
+        return _unscale(out, kv_scale)[None]
 
     def attend_latent(self, q_btnh: jax.Array, latent_pages: jax.Array, kv_lora_rank: int, impl: str,
                       scale: float) -> jax.Array:
         """MLA: q [1, T, Hq, D] against the latent pages (keys; values their first kv_lora_rank
         columns) -> [1, T, Hq, kv_lora_rank]."""
+        kv_scale = pool_scale(latent_pages)
         out = ops.mla_attention(q_btnh[0], latent_pages, self.query_start_loc, self.context_lens, self.block_tables,
-                                kv_lora_rank=kv_lora_rank, scale=scale, impl=impl, max_query_len=self.max_query_len,
-                                kv_scale=pool_scale(latent_pages))
-        return out[None]
+                                kv_lora_rank=kv_lora_rank, scale=scale * kv_scale, impl=impl,
+                                max_query_len=self.max_query_len)
+        return _unscale(out, kv_scale)[None]
 
 
 def write_pages(pages: jax.Array, new_bqhd: jax.Array, slot_mapping: jax.Array) -> jax.Array:

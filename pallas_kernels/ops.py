@@ -173,7 +173,6 @@ def ragged_paged_attention(
     scale: float | None = None,
     impl: str = "auto",
     max_query_len: int | None = None,
-    kv_scale: float = 1.0,
 ) -> jax.Array:
     """One flat batch of new tokens from many sequences attends (causally) to their KV pages.
 
@@ -189,18 +188,12 @@ def ragged_paged_attention(
     refuses the shapes (rpm.supported) every token as a Q=1 row of the paged kernel; "xla" per
     token when max_query_len == 1, else tiles of min(rpa.BLOCK_Q, max_query_len) rows per padded row.
 
-    kv_scale: the pages hold K/V / kv_scale (models/attention.py KV_SCALE for an FP8 pool): folded
-    into the softmax scale and the output. An FP8 (float8_e4m3fn) pool runs the jnp path, which
-    casts the pages it gathers: "cpu" and "auto" go to "xla", "pallas"/"interpret" raise ValueError.
+    An FP8 (float8_e4m3fn) pool runs the jnp path, which casts the pages it gathers: "cpu" and
+    "auto" go to "xla", "pallas"/"interpret" raise ValueError. Its scale (models/attention.py
+    KV_SCALE) is the caller's: folded into `scale` and the output.
     """
     if k_pages.dtype == FP8_KV_DTYPE:
         impl = _fp8_pool_impl(impl, resolve_impl(impl), "ragged paged attention")
-    if kv_scale != 1.0:
-        scale = (q.shape[-1] ** -0.5 if scale is None else scale) * kv_scale
-        out = ragged_paged_attention(q, k_pages, v_pages, query_start_loc, context_lens, block_tables,
-                                     sliding_window=sliding_window, sinks=sinks, scale=scale, impl=impl,
-                                     max_query_len=max_query_len)
-        return (out.astype(jnp.float32) * kv_scale).astype(q.dtype)
     kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
     args = (q, k_pages, v_pages, query_start_loc, context_lens, block_tables)
     hkv, _, page_size, _ = k_pages.shape
@@ -230,7 +223,6 @@ def mla_attention(
     scale: float | None = None,
     impl: str = "auto",
     max_query_len: int | None = None,
-    kv_scale: float = 1.0,
 ) -> jax.Array:
     """Multi-head latent attention (DeepSeek-V3) of a ragged flat batch in latent space.
 
@@ -238,8 +230,8 @@ def mla_attention(
     is every head's key and its first kv_lora_rank columns the value. Ragged metadata as in
     ragged_paged_attention. Returns [T, Hq, kv_lora_rank] in q.dtype. "pallas"/"interpret" run
     the ragged MLA kernel (mla_attention.mla_ragged_kernel); the others are ragged_paged_attention
-    with K = V. kv_scale as in ragged_paged_attention; an FP8 latent pool runs the jnp path ("auto"
-    included), and "pallas"/"interpret" raise ValueError.
+    with K = V. An FP8 latent pool runs the jnp path ("auto" included), and "pallas"/"interpret"
+    raise ValueError; its scale is the caller's, as in ragged_paged_attention.
     """
     if latent_pages.dtype == FP8_KV_DTYPE:
         impl = _fp8_pool_impl(impl, resolve_impl(impl), "MLA attention")
@@ -247,7 +239,7 @@ def mla_attention(
     if resolved not in ("pallas", "interpret"):
         args = (q, latent_pages, latent_pages, query_start_loc, context_lens, block_tables)
         out = ragged_paged_attention(*args, scale=scale, impl="xla" if resolved == "xla" else impl,
-                                     max_query_len=max_query_len, kv_scale=kv_scale)
+                                     max_query_len=max_query_len)
         return out[..., :kv_lora_rank]
     return mla_attention_kernel(q, latent_pages, query_start_loc, context_lens, block_tables,
                                 kv_lora_rank=kv_lora_rank, scale=scale, max_query_len=max_query_len,
