@@ -39,11 +39,14 @@ clean:
 # default install stays CPU-only. Compiles every kernel the presets' steps call and the steps
 # themselves for GPU_TARGET; writes GPU_CHECK_JSON; exits 1 on a compile failure, a spill, SMEM
 # over the limit or a plan over the GPU's memory. Meshes: the fewest GPUs that hold the weights as shipped
-# (bf16; gpt-oss-120b MXFP4 experts on 1 GPU; DeepSeek-V3 FP8 experts over 8).
+# (bf16; gpt-oss-120b MXFP4 experts on 1 GPU; DeepSeek-V3 FP8 experts over 8). Then the GQA presets
+# again with an FP8 KV cache (kv_cache_dtype=fp8_e4m3: the ragged kernel's e4m3 pages) into GPU_FP8KV_JSON.
 GPU_VENV := .venv-gpu
 GPU_TARGET ?= h200
 GPU_PRESETS ?= llama3-8b,qwen3-8b,qwen3-30b-a3b,llama3.3-70b:2x1,gpt-oss-120b,deepseek-v3:1x8
 GPU_CHECK_JSON ?= benchmarks/results/gpu-check-$(GPU_TARGET).json
+GPU_FP8KV_PRESETS ?= llama3-8b,gpt-oss-120b
+GPU_FP8KV_JSON ?= benchmarks/results/gpu-check-$(GPU_TARGET)-fp8kv.json
 
 $(GPU_VENV)/.installed: pyproject.toml
 	@[ -x $(GPU_VENV)/bin/python ] || $(MAKE) --no-print-directory VENV=$(GPU_VENV) $(GPU_VENV)/bin/python
@@ -54,6 +57,8 @@ $(GPU_VENV)/.installed: pyproject.toml
 gpu-check: $(GPU_VENV)/.installed
 	JAX_PLATFORMS=cpu $(GPU_VENV)/bin/python scripts/check_lowering.py --compile --target=$(GPU_TARGET) \
 	  --model=$(GPU_PRESETS) --batch=64 --context=4096 --output=$(GPU_CHECK_JSON)
+	JAX_PLATFORMS=cpu $(GPU_VENV)/bin/python scripts/check_lowering.py --compile --target=$(GPU_TARGET) \
+	  --model=$(GPU_FP8KV_PRESETS) --kv_cache_dtype=fp8_e4m3 --batch=64 --context=4096 --output=$(GPU_FP8KV_JSON)
 
 # Baselines for scripts/benchmark_serving.py --baseline=transformers,llamacpp: a separate Python 3.11
 # venv (torch CPU, transformers, accelerate, gguf; llama-cpp-python built from source, ~5 min).

@@ -75,11 +75,8 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         from engine.kv_cache import check_kv_cache_dtype  # here: engine.kv_cache imports the models
-        from pallas_kernels.ops import fp8_kv_unsupported
 
         check_kv_cache_dtype(self.kv_cache_dtype)
-        if self.kv_cache_dtype != "auto" and self.attention_impl in ("pallas", "interpret"):
-            raise ValueError(fp8_kv_unsupported())
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if self.num_speculative_tokens < 0:

@@ -27,6 +27,7 @@ from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec.config import SpeculativeConfig
 from engine.spec.speculator import Speculator, make_speculator
 from models import LoadedModel, load_model
+from pallas_kernels import ops
 from sharding.rules import cache_sharding, shard_model
 
 Prompt = str | Sequence[int]
@@ -342,6 +343,9 @@ def _engine_config(model: LoadedModel, engine_args: dict, spec: SpeculativeConfi
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's context "
                          f"({cfg.max_position_embeddings} tokens)")
     config = EngineConfig(max_model_len=max_model_len, **engine_args)
+    if (config.kv_cache_dtype != "auto" and config.attention_impl in ("pallas", "interpret")
+            and kv_cache.layout(cfg).tensors == 1):  # MLA's latent cache: its Pallas kernel reads no FP8
+        raise ValueError(ops.fp8_kv_unsupported("MLA attention"))
     if config.num_pages is None:
         useful = config.max_num_seqs * (config.pages_per_seq + 1)
         num_pages = kv_cache.pages_for_budget(cfg, config.page_size, model.dtype, config.kv_cache_bytes, useful,

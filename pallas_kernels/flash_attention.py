@@ -132,6 +132,7 @@ SMEM_BYTES = 232_448  # an H100's shared memory per block (227 KiB)
 SMEM_SLACK = 4096
 NO_LOGIT = -1e30  # finite "minus infinity" for running maxima: keeps exp(m_old - m_new) NaN-free
 HEAD_DIM_MULTIPLE = 64  # a 128-byte swizzled SMEM row of bf16
+DEQUANT_COLS = 64  # columns of an FP8 K/V block upcast at once (dequantize_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,18 +253,30 @@ def softmax_finish(acc: jax.Array, m_i: jax.Array, l_i: jax.Array, keys_axis: in
     return acc / lax.broadcast_in_dim(l_i, acc.shape, [1 - keys_axis]), m_i + jnp.log(l_i)
 
 
+def swizzled_smem(shape: tuple[int, ...], dtype: Any, max_row_bytes: int = 128) -> plgpu.SMEM:
+    """An SMEM buffer in (8, row) tiles swizzled over rows of max_row_bytes (fewer where the last
+    axis is narrower), the layout TMA writes and wgmma reads."""
+    itemsize = jnp.dtype(dtype).itemsize
+    row_bytes = min(max_row_bytes, shape[-1] * itemsize)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, row_bytes // itemsize)),
+                                                plgpu.SwizzleTransform(row_bytes)))
+
+
 def attention_scratch(st: BlockedAttention, head_dim: int, loads_per_block: int, stages: int = 2,
-                      keys_axis: int = 1) -> list:
+                      keys_axis: int = 1, kv_dtype: Any = None) -> list:
     """SMEM and barriers of attention_program: q, `stages` K/V slots, P, output, lse; barriers.
-    keys_axis=0 (the A/B-swapped tile) holds the output transposed, [head_dim, rows]."""
-    swizzle_elems = 128 // jnp.dtype(st.dtype).itemsize  # one 128-byte swizzle row
-    swizzled = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(128))
-    smem = lambda shape: plgpu.SMEM(shape, st.dtype, transforms=swizzled)
+    keys_axis=0 (the A/B-swapped tile) holds the output transposed, [head_dim, rows]. A kv_dtype
+    other than st.dtype (an FP8 pool) gets its ring in that dtype and, last, one K and one V tile
+    in st.dtype that each block is dequantized into for wgmma (dequantize_block); the FP8 ring's
+    tiles are 64 bytes wide, so it dequantizes DEQUANT_COLS columns at a time."""
+    smem = lambda shape: swizzled_smem(shape, st.dtype)
     kv_slots = (stages, st.block_kv, head_dim)
-    return [
+    kv_dtype = st.dtype if kv_dtype is None else kv_dtype
+    ring_row_bytes = DEQUANT_COLS * jnp.dtype(kv_dtype).itemsize if jnp.dtype(kv_dtype) != jnp.dtype(st.dtype) else 128
+    scratch = [
         smem((st.block_rows, head_dim)),
-        smem(kv_slots),
-        smem(kv_slots),
+        swizzled_smem(kv_slots, kv_dtype, ring_row_bytes),
+        swizzled_smem(kv_slots, kv_dtype, ring_row_bytes),
         smem((st.block_rows, st.block_kv)),
         plgpu.SMEM((st.block_rows, head_dim) if keys_axis == 1 else (head_dim, st.block_rows), jnp.float32),
         plgpu.SMEM((st.block_rows,), jnp.float32),
@@ -271,6 +284,22 @@ def attention_scratch(st: BlockedAttention, head_dim: int, loads_per_block: int,
         plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=stages),
         plgpu.Barrier(num_arrivals=loads_per_block, num_barriers=stages),
     ]
+    if jnp.dtype(kv_dtype) != jnp.dtype(st.dtype):
+        scratch += [smem((st.block_kv, head_dim)), smem((st.block_kv, head_dim))]
+    return scratch
+
+
+def dequantize_block(ring_slot: Any, tile: Any) -> Any:
+    """A K or V block as wgmma reads it: the ring slot itself, or (an FP8 pool; tile not None) its
+    values upcast into `tile`, in the mma dtype (f16: mma_dtype), DEQUANT_COLS columns at a time
+    (a whole [64, 128] block at once held 255 registers and spilled in the 64-row query tile)."""
+    if tile is None:
+        return ring_slot
+    for c in range(0, tile.shape[1], DEQUANT_COLS):
+        cols = pl.ds(c, DEQUANT_COLS)
+        tile.at[:, cols][...] = plgpu.load(ring_slot.at[:, cols], layout=plgpu.Layout.WGMMA).astype(tile.dtype)
+    plgpu.commit_smem()  # generic-proxy stores, read next by wgmma (async proxy)
+    return tile
 
 
 def attention_program(
@@ -377,11 +406,12 @@ def merge_partials(o_part: jax.Array, lse: jax.Array, sinks: jax.Array | None) -
 
 def mma_dtype(dtype: Any, interpret: Any) -> Any:
     """What wgmma multiplies: bf16/f16 as they are; f32 too when interpreting (CPU engine runs in
-    f32 and should match the XLA path); anything else as bf16 (the GPU's f32 wgmma is tf32 with
-    layout limits)."""
+    f32 and should match the XLA path); an FP8 KV pool as f16 (Hopper converts e4m3 to f16 natively,
+    to bf16 only with ptxas ISA >= 9.2, and every e4m3 value is exact in f16); anything else as
+    bf16 (the GPU's f32 wgmma is tf32 with layout limits)."""
     if dtype in (jnp.bfloat16, jnp.float16) or (interpret is not None and dtype == jnp.float32):
         return dtype
-    return jnp.bfloat16
+    return jnp.float16 if dtype == jnp.float8_e4m3fn else jnp.bfloat16
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -405,22 +435,24 @@ def pad_last(x: jax.Array, multiple: int) -> jax.Array:
     return pad_to(x, (*x.shape[:-1], round_up(x.shape[-1], multiple)))
 
 
-def kv_pool(pages: jax.Array, interpret: Any) -> jax.Array:
+def kv_pool(pages: jax.Array, interpret: Any, fp8: bool = False) -> jax.Array:
     """A paged KV pool [Hkv, pages, page_size, D] as the paged kernels read it: in place.
 
     A cast or pad here would copy the whole KV cache on every call, so compiled for the GPU
-    (interpret None) the pool must already be what wgmma multiplies, bfloat16 or float16, with D a
-    multiple of HEAD_DIM_MULTIPLE (128-byte swizzled rows); the engine stores its GPU pool that way
-    (engine/kv_cache.pool_dtype). Interpret mode (CPU) also reads float32 as stored, and zero-pads
-    the D of tiny test models (a copy, off the GPU's hot path). Anything else is a ValueError
-    naming the pool's dtype and shape.
+    (interpret None) the pool must already be what wgmma multiplies, bfloat16 or float16 (or, for a
+    kernel that dequantizes blocks in SMEM, fp8=True: float8_e4m3fn), with D a multiple of
+    HEAD_DIM_MULTIPLE; the engine stores its GPU pool that way (engine/kv_cache.pool_dtype).
+    Interpret mode (CPU) also reads float32 as stored, and zero-pads the D of tiny test models (a
+    copy, off the GPU's hot path). Anything else is a ValueError naming the pool's dtype and shape.
     """
-    if mma_dtype(pages.dtype, interpret) != pages.dtype or (interpret is None and pages.shape[-1] % HEAD_DIM_MULTIPLE):
+    fp8_pool = fp8 and pages.dtype == jnp.float8_e4m3fn
+    if ((mma_dtype(pages.dtype, interpret) != pages.dtype and not fp8_pool)
+            or (interpret is None and pages.shape[-1] % HEAD_DIM_MULTIPLE)):
         raise ValueError(
             f"the paged kernels read the KV pool in place (a cast or pad would copy the whole cache every step): "
-            f"compiled for the GPU it must be bfloat16 or float16 with head_dim a multiple of {HEAD_DIM_MULTIPLE} "
-            f"(the engine's GPU pool: kv_cache.pool_dtype), interpreted float32 too; got {pages.dtype}"
-            f"{list(pages.shape)}")
+            f"compiled for the GPU it must be bfloat16 or float16{' or float8_e4m3fn' if fp8 else ''} with head_dim "
+            f"a multiple of {HEAD_DIM_MULTIPLE} (the engine's GPU pool: kv_cache.pool_dtype), interpreted float32 "
+            f"too; got {pages.dtype}{list(pages.shape)}")
     return pad_last(pages, HEAD_DIM_MULTIPLE)
 
 

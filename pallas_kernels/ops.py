@@ -84,15 +84,16 @@ def _warn_fallback(kernel: str, failure: str) -> None:
 FP8_KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn)
 
 
-def fp8_kv_unsupported(kernel: str = "ragged paged attention") -> str:
-    """The refusal of an FP8 KV pool by a Pallas kernel (EngineConfig validation and ops say it)."""
+def fp8_kv_unsupported(kernel: str = "MLA attention") -> str:
+    """The refusal of an FP8 KV pool by a Pallas kernel that reads none (the engine and ops say it)."""
     return (f"kv_cache_dtype='fp8_e4m3' is not supported by the Pallas {kernel} kernel yet; "
-            f"use attention_impl='xla'")
+            f"use attention_impl='xla' (or 'auto')")
 
 
 def _fp8_pool_impl(impl: str, resolved: str, kernel: str) -> str:
-    """The impl an FP8 pool runs on: the jnp path ("xla") where `resolved` is the C++ "cpu"
-    kernel (it reads no fp8) or "auto"'s Pallas choice; a ValueError for an explicit Pallas impl."""
+    """The impl an FP8 pool runs on where the Pallas kernel reads none (MLA, the per-token paged
+    fallback): the jnp path ("xla") for the C++ "cpu" kernel and "auto"'s Pallas choice; a
+    ValueError for an explicit Pallas impl."""
     if resolved in ("pallas", "interpret"):
         if impl != "auto":
             raise ValueError(fp8_kv_unsupported(kernel))
@@ -188,17 +189,23 @@ def ragged_paged_attention(
     refuses the shapes (rpm.supported) every token as a Q=1 row of the paged kernel; "xla" per
     token when max_query_len == 1, else tiles of min(rpa.BLOCK_Q, max_query_len) rows per padded row.
 
-    An FP8 (float8_e4m3fn) pool runs the jnp path, which casts the pages it gathers: "cpu" and
-    "auto" go to "xla", "pallas"/"interpret" raise ValueError. Its scale (models/attention.py
-    KV_SCALE) is the caller's: folded into `scale` and the output.
+    An FP8 (float8_e4m3fn) pool runs the native kernel, which dequantizes each block in SMEM
+    (self-checked apart: "ragged_paged_attention_fp8"), or the jnp path, which casts the pages it
+    gathers: "cpu" goes to "xla"; where the native kernel refuses the shapes, "auto" goes to "xla"
+    and "pallas"/"interpret" raise ValueError. Its scale (models/attention.py KV_SCALE) is the
+    caller's: folded into `scale` and the output.
     """
-    if k_pages.dtype == FP8_KV_DTYPE:
-        impl = _fp8_pool_impl(impl, resolve_impl(impl), "ragged paged attention")
     kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
     args = (q, k_pages, v_pages, query_start_loc, context_lens, block_tables)
     hkv, _, page_size, _ = k_pages.shape
     native = rpm.supported(q.shape[-1], q.shape[1], hkv, page_size)
-    resolved = checked_impl("ragged_paged_attention" if native else "paged_attention", impl)
+    if k_pages.dtype == FP8_KV_DTYPE:
+        impl = ("xla" if resolve_impl(impl) == "cpu" else impl) if native else \
+            _fp8_pool_impl(impl, resolve_impl(impl), "paged attention")
+        kernel = "ragged_paged_attention_fp8"
+    else:
+        kernel = "ragged_paged_attention" if native else "paged_attention"
+    resolved = checked_impl(kernel, impl)
     if resolved == "cpu":
         if impl == "cpu" or cpa.supported(q.shape[-1]):
             return cpa.ragged_paged_attention_cpu(*args, **kwargs)

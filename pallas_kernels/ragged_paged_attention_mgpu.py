@@ -56,17 +56,21 @@ class RaggedAttentionConfig:
             raise ValueError(f"max_stages must be >= 2, num_sms (or None) and max_splits positive: {self}")
 
 
-def smem_bytes(block_rows: int, block_kv: int, head_dim: int, stages: int, itemsize: int) -> int:
-    """Shared memory of one program: q, the K and V rings, P (mma dtype); output and lse (f32)."""
-    mma = block_rows * head_dim + 2 * stages * block_kv * head_dim + block_rows * block_kv
-    return itemsize * mma + 4 * (block_rows * head_dim + block_rows)
+def smem_bytes(block_rows: int, block_kv: int, head_dim: int, stages: int, itemsize: int,
+               kv_itemsize: int | None = None) -> int:
+    """Shared memory of one program: q, P (mma dtype), the K and V rings (pool dtype; an FP8 pool
+    adds one dequantized K and V tile in the mma dtype); output and lse (f32)."""
+    kv_itemsize = itemsize if kv_itemsize is None else kv_itemsize
+    mma = block_rows * head_dim + block_rows * block_kv + (2 * block_kv * head_dim if kv_itemsize != itemsize else 0)
+    ring = 2 * stages * block_kv * head_dim
+    return itemsize * mma + kv_itemsize * ring + 4 * (block_rows * head_dim + block_rows)
 
 
 def ring_stages(config: RaggedAttentionConfig, block_rows: int, block_kv: int, head_dim: int,
-                itemsize: int) -> int | None:
+                itemsize: int, kv_itemsize: int | None = None) -> int | None:
     """The deepest ring (max_stages down to 2) that fits in SMEM, or None when none does."""
     fits = [s for s in range(config.max_stages, 1, -1)
-            if smem_bytes(block_rows, block_kv, head_dim, s, itemsize) + fa.SMEM_SLACK <= fa.SMEM_BYTES]
+            if smem_bytes(block_rows, block_kv, head_dim, s, itemsize, kv_itemsize) + fa.SMEM_SLACK <= fa.SMEM_BYTES]
     return fits[0] if fits else None
 
 
@@ -93,13 +97,14 @@ def supported(head_dim: int, q_heads: int, kv_heads: int, page_size: int,
 
 
 def _ragged_body(q_ref, k_ref, v_ref, lens_ref, tables_ref, o_ref, lse_ref, q_smem, k_smem, v_smem,
-                 p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars, *, st: fa.BlockedAttention, page_size: int,
+                 p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars, k_tile=None, v_tile=None, *, st: fa.BlockedAttention, page_size: int,
                  stages: int, keys_axis: int):
     """Program (tile, kv_head, split): the tile's rows of q against its sequence's KV blocks.
 
     keys_axis 1: logits [rows, keys] = q @ k^T, out = p @ v (rows in wgmma's M, >= 64).
     keys_axis 0, A/B swapped: logits [keys, rows] = k @ q^T and out^T = v^T @ p^T, so the block's
     64 keys fill M and a decode tile's few rows sit in N (16 for G <= 16): no rows padded to 64.
+    k_tile / v_tile (an FP8 pool): where each block is dequantized for wgmma (fa.dequantize_block).
     """
     tile, h, split = lax.axis_index("tile"), lax.axis_index("kv_head"), lax.axis_index("split")
     length = lens_ref[tile]  # position of the tile's last token + 1 (0: an unused tile)
@@ -133,20 +138,22 @@ def _ragged_body(q_ref, k_ref, v_ref, lens_ref, tables_ref, o_ref, lse_ref, q_sm
             pl.when(blk + stages - 1 < last)(lambda: load(ahead, lax.rem(i + stages - 1, stages)))
             ahead = page_ids(blk + stages)  # scalar reads overlap this step's wgmmas
             plgpu.barrier_wait(k_bars.at[slot])
+            k = fa.dequantize_block(k_smem.at[slot], k_tile)
             if swapped:
-                s = fa.wgmma_f32(k_smem.at[slot], q_smem.T, (st.block_kv, st.block_rows))
+                s = fa.wgmma_f32(k, q_smem.T, (st.block_kv, st.block_rows))
             else:
-                s = fa.wgmma_f32(q_smem, k_smem.at[slot].T, (st.block_rows, st.block_kv))
+                s = fa.wgmma_f32(q_smem, k.T, (st.block_rows, st.block_kv))
             mask = fa.block_mask(length, jnp.int32(0), st.block_rows, blk, st, keys_axis)
             p, alpha, m_i, l_i = fa.softmax_update(jnp.where(mask, s * st.scale, -jnp.inf), m_i, l_i, keys_axis)
             # Swapped, P^T goes in through a transposed view: a [keys, 16] bf16 B operand does not lower.
             (p_smem.T if swapped else p_smem)[...] = p.astype(st.dtype)
             plgpu.commit_smem()
             plgpu.barrier_wait(v_bars.at[slot])
+            v = fa.dequantize_block(v_smem.at[slot], v_tile)
             if swapped:
-                pv = fa.wgmma_f32(v_smem.at[slot].T, p_smem.T, acc.shape)
+                pv = fa.wgmma_f32(v.T, p_smem.T, acc.shape)
             else:
-                pv = fa.wgmma_f32(p_smem, v_smem.at[slot], acc.shape)
+                pv = fa.wgmma_f32(p_smem, v, acc.shape)
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [1 - keys_axis]) + pv, m_i, l_i, ahead
 
         head_dim = q_smem.shape[1]
@@ -168,7 +175,8 @@ def _run_tiles(q_pad: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tiles: 
     block_kv = kernel_block_kv(config, page_size)
     pages_per_block = block_kv // page_size
     # f32 (interpret mode only, which has no SMEM limit) may overflow the budget bf16 fits in.
-    stages = ring_stages(config, block_rows, block_kv, d_pad, jnp.dtype(q_pad.dtype).itemsize) or 2
+    stages = ring_stages(config, block_rows, block_kv, d_pad, jnp.dtype(q_pad.dtype).itemsize,
+                         jnp.dtype(k_pages.dtype).itemsize) or 2
     # Gathered into tiles [N, Hkv, block_rows, D] in jnp: a TMA straight from the flat q would start
     # at row token * G, which Mosaic cannot prove a multiple of the 8-row SMEM tile.
     q_tiles = fa.to_rows(q_pad[tiles.rows], hkv, block_rows)
@@ -182,7 +190,7 @@ def _run_tiles(q_pad: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tiles: 
         functools.partial(_ragged_body, st=st, page_size=page_size, stages=stages, keys_axis=keys_axis),
         out_type=(jax.ShapeDtypeStruct((num_tiles, hkv, splits, *out_rows), jnp.float32),
                   jax.ShapeDtypeStruct((num_tiles, hkv, splits, block_rows), jnp.float32)),
-        scratch_types=fa.attention_scratch(st, d_pad, pages_per_block, stages, keys_axis),
+        scratch_types=fa.attention_scratch(st, d_pad, pages_per_block, stages, keys_axis, k_pages.dtype),
         grid=(num_tiles, hkv, splits),
         grid_names=("tile", "kv_head", "split"),
         kernel_name=f"ragged_paged_attention_{'ab_' * (1 - keys_axis)}r{block_rows}_kv{block_kv}_st{stages}_s{splits}",
@@ -212,7 +220,9 @@ def ragged_paged_attention_kernel(
     """Ragged paged attention on the Mosaic GPU kernel (rpa.ragged_paged_attention_reference's
     contract). interpret: None compiles for the GPU, plgpu.InterpretGPUParams interprets on CPU.
     Reads the KV pool in place (fa.kv_pool: compiled, bf16/f16 with head_dim a multiple of 64) and
-    multiplies in its dtype, q cast to it, with f32 softmax. Raises ValueError for a pool kv_pool
+    multiplies in its dtype, q cast to it, with f32 softmax. An FP8 (float8_e4m3fn) pool is read
+    as stored (half the bytes) and each block dequantized to f16 in SMEM (fa.dequantize_block);
+    its scale is the caller's (models/attention.py). Raises ValueError for a pool kv_pool
     refuses and for shapes `supported` refuses.
 
     Two launches: sequences with at most decode_tokens new rows (decode, speculative verify) take
@@ -226,8 +236,8 @@ def ragged_paged_attention_kernel(
         raise ValueError(f"ragged kernel: unsupported head_dim {d}, heads {hq}/{hkv} or page_size {page_size} "
                          f"(pages: a multiple of 8 dividing {config.block_kv} or of 64; a 2-slot ring in SMEM)")
     group = hq // hkv
-    k_pages, v_pages = (fa.kv_pool(x, interpret) for x in (k_pages, v_pages))
-    q_pad = fa.pad_last(q.astype(k_pages.dtype), fa.HEAD_DIM_MULTIPLE)
+    k_pages, v_pages = (fa.kv_pool(x, interpret, fp8=True) for x in (k_pages, v_pages))
+    q_pad = fa.pad_last(q.astype(fa.mma_dtype(k_pages.dtype, interpret)), fa.HEAD_DIM_MULTIPLE)
     run = functools.partial(_run_tiles, q_pad, k_pages, v_pages, config=config, group=group, page_size=page_size,
                             scale=d**-0.5 if scale is None else scale, window=sliding_window, sinks=sinks,
                             interpret=interpret)

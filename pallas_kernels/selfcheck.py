@@ -153,12 +153,17 @@ def _ragged_inputs(rng: np.random.Generator, seqs: list[tuple[int, int]], pad_ro
 
 
 def _ragged(seqs: list[tuple[int, int]], pad_rows: int = 2, heads: tuple[int, int] = (8, 2), head_dim: int = 64,
-            page_size: int = 16, window: int | None = None, sinks: bool = False, seed: int = 0) -> Case:
-    """The native ragged kernel vs ops' XLA path (tiled; memory-lean at the largest bucket)."""
+            page_size: int = 16, window: int | None = None, sinks: bool = False, seed: int = 0,
+            fp8: bool = False) -> Case:
+    """The native ragged kernel vs ops' XLA path (tiled; memory-lean at the largest bucket); fp8:
+    on an FP8 (float8_e4m3fn) pool, which the XLA path reads upcast."""
 
     def build(interpret):
         rng = np.random.default_rng(seed)
-        args = _ragged_inputs(rng, seqs, pad_rows, *heads, head_dim, page_size)
+        q, k, v, *rest = _ragged_inputs(rng, seqs, pad_rows, *heads, head_dim, page_size)
+        if fp8:  # |values| < NULL_PAGE_VALUE, far inside e4m3's 448: the cast needs no clip
+            k, v = k.astype(jnp.float8_e4m3fn), v.astype(jnp.float8_e4m3fn)
+        args = (q, k, v, *rest)
         return (functools.partial(rpm.ragged_paged_attention_kernel, sliding_window=window, interpret=interpret),
                 functools.partial(ops.ragged_paged_attention, sliding_window=window, impl="xla"),
                 args, {"sinks": _sinks(rng, heads[0], sinks)})
@@ -267,15 +272,17 @@ def _decode_rows(count: int, step: int) -> list[tuple[int, int]]:
     return [(7 + step * i, 1) for i in range(count)]
 
 
-def ragged_cases(compiled: bool) -> dict[str, Case]:
+def ragged_cases(compiled: bool, fp8: bool = False) -> dict[str, Case]:
     """Largest bucket compiled: the GPU engine's 2,048-token step with 64 sequences, 4k contexts,
-    Llama-3-8B's heads; interpreted: a 128-token step of 9 sequences at head dim 128."""
-    largest = (_ragged([(4096, 1024), (2048, 512)] + _decode_rows(62, 64), 450, (32, 8), 128) if compiled
-               else _ragged([(160, 48), (0, 0), (64, 20)] + _decode_rows(6, 40), 54, (4, 1), 128, seed=4))
+    Llama-3-8B's heads; interpreted: a 128-token step of 9 sequences at head dim 128. fp8: the same
+    on an FP8 pool."""
+    ragged = functools.partial(_ragged, fp8=fp8)
+    largest = (ragged([(4096, 1024), (2048, 512)] + _decode_rows(62, 64), 450, (32, 8), 128) if compiled
+               else ragged([(160, 48), (0, 0), (64, 20)] + _decode_rows(6, 40), 54, (4, 1), 128, seed=4))
     return {
-        "empty_one_token_page_boundaries": _ragged([(0, 0), (1, 1), (16, 1), (0, 0), (17, 2), (32, 16), (48, 3)]),
-        "query_tiles_kv_splits": _ragged([(150, 40), (70, 1)], seed=2),
-        "sliding_window_wrap_sinks": _ragged([(130, 20), (90, 1), (200, 3)], window=40, sinks=True, seed=3),
+        "empty_one_token_page_boundaries": ragged([(0, 0), (1, 1), (16, 1), (0, 0), (17, 2), (32, 16), (48, 3)]),
+        "query_tiles_kv_splits": ragged([(150, 40), (70, 1)], seed=2),
+        "sliding_window_wrap_sinks": ragged([(130, 20), (90, 1), (200, 3)], window=40, sinks=True, seed=3),
         "largest_bucket": largest,
     }
 
@@ -364,6 +371,8 @@ class Kernel:
 
 KERNELS = {
     "ragged_paged_attention": Kernel((rpm, rpa, pa, fa, ws), lambda kind: rpm.RaggedAttentionConfig(), ragged_cases),
+    "ragged_paged_attention_fp8": Kernel((rpm, rpa, pa, fa, ws), lambda kind: rpm.RaggedAttentionConfig(),
+                                         functools.partial(ragged_cases, fp8=True)),
     "flash_attention": Kernel((fa, ws), fa.flash_attention_config, flash_cases),
     "mla_attention": Kernel((mla, ops, rpa, pa, fa, ws), lambda kind: mla.MLADecodeConfig(), mla_cases),
     "grouped_matmul": Kernel((gmm, fa, ws), lambda kind: (gmm.grouped_matmul_config(kind),

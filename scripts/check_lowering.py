@@ -61,6 +61,8 @@ CONTEXT = flags.DEFINE_integer("context", 4096, "tokens of context (block-table 
 TOKENS = flags.DEFINE_integer("tokens", 512, "flat tokens of the mixed step")
 DTYPE = flags.DEFINE_string("dtype", "bfloat16", "weights, activations and KV cache dtype")
 PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size")
+KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", list(kv_cache.KV_CACHE_DTYPES),
+                                   "KV pool storage (EngineConfig.kv_cache_dtype): fp8_e4m3 halves it")
 LAYERS = flags.DEFINE_integer("layers", None, "layers to build (default: the fewest holding every layer kind)")
 COMPILE = flags.DEFINE_bool("compile", False, "compile for --target (needs jax[cuda13], JAX_PLATFORMS=cpu) "
                             "instead of lowering for an abstract H100")
@@ -191,7 +193,7 @@ def step_inputs(config: ModelConfig, engine: EngineConfig, dtype: jnp.dtype, bat
     shape = kv_cache.page_shape(config, engine.num_pages, engine.page_size)
     place = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
     cache_spec = None if mesh is None else cache_sharding(shape, mesh, DEFAULT_RULES)
-    pool = jax.ShapeDtypeStruct(shape, kv_cache.pool_dtype(dtype, sm90=True), sharding=cache_spec)
+    pool = jax.ShapeDtypeStruct(shape, kv_cache.pool_dtype(dtype, True, engine.kv_cache_dtype), sharding=cache_spec)
     cache = [(pool,) * kv_cache.layout(config).tensors for _ in range(config.num_layers)]
     replicated = None if mesh is None else jax.NamedSharding(mesh, jax.P())
     runner = types.SimpleNamespace(config=engine)  # the runner's padding-input builders need only its config
@@ -201,12 +203,13 @@ def step_inputs(config: ModelConfig, engine: EngineConfig, dtype: jnp.dtype, bat
     return dict(graphdef=graphdef, state=state, cache=cache, decode=(state, cache, *decode), mixed=(state, cache, mixed))
 
 
-def engine_config(batch: int, context: int, tokens: int, page_size: int) -> EngineConfig:
+def engine_config(batch: int, context: int, tokens: int, page_size: int, kv_cache_dtype: str = "auto"
+                  ) -> EngineConfig:
     """The engine a GPU would run: `batch` sequences of `context` tokens, a `tokens` token budget."""
     pages = -(-context // page_size)
     return EngineConfig(max_model_len=context, page_size=page_size, num_pages=batch * pages + 1,
                         max_num_seqs=batch, prefill_chunk=min(tokens, 512), max_num_batched_tokens=tokens,
-                        attention_impl="pallas")
+                        attention_impl="pallas", kv_cache_dtype=kv_cache_dtype)
 
 
 def traced_steps(engine: EngineConfig, inputs: dict, context: Callable
@@ -224,11 +227,11 @@ def traced_steps(engine: EngineConfig, inputs: dict, context: Callable
 
 
 def check_model(name: str, *, batch: int, context: int, tokens: int, dtype: jnp.dtype, page_size: int,
-                layers: int | None) -> list[str]:
+                layers: int | None, kv_cache_dtype: str = "auto") -> list[str]:
     """Failures (kernel, shape, error) of lowering `name`'s steps; empty when everything lowers."""
     config = get_preset(name)
     config = shrunk(config, layers or fewest_layers(config))
-    engine = engine_config(batch, context, tokens, page_size)
+    engine = engine_config(batch, context, tokens, page_size, kv_cache_dtype)
     inputs = step_inputs(config, engine, dtype, batch, tokens, -(-context // page_size))
     failures = []
     for step, calls, traced, error in traced_steps(engine, inputs, abstract_h100):
@@ -283,13 +286,13 @@ def per_device_bytes(tree: Any) -> int:
 
 
 def compile_model(name: str, target: gpu_target.GpuTarget, *, tensor: int, expert: int, batch: int, context: int,
-                  tokens: int, dtype: jnp.dtype, page_size: int, layers: int | None, dumps: Path
-                  ) -> tuple[dict, list[str]]:
+                  tokens: int, dtype: jnp.dtype, page_size: int, layers: int | None, dumps: Path,
+                  kv_cache_dtype: str = "auto") -> tuple[dict, list[str]]:
     """(report, failures) of compiling `name`'s kernels and steps for tensor x expert GPUs of
     `target`; the plan counts all layers' weights and KV pages per device."""
     full = get_preset(name)
     config = shrunk(full, layers or fewest_layers(full))
-    engine, pages = engine_config(batch, context, tokens, page_size), -(-context // page_size)
+    engine, pages = engine_config(batch, context, tokens, page_size, kv_cache_dtype), -(-context // page_size)
     devices = tensor * expert
     gpus = gpu_target.devices(target, devices)
     mesh = make_mesh(1, tensor, expert, devices=gpus)
@@ -298,7 +301,7 @@ def compile_model(name: str, target: gpu_target.GpuTarget, *, tensor: int, exper
     report: dict = {"model": name, "target": target.name, "device_kind": target.device_kind, "devices": devices,
                     "mesh": dict(mesh.shape), "layers_compiled": config.num_layers, "layers": full.num_layers,
                     "batch": batch, "context": context, "tokens": tokens, "dtype": jnp.dtype(dtype).name,
-                    "page_size": page_size, "steps": {}}
+                    "page_size": page_size, "kv_cache_dtype": kv_cache_dtype, "steps": {}}
     failures, seen = [], set()
     compiled_stats.read(dumps, seen)  # the dumps of presets compiled before this one
     for step, calls, traced, error in traced_steps(engine, inputs, lambda: jax.set_mesh(mesh)):
@@ -338,7 +341,7 @@ def memory_plan(full: ModelConfig, engine: EngineConfig, dtype: jnp.dtype, mesh:
     compiled steps' largest temporary (the layers run one after another, so it does not grow)."""
     model = place_abstract(abstract_model(full, dtype), mesh, DEFAULT_RULES)
     shape = kv_cache.page_shape(full, engine.num_pages, engine.page_size)
-    pool = jax.ShapeDtypeStruct(shape, kv_cache.pool_dtype(dtype, sm90=True),
+    pool = jax.ShapeDtypeStruct(shape, kv_cache.pool_dtype(dtype, True, engine.kv_cache_dtype),
                                 sharding=cache_sharding(shape, mesh, DEFAULT_RULES))
     kv = per_device_bytes([pool] * kv_cache.layout(full).tensors) * full.num_layers
     temp = max((s["memory"]["temp_bytes"] for s in steps.values() if "memory" in s), default=0)
@@ -359,7 +362,8 @@ def main(argv: list[str]) -> None:
     if not COMPILE.value:
         for name in MODELS.value:
             failures += check_model(name, batch=BATCH.value, context=CONTEXT.value, tokens=TOKENS.value,
-                                    dtype=jnp.dtype(DTYPE.value), page_size=PAGE_SIZE.value, layers=LAYERS.value)
+                                    dtype=jnp.dtype(DTYPE.value), page_size=PAGE_SIZE.value, layers=LAYERS.value,
+                                    kv_cache_dtype=KV_CACHE_DTYPE.value)
     else:
         target, reports = gpu_target.load(TARGET.value), []
         with tempfile.TemporaryDirectory(prefix="mosaic_dumps_") as dumps:
@@ -372,7 +376,8 @@ def main(argv: list[str]) -> None:
                 report, model_failures = compile_model(
                     name, target, tensor=tensor, expert=expert, batch=BATCH.value,
                     context=CONTEXT.value, tokens=TOKENS.value, dtype=jnp.dtype(DTYPE.value),
-                    page_size=PAGE_SIZE.value, layers=LAYERS.value, dumps=Path(dumps))
+                    page_size=PAGE_SIZE.value, layers=LAYERS.value, dumps=Path(dumps),
+                    kv_cache_dtype=KV_CACHE_DTYPE.value)
                 reports.append({**report, "failures": model_failures})
                 failures += model_failures
         text = json.dumps({"jax": jax.__version__, "models": reports, "passed": not failures}, indent=1)

@@ -47,3 +47,16 @@ def pytest_collection_modifyitems(config, items):
             for item in items:
                 if "interpret_only" in item.keywords:
                     item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops jax's compiled programs after each test module. Every CPU executable holds its own
+    memory mappings, and a whole-suite process reached Linux's vm.max_map_count (65,530) and
+    segfaulted inside XLA's compiler; modules share no compiled step worth keeping."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()

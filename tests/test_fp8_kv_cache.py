@@ -106,15 +106,35 @@ def test_bad_kv_cache_dtype():
 
 
 @pytest.mark.parametrize("impl", ["pallas", "interpret"])
-def test_pallas_refuses_fp8(impl):
-    msg = "kv_cache_dtype='fp8_e4m3' is not supported by the Pallas ragged paged attention kernel yet; " \
-          "use attention_impl='xla'"
+def test_pallas_kernels_without_fp8_refuse_it(impl):
+    """The ragged kernel reads FP8 pages (test_ragged_paged_attention_mgpu); MLA's kernel and the
+    per-token paged fallback do not: a clear error at engine creation and in ops."""
+    msg = "kv_cache_dtype='fp8_e4m3' is not supported by the Pallas MLA attention kernel yet; " \
+          "use attention_impl='xla' (or 'auto')"
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
-        EngineConfig(max_model_len=64, kv_cache_dtype="fp8_e4m3", attention_impl=impl)
-    pages = jnp.zeros((1, 4, 8, 32), FP8)
+        tiny_llm(load_model("tiny-deepseek-v3"), kv_cache_dtype="fp8_e4m3", attention_impl=impl)
+    EngineConfig(max_model_len=64, kv_cache_dtype="fp8_e4m3", attention_impl=impl)  # GQA models may
+    pages = jnp.zeros((1, 4, 4, 32), FP8)  # 4-token pages: not the ragged kernel's, the paged fallback's
     args = (jnp.zeros((2, 2, 32)), jnp.array([0, 2], jnp.int32), jnp.array([2], jnp.int32),
             jnp.array([[1]], jnp.int32))
-    with pytest.raises(ValueError, match="not supported by the Pallas ragged paged attention kernel"):
+    with pytest.raises(ValueError, match="not supported by the Pallas paged attention kernel"):
         ops.ragged_paged_attention(args[0], pages, pages, *args[1:], impl=impl)
     with pytest.raises(ValueError, match="not supported by the Pallas MLA attention kernel"):
         ops.mla_attention(args[0], pages, *args[1:], kv_lora_rank=16, impl=impl)
+
+
+@pytest.mark.slow
+@pytest.mark.interpret_only
+def test_engine_serves_fp8_pool_on_the_ragged_kernel():
+    """attention_impl="interpret": the engine's FP8 pool goes through the Mosaic ragged kernel (f16
+    multiplies of the e4m3 pages) and gives the jnp path's prompt logprobs and greedy tokens."""
+    model = load_model("tiny-llama")
+    prompts = random_prompts(5, 2, model.config.vocab_size, 10, 30)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=0)
+    outs = {impl: tiny_llm(model, kv_cache_dtype="fp8_e4m3", attention_impl=impl).generate(prompts, params,
+                                                                                            use_tqdm=False)
+            for impl in ("xla", "interpret")}
+    for prompt, ref, got in zip(prompts, outs["xla"], outs["interpret"]):
+        assert got.token_ids == ref.token_ids
+        deltas = [abs(r[t] - g[t]) for t, r, g in zip(prompt[1:], ref.prompt_logprobs[1:], got.prompt_logprobs[1:])]
+        assert max(deltas) < 1e-2, deltas

@@ -8,6 +8,7 @@ import pytest
 
 import jax.numpy as jnp
 
+from models.attention import FP8_KV_DTYPE as FP8, quantize_kv
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import ops
 from pallas_kernels import ragged_paged_attention_mgpu as rpm
@@ -78,11 +79,11 @@ def test_kernel_interpret_matches_float64(name):
     check(got, args, window, sinks, scale=0.3, tol=kernel_tolerance(args[0].dtype, params))
 
 
-def lowered_launches(args, sinks, window, config: rpm.RaggedAttentionConfig | None) -> list:
+def lowered_launches(args, sinks, window, config: rpm.RaggedAttentionConfig | None, pool_dtype=BF16) -> list:
     """The kernel launches of a case lowered for an H100, its pool the bf16 one the GPU engine
-    stores; config None: through ops.ragged_paged_attention(impl="pallas"), the engine's dispatch."""
+    stores (or FP8); config None: through ops.ragged_paged_attention(impl="pallas"), the engine's dispatch."""
     q, k_pages, _, *rest = (sds(x.shape, x.dtype) for x in args)
-    pool = sds(k_pages.shape, BF16)
+    pool = sds(k_pages.shape, pool_dtype)
     if config is None:
         f = lambda *a: ops.ragged_paged_attention(*a[:6], sliding_window=window, sinks=a[6],  # noqa: E731
                                                   impl="pallas")
@@ -92,11 +93,12 @@ def lowered_launches(args, sinks, window, config: rpm.RaggedAttentionConfig | No
     return mosaic_calls(f, q, pool, pool, *rest, sinks)
 
 
-def check_launches(calls: list, head_dim: int, pool_shape: tuple, config: rpm.RaggedAttentionConfig) -> None:
+def check_launches(calls: list, head_dim: int, pool_shape: tuple, config: rpm.RaggedAttentionConfig,
+                   pool_dtype=BF16) -> None:
     """A query-tile launch and, unless decode tiles are off, an A/B-swapped decode-tile launch, each
-    taking bf16 q tiles [N, Hkv, rows, D] and the pool itself (no cast, no pad) and writing its
+    taking bf16 (FP8 pool: f16) q tiles [N, Hkv, rows, D] and the pool itself (no cast, no pad) and writing its
     tiles' f32 partials (transposed, [D, rows], in decode tiles) and log-sum-exps per KV split."""
-    d_pad, hkv, pool = fa.round_up(head_dim, 64), pool_shape[0], tensor_type(pool_shape)
+    d_pad, hkv, pool = fa.round_up(head_dim, 64), pool_shape[0], tensor_type(pool_shape, pool_dtype)
     names = [re.fullmatch(r"ragged_paged_attention_(ab_)?r(\d+)_kv\d+_st[23]_s(\d+)", c.name) for c in calls]
     assert all(names), [c.name for c in calls]
     assert [(m[1], int(m[2])) for m in names] == ([(None, config.block_rows)]
@@ -105,7 +107,8 @@ def check_launches(calls: list, head_dim: int, pool_shape: tuple, config: rpm.Ra
         rows, splits = int(m[2]), int(m[3])
         tiles = tensor_shape(call.operands[0])[0]
         out = (rows, d_pad) if m[1] is None else (d_pad, rows)
-        assert call.operands[:3] == (tensor_type((tiles, hkv, rows, d_pad)), pool, pool)
+        q_dtype = fa.mma_dtype(pool_dtype, None)  # f16 for an FP8 pool
+        assert call.operands[:3] == (tensor_type((tiles, hkv, rows, d_pad), q_dtype), pool, pool)
         assert call.results == (tensor_type((tiles, hkv, splits, *out), jnp.float32),
                                 tensor_type((tiles, hkv, splits, rows), jnp.float32))
 
@@ -136,6 +139,34 @@ def test_ops_pallas_runs_the_native_kernel(monkeypatch):
     check(got, args, None, sinks, tol=1e-4)
     assert len(calls) == 1
     assert not rpm.supported(64, 4, 2, 4) and rpm.supported(64, 4, 2, 8)
+
+
+FP8_CASES = ["mixed_gqa4_window_sinks_splits_f32", "prefill_gqa1_two_tiles_bf16", "decode_rows_32_gqa8_bf16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FP8_CASES)
+def test_fp8_pool_interpret_matches_float64(name):
+    """An FP8 pool (e4m3 pages, as the engine writes them) is read as stored and each block
+    dequantized to f16 in SMEM: it matches float64 attention over the same e4m3 values."""
+    args, sinks, window, config = case_args(name)
+    pools = [quantize_kv(x, FP8) for x in args[1:3]]
+    with race_checked_interpret() as params:
+        got = rpm.ragged_paged_attention_kernel(args[0], *pools, *args[3:], sliding_window=window, sinks=sinks,
+                                                scale=0.3, interpret=params, config=config)
+    assert got.dtype == args[0].dtype
+    check(got, (args[0], *(p.astype(jnp.float32) for p in pools), *args[3:]), window, sinks, scale=0.3, tol=3e-2)
+
+
+@pytest.mark.parametrize("name", ["llama3_8b_mixed_512_tokens_64_seqs", "gpt_oss_120b_mixed_window_sinks"])
+def test_fp8_pool_lowers_for_h100(name):
+    """Through ops (impl="pallas"), an FP8 pool goes to the native kernel in place: no cast or pad
+    of the pool, 64-byte swizzled rows at gpt-oss's head dim 64."""
+    t, s, hq, hkv, d, page_size, context, window, with_sinks = FULL_SIZE[name]
+    sinks = sds((hq,), jnp.float32) if with_sinks else None
+    args = ragged_sds(t, s, hq, hkv, d, page_size, context)
+    calls = lowered_launches(args, sinks, window, None, FP8)
+    check_launches(calls, d, args[1].shape, CONFIG(), FP8)
 
 
 def test_unsupported_shapes_are_value_errors():
