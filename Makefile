@@ -40,12 +40,12 @@ clean:
 # themselves for GPU_TARGET; writes GPU_CHECK_JSON; exits 1 on a compile failure, a spill, SMEM
 # over the limit or a plan over the GPU's memory. Meshes: the fewest GPUs that hold the weights as shipped
 # (bf16; gpt-oss-120b MXFP4 experts on 1 GPU; DeepSeek-V3 FP8 experts over 8). Then the GQA presets
-# again with an FP8 KV cache (kv_cache_dtype=fp8_e4m3: the ragged kernel's e4m3 pages) into GPU_FP8KV_JSON.
+# again with an FP8 KV cache (kv_cache_dtype=fp8_e4m3: e4m3 pages in the ragged and MLA kernels) into GPU_FP8KV_JSON.
 GPU_VENV := .venv-gpu
 GPU_TARGET ?= h200
 GPU_PRESETS ?= llama3-8b,qwen3-8b,qwen3-30b-a3b,llama3.3-70b:2x1,gpt-oss-120b,deepseek-v3:1x8
 GPU_CHECK_JSON ?= benchmarks/results/gpu-check-$(GPU_TARGET).json
-GPU_FP8KV_PRESETS ?= llama3-8b,gpt-oss-120b
+GPU_FP8KV_PRESETS ?= llama3-8b,gpt-oss-120b,deepseek-v3:1x8
 GPU_FP8KV_JSON ?= benchmarks/results/gpu-check-$(GPU_TARGET)-fp8kv.json
 
 $(GPU_VENV)/.installed: pyproject.toml

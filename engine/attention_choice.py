@@ -56,8 +56,7 @@ def choose(impl: str, shapes: AttentionShapes, on_mesh: bool, fp8_kv: bool = Fal
     kernel that passed its self-check, pallas_kernels/selfcheck.py, and the XLA path for one that
     failed), the jnp path on a CPU mesh (GSPMD cannot partition the C++ kernel's custom call), else
     the faster measured candidate. fp8_kv (an FP8 pool, which the C++ "cpu" kernel does not read): "auto"
-    is "xla" off the GPU and stays "auto" on it (ops runs the ragged kernel's FP8 path, and the XLA
-    path for MLA's latent pool)."""
+    is "xla" off the GPU and stays "auto" on it (ops runs the ragged and MLA kernels' FP8 paths)."""
     resolved = ops.resolve_impl(impl)
     if fp8_kv and impl == "auto" and resolved != "pallas":
         return AttentionChoice("xla", "xla")

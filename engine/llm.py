@@ -343,9 +343,12 @@ def _engine_config(model: LoadedModel, engine_args: dict, spec: SpeculativeConfi
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's context "
                          f"({cfg.max_position_embeddings} tokens)")
     config = EngineConfig(max_model_len=max_model_len, **engine_args)
+    heads, _, page_size, head_dim = kv_cache.page_shape(cfg, 1, config.page_size)
     if (config.kv_cache_dtype != "auto" and config.attention_impl in ("pallas", "interpret")
-            and kv_cache.layout(cfg).tensors == 1):  # MLA's latent cache: its Pallas kernel reads no FP8
-        raise ValueError(ops.fp8_kv_unsupported("MLA attention"))
+            and kv_cache.layout(cfg).tensors == 2 and not ops.ragged_kernel_supported(head_dim, cfg.num_heads, heads,
+                                                                                       page_size)):
+        raise ValueError(ops.fp8_kv_unsupported("paged attention") + f" (the ragged kernel, which reads FP8 pages, "
+                                                                    f"refuses page_size {page_size} at head_dim {head_dim})")
     if config.num_pages is None:
         useful = config.max_num_seqs * (config.pages_per_seq + 1)
         num_pages = kv_cache.pages_for_budget(cfg, config.page_size, model.dtype, config.kv_cache_bytes, useful,

@@ -89,14 +89,18 @@ def value_chunks(kv_lora_rank: int, value_chunk: int) -> tuple[int, int]:
     return -(-kv_lora_rank // (num * 64)) * 64, num
 
 
-def smem_bytes(head_dim: int, block_kv: int, chunk: int, num_chunks: int, itemsize: int) -> int:
+def smem_bytes(head_dim: int, block_kv: int, chunk: int, num_chunks: int, itemsize: int,
+               fp8: bool = False) -> int:
     """Shared memory of one program as Mosaic GPU allocates it (each buffer on 1 KiB): q, then one
     RefUnion of the loop's (latent ring, P, alpha) and the epilogue's (f32 output, lse, normaliser).
+    fp8: the ring holds e4m3 pages (1 byte) and the loop adds the block dequantized in the mma dtype.
     The softmax's row reductions stay within a warp, so the kernel reserves no reduction scratch."""
     align = lambda n: -(-n // SMEM_ALIGNMENT) * SMEM_ALIGNMENT  # noqa: E731
     group = lambda *sizes: align(sum(align(n) for n in sizes[:-1]) + sizes[-1])  # noqa: E731
     row = 4 * BLOCK_ROWS
-    loop = group(itemsize * 2 * block_kv * head_dim, itemsize * BLOCK_ROWS * block_kv, row)
+    ring = (1 if fp8 else itemsize) * 2 * block_kv * head_dim
+    tile = (itemsize * block_kv * head_dim,) if fp8 else ()
+    loop = group(ring, *tile, itemsize * BLOCK_ROWS * block_kv, row)
     out = group(4 * BLOCK_ROWS * chunk * num_chunks, row, row)
     return align(itemsize * BLOCK_ROWS * head_dim) + max(loop, out)
 
@@ -127,7 +131,8 @@ def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_smem, u
               hardware: bool):
     """Program (tile, row tile, split) on warpgroup wg: warpgroup 0 loads, runs QK and the softmax
     and accumulates value chunk 0; warpgroup k > 0 accumulates chunk k from the P it hands over."""
-    (kv_smem, p_smem, alpha_smem), (o_smem, lse_smem, norm_smem) = union
+    (kv_smem, *upcast, p_smem, alpha_smem), (o_smem, lse_smem, norm_smem) = union
+    upcast = upcast[0] if upcast else None  # an FP8 ring's block, dequantized by warpgroup 0 (fa.dequantize_block)
     n, tile, split, wg = (lax.axis_index(a) for a in ("tile", "row_tile", "split", "wg"))
     length = lens_ref[n]  # position of the tile's last token + 1 (0: a spare tile of the static bound)
     first, last = fa.kv_block_range(length, tile, split, st)
@@ -137,8 +142,9 @@ def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_smem, u
     last_entry = tables_ref.shape[1] - 1
     others = num_chunks > 1
 
-    def value(slot, k):  # chunk k of the value: static columns of the latent block in the slot
-        return kv_smem.at[slot, :, pl.ds(k * chunk, chunk)]
+    def value(slot, k):  # chunk k of the value: static columns of the latent block in the slot (or tile)
+        block = kv_smem.at[slot] if upcast is None else upcast
+        return block.at[:, pl.ds(k * chunk, chunk)]
 
     def finish(k, acc, l_i, lse):
         o_smem.at[k][...] = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
@@ -169,7 +175,8 @@ def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_smem, u
             # The other slot was last read by the previous step's (completed) wgmmas: refill it now.
             pl.when(blk + 1 < last)(lambda: load(blk + 1, 1 - slot))
             plgpu.barrier_wait(kv_bars.at[slot])
-            s = fa.wgmma_f32(q_smem, kv_smem.at[slot].T, (BLOCK_ROWS, st.block_kv)) * st.scale
+            block = fa.dequantize_block(kv_smem.at[slot], upcast)  # free: p_free above
+            s = fa.wgmma_f32(q_smem, block.T, (BLOCK_ROWS, st.block_kv)) * st.scale
             mask = fa.block_mask(length, row0, BLOCK_ROWS, blk, st)
             p, alpha, m_i, l_i = fa.softmax_update(jnp.where(mask, s, -jnp.inf), m_i, l_i)
             p = p.astype(st.dtype)
@@ -224,8 +231,9 @@ def _launch(q_rows: jax.Array, latent: jax.Array, tables: jax.Array, lens: jax.A
         raise ValueError(f"kv_lora_rank {kv_lora_rank} needs {num_chunks} value chunks of {config.value_chunk} "
                          f"columns: at most {MAX_WARPGROUPS}")
     dtype = q_rows.dtype
+    fp8 = latent.dtype != dtype  # an FP8 pool: q (and the dequantized block) in f16, fa.mma_dtype
     if dtype == jnp.bfloat16 or dtype == jnp.float16:
-        need = smem_bytes(d_pad, config.block_kv, chunk, num_chunks, 2)
+        need = smem_bytes(d_pad, config.block_kv, chunk, num_chunks, 2, fp8)
         if need + 8 * NUM_BARRIERS > fa.SMEM_BYTES:
             raise ValueError(f"MLA kernel: {need} bytes of SMEM at head dim {d_pad}, block_kv {config.block_kv}, "
                              f"{num_chunks} x {chunk} value columns (limit {fa.SMEM_BYTES - 8 * NUM_BARRIERS})")
@@ -236,11 +244,12 @@ def _launch(q_rows: jax.Array, latent: jax.Array, tables: jax.Array, lens: jax.A
                               config.max_splits)
     st = fa.BlockedAttention(q_len=q_len, group=group, block_rows=BLOCK_ROWS, block_kv=config.block_kv,
                              num_splits=splits, scale=scale, window=None, causal=True, dtype=dtype)
-    swizzled = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
-    smem = lambda shape: plgpu.SMEM(shape, dtype, transforms=swizzled)  # noqa: E731
+    smem = lambda shape: fa.swizzled_smem(shape, dtype)  # noqa: E731
     row_f32 = plgpu.SMEM((BLOCK_ROWS,), jnp.float32)
+    ring = (fa.swizzled_smem((2, config.block_kv, d_pad), latent.dtype, fa.DEQUANT_COLS),
+            smem((config.block_kv, d_pad))) if fp8 else (smem((2, config.block_kv, d_pad)),)
     union = plgpu.RefUnion(
-        (smem((2, config.block_kv, d_pad)), smem((BLOCK_ROWS, config.block_kv)), row_f32),  # ring, P, alpha
+        (*ring, smem((BLOCK_ROWS, config.block_kv)), row_f32),  # ring (+ dequantized block), P, alpha
         (plgpu.SMEM((num_chunks, BLOCK_ROWS, chunk), jnp.float32), row_f32, row_f32),  # output, lse, normaliser
     )
     hardware = interpret is None
@@ -284,11 +293,11 @@ def _prepare(q: jax.Array, latent_pages: jax.Array, kv_lora_rank: int, interpret
         raise ValueError(f"kv_lora_rank {kv_lora_rank} must be in 1..head dim {d}")
     if config.block_kv % page_size or page_size % 8:  # a page lands on whole (8, 64) SMEM tiles
         raise ValueError(f"page_size {page_size} must be a multiple of 8 dividing block_kv {config.block_kv}")
-    latent = fa.kv_pool(latent_pages, interpret)
+    latent = fa.kv_pool(latent_pages, interpret, fp8=True)
     chunk, num_chunks = value_chunks(kv_lora_rank, config.value_chunk)
     width = max(latent.shape[-1], chunk * num_chunks)
     latent = fa.pad_to(latent, (*latent.shape[:-1], width))
-    return fa.pad_to(q.astype(latent.dtype), (*q.shape[:-1], width)), latent
+    return fa.pad_to(q.astype(fa.mma_dtype(latent.dtype, interpret)), (*q.shape[:-1], width)), latent
 
 
 def mla_ragged_kernel(q: jax.Array, latent_pages: jax.Array, query_start_loc: jax.Array, context_lens: jax.Array,

@@ -84,14 +84,20 @@ def _warn_fallback(kernel: str, failure: str) -> None:
 FP8_KV_DTYPE = jnp.dtype(jnp.float8_e4m3fn)
 
 
-def fp8_kv_unsupported(kernel: str = "MLA attention") -> str:
+def fp8_kv_unsupported(kernel: str = "paged attention") -> str:
     """The refusal of an FP8 KV pool by a Pallas kernel that reads none (the engine and ops say it)."""
     return (f"kv_cache_dtype='fp8_e4m3' is not supported by the Pallas {kernel} kernel yet; "
             f"use attention_impl='xla' (or 'auto')")
 
 
+def ragged_kernel_supported(head_dim: int, q_heads: int, kv_heads: int, page_size: int) -> bool:
+    """Whether ragged_paged_attention runs the native ragged kernel (which reads FP8 pages) rather
+    than the per-token paged fallback (which does not)."""
+    return rpm.supported(head_dim, q_heads, kv_heads, page_size)
+
+
 def _fp8_pool_impl(impl: str, resolved: str, kernel: str) -> str:
-    """The impl an FP8 pool runs on where the Pallas kernel reads none (MLA, the per-token paged
+    """The impl an FP8 pool runs on where the Pallas kernel reads none (the per-token paged
     fallback): the jnp path ("xla") for the C++ "cpu" kernel and "auto"'s Pallas choice; a
     ValueError for an explicit Pallas impl."""
     if resolved in ("pallas", "interpret"):
@@ -198,7 +204,7 @@ def ragged_paged_attention(
     kwargs = dict(sliding_window=sliding_window, sinks=sinks, scale=scale)
     args = (q, k_pages, v_pages, query_start_loc, context_lens, block_tables)
     hkv, _, page_size, _ = k_pages.shape
-    native = rpm.supported(q.shape[-1], q.shape[1], hkv, page_size)
+    native = ragged_kernel_supported(q.shape[-1], q.shape[1], hkv, page_size)
     if k_pages.dtype == FP8_KV_DTYPE:
         impl = ("xla" if resolve_impl(impl) == "cpu" else impl) if native else \
             _fp8_pool_impl(impl, resolve_impl(impl), "paged attention")
@@ -237,12 +243,13 @@ def mla_attention(
     is every head's key and its first kv_lora_rank columns the value. Ragged metadata as in
     ragged_paged_attention. Returns [T, Hq, kv_lora_rank] in q.dtype. "pallas"/"interpret" run
     the ragged MLA kernel (mla_attention.mla_ragged_kernel); the others are ragged_paged_attention
-    with K = V. An FP8 latent pool runs the jnp path ("auto" included), and "pallas"/"interpret"
-    raise ValueError; its scale is the caller's, as in ragged_paged_attention.
+    with K = V. An FP8 latent pool runs the kernel's FP8 path (each block dequantized to f16 in
+    SMEM; self-checked apart: "mla_attention_fp8") or the jnp path ("cpu" goes there); its scale is
+    the caller's, as in ragged_paged_attention.
     """
-    if latent_pages.dtype == FP8_KV_DTYPE:
-        impl = _fp8_pool_impl(impl, resolve_impl(impl), "MLA attention")
-    resolved = checked_impl("mla_attention", impl)
+    if latent_pages.dtype == FP8_KV_DTYPE and resolve_impl(impl) == "cpu":
+        impl = "xla"  # the C++ kernel reads no fp8
+    resolved = checked_impl("mla_attention_fp8" if latent_pages.dtype == FP8_KV_DTYPE else "mla_attention", impl)
     if resolved not in ("pallas", "interpret"):
         args = (q, latent_pages, latent_pages, query_start_loc, context_lens, block_tables)
         out = ragged_paged_attention(*args, scale=scale, impl="xla" if resolved == "xla" else impl,

@@ -187,12 +187,15 @@ def _flash(batch: int, q_len: int, kv_len: int, heads: tuple[int, int] = (8, 2),
 
 
 def _mla(seqs: list[tuple[int, int]], pad_rows: int = 2, heads: int = 16, rank: int = 128, rope: int = 64,
-         seed: int = 0) -> Case:
-    """ops' MLA Pallas path (the ragged MLA kernel) vs ops' XLA path, 16-token pages."""
+         seed: int = 0, fp8: bool = False) -> Case:
+    """ops' MLA Pallas path (the ragged MLA kernel) vs ops' XLA path, 16-token pages; fp8: on an FP8
+    latent pool."""
 
     def build(interpret):
         rng = np.random.default_rng(seed)
         q, latent, _, starts, lens, tables = _ragged_inputs(rng, seqs, pad_rows, heads, 1, rank + rope, 16)
+        if fp8:  # |values| < NULL_PAGE_VALUE, far inside e4m3's 448: the cast needs no clip
+            latent = latent.astype(jnp.float8_e4m3fn)
         return (functools.partial(ops.mla_attention_kernel, kv_lora_rank=rank, interpret=interpret),
                 functools.partial(ops.mla_attention, kv_lora_rank=rank, impl="xla"),
                 (q, latent, starts, lens, tables), {})
@@ -298,14 +301,16 @@ def flash_cases(compiled: bool) -> dict[str, Case]:
     }
 
 
-def mla_cases(compiled: bool) -> dict[str, Case]:
+def mla_cases(compiled: bool, fp8: bool = False) -> dict[str, Case]:
     """Largest bucket compiled: DeepSeek-V3's 128 heads and 512 + 64 latent, 2,048 tokens of 64
-    sequences; interpreted: 128 heads (two row tiles) at a 128 + 64 latent."""
-    largest = (_mla([(4096, 512)] + _decode_rows(63, 64), 1473, 128, 512) if compiled
-               else _mla([(100, 3), (40, 1)], 1, 128, seed=3))
+    sequences; interpreted: 128 heads (two row tiles) at a 128 + 64 latent. fp8: the same on an FP8
+    latent pool."""
+    mla_case = functools.partial(_mla, fp8=fp8)
+    largest = (mla_case([(4096, 512)] + _decode_rows(63, 64), 1473, 128, 512) if compiled
+               else mla_case([(100, 3), (40, 1)], 1, 128, seed=3))
     return {
-        "empty_and_one_token_page_boundaries": _mla([(0, 0), (1, 1), (16, 1), (17, 2)]),
-        "query_tiles_kv_splits": _mla([(150, 9), (300, 1)], seed=1),
+        "empty_and_one_token_page_boundaries": mla_case([(0, 0), (1, 1), (16, 1), (17, 2)]),
+        "query_tiles_kv_splits": mla_case([(150, 9), (300, 1)], seed=1),
         "largest_bucket": largest,
     }
 
@@ -375,6 +380,8 @@ KERNELS = {
                                          functools.partial(ragged_cases, fp8=True)),
     "flash_attention": Kernel((fa, ws), fa.flash_attention_config, flash_cases),
     "mla_attention": Kernel((mla, ops, rpa, pa, fa, ws), lambda kind: mla.MLADecodeConfig(), mla_cases),
+    "mla_attention_fp8": Kernel((mla, ops, rpa, pa, fa, ws), lambda kind: mla.MLADecodeConfig(),
+                                functools.partial(mla_cases, fp8=True)),
     "grouped_matmul": Kernel((gmm, fa, ws), lambda kind: (gmm.grouped_matmul_config(kind),
                                                           gmm.grouped_matmul_config(kind, 1)), gmm_cases),
     "paged_attention": Kernel((pa, fa, ws), pa.paged_attention_config, paged_cases),

@@ -106,29 +106,29 @@ def test_bad_kv_cache_dtype():
 
 
 @pytest.mark.parametrize("impl", ["pallas", "interpret"])
-def test_pallas_kernels_without_fp8_refuse_it(impl):
-    """The ragged kernel reads FP8 pages (test_ragged_paged_attention_mgpu); MLA's kernel and the
-    per-token paged fallback do not: a clear error at engine creation and in ops."""
-    msg = "kv_cache_dtype='fp8_e4m3' is not supported by the Pallas MLA attention kernel yet; " \
-          "use attention_impl='xla' (or 'auto')"
+def test_paged_fallback_refuses_fp8(impl):
+    """The ragged and MLA kernels read FP8 pages (their tests); the per-token paged fallback, for
+    shapes the ragged kernel refuses (4-token pages), does not: a clear error at engine creation
+    and in ops."""
+    msg = "kv_cache_dtype='fp8_e4m3' is not supported by the Pallas paged attention kernel yet; " \
+          "use attention_impl='xla' (or 'auto') (the ragged kernel, which reads FP8 pages, refuses page_size 4"
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
-        tiny_llm(load_model("tiny-deepseek-v3"), kv_cache_dtype="fp8_e4m3", attention_impl=impl)
-    EngineConfig(max_model_len=64, kv_cache_dtype="fp8_e4m3", attention_impl=impl)  # GQA models may
-    pages = jnp.zeros((1, 4, 4, 32), FP8)  # 4-token pages: not the ragged kernel's, the paged fallback's
+        tiny_llm(load_model("tiny-llama"), kv_cache_dtype="fp8_e4m3", attention_impl=impl, page_size=4)
+    pages = jnp.zeros((1, 4, 4, 32), FP8)
     args = (jnp.zeros((2, 2, 32)), jnp.array([0, 2], jnp.int32), jnp.array([2], jnp.int32),
             jnp.array([[1]], jnp.int32))
     with pytest.raises(ValueError, match="not supported by the Pallas paged attention kernel"):
         ops.ragged_paged_attention(args[0], pages, pages, *args[1:], impl=impl)
-    with pytest.raises(ValueError, match="not supported by the Pallas MLA attention kernel"):
-        ops.mla_attention(args[0], pages, *args[1:], kv_lora_rank=16, impl=impl)
+    assert ops.ragged_paged_attention(args[0], pages, pages, *args[1:], impl="auto").shape == (2, 2, 32)
 
 
 @pytest.mark.slow
 @pytest.mark.interpret_only
-def test_engine_serves_fp8_pool_on_the_ragged_kernel():
-    """attention_impl="interpret": the engine's FP8 pool goes through the Mosaic ragged kernel (f16
-    multiplies of the e4m3 pages) and gives the jnp path's prompt logprobs and greedy tokens."""
-    model = load_model("tiny-llama")
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-deepseek-v3"])
+def test_engine_serves_fp8_pool_on_the_mosaic_kernels(preset):
+    """attention_impl="interpret": the engine's FP8 pool goes through the Mosaic ragged (GQA) or MLA
+    kernel (f16 multiplies of the e4m3 pages) and gives the jnp path's prompt logprobs and tokens."""
+    model = load_model(preset)
     prompts = random_prompts(5, 2, model.config.vocab_size, 10, 30)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=0)
     outs = {impl: tiny_llm(model, kv_cache_dtype="fp8_e4m3", attention_impl=impl).generate(prompts, params,

@@ -10,6 +10,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from models.attention import FP8_KV_DTYPE as FP8, quantize_kv
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import mla_attention as mla
 from pallas_kernels import ops
@@ -56,6 +57,8 @@ def test_value_chunks_and_smem_budget():
     assert mla.value_chunks(32, 256) == (64, 1)
     assert mla.smem_bytes(576, 64, 256, 2, 2) == 73_728 + 156_672 == 230_400
     assert mla.smem_bytes(576, 64, 256, 2, 2) + 8 * mla.NUM_BARRIERS <= fa.SMEM_BYTES
+    # An FP8 latent ring (1 byte) plus the f16 block it is upcast into: the bf16 ring's bytes again.
+    assert mla.smem_bytes(576, 64, 256, 2, 2, fp8=True) == 230_400
 
 
 # Ragged batches, (seqs [(context_len, q_len)], pad_rows, Hq, D, kv_lora_rank, page_size, max_pages,
@@ -104,6 +107,20 @@ def test_ragged_kernel_interpret_matches_float64(name):
     assert (got[int(args[2][-1]):] == 0).all()  # padding rows
     tol = kernel_tolerance(q.dtype, params)
     np.testing.assert_allclose(got, ragged_want(args, kwargs), atol=tol, rtol=tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hq4_page16_two_warpgroups_f32", "hq128_page16_two_warpgroups_bf16"])
+def test_fp8_latent_interpret_matches_float64(name):
+    """An FP8 latent pool (e4m3, as the engine writes it): warpgroup 0 upcasts each block to f16 in
+    SMEM for its QK and every warpgroup's PV; matches float64 over the same e4m3 values."""
+    (q, latent, *rest), kwargs = ragged_case(name)
+    latent = quantize_kv(latent, FP8)
+    with race_checked_interpret() as params:
+        got = mla.mla_ragged_kernel(q, latent, *rest, **kwargs, interpret=params)
+    assert got.dtype == q.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), ragged_want((q, latent.astype(jnp.float32), *rest), kwargs),
+                               atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("name", list(RAGGED_CASES))
@@ -213,12 +230,14 @@ DEEPSEEK_SHAPES = {
 
 
 @pytest.mark.parametrize("name", list(DEEPSEEK_SHAPES))
-def test_deepseek_v3_mla_lowers_for_h100(name):
+@pytest.mark.parametrize("pool", ["bf16", "fp8"])
+def test_deepseek_v3_mla_lowers_for_h100(name, pool):
     """128 heads x (512 + 64): one launch of two 256-column value warpgroups per 64 rows, the bf16
-    latent pool read in place (the kernel's operand is the function's argument: no pad or cast)."""
+    (or FP8) latent pool read in place (the kernel's operand is the function's argument: no pad or cast)."""
     tokens, seqs, context, page_size, max_q = DEEPSEEK_SHAPES[name]
     pages = context // page_size
-    latent = sds((1, seqs * pages + 1, page_size, 576))
+    pool_dtype = FP8 if pool == "fp8" else jnp.bfloat16
+    latent = sds((1, seqs * pages + 1, page_size, 576), pool_dtype)
     args = (sds((tokens, 128, 576)), latent, sds((seqs + 1,), jnp.int32), sds((seqs,), jnp.int32),
             sds((seqs, pages), jnp.int32))
     f = lambda *a: mla.mla_ragged_kernel(*a, kv_lora_rank=512, scale=0.1352, max_query_len=max_q)  # noqa: E731
@@ -228,7 +247,8 @@ def test_deepseek_v3_mla_lowers_for_h100(name):
     assert splits == (16 if seqs == 1 else 1 if tokens >= 128 else 2)
     [call] = [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
     assert re.search(r"@mosaic_gpu\w*\(%\w+, %arg1, ", call)  # the jitted function's latent argument itself
-    assert f"tensor<1x{seqs * pages + 1}x{page_size}x576xbf16>" in call.rsplit(" : (", 1)[1]
+    assert f"tensor<1x{seqs * pages + 1}x{page_size}x576x{'f8E4M3FN' if pool == 'fp8' else 'bf16'}>" in \
+        call.rsplit(" : (", 1)[1]
 
 
 def test_bad_arguments_are_value_errors():
