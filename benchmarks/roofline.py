@@ -132,6 +132,26 @@ def ideal_serving_seconds(config: ModelConfig, input_lens: Sequence[int], output
     return prefill + decode_tokens / concurrency * step
 
 
+def serving_estimate(config: ModelConfig, isl: int, osl: int, concurrency: int, devices: int, peaks: DevicePeaks,
+                     weight_bytes: float, kv_dtype_bytes: int, prefill_chunk: int = 512) -> dict[str, float]:
+    """Roofline estimate of an InferenceX-style run on `devices` GPUs of `peaks` (their bandwidth and
+    FLOPs pooled, perfect overlap and scaling: an upper bound): `concurrency` requests of isl
+    input and osl output tokens. Throughput counts input + output tokens per GPU, as InferenceX
+    does; tok/s/user is one over the decode step at that concurrency. A request's prefill chunks
+    ride in mixed steps whose weights the decode rows read anyway, so they cost their FLOPs and KV
+    traffic only. weight_bytes: per parameter (a packed model's bytes / its parameters)."""
+    pooled = DevicePeaks(f"{devices} x {peaks.name}", devices * peaks.bandwidth, devices * peaks.flops)
+    starts = range(0, isl, prefill_chunk)
+    chunks = [prefill_chunk_cost(config, min(prefill_chunk, isl - s), s, weight_bytes, kv_dtype_bytes) for s in starts]
+    weights = sum(weight_params_read(config, min(prefill_chunk, isl - s)) * weight_bytes for s in starts)
+    prefill = pooled.seconds(StepCost(sum(c.bytes for c in chunks) - weights, sum(c.flops for c in chunks)))
+    step = pooled.seconds(decode_step_cost(config, [isl + osl // 2] * concurrency, weight_bytes, kv_dtype_bytes))
+    seconds = concurrency * prefill + (osl - 1) * step
+    return {"decode_step_ms": 1e3 * step, "prefill_seconds_per_request": prefill, "run_seconds": seconds,
+            "total_tok_s_per_gpu": concurrency * (isl + osl) / seconds / devices,
+            "output_tok_s_per_gpu": concurrency * osl / seconds / devices, "tok_s_per_user": 1.0 / step}
+
+
 def _best_seconds(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))  # compile
     best = float("inf")

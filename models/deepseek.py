@@ -237,6 +237,7 @@ ARCHITECTURE = Architecture(
     load_hf_param=load_hf_param, fit_checkpoint=_fit_checkpoint, cache_layout=_latent_cache,
     presets=(
         _preset("deepseek-v3"),
+        _preset("deepseek-r1"),  # V3's architecture and sizes (R1 is a post-trained V3), FP8 blocks, one MTP module
         _preset("tiny-deepseek-v3", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                 num_heads=4, num_kv_heads=4, head_dim=24, max_position_embeddings=128,
                 mla=MLAConfig(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,

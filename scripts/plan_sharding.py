@@ -16,12 +16,22 @@ tokens of it one device could hold beside its weights (kv_token_bytes each).
 
 Caveat: on CPU the attention runs as the XLA reference, which gathers each sequence's pages into
 a temporary (the Pallas kernels on sm_90 do not), so temp bytes are an upper bound there.
+
+--target=h100|h200 compiles for the GPU instead (deviceless, `.venv-gpu`'s jax[cuda13], and
+JAX_PLATFORMS=cpu): the same full-size steps on the target's topology with the Pallas kernels the
+GPU engine runs, every layer, the memory checked against the target's HBM times --headroom, and
+each step's compile seconds. --concurrency/--isl/--osl size the KV pool for a serving workload
+(InferenceX 8k1k: --concurrency=64 --isl=8192 --osl=1024; max length ISL + OSL + 256):
+
+  JAX_PLATFORMS=cpu .venv-gpu/bin/python scripts/plan_sharding.py --target=h200 --devices=1 \
+      --model=gpt-oss-120b --concurrency=64 --isl=8192 --osl=1024
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 
 from absl import app, flags
 
@@ -41,7 +51,13 @@ flags.DEFINE_string("dtype", "bfloat16", "Parameter, activation and KV-cache dty
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"],
                   "KV pool storage (EngineConfig.kv_cache_dtype): --dtype's, or FP8 e4m3 (1 byte an element).")
 flags.DEFINE_string("weights", "native", "A quantized preset's weights: native (packed) or a dtype (dequantized).")
-flags.DEFINE_float("hbm_gib", 80.0, "Device memory to check the plan against (H100 80, H200 141).")
+flags.DEFINE_float("hbm_gib", 80.0, "Device memory to check the plan against (H100 80, H200 141); "
+                   "--target uses the target's.")
+flags.DEFINE_enum("target", None, ["h100", "h200"], "Compile for this GPU (deviceless) instead of CPU devices.")
+flags.DEFINE_integer("concurrency", None, "Sequences in flight (sets --batch) of a serving workload.")
+flags.DEFINE_integer("isl", None, "Input tokens per request (with --osl sets --context = isl + osl + 256).")
+flags.DEFINE_integer("osl", None, "Output tokens per request.")
+flags.DEFINE_float("headroom", 0.9, "Share of the device memory the plan may use to fit.")
 
 def per_device_bytes(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
@@ -98,18 +114,42 @@ def mixed_inputs(tokens: int, seqs: int, pages: int, mesh, rules):
     return MixedBatch(flat, flat, metadata, per_seq, sampling)
 
 
-def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, object]:
-    """Compiled mixed step (--prefill_rows x --prefill_chunk new tokens over --batch sequence
-    slots, attending over --context) and decode (--batch rows, one step)."""
+def batch_and_context() -> tuple[int, int]:
+    """(sequences, tokens of context) the KV pool holds: --concurrency and --isl + --osl + 256 where
+    given (a serving workload), else --batch and --context."""
+    if (FLAGS.isl is None) != (FLAGS.osl is None):
+        raise app.UsageError("--isl and --osl go together")
+    batch = FLAGS.concurrency or FLAGS.batch
+    context = FLAGS.isl + FLAGS.osl + 256 if FLAGS.isl is not None else FLAGS.context
+    return batch, context
+
+
+def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, tuple[object, float]]:
+    """(compiled, seconds) of the mixed step (--prefill_rows x --prefill_chunk new tokens over the
+    batch's sequence slots, attending over its context) and of decode (the batch's rows, one step);
+    Pallas kernels with --target, the CPU's choice otherwise."""
     from engine.runner import jitted_steps
-    mixed_fn, decode_fn = jitted_steps(graphdef, "auto", "auto", FLAGS.page_size, 1)
-    pages_per_seq = -(-FLAGS.context // FLAGS.page_size)
-    batch = mixed_inputs(FLAGS.prefill_rows * FLAGS.prefill_chunk, FLAGS.batch, pages_per_seq, mesh, rules)
-    prefill = mixed_fn.lower(state, cache, batch).compile()
-    dec = decode_inputs(FLAGS.batch, pages_per_seq, mesh, rules)
-    decode = decode_fn.lower(state, cache, dec["fed"], dec["rows"], dec["tables"], dec["active"],
-                             dec["sampling"]).compile()
-    return {"prefill": prefill, "decode": decode}
+    impl = "pallas" if FLAGS.target else "auto"
+    mixed_fn, decode_fn = jitted_steps(graphdef, impl, impl, FLAGS.page_size, 1)
+    batch_size, context = batch_and_context()
+    pages_per_seq = -(-context // FLAGS.page_size)
+    batch = mixed_inputs(FLAGS.prefill_rows * FLAGS.prefill_chunk, batch_size, pages_per_seq, mesh, rules)
+    dec = decode_inputs(batch_size, pages_per_seq, mesh, rules)
+    steps = {"prefill": lambda: mixed_fn.lower(state, cache, batch),
+             "decode": lambda: decode_fn.lower(state, cache, dec["fed"], dec["rows"], dec["tables"], dec["active"],
+                                               dec["sampling"])}
+    out = {}
+    with jax_mesh(mesh):
+        for name, lower in steps.items():
+            start = time.perf_counter()
+            out[name] = (lower().compile(), time.perf_counter() - start)
+    return out
+
+
+def jax_mesh(mesh):
+    """The mesh as jax's current one (deviceless GPU steps need it to place the Pallas calls)."""
+    import jax
+    return jax.set_mesh(mesh)
 
 
 def plan() -> dict:
@@ -119,47 +159,78 @@ def plan() -> dict:
     from flax import nnx
     from models import get_preset, param_counts
     from models.registry import abstract_model
-    from sharding import RULES, make_mesh
+    from sharding import RULES, gpu_target, make_mesh
     from sharding.hlo import collectives, memory
     from sharding.rules import place_abstract
 
     config, dtype, rules = get_preset(FLAGS.model), jnp.dtype(FLAGS.dtype), RULES[FLAGS.rules]
-    mesh = make_mesh(FLAGS.data, FLAGS.tensor, FLAGS.expert)
+    target = gpu_target.load(FLAGS.target) if FLAGS.target else None
+    mesh = make_mesh(FLAGS.data, FLAGS.tensor, FLAGS.expert,
+                     devices=gpu_target.devices(target, FLAGS.devices) if target else None)
     model = place_abstract(abstract_model(config, dtype, FLAGS.weights), mesh, rules)
     graphdef, state = nnx.split(model)
     shards = math.prod(mesh.shape[a] for a in rules.mesh_axes("pages"))
-    num_pages = -(-(FLAGS.batch * -(-FLAGS.context // FLAGS.page_size) + 1) // shards) * shards
+    batch, context = batch_and_context()
+    num_pages = -(-(batch * -(-context // FLAGS.page_size) + 1) // shards) * shards
     cache = abstract_cache(model, config, num_pages, dtype, mesh, rules)
     counts = param_counts(config)
     report = {
         "model": FLAGS.model, "mesh": dict(mesh.shape), "rules": rules.name, "dtype": dtype.name,
         "weights": FLAGS.weights, "quantization": model.config.quantization,
-        "devices": jax.device_count(), "batch": FLAGS.batch, "context": FLAGS.context,
+        "target": FLAGS.target, "devices": mesh.size, "batch": batch, "context": context,
+        "workload": {"concurrency": FLAGS.concurrency, "isl": FLAGS.isl, "osl": FLAGS.osl},
         "prefill": {"rows": FLAGS.prefill_rows, "chunk": FLAGS.prefill_chunk}, "param_count": counts.total,
         "active_param_count": counts.active, "mtp_param_count": counts.mtp,
         "per_device": {"param_bytes": per_device_bytes(state), "kv_cache_bytes": per_device_bytes(cache),
                        "kv_cache_pages": num_pages, "kv_dtype": jax.tree.leaves(cache)[0].dtype.name,
                        "kv_token_bytes": per_device_bytes(cache) // (num_pages // shards * FLAGS.page_size)},
     }
-    for name, compiled in compile_steps(graphdef, state, cache, mesh, rules).items():
-        report[name] = {**report.get(name, {}), "memory": memory(compiled), "collectives": collectives(compiled.as_text())}
-    return _fit(report)
+    for name, (compiled, seconds) in compile_steps(graphdef, state, cache, mesh, rules).items():
+        report[name] = {"compile_seconds": round(seconds, 1), "memory": memory(compiled),
+                        "collectives": collectives(compiled.as_text())}
+    if target and FLAGS.isl is not None:
+        model_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
+        report["roofline_estimate"] = estimate(config, model_bytes, jax.tree.leaves(cache)[0].dtype.itemsize,
+                                               mesh.size, FLAGS.target, batch)
+    return _fit(report, target.memory_bytes / 2**30 if target else FLAGS.hbm_gib)
 
 
-def _fit(report: dict) -> dict:
-    """Adds the peak per device (params + cache + the larger step temporary), the verdict, and the
-    KV tokens one device could hold beside its weights (before step temporaries, which the CPU's
-    XLA reference paths overstate: module doc)."""
+def estimate(config, model_bytes: int, kv_bytes: int, devices: int, target: str, concurrency: int) -> dict:
+    """benchmarks/roofline.serving_estimate of the workload on the target (an estimate from bytes
+    and FLOPs, not a measurement): bf16 wgmma peak, FP8's for block-FP8 models; weights at the
+    model's packed bytes per parameter."""
+    from benchmarks import roofline
+    from models import param_counts
+    peaks = roofline.GPU_PEAKS[target]
+    if config.quantization == "fp8_block":
+        peaks = roofline.DevicePeaks(peaks.name, peaks.bandwidth, 2 * peaks.flops)
+    out = roofline.serving_estimate(config, FLAGS.isl, FLAGS.osl, concurrency, devices, peaks,
+                                    model_bytes / param_counts(config).total, kv_bytes, FLAGS.prefill_chunk)
+    return {"note": "roofline estimate from analytic bytes and FLOPs at the target's peaks, not a measurement",
+            "peak_tflop_s": peaks.flops / 1e12, "hbm_tb_s": peaks.bandwidth / 1e12,
+            **{k: round(v, 3) for k, v in out.items()}}
+
+
+
+def _fit(report: dict, hbm_gib: float) -> dict:
+    """Adds the peak per device (params + cache + the larger step temporary), the verdict against
+    --headroom x hbm_gib, and the KV tokens one device could hold beside its weights (before step
+    temporaries, which the CPU's XLA reference paths overstate: module doc)."""
     temp = max(report[s]["memory"]["temp_bytes"] for s in ("prefill", "decode"))
     per_device = report["per_device"]
     peak = per_device["param_bytes"] + per_device["kv_cache_bytes"] + temp
     per_device["peak_bytes"] = peak
     per_device["peak_gib"] = round(peak / 2**30, 2)
     per_device["param_gib"] = round(per_device["param_bytes"] / 2**30, 2)
-    free = FLAGS.hbm_gib * 2**30 - per_device["param_bytes"]
-    per_device["kv_capacity_tokens"] = max(0, int(free // per_device["kv_token_bytes"]))
-    report["hbm_gib"] = FLAGS.hbm_gib
-    report["fits"] = peak <= FLAGS.hbm_gib * 2**30
+    per_device["kv_gib"] = round(per_device["kv_cache_bytes"] / 2**30, 2)
+    per_device["workspace_gib"] = round(temp / 2**30, 2)
+    limit = FLAGS.headroom * hbm_gib * 2**30
+    per_device["kv_capacity_tokens"] = max(0, int((limit - per_device["param_bytes"]) // per_device["kv_token_bytes"]))
+    report.update(hbm_gib=round(hbm_gib, 2), headroom=FLAGS.headroom, fits=peak <= limit)
+    if not report["fits"]:
+        report["does_not_fit"] = (f"{peak / 2**30:.1f} GiB per device needed (weights {per_device['param_gib']}, "
+                                  f"KV {per_device['kv_gib']}, workspace {per_device['workspace_gib']}), "
+                                  f"{limit / 2**30:.1f} GiB available ({FLAGS.headroom:.0%} of {hbm_gib:.1f})")
     return report
 
 
@@ -167,7 +238,8 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", FLAGS.devices)
+    if not FLAGS.target:  # deviceless GPU devices come from the target's topology instead
+        jax.config.update("jax_num_cpu_devices", FLAGS.devices)
     print(json.dumps(plan(), indent=2))
 
 

@@ -87,6 +87,25 @@ def test_ideal_serving_seconds():
     assert got == pytest.approx(prefill + decode)
 
 
+def test_serving_estimate():
+    """Prefill chunks cost their FLOPs and KV traffic (not the weights the decode steps read), the
+    decode steps run at the mean context, devices pool their peaks; throughput counts input + output
+    tokens per GPU (InferenceX), tok/s/user is one over the decode step."""
+    peaks = roofline.DevicePeaks("test", bandwidth=1e9, flops=1e12)
+    got = roofline.serving_estimate(TINY, isl=8, osl=5, concurrency=2, devices=2, peaks=peaks, weight_bytes=4,
+                                    kv_dtype_bytes=4, prefill_chunk=4)
+    pooled = roofline.DevicePeaks("2 x test", bandwidth=2e9, flops=2e12)
+    chunks = [roofline.prefill_chunk_cost(TINY, 4, s, 4, 4) for s in (0, 4)]
+    weights = 2 * roofline.weight_params_read(TINY, 4) * 4
+    prefill = pooled.seconds(roofline.StepCost(sum(c.bytes for c in chunks) - weights, sum(c.flops for c in chunks)))
+    step = pooled.seconds(roofline.decode_step_cost(TINY, [10, 10], 4, 4))  # context 8 + 5 // 2
+    seconds = 2 * prefill + 4 * step
+    assert got["prefill_seconds_per_request"] == pytest.approx(prefill) and prefill < sum(map(pooled.seconds, chunks))
+    assert got["run_seconds"] == pytest.approx(seconds) and got["tok_s_per_user"] == pytest.approx(1 / step)
+    assert got["total_tok_s_per_gpu"] == pytest.approx(2 * 13 / seconds / 2)
+    assert got["output_tok_s_per_gpu"] == pytest.approx(2 * 5 / seconds / 2)
+
+
 def test_gpu_table():
     assert roofline.GPU_PEAKS["h100"].bandwidth == 3.35e12 and roofline.GPU_PEAKS["h100"].flops == 989e12
     assert roofline.GPU_PEAKS["h200"].bandwidth == 4.8e12 and roofline.GPU_PEAKS["b200"].bandwidth == 8e12
