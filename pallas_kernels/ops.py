@@ -205,12 +205,12 @@ def ragged_paged_attention(
     args = (q, k_pages, v_pages, query_start_loc, context_lens, block_tables)
     hkv, _, page_size, _ = k_pages.shape
     native = ragged_kernel_supported(q.shape[-1], q.shape[1], hkv, page_size)
-    if k_pages.dtype == FP8_KV_DTYPE:
-        impl = ("xla" if resolve_impl(impl) == "cpu" else impl) if native else \
-            _fp8_pool_impl(impl, resolve_impl(impl), "paged attention")
-        kernel = "ragged_paged_attention_fp8"
-    else:
-        kernel = "ragged_paged_attention" if native else "paged_attention"
+    fp8 = k_pages.dtype == FP8_KV_DTYPE
+    if fp8 and not native:
+        impl = _fp8_pool_impl(impl, resolve_impl(impl), "paged attention")
+    elif fp8 and resolve_impl(impl) == "cpu":
+        impl = "xla"  # the C++ kernel reads no fp8
+    kernel = "ragged_paged_attention_fp8" if fp8 else "ragged_paged_attention" if native else "paged_attention"
     resolved = checked_impl(kernel, impl)
     if resolved == "cpu":
         if impl == "cpu" or cpa.supported(q.shape[-1]):

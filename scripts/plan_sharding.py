@@ -128,6 +128,7 @@ def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, tuple[object
     """(compiled, seconds) of the mixed step (--prefill_rows x --prefill_chunk new tokens over the
     batch's sequence slots, attending over its context) and of decode (the batch's rows, one step);
     Pallas kernels with --target, the CPU's choice otherwise."""
+    import jax
     from engine.runner import jitted_steps
     impl = "pallas" if FLAGS.target else "auto"
     mixed_fn, decode_fn = jitted_steps(graphdef, impl, impl, FLAGS.page_size, 1)
@@ -139,17 +140,11 @@ def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, tuple[object
              "decode": lambda: decode_fn.lower(state, cache, dec["fed"], dec["rows"], dec["tables"], dec["active"],
                                                dec["sampling"])}
     out = {}
-    with jax_mesh(mesh):
+    with jax.set_mesh(mesh):  # deviceless GPU steps need the mesh to place the Pallas calls
         for name, lower in steps.items():
             start = time.perf_counter()
             out[name] = (lower().compile(), time.perf_counter() - start)
     return out
-
-
-def jax_mesh(mesh):
-    """The mesh as jax's current one (deviceless GPU steps need it to place the Pallas calls)."""
-    import jax
-    return jax.set_mesh(mesh)
 
 
 def plan() -> dict:
@@ -209,7 +204,6 @@ def estimate(config, model_bytes: int, kv_bytes: int, devices: int, target: str,
     return {"note": "roofline estimate from analytic bytes and FLOPs at the target's peaks, not a measurement",
             "peak_tflop_s": peaks.flops / 1e12, "hbm_tb_s": peaks.bandwidth / 1e12,
             **{k: round(v, 3) for k, v in out.items()}}
-
 
 
 def _fit(report: dict, hbm_gib: float) -> dict:
