@@ -64,6 +64,10 @@ class EngineConfig:
     min_context_bucket: int = 256  # smallest block-table width, in tokens
     # Drafts a speculative decode verifies at most (K); set by LLM from its speculative_config.
     num_speculative_tokens: int = 0
+    # Data-parallel attention (sharding/data_parallel_attention.py): the requests, the page pool,
+    # max_num_seqs and the token budget split into this many equal shards, each attended on its
+    # own devices. Set by LLM from the mesh and the rules' "pages" axes; 1: one shared pool.
+    attention_shards: int = 1
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is None:
@@ -81,13 +85,38 @@ class EngineConfig:
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
-        if self.prefill_chunk > self.max_num_batched_tokens:
+        self._check_shards()
+        if self.prefill_chunk > self.tokens_per_shard:
             raise ValueError(f"prefill_chunk={self.prefill_chunk} exceeds "
-                             f"max_num_batched_tokens={self.max_num_batched_tokens}")
-        if self.num_pages is not None and self.num_pages - 1 < self.pages_per_seq:
+                             f"max_num_batched_tokens={self.max_num_batched_tokens}" + self._per_shard)
+        if self.num_pages is not None and self.num_pages // self.attention_shards - 1 < self.pages_per_seq:
             raise ValueError(f"num_pages={self.num_pages} is too small to hold even one request of "
                              f"max_model_len={self.max_model_len} tokens: it needs {self.pages_per_seq} pages "
-                             f"of {self.page_size} tokens plus the reserved null page")
+                             f"of {self.page_size} tokens plus the reserved null page" + self._per_shard)
+
+    def _check_shards(self) -> None:
+        """Each of attention_shards shards gets an equal share of the sequences, tokens and pages."""
+        d = self.attention_shards
+        if d < 1:
+            raise ValueError(f"attention_shards must be >= 1, got {d}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_pages"):
+            value = getattr(self, name)
+            if value is not None and value % d:
+                raise ValueError(f"{name}={value} does not split into {d} data-parallel attention shards")
+
+    @property
+    def _per_shard(self) -> str:
+        d = self.attention_shards
+        return f" (per data-parallel attention shard: 1/{d} of it)" if d > 1 else ""
+
+    @property
+    def seqs_per_shard(self) -> int:
+        return self.max_num_seqs // self.attention_shards
+
+    @property
+    def tokens_per_shard(self) -> int:
+        """Each shard's token budget: its segment of a step's flat batch."""
+        return self.max_num_batched_tokens // self.attention_shards
 
     @property
     def pages_per_seq(self) -> int:
@@ -95,16 +124,18 @@ class EngineConfig:
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:
-        """Rows of a decode-only call."""
-        return powers_of_two_upto(self.max_num_seqs)
+        """Rows of a decode-only call (attention_shards equal groups of rows: multiples of it)."""
+        return tuple(self.attention_shards * b for b in powers_of_two_upto(self.seqs_per_shard))
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
         """Flat token counts of a mixed (ragged) step: powers of two up to 128, then every multiple
-        of 128 (a 256-token chunk beside 32 decodes pads to 384, not 512), as vLLM's graph sizes."""
-        small = powers_of_two_upto(min(128, self.max_num_batched_tokens), start=min(8, self.max_num_batched_tokens))
-        large = range(256, self.max_num_batched_tokens, 128)
-        return small + tuple(large) + ((self.max_num_batched_tokens,) if self.max_num_batched_tokens > small[-1] else ())
+        of 128 (a 256-token chunk beside 32 decodes pads to 384, not 512), as vLLM's graph sizes;
+        per shard, times attention_shards (every shard's segment has one length)."""
+        most = self.tokens_per_shard
+        small = powers_of_two_upto(min(128, most), start=min(8, most))
+        shard = small + tuple(range(256, most, 128)) + ((most,) if most > small[-1] else ())
+        return tuple(self.attention_shards * b for b in shard)
 
     @property
     def page_buckets(self) -> tuple[int, ...]:

@@ -28,7 +28,8 @@ from engine.spec.config import SpeculativeConfig
 from engine.spec.speculator import Speculator, make_speculator
 from models import LoadedModel, load_model
 from pallas_kernels import ops
-from sharding.rules import cache_sharding, shard_model
+from sharding.attention_shards import data_parallel_shards
+from sharding.rules import RULES, ShardingRules, cache_sharding, shard_model
 
 Prompt = str | Sequence[int]
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -39,7 +40,7 @@ class LLM:
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m-instruct", *, dtype: str = "float32",
                  weights: str = "native", seed: int = 0, mesh: Mesh | None = None,
-                 speculative_config: dict | None = None, **engine_args):
+                 rules: str | ShardingRules | None = None, speculative_config: dict | None = None, **engine_args):
         """engine_args: EngineConfig's fields (page_size, num_pages, max_num_seqs, max_model_len,
         attention_impl, kv_cache_dtype, decode_steps, prefill_chunk, max_num_batched_tokens, kv_cache_bytes,
         enable_prefix_caching); its defaults are the engine's. max_model_len defaults to the model's
@@ -52,6 +53,11 @@ class LLM:
         The cache splits its kv heads over "tensor"; with fewer kv heads than the tensor size every
         device holds all of them (replicated), and the page pool is replicated over "data" and
         "expert" (pages are shared by all sequences of the batch).
+        rules: the sharding rules on `mesh` (sharding/rules.py RULES: "default", "expert_dp",
+        "tensor_experts"; None: the model's). Rules that split the page pool ("expert_dp") run
+        data-parallel attention (sharding/attention_shards.py): each request is assigned to one
+        of the shards the "pages" axes make, each with its own pages, sequence slots and token
+        budget (max_num_seqs, max_num_batched_tokens and num_pages are split evenly).
 
         speculative_config: vLLM's dict (engine/spec/config.py): {"method": "ngram" | "mtp" |
         "synthetic", or "model": a draft, "num_speculative_tokens": k, ...}; None: no speculation.
@@ -60,9 +66,15 @@ class LLM:
         """
         spec = SpeculativeConfig.from_dict(speculative_config)
         compilation_cache.enable()
-        self.model = _placed_model(model, dtype, mesh, weights)
+        self.model = _placed_model(model, dtype, mesh, weights, rules)
+        shards = data_parallel_shards(self.model.mesh, self.model.rules)
+        if shards is not None:
+            if spec is not None:
+                raise ValueError(f"speculative decoding is not supported with data-parallel attention (rules "
+                                 f"{self.model.rules.name!r} split the page pool over {shards.axes})")
+            engine_args["attention_shards"] = shards.size
         self.config = _engine_config(self.model, engine_args, spec)
-        self.allocator = PageAllocator(self.config.num_pages)
+        self.allocator = PageAllocator(self.config.num_pages, self.config.attention_shards)
         self.prefix_cache = PrefixCache(self.allocator, self.config.page_size, self.config.enable_prefix_caching,
                                         identity=(self.model.config, np.dtype(self.model.dtype).name))
         self.scheduler = Scheduler(self.config, self.allocator, self.prefix_cache)
@@ -74,7 +86,7 @@ class LLM:
         accepts, q = (None, None) if spec is None else (self.speculator.synthetic_accepts,
                                                         self.speculator.padding_draft_probs)
         self.runner = ModelRunner(self.model.model, _allocate_cache(self.model, self.config), self.config,
-                                  self.attention.decode, self.attention.mixed, accepts, q)
+                                  self.attention.decode, self.attention.mixed, accepts, q, shards)
         self.processor = OutputProcessor(self.scheduler, self.model.tokenizer)
         self._requests: dict[int, Request] = {}
         self._inflight: _InFlight | None = None  # a decode call dispatched before the last one was applied
@@ -157,7 +169,7 @@ class LLM:
         scheduling, input building and output processing run while the device computes.
         """
         if self._inflight is not None:
-            output, pending = self._inflight.output, self._inflight.tokens
+            output, pending = self._inflight.output, self._inflight.pending
             self._inflight = None
         else:
             output = self.scheduler.schedule()
@@ -187,12 +199,15 @@ class LLM:
                 return self.speculator.verify(self.runner, output.scheduled)
             return self.runner.mixed(output.scheduled)
         if pending is None:
-            pending = self.runner.run_decode_arrays(*self.runner.decode_inputs(_requests_of(output)).args())
+            inputs = self.runner.decode_inputs(_requests_of(output))
+            pending = (self.runner.run_decode_arrays(*inputs.args()), inputs.placement)
         ahead = self.scheduler.run_ahead(output)
         if ahead is not None:
             inputs = self.runner.decode_inputs(_requests_of(ahead), steps_ahead=output.decode_steps)
-            self._inflight = _InFlight(ahead, self.runner.run_decode_arrays(*inputs.args(pending[0])))
-        return fetch(pending)
+            self._inflight = _InFlight(ahead, (self.runner.run_decode_arrays(*inputs.args(pending[0][0])),
+                                               inputs.placement))
+        outputs, placement = pending
+        return placement.gather(fetch(outputs))
 
     def _fail_step(self, output: SchedulerOutput, error: Exception) -> list[Request]:
         """The step's requests finish with the error; a cache lost to the failed call is rebuilt."""
@@ -273,10 +288,11 @@ class LLM:
 
 @dataclasses.dataclass(frozen=True)
 class _InFlight:
-    """A decode call dispatched ahead: its schedule and its (device) sampled tokens and logprobs."""
+    """A decode call dispatched ahead: its schedule, its (device) sampled tokens and logprobs, and
+    where its requests sit in them."""
 
     output: SchedulerOutput
-    tokens: tuple
+    pending: tuple  # ((tokens, logprobs, extras) on device, Placement)
 
 
 def _requests_of(output: SchedulerOutput) -> list[Request]:
@@ -315,9 +331,17 @@ def _attention_shapes(model: LoadedModel, config: EngineConfig) -> attention_cho
         mixed_tokens=config.max_num_batched_tokens, chunk=config.prefill_chunk)
 
 
-def _placed_model(model: str | LoadedModel, dtype: str, mesh: Mesh | None, weights: str) -> LoadedModel:
-    """Load `model` (unless given loaded) and place its parameters on `mesh`."""
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, mesh=mesh, weights=weights)
+def _placed_model(model: str | LoadedModel, dtype: str, mesh: Mesh | None, weights: str,
+                  rules: str | ShardingRules | None) -> LoadedModel:
+    """Load `model` (unless given loaded) and place its parameters on `mesh` under `rules`."""
+    if isinstance(rules, str):
+        if rules not in RULES:
+            raise ValueError(f"unknown sharding rules {rules!r} (known: {sorted(RULES)})")
+        rules = RULES[rules]
+    if isinstance(model, LoadedModel):
+        loaded = model if rules is None or model.mesh is not None else dataclasses.replace(model, rules=rules)
+    else:
+        loaded = load_model(model, dtype=dtype, mesh=mesh, weights=weights, **({} if rules is None else {"rules": rules}))
     if mesh is not None and loaded.mesh is None:
         loaded = dataclasses.replace(loaded, model=shard_model(loaded.model, mesh, loaded.rules), mesh=mesh)
     return loaded
@@ -353,7 +377,7 @@ def _engine_config(model: LoadedModel, engine_args: dict, spec: SpeculativeConfi
         useful = config.max_num_seqs * (config.pages_per_seq + 1)
         num_pages = kv_cache.pages_for_budget(cfg, config.page_size, model.dtype, config.kv_cache_bytes, useful,
                                                config.kv_cache_dtype)
-        config = dataclasses.replace(config, num_pages=num_pages)
+        config = dataclasses.replace(config, num_pages=num_pages // config.attention_shards * config.attention_shards)
     logging.info(kv_cache.summary(cfg, config.num_pages, config.page_size, model.dtype, config.kv_cache_dtype))
     return config
 

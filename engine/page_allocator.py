@@ -1,5 +1,11 @@
-"""Host-side KV page allocator: reference counts, the prefix-key table and the LRU free queue
-(page 0 is the reserved null page). No JAX."""
+"""Host-side KV page allocator: reference counts, the prefix-key table and the LRU free queues
+(page 0 of each shard is its reserved null page). No JAX.
+
+With data-parallel attention (sharding/data_parallel_attention.py) the pool is split into
+`shards` equal ranges of page ids, one per attention shard, each held by that shard's devices:
+shard s owns pages [s * P, (s + 1) * P) for P = num_pages / shards, its first one its null page.
+A request takes every page from its own shard, and a cached prefix is found only on the shard
+that holds it. With one shard (the default) this is one pool of pages 1..num_pages-1."""
 
 from __future__ import annotations
 
@@ -14,27 +20,49 @@ class PageAllocator:
     reduce the capacity a request can get, and the least recently freed cached page goes first.
     """
 
-    def __init__(self, num_pages: int):
-        if num_pages < 2:
-            raise ValueError(f"need at least 2 pages (page 0 is reserved), got {num_pages}")
-        self.num_pages = num_pages
-        self._free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(1, num_pages))
+    def __init__(self, num_pages: int, shards: int = 1):
+        if shards < 1 or num_pages % shards:
+            raise ValueError(f"{num_pages} KV pages cannot be split into {shards} equal attention shards")
+        if num_pages // shards < 2:
+            raise ValueError(f"need at least 2 pages per shard (page 0 is reserved), got {num_pages // shards}")
+        self.num_pages, self.shards = num_pages, shards
+        self.pages_per_shard = num_pages // shards
+        self._free: list[collections.OrderedDict[int, None]] = [
+            collections.OrderedDict.fromkeys(range(s * self.pages_per_shard + 1, (s + 1) * self.pages_per_shard))
+            for s in range(shards)]
         self._refs = [0] * num_pages
-        self._key_of: dict[int, bytes] = {}
-        self._page_of: dict[bytes, int] = {}
+        self._key_of: dict[int, tuple[int, bytes]] = {}
+        self._page_of: dict[tuple[int, bytes], int] = {}
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return sum(len(free) for free in self._free)
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+    @property
+    def capacity(self) -> int:
+        """Pages that can ever be held: all but each shard's null page."""
+        return self.num_pages - self.shards
 
-    def allocate(self, n: int) -> list[int]:
-        """n pages of count 1 from the front of the free queue (evicting their keys)."""
-        if n > len(self._free):
-            raise RuntimeError(f"out of KV pages: asked for {n}, {len(self._free)} free")
-        pages = [self._free.popitem(last=False)[0] for _ in range(n)]
+    def num_free_in(self, shard: int) -> int:
+        return len(self._free[shard])
+
+    def shard_of(self, page: int) -> int:
+        return page // self.pages_per_shard
+
+    def local(self, page: int) -> int:
+        """The page's id within its shard's pool (what that shard's devices index)."""
+        return page % self.pages_per_shard
+
+    def can_allocate(self, n: int, shard: int = 0) -> bool:
+        return n <= len(self._free[shard])
+
+    def allocate(self, n: int, shard: int = 0) -> list[int]:
+        """n pages of count 1 from the front of `shard`'s free queue (evicting their keys)."""
+        free = self._free[shard]
+        if n > len(free):
+            raise RuntimeError(f"out of KV pages: asked for {n}, {len(free)} free" +
+                               (f" on attention shard {shard}" if self.shards > 1 else ""))
+        pages = [free.popitem(last=False)[0] for _ in range(n)]
         for p in pages:
             self._refs[p] = 1
             key = self._key_of.pop(p, None)
@@ -50,18 +78,20 @@ class PageAllocator:
                 raise RuntimeError(f"page {p} freed more often than allocated")
             self._refs[p] -= 1
             if self._refs[p] == 0:
-                self._free[p] = None
+                free = self._free[self.shard_of(p)]
+                free[p] = None
                 if p not in self._key_of:
-                    self._free.move_to_end(p, last=False)  # holds nothing reusable: hand it out first
+                    free.move_to_end(p, last=False)  # holds nothing reusable: hand it out first
 
     # ---- the prefix-key table ---------------------------------------------------------------
-    def cached(self, key: bytes) -> int | None:
-        """The page holding the full page of tokens `key` names, if any."""
-        return self._page_of.get(key)
+    def cached(self, key: bytes, shard: int = 0) -> int | None:
+        """The page of `shard` holding the full page of tokens `key` names, if any."""
+        return self._page_of.get((shard, key))
 
     def key_of(self, page: int) -> bytes | None:
         """The key `page` is registered under, if any."""
-        return self._key_of.get(page)
+        entry = self._key_of.get(page)
+        return None if entry is None else entry[1]
 
     def ref_count(self, page: int) -> int:
         return self._refs[page]
@@ -74,7 +104,7 @@ class PageAllocator:
         """One more reference to each cached page (out of the free queue if it was there)."""
         for p in pages:
             if self._refs[p] == 0:
-                del self._free[p]
+                del self._free[self.shard_of(p)][p]
             self._refs[p] += 1
 
     def register(self, page: int, key: bytes) -> None:
@@ -82,9 +112,10 @@ class PageAllocator:
         same tokens computed twice, e.g. two identical prompts in one step) keeps its first page."""
         if self._refs[page] <= 0:
             raise RuntimeError(f"page {page} registered while free")
-        if key not in self._page_of and page not in self._key_of:
-            self._page_of[key] = page
-            self._key_of[page] = key
+        entry = (self.shard_of(page), key)
+        if entry not in self._page_of and page not in self._key_of:
+            self._page_of[entry] = page
+            self._key_of[page] = entry
 
     def forget_cached(self) -> None:
         """Drop every key (the cache contents were lost); the pages themselves stay where they are."""
@@ -92,12 +123,16 @@ class PageAllocator:
         self._page_of.clear()
 
     def check(self, holders: Iterable[list[int]]) -> None:
-        """Raise AssertionError unless every page but 0 is free xor held, each count equals the number
-        of `holders` (page lists) holding it, and the key table is one-to-one."""
+        """Raise AssertionError unless every page but the null pages is free xor held (in its own
+        shard's queue), each count equals the number of `holders` (page lists) holding it, and the
+        key table is one-to-one."""
         counts = collections.Counter(p for pages in holders for p in pages)
-        assert 0 not in counts and 0 not in self._free, "the null page is held or free"
-        for p in range(1, self.num_pages):
+        for p in range(self.num_pages):
+            free = p in self._free[self.shard_of(p)]
+            if self.local(p) == 0:
+                assert not counts[p] and not free, f"the null page {p} is held or free"
+                continue
             assert self._refs[p] == counts[p], f"page {p}: count {self._refs[p]}, held {counts[p]} times"
-            assert (p in self._free) != (counts[p] > 0), f"page {p}: free={p in self._free}, held={counts[p]}"
+            assert free != (counts[p] > 0), f"page {p}: free={free}, held={counts[p]}"
         assert len(self._key_of) == len(self._page_of), "key table not one-to-one"
         assert all(self._key_of[p] == k for k, p in self._page_of.items()), "key table not one-to-one"

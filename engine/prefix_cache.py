@@ -61,16 +61,17 @@ class PrefixCache:
             keys.append(page_key(keys[-1] if keys else self.root, tokens[j * self.page_size:(j + 1) * self.page_size]))
         return keys[i]
 
-    def lookup(self, request: Request) -> list[int]:
+    def lookup(self, request: Request, shard: int = 0) -> list[int]:
         """The cached pages of `request`'s longest cached prefix, not yet referenced. The last
         prefill token is never among them (its logit must be computed), so writes start on a page
         of the request's own: with a fully cached prompt its whole last page is recomputed. A
-        request asking for prompt logprobs computes its whole prompt (as vLLM)."""
+        request asking for prompt logprobs computes its whole prompt (as vLLM). Only pages of
+        attention shard `shard` are found (a shard's devices hold only their own pages)."""
         if not self.enabled or request.params.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position's logits: nothing may be skipped
         hits = []
         for i in range((request.prefill_target - 1) // self.page_size):
-            page = self.allocator.cached(self._key(request, i))
+            page = self.allocator.cached(self._key(request, i), shard)
             if page is None:
                 break
             hits.append(page)

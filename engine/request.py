@@ -196,6 +196,7 @@ class Request:
     output_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = dataclasses.field(default_factory=lambda: [None])
     pages: list[int] = dataclasses.field(default_factory=list)
+    shard: int = 0  # the attention shard holding its pages (chosen at each admission; 0 without DP attention)
     page_keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its leading full pages
     num_computed: int = 0
     prefill_target: int = 0

@@ -6,6 +6,10 @@ A mixed step is one ragged batch (vLLM V1): the scheduled tokens of every reques
 speculation at every verify position (engine/spec/verify.py). T and P are shape buckets, S is
 max_num_seqs. A decode-only step runs `decode_steps` steps with sampling inside one call (rows of one token each, the same ragged metadata with query_start_loc = 0..B).
 
+With data-parallel attention (EngineConfig.attention_shards = D) the rows and the flat tokens are D
+equal groups, shard d's requests in the d-th (Placement), the metadata each shard's own with local
+page ids (sharding/attention_shards.py); results come back to the host in scheduled order.
+
 Top-k logprobs are a static variant: a call computes MAX_LOGPROBS alternatives only when one of its
 requests asks (compiled on first use, not by warmup), so other calls run the functions they always did.
 """
@@ -29,6 +33,7 @@ from engine.scheduler import ScheduledRequest
 from engine.spec import verify as spec_verify
 from models.attention import AttentionMetadata, LayerCache
 from models.loading.progress import progress
+from sharding.attention_shards import AttentionShards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +54,40 @@ class StepResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a step's scheduled requests sit in its arrays, in scheduled order: each one's row
+    (sequence slot), first flat token and token count. Shard d's requests fill, in order, the d-th
+    of D equal groups of rows and of flat tokens (one group without DP attention)."""
+
+    rows: np.ndarray
+    starts: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, requests: list[Request], counts: list[int], shards: int, rows: int, tokens: int) -> Placement:
+        next_row = [d * (rows // shards) for d in range(shards)]
+        next_token = [d * (tokens // shards) for d in range(shards)]
+        out_rows, starts = [], []
+        for r, n in zip(requests, counts):
+            out_rows.append(next_row[r.shard])
+            starts.append(next_token[r.shard])
+            next_row[r.shard] += 1
+            next_token[r.shard] += n
+        return cls(np.asarray(out_rows, np.int64), np.asarray(starts, np.int64), np.asarray(counts, np.int64))
+
+    def gather(self, result: StepResult) -> StepResult:
+        """`result`'s rows, and its per flat token arrays, in scheduled order."""
+        flat = np.concatenate([np.arange(s, s + n) for s, n in zip(self.starts, self.counts)] or [np.zeros(0, int)])
+        fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+        return StepResult(**{name: None if x is None else x[flat if name.startswith("prompt") else self.rows]
+                             for name, x in fields.items()})
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodeInputs:
     """A decode call's host arrays: the fed tokens [rows, steps] (in the last column) and their
-    positions [rows], block tables, which rows are real, and sampling parameters."""
+    positions [rows], block tables, which rows are real, and sampling parameters; host-only,
+    where its requests sit (`placement`)."""
 
     tokens: np.ndarray
     positions: np.ndarray
@@ -59,6 +95,7 @@ class DecodeInputs:
     active: np.ndarray
     sampling: SamplingTensors
     num_logprobs: int = 0  # static: 0 or MAX_LOGPROBS
+    placement: Placement | None = None
 
     def args(self, tokens: jax.Array | np.ndarray | None = None) -> tuple:
         """The decode function's arguments; `tokens` (on device) replaces the host tokens."""
@@ -142,12 +179,15 @@ def _sample_rows(model: nnx.Module, hidden: jax.Array, batch: MixedBatch) -> tup
         outputs = (*sample(logits, sampling, batch.positions[index] + 1), _top(logits, batch.num_logprobs))
         return jax.tree.map(lambda x: jnp.pad(x, [(0, slots - n)] + [(0, 0)] * (x.ndim - 1)), outputs)
 
+    if batch.metadata.shards is not None:  # DP attention: every shard's group of slots holds sequences
+        return rows(slots)
     qsl = batch.metadata.query_start_loc
     num_seqs = jnp.sum(qsl[1:] > qsl[:-1])  # scheduled sequences fill the first slots, each >= 1 token
     return jax.lax.switch(jnp.searchsorted(jnp.asarray(tiers), num_seqs), [partial(rows, n) for n in tiers])
 
 
-def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: int, state: nnx.State,
+def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: int,
+                 shards: AttentionShards | None, state: nnx.State,
                  cache: list[LayerCache], tokens: jax.Array, positions: jax.Array, block_tables: jax.Array,
                  active: jax.Array, sampling: SamplingTensors, num_logprobs: int = 0
                  ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], list[LayerCache]]:
@@ -162,7 +202,7 @@ def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: i
     def step(i, carry):
         cache, token, outs = carry
         pos = positions + i
-        metadata = AttentionMetadata.one_token_per_row(pos, active, block_tables, page_size)
+        metadata = AttentionMetadata.one_token_per_row(pos, active, block_tables, page_size, shards)
         hidden, cache = model(token[None], pos[None], cache, metadata, attention_impl=impl)
         logits = model.logits(hidden[0])
         token, logprob = sample(logits, sampling, pos + 1)
@@ -179,23 +219,27 @@ def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: i
 
 @functools.lru_cache(maxsize=None)
 def jitted_steps(graphdef: nnx.GraphDef, decode_impl: str, mixed_impl: str, page_size: int, num_steps: int,
-                 synthetic_accepts: float | None = None):
-    """The jitted mixed and decode functions with the static arguments closed over.
+                 synthetic_accepts: float | None = None, shards: AttentionShards | None = None):
+    """The jitted mixed and decode functions with the static arguments closed over (shards: the
+    DP attention shards, which a mixed step's metadata carries itself).
 
     Cached, so engines over the same model share compilations; closing over the GraphDef (rather
     than passing it as a static argument) spares hashing it on every call (~5 ms per call).
     """
     mixed = jax.jit(partial(_mixed_step, graphdef, mixed_impl, synthetic_accepts), donate_argnums=(1,))
-    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps), donate_argnums=(1,),
+    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps, shards), donate_argnums=(1,),
                      static_argnums=(7,))
     return mixed, decode
 
 
-def block_table(requests: list[Request], rows: int, width: int) -> np.ndarray:
-    """[rows, width] page ids of each request (padded with the null page 0)."""
+def block_table(requests: list[Request], rows: int, width: int, pages_per_shard: int | None = None,
+                at: np.ndarray | None = None) -> np.ndarray:
+    """[rows, width] page ids of each request (padded with the null page 0), request i's at row
+    at[i] (default i); with DP attention its shard's local ids (page % pages_per_shard)."""
     table = np.zeros((rows, width), np.int32)
     for i, r in enumerate(requests):
-        table[i, :len(r.pages)] = r.pages[:width]
+        pages = np.asarray(r.pages[:width], np.int64)
+        table[i if at is None else at[i], :len(pages)] = pages if pages_per_shard is None else pages % pages_per_shard
     return table
 
 
@@ -221,48 +265,57 @@ def warmup_shapes(config: EngineConfig) -> list[tuple[str, int, int]]:
                                ("verify", verify_buckets(config))) for n in sizes]
 
 
-def padding_metadata(config: EngineConfig, num_tokens: int, pages: int, decode_only: bool) -> AttentionMetadata:
+def padding_metadata(config: EngineConfig, num_tokens: int, pages: int, decode_only: bool,
+                     shards: AttentionShards | None = None) -> AttentionMetadata:
     """The metadata of `num_tokens` padding tokens and no sequence (they write the null page's slot
     0), for compiling a mixed step's (tokens, pages) bucket."""
     rows, zeros = config.max_num_seqs, np.zeros((num_tokens,), np.int32)
-    return AttentionMetadata(zeros, np.zeros((rows + 1,), np.int32), np.zeros((rows,), np.int32),
-                             np.zeros((rows, pages), np.int32), max_query_len=max_query_len(config, decode_only))
+    return AttentionMetadata(zeros, np.zeros((rows + config.attention_shards,), np.int32), np.zeros((rows,), np.int32),
+                             np.zeros((rows, pages), np.int32), max_query_len=max_query_len(config, decode_only),
+                             shards=shards)
 
 
-def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig,
-                draft_probs: jax.Array | None = None) -> MixedBatch:
-    """The flat, bucketed numpy arrays of one mixed step (padding tokens write the null page's slot 0);
-    with speculation on, the verify rows too (draft_probs [S, K, V]: the draft model's q), and a
-    step of decodes only bounds each sequence's queries by 1 + K (attention works per that bound)."""
-    num_tokens = sum(s.num_tokens for s in scheduled)
-    t, rows = bucket(num_tokens, config.token_buckets), config.max_num_seqs
+def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig, draft_probs: jax.Array | None = None,
+                shards: AttentionShards | None = None) -> tuple[MixedBatch, Placement]:
+    """The flat, bucketed numpy arrays of one mixed step (padding tokens write the null page's slot 0)
+    and where its requests sit; with speculation on, the verify rows too (draft_probs [S, K, V]: the
+    draft model's q), and a step of decodes only bounds each sequence's queries by 1 + K (attention
+    works per that bound). With DP attention (`shards`) each shard's group of rows and its segment
+    of tokens hold its own requests, and query_start_loc its D local offset lists end to end."""
+    d, requests, counts = config.attention_shards, [s.request for s in scheduled], [s.num_tokens for s in scheduled]
+    per_shard = np.bincount([r.shard for r in requests], weights=counts, minlength=d).astype(np.int32)
+    t, rows = bucket(d * int(per_shard.max()), config.token_buckets), config.max_num_seqs
+    placement = Placement.of(requests, counts, d, rows, t)
     pages = bucket(max(-(-(s.start + s.num_tokens) // config.page_size) for s in scheduled), config.page_buckets)
+    pages_per_shard = config.num_pages // d
     tokens, positions, slots = (np.zeros((t,), np.int32) for _ in range(3))
-    query_start_loc = np.full((rows + 1,), num_tokens, np.int32)
+    seqs = rows // d  # sequence slots per shard: shard k's offsets are query_start_loc[k * (seqs + 1):][:seqs + 1]
+    query_start_loc = np.repeat(per_shard, seqs + 1).astype(np.int32)
     context_lens = np.zeros((rows,), np.int32)
-    offset = 0
-    for i, s in enumerate(scheduled):
+    for s, row, start in zip(scheduled, placement.rows, placement.starts):
         pos = np.arange(s.start, s.start + s.num_tokens)
-        span = slice(offset, offset + s.num_tokens)
+        span = slice(start, start + s.num_tokens)
         tokens[span] = s.token_ids
         positions[span] = pos
-        slots[span] = np.asarray(s.request.pages)[pos // config.page_size] * config.page_size + pos % config.page_size
-        query_start_loc[i] = offset
-        context_lens[i] = s.start + s.num_tokens
-        offset += s.num_tokens
-    requests = [s.request for s in scheduled]
-    metadata = AttentionMetadata(slots, query_start_loc, context_lens, block_table(requests, rows, pages),
-                                 max_query_len=max_query_len(config, all(not r.is_prefilling for r in requests)))
+        page = np.asarray(s.request.pages)[pos // config.page_size] % pages_per_shard
+        slots[span] = page * config.page_size + pos % config.page_size
+        query_start_loc[row + row // seqs] = start - s.request.shard * (t // d)
+        context_lens[row] = s.start + s.num_tokens
+    metadata = AttentionMetadata(slots, query_start_loc, context_lens,
+                                 block_table(requests, rows, pages, pages_per_shard, placement.rows),
+                                 max_query_len=max_query_len(config, all(not r.is_prefilling for r in requests)),
+                                 shards=shards)
     params = [r.params for r in requests]
-    sampling = SamplingTensors.build(params, [r.seed for r in requests], rows)
+    sampling = SamplingTensors.build(params, [r.seed for r in requests], rows, placement.rows)
+    ends = placement.starts + placement.counts
     if config.num_speculative_tokens:  # logprobs are refused with speculation (LLM._checked)
-        ends = [int(query_start_loc[i]) + s.num_tokens for i, s in enumerate(scheduled)]
-        indices, verify = spec_verify.build(ends, [s.drafts for s in scheduled], rows,
+        indices, verify = spec_verify.build(list(ends), [s.drafts for s in scheduled], rows,
                                             config.num_speculative_tokens, t, draft_probs)
-        return MixedBatch(tokens, positions, metadata, indices, sampling, verify=verify)
-    logits_indices = np.maximum(query_start_loc[1:] - 1, 0)
+        return MixedBatch(tokens, positions, metadata, indices, sampling, verify=verify), placement
+    logits_indices = np.zeros((rows,), np.int32)
+    logits_indices[placement.rows] = ends - 1
     return MixedBatch(tokens, positions, metadata, logits_indices, sampling, num_logprobs(params),
-                      prompt_targets(scheduled, t))
+                      prompt_targets(scheduled, t, placement)), placement
 
 
 def wants_prompt_logprobs(s: ScheduledRequest) -> bool:
@@ -272,18 +325,37 @@ def wants_prompt_logprobs(s: ScheduledRequest) -> bool:
             and s.start + 1 < prompt_len)
 
 
-def prompt_targets(scheduled: list[ScheduledRequest], num_tokens: int) -> np.ndarray | None:
+def prompt_targets(scheduled: list[ScheduledRequest], num_tokens: int, placement: Placement) -> np.ndarray | None:
     """[T] the prompt token each flat position predicts (position p: prompt token p + 1, across chunk
     boundaries too; 0 where none), or None when no scheduled chunk needs prompt logprobs."""
     if not any(wants_prompt_logprobs(s) for s in scheduled):
         return None
-    targets, offset = np.zeros((num_tokens,), np.int32), 0
-    for s in scheduled:
+    targets = np.zeros((num_tokens,), np.int32)
+    for s, offset in zip(scheduled, placement.starts):
         prompt = s.request.prompt_token_ids
         following = prompt[s.start + 1:s.start + 1 + s.num_tokens]
         targets[offset:offset + len(following)] = following
-        offset += s.num_tokens
     return targets
+
+
+def padding_decode(config: EngineConfig, rows: int, pages: int) -> tuple:
+    """A decode call's arguments for `rows` padding rows (no request), for compiling its bucket."""
+    zeros = np.zeros((rows,), np.int32)
+    return (np.zeros((rows, config.decode_steps), np.int32), zeros, np.zeros((rows, pages), np.int32),
+            np.zeros((rows,), bool), SamplingTensors.build([], [], rows), 0)
+
+
+def padding_mixed(config: EngineConfig, num_tokens: int, pages: int, decode_only: bool = False,
+                  shards: AttentionShards | None = None, draft_probs: jax.Array | None = None) -> MixedBatch:
+    """A mixed batch of `num_tokens` padding tokens (no sequence), for compiling its bucket."""
+    rows = config.max_num_seqs
+    zeros = np.zeros((num_tokens,), np.int32)
+    metadata = padding_metadata(config, num_tokens, pages, decode_only, shards)
+    sampling = SamplingTensors.build([], [], rows)
+    if config.num_speculative_tokens:
+        indices, verify = spec_verify.padding(num_tokens, rows, config.num_speculative_tokens, draft_probs)
+        return MixedBatch(zeros, zeros, metadata, indices, sampling, verify=verify)
+    return MixedBatch(zeros, zeros, metadata, np.zeros((rows,), np.int32), sampling)
 
 
 class ModelRunner:
@@ -291,15 +363,17 @@ class ModelRunner:
 
     def __init__(self, model: nnx.Module, cache: list[LayerCache], config: EngineConfig,
                  decode_impl: str, mixed_impl: str, synthetic_accepts: float | None = None,
-                 padding_draft_probs: jax.Array | None = None):
+                 padding_draft_probs: jax.Array | None = None, shards: AttentionShards | None = None):
         """synthetic_accepts: the synthetic speculation mode's mean accepted drafts per step;
-        padding_draft_probs: a [S, K, V] q for warm-up when a draft model supplies one."""
+        padding_draft_probs: a [S, K, V] q for warm-up when a draft model supplies one;
+        shards: the DP attention shards (config.attention_shards of them), None without."""
         graphdef, self.state = nnx.split(model)
         self.cache = cache
         self.config = config
         self.padding_draft_probs = padding_draft_probs
+        self.shards = shards
         self.mixed_fn, self.decode_fn = jitted_steps(graphdef, decode_impl, mixed_impl, config.page_size,
-                                                      config.decode_steps, synthetic_accepts)
+                                                      config.decode_steps, synthetic_accepts, shards)
         # A verify step of decodes only (1 + k tokens each) runs the decode attention impl (on a CPU
         # the C++ kernel, measured faster for short queries than the jnp path chosen for chunks).
         self.verify_fn = (jitted_steps(graphdef, decode_impl, decode_impl, config.page_size, config.decode_steps,
@@ -316,18 +390,20 @@ class ModelRunner:
     def decode_inputs(self, requests: list[Request], steps_ahead: int = 0) -> DecodeInputs:
         """Host arrays of a decode call for `requests`, `steps_ahead` tokens past their last one
         (a call dispatched before the previous call's tokens reach the host feeds them on device)."""
-        cfg = self.config
-        rows = bucket(len(requests), cfg.batch_buckets)
+        cfg, d = self.config, self.config.attention_shards
+        rows = bucket(d * int(np.bincount([r.shard for r in requests], minlength=d).max()), cfg.batch_buckets)
+        at = Placement.of(requests, [1] * len(requests), d, rows, rows)
         positions = np.zeros((rows,), np.int32)
-        positions[:len(requests)] = [len(r.tokens) - 1 + steps_ahead for r in requests]
+        positions[at.rows] = [len(r.tokens) - 1 + steps_ahead for r in requests]
         tokens = np.zeros((rows, cfg.decode_steps), np.int32)
-        tokens[:len(requests), -1] = [r.tokens[-1] for r in requests]
+        tokens[at.rows, -1] = [r.tokens[-1] for r in requests]
         pages = bucket(-(-(int(positions.max()) + cfg.decode_steps) // cfg.page_size), cfg.page_buckets)
-        active = np.arange(rows) < len(requests)
+        active = np.zeros((rows,), bool)
+        active[at.rows] = True
         params = [r.params for r in requests]
-        sampling = SamplingTensors.build(params, [r.seed for r in requests], rows)
-        return DecodeInputs(tokens, positions, block_table(requests, rows, pages), active, sampling,
-                            num_logprobs(params))
+        sampling = SamplingTensors.build(params, [r.seed for r in requests], rows, at.rows)
+        return DecodeInputs(tokens, positions, block_table(requests, rows, pages, cfg.num_pages // d, at.rows), active,
+                            sampling, num_logprobs(params), at)
 
     def warmup(self) -> int:
         """Compile every (rows, pages) decode bucket and (tokens, pages) mixed bucket with all-padding
@@ -336,29 +412,13 @@ class ModelRunner:
         shapes = warmup_shapes(self.config)
         for run, n, pages in progress(shapes, "compiling shapes"):
             if run == "decode":
-                self.run_decode_arrays(*self.padding_decode(n, pages))
+                self.run_decode_arrays(*padding_decode(self.config, n, pages))
             else:
                 decode_only = run == "verify"
-                self.run_mixed_arrays(self.padding_mixed(n, pages, decode_only), decode_only)
+                self.run_mixed_arrays(padding_mixed(self.config, n, pages, decode_only, self.shards,
+                                                    self.padding_draft_probs), decode_only)
             jax.block_until_ready(self.cache)  # each bar step is one compiled (and run) shape
         return len(shapes)
-
-    def padding_decode(self, rows: int, pages: int) -> tuple:
-        zeros = np.zeros((rows,), np.int32)
-        return (np.zeros((rows, self.config.decode_steps), np.int32), zeros, np.zeros((rows, pages), np.int32),
-                np.zeros((rows,), bool), SamplingTensors.build([], [], rows), 0)
-
-    def padding_mixed(self, num_tokens: int, pages: int, decode_only: bool = False) -> MixedBatch:
-        """A mixed batch of `num_tokens` padding tokens (no sequence), for compiling its bucket."""
-        rows = self.config.max_num_seqs
-        zeros = np.zeros((num_tokens,), np.int32)
-        metadata = padding_metadata(self.config, num_tokens, pages, decode_only)
-        sampling = SamplingTensors.build([], [], rows)
-        if self.config.num_speculative_tokens:
-            indices, verify = spec_verify.padding(num_tokens, rows, self.config.num_speculative_tokens,
-                                                  self.padding_draft_probs)
-            return MixedBatch(zeros, zeros, metadata, indices, sampling, verify=verify)
-        return MixedBatch(zeros, zeros, metadata, np.zeros((rows,), np.int32), sampling)
 
     def run_mixed_arrays(self, batch: MixedBatch, decode_only: bool = False) -> tuple:
         """(tokens, logprobs, extras) and for a verify step its hidden states [T, D]; decode_only:
@@ -372,7 +432,8 @@ class ModelRunner:
         return tuple(outputs)
 
     def mixed(self, scheduled: list[ScheduledRequest]) -> StepResult:
-        return fetch(self.run_mixed_arrays(mixed_batch(scheduled, self.config)))
+        batch, placement = mixed_batch(scheduled, self.config, shards=self.shards)
+        return placement.gather(fetch(self.run_mixed_arrays(batch)))
 
 
 def fetch(outputs: tuple) -> StepResult:

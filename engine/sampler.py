@@ -27,10 +27,14 @@ class SamplingTensors:
     seed: jax.Array
 
     @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int], rows: int) -> "SamplingTensors":
-        """Host-side arrays for `rows` rows; padding rows are greedy."""
+    def build(cls, params: list[SamplingParams], seeds: list[int], rows: int,
+              at: np.ndarray | None = None) -> "SamplingTensors":
+        """Host-side arrays for `rows` rows, request i's at row at[i] (default: the first rows in
+        order); padding rows are greedy."""
         def column(values: list, fill, dtype) -> np.ndarray:
-            return np.array(values + [fill] * (rows - len(values)), dtype=dtype)
+            out = np.full((rows,), fill, dtype)
+            out[np.arange(len(values)) if at is None else at] = values
+            return out
         return cls(column([p.temperature for p in params], 0.0, np.float32),
                    column([p.top_k for p in params], -1, np.int32),
                    column([p.top_p for p in params], 1.0, np.float32),

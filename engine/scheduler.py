@@ -5,6 +5,10 @@ prefilled: a chunk of at most prefill_chunk), then waiting requests are admitted
 max_num_seqs and the page pool allow. A long prompt is split over steps and never blocks decodes.
 When pages run out the newest running request is preempted (its pages freed, recomputed later).
 An admitted request first takes its longest run of cached full pages (engine/prefix_cache.py).
+With data-parallel attention (EngineConfig.attention_shards > 1) each admission assigns the request
+to a shard: the one with the longest cached prefix for it, then the most free pages, among those
+with a free sequence slot and budget left. A shard has its own page pool, max_num_seqs / shards
+slots and budget / shards tokens; preemption frees pages on the shard that needs them.
 Policy only: no JAX, no sampled tokens (engine/output_processor.py applies those).
 """
 
@@ -68,17 +72,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        budgets = [self.config.tokens_per_shard] * self.config.attention_shards  # per attention shard
         scheduled, preempted = [], []
         for request in list(self.running):
-            if request not in self.running or budget == 0:
+            if request not in self.running or budgets[request.shard] == 0:
                 continue  # preempted on behalf of an older request, or no budget left
-            n = self._next_tokens(request, budget)
+            n = self._next_tokens(request, budgets[request.shard])
             if self._grow_or_preempt(request, request.num_computed + n, preempted):
                 scheduled.append(ScheduledRequest(request, request.num_computed, n))
-                budget -= n
+                budgets[request.shard] -= n
         if not preempted:
-            budget = self._admit(scheduled, budget)
+            self._admit(scheduled, budgets)
         return SchedulerOutput(scheduled, self._decode_steps(scheduled))
 
     def _next_tokens(self, request: Request, budget: int) -> int:
@@ -89,20 +93,33 @@ class Scheduler:
             return 1 + max(0, min(self.config.num_speculative_tokens, room, budget - 1))
         return min(request.prefill_target - request.num_computed, self.config.prefill_chunk, budget)
 
-    def _admit(self, scheduled: list[ScheduledRequest], budget: int) -> int:
-        """Start waiting requests (FCFS) while budget, max_num_seqs and pages allow."""
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _admit(self, scheduled: list[ScheduledRequest], budgets: list[int]) -> None:
+        """Start waiting requests (FCFS) while budget, sequence slots and pages allow (per shard)."""
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            hits = self.prefix_cache.lookup(request)  # a waiting request prefills from 0
-            n = min(request.prefill_target - len(hits) * self.config.page_size, self.config.prefill_chunk, budget)
-            if not self._try_start(request, hits, n):
+            n = self._start_on_a_shard(request, budgets)
+            if n is None:
                 break
             self.waiting.popleft()
             request.status = Status.RUNNING
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, request.num_computed, n))
-            budget -= n
-        return budget
+            budgets[request.shard] -= n
+
+    def _start_on_a_shard(self, request: Request, budgets: list[int]) -> int | None:
+        """Start a waiting request on a shard with a free slot, budget and the pages of its first
+        chunk, preferring the longest cached prefix, then the most free pages (without DP attention:
+        shard 0). Returns the chunk's tokens; None when no shard can take it."""
+        seats = collections.Counter(r.shard for r in self.running)
+        hits = {d: self.prefix_cache.lookup(request, d) for d in range(self.config.attention_shards)
+                if budgets[d] > 0 and seats[d] < self.config.seqs_per_shard}  # a waiting request prefills from 0
+        for d in sorted(hits, key=lambda d: (-len(hits[d]), -self.allocator.num_free_in(d), d)):
+            request.shard = d
+            n = min(request.prefill_target - len(hits[d]) * self.config.page_size, self.config.prefill_chunk,
+                    budgets[d])
+            if self._try_start(request, hits[d], n):
+                return n
+        return None
 
     def _decode_steps(self, scheduled: list[ScheduledRequest]) -> int:
         """decode_steps for a decode-only step whose requests all get pages for that many more
@@ -153,9 +170,9 @@ class Scheduler:
     def _try_grow(self, request: Request, num_tokens: int) -> bool:
         """Give `request` pages for its first `num_tokens` tokens, if the pool has them."""
         need = max(0, -(-num_tokens // self.config.page_size) - len(request.pages))
-        if not self.allocator.can_allocate(need):
+        if not self.allocator.can_allocate(need, request.shard):
             return False
-        request.pages += self.allocator.allocate(need)
+        request.pages += self.allocator.allocate(need, request.shard)
         return True
 
     def _try_start(self, request: Request, hits: list[int], n: int) -> bool:
@@ -163,19 +180,19 @@ class Scheduler:
         tokens after them, its prefill starting past the hits, if the pool has them."""
         computed = len(hits) * self.config.page_size
         need = -(-(computed + n) // self.config.page_size) - len(hits)
-        if not self.allocator.can_allocate(need + self.allocator.num_free_of(hits)):
+        if not self.allocator.can_allocate(need + self.allocator.num_free_of(hits), request.shard):
             return False
         self.allocator.share(hits)
-        request.pages = hits + self.allocator.allocate(need)
+        request.pages = hits + self.allocator.allocate(need, request.shard)
         request.num_computed = computed
         self.prefix_cache.record(request, len(hits))
         return True
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, preempted: list[Request]) -> bool:
-        """Pages for `num_tokens` of `request`, preempting the newest running requests for them;
-        False when `request` itself had to go."""
+        """Pages for `num_tokens` of `request`, preempting the newest running requests of its
+        shard for them; False when `request` itself had to go."""
         while not self._try_grow(request, num_tokens):
-            victim = self.running[-1]
+            victim = next(r for r in reversed(self.running) if r.shard == request.shard)
             self._preempt(victim)
             preempted.append(victim)
             if victim is request:

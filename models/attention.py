@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ from flax import nnx
 from models.config import ModelConfig
 from models.layers import Linear, RMSNorm, RotaryEmbedding
 from pallas_kernels import ops
-from sharding import head_parallel
+from sharding import attention_shards, head_parallel
+from sharding.attention_shards import AttentionShards
 
 LayerCache = tuple[jax.Array, ...]  # K and V pages [Hkv, num_pages, page_size, D] (MLA: one latent tensor)
 
@@ -66,6 +68,9 @@ class AttentionMetadata:
     context_lens: [S] int32 tokens in the cache for each sequence, new ones included.
     block_tables: [S, max_pages] int32 page ids of each sequence (padded with 0).
     max_query_len: static bound on any sequence's new tokens (1: a decode step).
+    shards: static; with data-parallel attention, the shards whose own metadata every field lays
+        end to end (sharding/attention_shards.py: query_start_loc then has D * (S_s + 1) entries,
+        local offsets, and the tables and slots local page ids); None: one shard.
     """
 
     slot_mapping: jax.Array
@@ -73,16 +78,32 @@ class AttentionMetadata:
     context_lens: jax.Array
     block_tables: jax.Array
     max_query_len: int = dataclasses.field(default=1, metadata=dict(static=True))
+    shards: AttentionShards | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
     def one_token_per_row(cls, positions: jax.Array, active: jax.Array, block_tables: jax.Array,
-                          page_size: int) -> AttentionMetadata:
+                          page_size: int, shards: AttentionShards | None = None) -> AttentionMetadata:
         """A decode step outside the scheduler (multi-step decode, draft proposals): row b's one new
-        token at positions[b]; inactive rows write into the null page and attend to nothing."""
+        token at positions[b]; inactive rows write into the null page and attend to nothing. With
+        DP attention the rows are `shards.size` equal groups, one per shard (local page ids)."""
         page = jnp.take_along_axis(block_tables, (positions // page_size)[:, None], axis=1, mode="fill", fill_value=0)
         slot = jnp.where(active, page[:, 0] * page_size + positions % page_size, 0)
-        query_start_loc = jnp.arange(positions.shape[0] + 1, dtype=jnp.int32)
-        return cls(slot, query_start_loc, jnp.where(active, positions + 1, 0), block_tables, max_query_len=1)
+        groups = 1 if shards is None else shards.size
+        query_start_loc = jnp.tile(jnp.arange(positions.shape[0] // groups + 1, dtype=jnp.int32), groups)
+        return cls(slot, query_start_loc, jnp.where(active, positions + 1, 0), block_tables, max_query_len=1,
+                   shards=shards)
+
+    def per_shard(self, fn: Callable, tokens: tuple, pages: tuple, per_head: jax.Array | None = None,
+                  heads: tuple | None = None) -> tuple:
+        """fn(tokens, pages, per_head, metadata) -> (out, pages), run on each data-parallel attention
+        shard's tokens, pages and metadata (self.shards) and on each KV-head shard (`heads`: (mesh,
+        axes) from head_parallel.kv_heads_split) inside one shard_map; as one program when neither."""
+        if self.shards is None and heads is None:
+            return fn(tokens, pages, per_head, self)
+        mesh = heads[0] if self.shards is None else self.shards.mesh
+        return attention_shards.per_shard(fn, mesh, None if self.shards is None else self.shards.axes,
+                                          None if heads is None else heads[1], tokens, pages, per_head,
+                                          dataclasses.replace(self, shards=None))
 
     def attend(self, q_btnh: jax.Array, k_pages: jax.Array, v_pages: jax.Array, impl: str,
                **kwargs) -> jax.Array:
@@ -147,17 +168,19 @@ class Attention(nnx.Module):
         if cache is None:
             out = ops.flash_attention(q, k, v, causal=True, **kwargs)
         else:
-            k_pages = write_pages(cache[0], k, metadata.slot_mapping)
-            v_pages = write_pages(cache[1], v, metadata.slot_mapping)
-            cache = (k_pages, v_pages)
-            out = self._attend(q, k_pages, v_pages, metadata, **kwargs)
+            out, cache = self._paged(q, k, v, cache, metadata, **kwargs)
         return self.o_proj(out.astype(x_btd.dtype), attention_impl), cache
 
-    def _attend(self, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, metadata: AttentionMetadata, *,
-                sinks: jax.Array | None, impl: str, **kwargs) -> jax.Array:
-        """metadata.attend, per head shard where a kernel GSPMD cannot partition meets split heads."""
-        split = head_parallel.kv_heads_split(self.k_proj.kernel) if head_parallel.needs_shard_map(impl) else None
-        if split is None:
-            return metadata.attend(q, k_pages, v_pages, sinks=sinks, impl=impl, **kwargs)
-        attend = lambda q, k, v, s, m: m.attend(q, k, v, sinks=s, impl=impl, **kwargs)  # noqa: E731
-        return head_parallel.attend_per_head_shard(attend, *split, q, k_pages, v_pages, sinks, metadata)
+    def _paged(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache, metadata: AttentionMetadata, *,
+               sinks: jax.Array | None, impl: str, **kwargs) -> tuple[jax.Array, LayerCache]:
+        """Write the new K/V into the pages and attend over them; per DP attention shard, and per
+        KV-head shard where a kernel GSPMD cannot partition (or DP attention) meets split heads."""
+
+        def run(tokens, pages, sinks, metadata):
+            q, k, v = tokens
+            pages = tuple(write_pages(p, x, metadata.slot_mapping) for p, x in zip(pages, (k, v)))
+            return metadata.attend(q, *pages, sinks=sinks, impl=impl, **kwargs), pages
+
+        split = metadata.shards is not None or head_parallel.needs_shard_map(impl)
+        heads = head_parallel.kv_heads_split(self.k_proj.kernel) if split else None
+        return metadata.per_shard(run, (q, k, v), tuple(cache), sinks, heads)

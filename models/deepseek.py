@@ -122,9 +122,14 @@ class MLAttention(nnx.Module):
         q_latent = jnp.einsum("bthn,lhn->bthl", q_nope, w_uk)
         q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)  # [B, T, H, L + rope]
         latent = jnp.concatenate([c_btl[:, :, None, :], k_rope.astype(c_btl.dtype)], axis=-1)  # [B, T, 1, L + rope]
-        pages = write_pages(cache[0], latent, metadata.slot_mapping)
-        out_latent = metadata.attend_latent(q, pages, self.config.kv_lora_rank, impl, self.scale)
-        return jnp.einsum("bthl,lhv->bthv", out_latent, w_uv), (pages,)
+
+        def run(tokens, pages, _, metadata):  # per DP attention shard (AttentionMetadata.per_shard)
+            q, latent = tokens
+            pages = (write_pages(pages[0], latent, metadata.slot_mapping),)
+            return metadata.attend_latent(q, pages[0], self.config.kv_lora_rank, impl, self.scale), pages
+
+        out_latent, cache = metadata.per_shard(run, (q, latent), tuple(cache))
+        return jnp.einsum("bthl,lhv->bthv", out_latent, w_uv), cache
 
 
 def deepseek_block(config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> DecoderBlock:

@@ -27,7 +27,6 @@ import math
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -39,7 +38,7 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 from engine import kv_cache
 from engine.config import EngineConfig
-from engine.runner import MixedBatch, ModelRunner, jitted_steps
+from engine.runner import MixedBatch, jitted_steps, padding_decode, padding_mixed
 from models.config import ModelConfig
 from models.registry import abstract_model, get_preset
 from pallas_kernels import compiled_stats
@@ -196,10 +195,9 @@ def step_inputs(config: ModelConfig, engine: EngineConfig, dtype: jnp.dtype, bat
     pool = jax.ShapeDtypeStruct(shape, kv_cache.pool_dtype(dtype, True, engine.kv_cache_dtype), sharding=cache_spec)
     cache = [(pool,) * kv_cache.layout(config).tensors for _ in range(config.num_layers)]
     replicated = None if mesh is None else jax.NamedSharding(mesh, jax.P())
-    runner = types.SimpleNamespace(config=engine)  # the runner's padding-input builders need only its config
     inputs = lambda tree: jax.tree.map(lambda x: place(_abstract(x), replicated) if hasattr(x, "shape") else x, tree)  # noqa: E731
-    decode = inputs(ModelRunner.padding_decode(runner, batch, pages))
-    mixed: MixedBatch = inputs(ModelRunner.padding_mixed(runner, tokens, pages))
+    decode = inputs(padding_decode(engine, batch, pages))
+    mixed: MixedBatch = inputs(padding_mixed(engine, tokens, pages))
     return dict(graphdef=graphdef, state=state, cache=cache, decode=(state, cache, *decode), mixed=(state, cache, mixed))
 
 

@@ -201,7 +201,7 @@ class EngineLoop:
     def _publish_state(self) -> None:
         scheduler, allocator = self.llm.scheduler, self.llm.allocator
         self.metrics.engine_state(len(scheduler.running), len(scheduler.waiting),
-                                  allocator.num_pages - 1 - allocator.num_free)
+                                  allocator.capacity - allocator.num_free)
 
     def _shut_down(self, message: str) -> None:
         """Abort every request in flight and refuse every one still in the inbox."""

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import functools
 import re
-import types
 
 import numpy as np
 import pytest
@@ -30,7 +29,7 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 from engine import kv_cache
 from engine.config import EngineConfig
-from engine.runner import ModelRunner, jitted_steps
+from engine.runner import jitted_steps, padding_decode, padding_mixed
 from models.registry import abstract_model, get_preset
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import grouped_matmul as gmm
@@ -375,10 +374,9 @@ def gpt_oss_steps(batch: int = 64, context: int = 4096, tokens: int = 512, page_
     graphdef, state = nnx.split(abstract_model(config, BF16, weights="bfloat16"))
     pool = sds(kv_cache.page_shape(config, engine.num_pages, page_size))
     cache = [(pool, pool) for _ in range(config.num_layers)]
-    runner = types.SimpleNamespace(config=engine)  # the padding-input builders need only its config
     abstract = lambda x: sds(x.shape, x.dtype) if hasattr(x, "dtype") else x  # noqa: E731
-    decode = jax.tree.map(abstract, ModelRunner.padding_decode(runner, batch, pages))
-    mixed = jax.tree.map(abstract, ModelRunner.padding_mixed(runner, tokens, pages))
+    decode = jax.tree.map(abstract, padding_decode(engine, batch, pages))
+    mixed = jax.tree.map(abstract, padding_mixed(engine, tokens, pages))
     mixed_fn, decode_fn = jitted_steps(graphdef, "pallas", "pallas", page_size, engine.decode_steps)
     return dict(decode=(decode_fn, (state, cache, *decode)), mixed=(mixed_fn, (state, cache, mixed)))
 

@@ -248,3 +248,93 @@ def test_attention_runs_per_head_shard_for_kernels_gspmd_cannot_split(monkeypatc
     hlo = step.lower(x, jnp.asarray([positions]), placed, metadata).compile().as_text()
     gathered = re.findall(r"=\s*(\S+)\s+all-gather", hlo)
     assert not [g for g in gathered if g.startswith(f"f32[{config.num_kv_heads},{pages},")], gathered
+
+
+# Data-parallel attention beside the TP layout, one flag (the rules) apart (sharding/attention_shards.py).
+ATTENTION_LAYOUTS = {
+    "deepseek-dp8-ep8": ("tiny-deepseek-v3", dict(expert=8), "expert_dp"),
+    "deepseek-tp8": ("tiny-deepseek-v3", dict(tensor=8), "tensor_experts"),
+    "gpt-oss-dp4-tp2-ep4": ("tiny-gpt-oss", dict(tensor=2, expert=4), "expert_dp"),
+    "gpt-oss-dp8-ep8": ("tiny-gpt-oss", dict(expert=8), "expert_dp"),
+}
+ENGINE = dict(page_size=8, max_model_len=96, max_num_seqs=16, prefill_chunk=16, max_num_batched_tokens=128,
+              num_pages=128)
+
+
+def uneven_run(llm) -> list:
+    """Ten requests of random lengths arriving between steps (three at a time) and finishing
+    unevenly, greedy with top-2 logprobs (one with prompt logprobs); their outputs in order."""
+    from engine import SamplingParams
+    rng = np.random.default_rng(0)
+    requests = []
+    for i in range(10):
+        prompt = [int(t) for t in rng.integers(0, 256, rng.integers(3, 40))]
+        params = SamplingParams(temperature=0.0, max_tokens=int(rng.integers(2, 12)), ignore_eos=True, logprobs=2,
+                                prompt_logprobs=1 if i == 4 else None)
+        requests.append(llm.add_request(prompt, params))
+        if i % 3 == 2:
+            llm.step()
+    while llm.has_unfinished():
+        llm.step()
+    return [r.output() for r in requests]
+
+
+@pytest.fixture(scope="module")
+def single_device_outputs(models) -> dict[str, list]:
+    from engine import LLM
+    return {name: uneven_run(LLM(models[name], **ENGINE)) for name in {m for m, _, _ in ATTENTION_LAYOUTS.values()}}
+
+
+def assert_logprobs_close(got: list, want: list) -> None:
+    """Per position {token id: logprob} (None where a prompt's first token has none): same ids, close values."""
+    assert [None if e is None else sorted(e) for e in got] == [None if e is None else sorted(e) for e in want]
+    values = lambda entries: np.asarray([v for e in entries if e for _, v in sorted(e.items())])  # noqa: E731
+    np.testing.assert_allclose(values(got), values(want), atol=2e-5)
+
+
+@needs_8
+@pytest.mark.parametrize("layout", ATTENTION_LAYOUTS)
+def test_attention_layouts_match_one_device(models, single_device_outputs, layout):
+    """DP attention (each request on one shard, with its own pages, slots and budget) and TP
+    attention give one device's tokens, top-2 logprobs and prompt logprobs to float32 rounding,
+    with requests arriving and finishing unevenly across the shards."""
+    from engine import LLM
+    name, mesh_shape, rules = ATTENTION_LAYOUTS[layout]
+    llm = LLM(models[name], mesh=make_mesh(**mesh_shape), rules=rules, **ENGINE)
+    outputs = uneven_run(llm)
+    for got, want in zip(outputs, single_device_outputs[name]):
+        assert got.token_ids == want.token_ids
+        assert_logprobs_close(got.logprobs, want.logprobs)
+        if want.prompt_logprobs is not None:
+            assert_logprobs_close(got.prompt_logprobs, want.prompt_logprobs)
+    shards = llm.config.attention_shards
+    assert shards == (1 if rules == "tensor_experts" else 8 // mesh_shape.get("tensor", 1))
+    assert llm.allocator.num_free == llm.allocator.capacity  # every shard's pages came back
+    if shards > 1:
+        assert llm.runner.cache[0][0].sharding.spec[1] == "expert"  # each shard holds its own pages
+
+
+@needs_8
+def test_data_parallel_attention_gathers_no_pages(models):
+    """The DP decode step runs the cache write and attention inside shard_map: no all-gather of
+    the page pool (GSPMD around an unpartitionable kernel gathered 48.7 GB per step for R1)."""
+    from engine import LLM
+    from engine.runner import padding_decode
+    llm = LLM(models["tiny-deepseek-v3"], mesh=make_mesh(expert=8), rules="expert_dp", **ENGINE)
+    pool = llm.runner.cache[0][0]
+    hlo = llm.runner.decode_fn.lower(llm.runner.state, llm.runner.cache,
+                                     *padding_decode(llm.config, 8, 16)).compile().as_text()
+    gathered = re.findall(r"=\s*(\S+)\s+all-gather", hlo)
+    assert not [g for g in gathered if g.startswith(f"f32[{pool.shape[0]},{pool.shape[1]},")], gathered
+
+
+@needs_8
+def test_data_parallel_attention_refuses_what_it_cannot_do(models):
+    from engine import LLM
+    with pytest.raises(ValueError, match=r"max_num_seqs=12 does not split into 8 data-parallel attention shards"):
+        LLM(models["tiny-deepseek-v3"], mesh=make_mesh(expert=8), rules="expert_dp", **{**ENGINE, "max_num_seqs": 12})
+    with pytest.raises(ValueError, match="speculative decoding is not supported with data-parallel attention"):
+        LLM(models["tiny-deepseek-v3"], mesh=make_mesh(expert=8), rules="expert_dp",
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2}, **ENGINE)
+    with pytest.raises(ValueError, match="unknown sharding rules 'dp'"):
+        LLM(models["tiny-deepseek-v3"], mesh=make_mesh(expert=8), rules="dp", **ENGINE)

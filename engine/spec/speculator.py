@@ -66,7 +66,7 @@ class Speculator:
     def verify(self, runner: ModelRunner, scheduled: list[ScheduledRequest]) -> StepResult:
         """Run the target's verify (mixed) step, let the proposer see it, fetch the results."""
         q = runner.padding_draft_probs if self._draft_probs is None else self._draft_probs
-        batch = mixed_batch(scheduled, runner.config, q)
+        batch, _ = mixed_batch(scheduled, runner.config, q)  # one attention shard: scheduled order
         self._draft_probs = None
         outputs = runner.run_mixed_arrays(batch, decode_only=not any(s.request.is_prefilling for s in scheduled))
         result = fetch(outputs)
