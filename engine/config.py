@@ -39,7 +39,7 @@ class EngineConfig:
     token plus prefill chunks of at most prefill_chunk tokens per request. A step with no prefill
     work runs decode_steps decode steps (sampling included) inside one jitted call between host
     checks of the stop conditions. max_num_batched_tokens defaults by platform
-    (default_token_budget), prefill_chunk to min(512, max_num_batched_tokens).
+    (default_token_budget), prefill_chunk to min(512, max_num_batched_tokens / attention_shards).
     """
 
     max_model_len: int
@@ -72,8 +72,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is None:
             object.__setattr__(self, "max_num_batched_tokens", default_token_budget(jax.default_backend()))
+        self._check_shards()
         if self.prefill_chunk is None:
-            object.__setattr__(self, "prefill_chunk", min(512, self.max_num_batched_tokens))
+            object.__setattr__(self, "prefill_chunk", min(512, self.tokens_per_shard))
         for name in ("max_model_len", "page_size", "max_num_seqs", "prefill_chunk",
                      "max_num_batched_tokens", "decode_steps", "kv_cache_bytes"):
             if getattr(self, name) < 1:
@@ -85,7 +86,6 @@ class EngineConfig:
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
-        self._check_shards()
         if self.prefill_chunk > self.tokens_per_shard:
             raise ValueError(f"prefill_chunk={self.prefill_chunk} exceeds "
                              f"max_num_batched_tokens={self.max_num_batched_tokens}" + self._per_shard)

@@ -87,8 +87,9 @@ def allocate(config: ModelConfig, num_pages: int, page_size: int, model_dtype: j
 
 
 def summary(config: ModelConfig, num_pages: int, page_size: int, model_dtype: jnp.dtype,
-            kv_cache_dtype: str = "auto") -> str:
+            kv_cache_dtype: str = "auto", shards: int = 1) -> str:
     total = num_pages * bytes_per_page(config, page_size, model_dtype, kv_cache_dtype)
-    return (f"KV cache: {num_pages} pages x {page_size} tokens = {(num_pages - 1) * page_size} token capacity "
-            f"(page 0 reserved), {total / 2**20:.1f} MiB {pool_dtype(model_dtype, kv_cache_dtype=kv_cache_dtype).name} "
+    split = f", split over {shards} data-parallel attention shards" if shards > 1 else ""
+    return (f"KV cache: {num_pages} pages x {page_size} tokens = {(num_pages - shards) * page_size} token capacity "
+            f"(page 0 of each shard reserved{split}), {total / 2**20:.1f} MiB {pool_dtype(model_dtype, kv_cache_dtype=kv_cache_dtype).name} "
             f"over {config.num_layers} layers")

@@ -378,7 +378,8 @@ def _engine_config(model: LoadedModel, engine_args: dict, spec: SpeculativeConfi
         num_pages = kv_cache.pages_for_budget(cfg, config.page_size, model.dtype, config.kv_cache_bytes, useful,
                                                config.kv_cache_dtype)
         config = dataclasses.replace(config, num_pages=num_pages // config.attention_shards * config.attention_shards)
-    logging.info(kv_cache.summary(cfg, config.num_pages, config.page_size, model.dtype, config.kv_cache_dtype))
+    logging.info(kv_cache.summary(cfg, config.num_pages, config.page_size, model.dtype, config.kv_cache_dtype,
+                                  config.attention_shards))
     return config
 
 

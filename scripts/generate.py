@@ -14,6 +14,8 @@ from absl import app, flags
 from benchmarks.compilations import count_cache_hits, count_compilations
 from engine import LLM, SamplingParams
 from pallas_kernels.ops import IMPLS
+from sharding import RULES
+from sharding.mesh import parse_mesh
 
 MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "preset, .gguf file, HF dir or orbax dir")
 PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "the prompt (a user message with --chat)")
@@ -37,6 +39,10 @@ WARMUP = flags.DEFINE_bool("warmup", False, "compile every shape bucket first (m
 KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"],
                                    "KV pool storage: model dtype, or FP8 e4m3 (half the bytes; jnp attention path)")
 ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(IMPLS), "attention ops (pallas_kernels/ops.py)")
+MESH = flags.DEFINE_string("mesh", None, "shard over a device mesh, e.g. expert=8 or tensor=2,expert=4 "
+                           "(sharding/mesh.py parse_mesh)")
+RULES = flags.DEFINE_enum("rules", None, list(RULES), "sharding rules on --mesh (sharding/rules.py; expert_dp: "
+                          "data-parallel attention + expert parallelism; default: the model's)")
 JSON_OUT = flags.DEFINE_string("json_out", None, "also write the timings here as JSON")
 
 
@@ -62,9 +68,9 @@ def main(argv: list[str]) -> None:
     del argv
     record = {"model": MODEL.value, "warmup": WARMUP.value}
     with timed(record, "load"):
-            llm = LLM(MODEL.value, dtype=DTYPE.value, weights=WEIGHTS.value, page_size=PAGE_SIZE.value,
-                  num_pages=NUM_PAGES.value, max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
-                  decode_steps=DECODE_STEPS.value, attention_impl=ATTENTION_IMPL.value,
+        llm = LLM(MODEL.value, dtype=DTYPE.value, weights=WEIGHTS.value, mesh=parse_mesh(MESH.value), rules=RULES.value,
+                  page_size=PAGE_SIZE.value, num_pages=NUM_PAGES.value, max_num_seqs=MAX_NUM_SEQS.value,
+                  max_model_len=MAX_MODEL_LEN.value, decode_steps=DECODE_STEPS.value, attention_impl=ATTENTION_IMPL.value,
                   kv_cache_dtype=KV_CACHE_DTYPE.value, max_num_batched_tokens=MAX_BATCHED.value)
     params = SamplingParams(temperature=TEMPERATURE.value, top_p=TOP_P.value, top_k=TOP_K.value,
                             min_p=MIN_P.value, seed=SEED.value, max_tokens=MAX_TOKENS.value)

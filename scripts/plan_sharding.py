@@ -98,8 +98,10 @@ def decode_inputs(rows: int, pages: int, mesh, rules) -> dict:
             "tables": batch_input((rows, pages), jnp.int32, mesh, rules), "sampling": sampling}
 
 
-def mixed_inputs(tokens: int, seqs: int, pages: int, mesh, rules):
-    """An abstract mixed (ragged) step: `tokens` flat tokens over `seqs` sequence slots."""
+def mixed_inputs(tokens: int, seqs: int, pages: int, mesh, rules, shards):
+    """An abstract mixed (ragged) step: `tokens` flat tokens over `seqs` sequence slots; with DP
+    attention (`shards`) in the engine's layout: D segments of tokens / D, each shard's own
+    query_start_loc (seqs / D + 1 entries), a chunk of at most tokens / D per sequence."""
     import jax
     import jax.numpy as jnp
     from engine.runner import MixedBatch
@@ -107,9 +109,11 @@ def mixed_inputs(tokens: int, seqs: int, pages: int, mesh, rules):
     from models.attention import AttentionMetadata
     flat = batch_input((tokens,), jnp.int32, mesh, rules)
     per_seq = batch_input((seqs,), jnp.int32, mesh, rules)
-    replicated = jax.NamedSharding(mesh, jax.P())
-    metadata = AttentionMetadata(flat, jax.ShapeDtypeStruct((seqs + 1,), jnp.int32, sharding=replicated), per_seq,
-                                 batch_input((seqs, pages), jnp.int32, mesh, rules), max_query_len=FLAGS.prefill_chunk)
+    d = 1 if shards is None else shards.size
+    offsets = (jax.ShapeDtypeStruct((seqs + 1,), jnp.int32, sharding=jax.NamedSharding(mesh, jax.P())) if d == 1
+               else batch_input((seqs + d,), jnp.int32, mesh, rules))
+    metadata = AttentionMetadata(flat, offsets, per_seq, batch_input((seqs, pages), jnp.int32, mesh, rules),
+                                 max_query_len=min(FLAGS.prefill_chunk, tokens // d), shards=shards)
     sampling = jax.tree.map(lambda x: batch_input(x.shape, x.dtype, mesh, rules), SamplingTensors.build([], [], seqs))
     return MixedBatch(flat, flat, metadata, per_seq, sampling)
 
@@ -130,11 +134,13 @@ def compile_steps(graphdef, state, cache, mesh, rules) -> dict[str, tuple[object
     Pallas kernels with --target, the CPU's choice otherwise."""
     import jax
     from engine.runner import jitted_steps
+    from sharding.attention_shards import data_parallel_shards
     impl = "pallas" if FLAGS.target else "auto"
-    mixed_fn, decode_fn = jitted_steps(graphdef, impl, impl, FLAGS.page_size, 1)
+    shards = data_parallel_shards(mesh, rules)
+    mixed_fn, decode_fn = jitted_steps(graphdef, impl, impl, FLAGS.page_size, 1, shards=shards)
     batch_size, context = batch_and_context()
     pages_per_seq = -(-context // FLAGS.page_size)
-    batch = mixed_inputs(FLAGS.prefill_rows * FLAGS.prefill_chunk, batch_size, pages_per_seq, mesh, rules)
+    batch = mixed_inputs(FLAGS.prefill_rows * FLAGS.prefill_chunk, batch_size, pages_per_seq, mesh, rules, shards)
     dec = decode_inputs(batch_size, pages_per_seq, mesh, rules)
     steps = {"prefill": lambda: mixed_fn.lower(state, cache, batch),
              "decode": lambda: decode_fn.lower(state, cache, dec["fed"], dec["rows"], dec["tables"], dec["active"],

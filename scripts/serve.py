@@ -14,6 +14,8 @@ from absl import app, flags, logging
 
 from engine import LLM
 from pallas_kernels.ops import IMPLS
+from sharding import RULES
+from sharding.mesh import parse_mesh
 from server.app import Server, create_app
 from server.engine_loop import EngineLoop
 from server.metrics import ServerMetrics
@@ -46,13 +48,17 @@ DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted 
 ASYNC = flags.DEFINE_bool("async_scheduling", False, "dispatch a decode call's successor before its tokens")
 KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"],
                                    "KV pool storage: model dtype, or FP8 e4m3 (half the bytes; jnp attention path)")
+MESH = flags.DEFINE_string("mesh", None, "shard over a device mesh, e.g. expert=8 or tensor=2,expert=4 "
+                           "(sharding/mesh.py parse_mesh)")
+RULES = flags.DEFINE_enum("rules", None, list(RULES), "sharding rules on --mesh (sharding/rules.py; expert_dp: "
+                          "data-parallel attention + expert parallelism; default: the model's)")
 ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(IMPLS), "attention ops (pallas_kernels/ops.py)")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    llm = LLM(MODEL.value, dtype=DTYPE.value, weights=WEIGHTS.value, seed=SEED.value,
-              max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
+    llm = LLM(MODEL.value, dtype=DTYPE.value, weights=WEIGHTS.value, mesh=parse_mesh(MESH.value), rules=RULES.value,
+              seed=SEED.value, max_num_seqs=MAX_NUM_SEQS.value, max_model_len=MAX_MODEL_LEN.value,
               max_num_batched_tokens=MAX_BATCHED.value, prefill_chunk=PREFILL_CHUNK.value, page_size=PAGE_SIZE.value,
               num_pages=NUM_PAGES.value, kv_cache_bytes=KV_BYTES.value, decode_steps=DECODE_STEPS.value,
               async_scheduling=ASYNC.value, attention_impl=ATTENTION_IMPL.value,

@@ -36,6 +36,20 @@ def make_mesh(data: int = 1, tensor: int = 1, expert: int = 1,
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def parse_mesh(spec: str | None) -> Mesh | None:
+    """A mesh from a flag like "expert=8" or "tensor=2,expert=4" (unnamed axes 1); None for None/"".
+    On CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N must give the devices first."""
+    if not spec:
+        return None
+    sizes = {}
+    for part in spec.split(","):
+        name, _, size = part.partition("=")
+        if name.strip() not in MESH_AXES or not size.strip().isdigit():
+            raise ValueError(f"mesh {spec!r}: expected axis=size entries over {MESH_AXES}, e.g. 'tensor=2,expert=4'")
+        sizes[name.strip()] = int(size)
+    return make_mesh(**sizes)
+
+
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, local_device_count: int | None = None) -> None:
     """`jax.distributed.initialize` from arguments or the environment.

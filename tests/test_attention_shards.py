@@ -116,3 +116,11 @@ def test_placement_fills_each_shards_group_and_gathers_back_in_order():
     flat = np.arange(8, dtype=np.float32)
     got = p.gather(StepResult(tokens, tokens.astype(np.float32), prompt_logprobs=flat))
     assert got.tokens[:, 0].tolist() == [20, 0, 30] and got.prompt_logprobs.tolist() == [4, 5, 6, 0, 1, 7]
+
+
+def test_mesh_flag_parses_axis_sizes_and_names_a_bad_one():
+    from sharding.mesh import parse_mesh
+    assert parse_mesh(None) is None and parse_mesh("") is None
+    assert dict(parse_mesh("tensor=1,expert=1").shape) == {"data": 1, "tensor": 1, "expert": 1}
+    with pytest.raises(ValueError, match=r"mesh 'model=2': expected axis=size entries"):
+        parse_mesh("model=2")
