@@ -186,14 +186,18 @@ def plan() -> dict:
                        "kv_cache_pages": num_pages, "kv_dtype": jax.tree.leaves(cache)[0].dtype.name,
                        "kv_token_bytes": per_device_bytes(cache) // (num_pages // shards * FLAGS.page_size)},
     }
-    for name, (compiled, seconds) in compile_steps(graphdef, state, cache, mesh, rules).items():
-        report[name] = {"compile_seconds": round(seconds, 1), "memory": memory(compiled),
-                        "collectives": collectives(compiled.as_text())}
+    hbm_gib = target.memory_bytes / 2**30 if target else FLAGS.hbm_gib
+    per_device = report["per_device"]
+    if per_device["param_bytes"] + per_device["kv_cache_bytes"] <= FLAGS.headroom * hbm_gib * 2**30:
+        for name, (compiled, seconds) in compile_steps(graphdef, state, cache, mesh, rules).items():
+            report[name] = {"compile_seconds": round(seconds, 1), "memory": memory(compiled),
+                            "collectives": collectives(compiled.as_text())}
+    # else: weights and KV alone do not fit; compiling (minutes to half an hour) would not change that
     if target and FLAGS.isl is not None:
         model_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
         report["roofline_estimate"] = estimate(config, model_bytes, jax.tree.leaves(cache)[0].dtype.itemsize,
                                                mesh.size, FLAGS.target, batch)
-    return _fit(report, target.memory_bytes / 2**30 if target else FLAGS.hbm_gib)
+    return _fit(report, hbm_gib)
 
 
 def estimate(config, model_bytes: int, kv_bytes: int, devices: int, target: str, concurrency: int) -> dict:
@@ -213,10 +217,12 @@ def estimate(config, model_bytes: int, kv_bytes: int, devices: int, target: str,
 
 
 def _fit(report: dict, hbm_gib: float) -> dict:
-    """Adds the peak per device (params + cache + the larger step temporary), the verdict against
-    --headroom x hbm_gib, and the KV tokens one device could hold beside its weights (before step
-    temporaries, which the CPU's XLA reference paths overstate: module doc)."""
-    temp = max(report[s]["memory"]["temp_bytes"] for s in ("prefill", "decode"))
+    """Adds the peak per device (params + cache + the larger step temporary; none when the steps
+    were not compiled because weights and KV alone do not fit), the verdict against --headroom x
+    hbm_gib, and the KV tokens one device could hold beside its weights (before step temporaries,
+    which the CPU's XLA reference paths overstate: module doc)."""
+    compiled = "decode" in report
+    temp = max(report[s]["memory"]["temp_bytes"] for s in ("prefill", "decode")) if compiled else 0
     per_device = report["per_device"]
     peak = per_device["param_bytes"] + per_device["kv_cache_bytes"] + temp
     per_device["peak_bytes"] = peak
@@ -228,8 +234,9 @@ def _fit(report: dict, hbm_gib: float) -> dict:
     per_device["kv_capacity_tokens"] = max(0, int((limit - per_device["param_bytes"]) // per_device["kv_token_bytes"]))
     report.update(hbm_gib=round(hbm_gib, 2), headroom=FLAGS.headroom, fits=peak <= limit)
     if not report["fits"]:
+        workspace = f"workspace {per_device['workspace_gib']}" if compiled else "steps not compiled"
         report["does_not_fit"] = (f"{peak / 2**30:.1f} GiB per device needed (weights {per_device['param_gib']}, "
-                                  f"KV {per_device['kv_gib']}, workspace {per_device['workspace_gib']}), "
+                                  f"KV {per_device['kv_gib']}, {workspace}), "
                                   f"{limit / 2**30:.1f} GiB available ({FLAGS.headroom:.0%} of {hbm_gib:.1f})")
     return report
 

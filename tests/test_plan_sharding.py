@@ -75,3 +75,13 @@ def test_gpt_oss_120b_native_fits_one_h200():
     assert not small["fits"]
     assert re.fullmatch(r"\d+\.\d GiB per device needed \(weights 60\.77, KV 41\.6\d, workspace [\d.]+\), "
                         r"90\.0 GiB available \(90% of 100\.0\)", small["does_not_fit"]), small["does_not_fit"]
+
+
+def test_weights_and_kv_that_cannot_fit_are_reported_without_compiling():
+    """60.8 GiB of weights + 41.6 of KV exceed 90% of 80 GiB before any workspace: the numbers,
+    and no half-hour compile to learn it."""
+    report = plan("--model=gpt-oss-120b", "--devices=1", "--concurrency=64", "--isl=8192", "--osl=1024",
+                  "--hbm_gib=80")
+    assert not report["fits"] and "decode" not in report and "memory" not in report["prefill"]
+    assert re.fullmatch(r"102\.4 GiB per device needed \(weights 60\.77, KV 41\.6\d, steps not compiled\), "
+                        r"72\.0 GiB available \(90% of 80\.0\)", report["does_not_fit"]), report["does_not_fit"]
