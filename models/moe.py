@@ -110,7 +110,7 @@ class Experts(nnx.Module):
         return 0.0 if bias is None else jnp.take(bias[...], expert_ids, axis=0)
 
     def grouped(self, x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array, impl: str) -> jax.Array:
-        """Sort the N*k (token, expert) pairs by expert, two grouped GEMMs, weighted scatter-add."""
+        """Sort the N*k (token, expert) pairs by expert, two grouped GEMMs, weighted sum per token."""
         n, k = ids_nk.shape
         flat_ids = ids_nk.reshape(-1)
         order = jnp.argsort(flat_ids, stable=True)  # [N*k] pair index, grouped by expert
@@ -122,7 +122,7 @@ class Experts(nnx.Module):
         y = ops.grouped_matmul(h.astype(x_nd.dtype), self.down_proj[...], group_sizes, impl=impl)
         y = (y + self._bias(self.down_proj_bias, sorted_ids)).astype(jnp.float32)
         y = y * weights_nk.reshape(-1)[order][:, None]
-        return jnp.zeros((n, x_nd.shape[1]), jnp.float32).at[token].add(y).astype(x_nd.dtype)
+        return expert_parallel.sum_pairs(y, order, k).astype(x_nd.dtype)
 
     def dense(self, x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array) -> jax.Array:
         """Reference: every expert on every token, combined with the (mostly zero) routing weights."""

@@ -11,6 +11,11 @@ Two strategies (`choose_strategy` picks by the number of tokens in the step):
 No token is ever dropped: each per-destination buffer holds all N_local * k pairs of its source
 (the worst case, every pair routed to one shard), so the buffers cost ep x the dispatched rows.
 `jax.lax.all_to_all` is the tested path (ragged_all_to_all does not run on CPU).
+
+Buffers are filled by gathers (each place reads the pair it holds), never by scattering into a
+zeros buffer: a zeros broadcast depends on nothing, so XLA fused those of every MoE layer into
+one op at the start of the step and kept them all alive, 39 GiB per device for DeepSeek-R1's 58
+MoE layers at 2,048 tokens on 8 H200s (the deviceless compile gate, docs/scale.md).
 """
 
 from __future__ import annotations
@@ -121,8 +126,7 @@ def _replicated(x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array, w: Ex
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
     y = _expert_mlp(x_nd[token], flat_ids[order] - offset, group_sizes, offset, w, activation, impl)
     y = y * weights_nk.reshape(-1)[order][:, None]
-    y_nd = jnp.zeros((n, x_nd.shape[1]), jnp.float32).at[token].add(y)
-    return jax.lax.psum(y_nd, axis).astype(x_nd.dtype)
+    return jax.lax.psum(sum_pairs(y, order, k), axis).astype(x_nd.dtype)
 
 
 def _all_to_all(x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array, w: ExpertWeights, *, axis: str,
@@ -134,17 +138,30 @@ def _all_to_all(x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array, w: Ex
     dest = flat_ids // num_local
     slot = _rank_within(dest, ep)  # position of each pair in its destination buffer
     capacity = n * k  # worst case: every pair to one shard, so nothing is dropped
-    send_x = jnp.zeros((ep, capacity, x_nd.shape[1]), x_nd.dtype).at[dest, slot].set(x_nd[jnp.arange(n * k) // k])
-    send_id = jnp.full((ep, capacity), num_local, jnp.int32).at[dest, slot].set(flat_ids % num_local)
+    # The pair each buffer place holds (n * k: none), then the buffers by gathering from it.
+    pair_at = jnp.full((ep * capacity,), n * k, jnp.int32).at[dest * capacity + slot].set(jnp.arange(n * k))
+    x_rows = jnp.concatenate([x_nd, jnp.zeros((1, x_nd.shape[1]), x_nd.dtype)])  # row n: an empty place
+    send_x = x_rows[pair_at // k].reshape(ep, capacity, -1)
+    send_id = jnp.append(flat_ids % num_local, num_local)[pair_at].reshape(ep, capacity)  # num_local = empty
     recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True).reshape(ep * capacity, -1)
-    recv_id = jax.lax.all_to_all(send_id, axis, 0, 0, tiled=True).reshape(-1)  # num_local = empty slot
+    recv_id = jax.lax.all_to_all(send_id, axis, 0, 0, tiled=True).reshape(-1)
     order = jnp.argsort(recv_id, stable=True)
     group_sizes = jnp.bincount(recv_id, length=num_local).astype(jnp.int32)
     y_sorted = _expert_mlp(recv_x[order], recv_id[order], group_sizes, 0, w, activation, impl)
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(ep, capacity, -1)
+    y = y_sorted[inverse_permutation(order)].reshape(ep, capacity, -1)
     back = jax.lax.all_to_all(y, axis, 0, 0, tiled=True)  # [ep, capacity, D]: our pairs' results
     y_pairs = back[dest, slot] * weights_nk.reshape(-1)[:, None]  # [N*k, D]
     return y_pairs.reshape(n, k, -1).sum(axis=1).astype(x_nd.dtype)
+
+
+def inverse_permutation(order: jax.Array) -> jax.Array:
+    """inverse[order[i]] = i: gathering with it puts rows sorted by `order` back in place."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def sum_pairs(y_sorted: jax.Array, order: jax.Array, k: int) -> jax.Array:
+    """[N, D] float32: each token's k pair rows summed, from rows sorted by `order` [N*k]."""
+    return y_sorted[inverse_permutation(order)].reshape(-1, k, y_sorted.shape[-1]).sum(axis=1, dtype=jnp.float32)
 
 
 def _rank_within(groups: jax.Array, num_groups: int) -> jax.Array:
