@@ -151,6 +151,10 @@ def test_strategy_collectives():
 
     assert "all-reduce" in hlo("replicated") and "all-to-all" not in hlo("replicated")
     assert hlo("all_to_all").count("all-to-all") >= 2
+    # The dispatch buffers [ep, N_local * k, D] are gathered, never a zeros broadcast scattered into:
+    # XLA hoisted the broadcasts of every MoE layer to the start of a step (39 GiB for DeepSeek-R1).
+    buffer = rf"\[8,{64 // 8 * config.moe.num_experts_per_tok},{config.hidden_size}\]"
+    assert not re.findall(rf"= \w+{buffer}[^\n]*broadcast\(", hlo("all_to_all"))
 
 
 @needs_8
