@@ -93,6 +93,11 @@ class AttentionMetadata:
         return cls(slot, query_start_loc, jnp.where(active, positions + 1, 0), block_tables, max_query_len=1,
                    shards=shards)
 
+    def real_tokens(self) -> jax.Array:
+        """[T] which flat tokens are not padding: padding writes slot 0 of a (shard's) null page,
+        which no sequence ever holds."""
+        return self.slot_mapping > 0
+
     def per_shard(self, fn: Callable, tokens: tuple, pages: tuple, per_head: jax.Array | None = None,
                   heads: tuple | None = None) -> tuple:
         """fn(tokens, pages, per_head, metadata) -> (out, pages), run on each data-parallel attention

@@ -22,7 +22,9 @@ from models.moe import MoE
 class DecoderBlock(nnx.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)).
 
-    attention(x, positions, cache, metadata, impl) -> (out, cache); ffn(x, impl) -> out.
+    attention(x, positions, cache, metadata, impl) -> (out, cache); ffn(x, impl, real) -> out, where
+    real [B, T] marks the tokens that are not a step's padding (None: all are), which a MoE routes
+    to no expert.
     """
 
     def __init__(self, config: ModelConfig, attention: nnx.Module, ffn: nnx.Module, *, dtype: jnp.dtype):
@@ -35,7 +37,8 @@ class DecoderBlock(nnx.Module):
                  metadata: AttentionMetadata | None, impl: str) -> tuple[jax.Array, LayerCache | None]:
         h, cache = self.self_attn(self.input_layernorm(x), positions, cache, metadata, impl)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x), impl), cache
+        real = None if metadata is None else metadata.real_tokens().reshape(x.shape[:2])
+        return x + self.mlp(self.post_attention_layernorm(x), impl, real), cache
 
 
 BlockFactory = Callable[[int], DecoderBlock]  # layer index -> block

@@ -114,8 +114,10 @@ class MLP(nnx.Module):
         self.up_proj = Linear((dim,), (hidden,), ("embed", "mlp"), dtype=dtype, rngs=rngs, fmt=fmt)
         self.down_proj = Linear((hidden,), (dim,), ("mlp", "embed"), dtype=dtype, rngs=rngs, fmt=fmt)
 
-    def __call__(self, x: jax.Array, impl: str = "auto") -> jax.Array:
-        """impl: the packed projections' matmul impl (every feed-forward takes one)."""
+    def __call__(self, x: jax.Array, impl: str = "auto", real: jax.Array | None = None) -> jax.Array:
+        """impl: the packed projections' matmul impl (every feed-forward takes one); real (which
+        tokens are not padding): a dense MLP has nothing to skip, so it ignores it."""
+        del real
         return self.down_proj(jax.nn.silu(self.gate_proj(x, impl)) * self.up_proj(x, impl), impl)
 
 

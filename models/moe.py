@@ -121,7 +121,8 @@ class Experts(nnx.Module):
         h = expert_activation(h + self._bias(self.gate_up_proj_bias, sorted_ids), self.config)
         y = ops.grouped_matmul(h.astype(x_nd.dtype), self.down_proj[...], group_sizes, impl=impl)
         y = (y + self._bias(self.down_proj_bias, sorted_ids)).astype(jnp.float32)
-        y = y * weights_nk.reshape(-1)[order][:, None]
+        routed = (sorted_ids < self.config.num_experts)[:, None]  # padding's pairs (id E) sort last, in no group
+        y = jnp.where(routed, y * weights_nk.reshape(-1)[order][:, None], 0.0)
         return expert_parallel.sum_pairs(y, order, k).astype(x_nd.dtype)
 
     def dense(self, x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array) -> jax.Array:
@@ -150,10 +151,16 @@ class MoE(nnx.Module):
         fmt = config.packed_format("linear")
         self.shared_experts = MLP(config.hidden_size, shared, dtype=dtype, rngs=rngs, fmt=fmt) if shared else None
 
-    def __call__(self, x_btd: jax.Array, impl: str = "auto") -> jax.Array:
-        """x [B, T, D] -> [B, T, D]. impl: an `ops` impl for the grouped GEMMs, or "dense"."""
+    def __call__(self, x_btd: jax.Array, impl: str = "auto", real: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]. impl: an `ops` impl for the grouped GEMMs, or "dense". real
+        [B, T]: which tokens are not padding; padding routes to no expert (id E, weight 0: every
+        path skips it, so an uneven step's padding costs no expert FLOPs or dispatched rows)."""
         x_nd = x_btd.reshape(-1, x_btd.shape[-1])
         weights_nk, ids_nk = self.router(x_nd)
+        if real is not None:
+            keep = real.reshape(-1, 1)
+            weights_nk = jnp.where(keep, weights_nk, 0.0)
+            ids_nk = jnp.where(keep, ids_nk, self.experts.config.num_experts)
         if impl == DENSE:
             y_nd = self.experts.dense(x_nd, weights_nk, ids_nk)
         else:  # expert-parallel when the experts were placed split over a mesh axis (sharding/)

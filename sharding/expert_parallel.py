@@ -135,11 +135,12 @@ def _all_to_all(x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array, w: Ex
     n, k = ids_nk.shape
     ep, num_local = jax.lax.axis_size(axis), w.gate_up.shape[0]
     flat_ids = ids_nk.reshape(-1)  # [N*k]
-    dest = flat_ids // num_local
+    dest = flat_ids // num_local  # ep: a padding token's pair (id E), sent nowhere
     slot = _rank_within(dest, ep)  # position of each pair in its destination buffer
     capacity = n * k  # worst case: every pair to one shard, so nothing is dropped
     # The pair each buffer place holds (n * k: none), then the buffers by gathering from it.
-    pair_at = jnp.full((ep * capacity,), n * k, jnp.int32).at[dest * capacity + slot].set(jnp.arange(n * k))
+    place = jnp.where(dest < ep, dest * capacity + slot, ep * capacity)  # out of range: dropped
+    pair_at = jnp.full((ep * capacity,), n * k, jnp.int32).at[place].set(jnp.arange(n * k), mode="drop")
     x_rows = jnp.concatenate([x_nd, jnp.zeros((1, x_nd.shape[1]), x_nd.dtype)])  # row n: an empty place
     send_x = x_rows[pair_at // k].reshape(ep, capacity, -1)
     send_id = jnp.append(flat_ids % num_local, num_local)[pair_at].reshape(ep, capacity)  # num_local = empty
@@ -150,7 +151,8 @@ def _all_to_all(x_nd: jax.Array, weights_nk: jax.Array, ids_nk: jax.Array, w: Ex
     y_sorted = _expert_mlp(recv_x[order], recv_id[order], group_sizes, 0, w, activation, impl)
     y = y_sorted[inverse_permutation(order)].reshape(ep, capacity, -1)
     back = jax.lax.all_to_all(y, axis, 0, 0, tiled=True)  # [ep, capacity, D]: our pairs' results
-    y_pairs = back[dest, slot] * weights_nk.reshape(-1)[:, None]  # [N*k, D]
+    sent = (dest < ep)[:, None]
+    y_pairs = jnp.where(sent, back[jnp.minimum(dest, ep - 1), slot], 0.0) * weights_nk.reshape(-1)[:, None]
     return y_pairs.reshape(n, k, -1).sum(axis=1).astype(x_nd.dtype)
 
 

@@ -107,6 +107,24 @@ def test_grouped_path_matches_dense_backend(preset, batch, seq):
     np.testing.assert_allclose(grouped, dense, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v3", "tiny-gpt-oss"])
+@pytest.mark.parametrize("impl", ["dense", "xla"])
+def test_padding_tokens_route_to_no_expert(preset, impl):
+    """A step's padding (real=False) gets no routed expert: the real tokens' outputs equal a batch
+    of them alone, and a padding row holds only the shared experts' output (zero without)."""
+    config = get_preset(preset)
+    moe = MoE(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    randomize(moe, seed=3)
+    x = jax.random.normal(jax.random.key(4), (1, 12, config.hidden_size))
+    real = jnp.arange(12)[None] % 3 != 2
+    got = np.asarray(jax.jit(lambda x, r: moe(x, impl, r))(x, real))
+    keep = np.asarray(real[0])
+    np.testing.assert_allclose(got[:, keep], apply(moe, x[:, keep], impl), atol=1e-5)
+    shared = np.zeros_like(got) if moe.shared_experts is None else np.asarray(moe.shared_experts(x, "xla"))
+    np.testing.assert_allclose(got[:, ~keep], shared[:, ~keep], atol=1e-6)
+    assert np.abs(got).max() > 0.1
+
+
 def test_grouped_path_uses_every_selected_expert_once():
     """With 8 experts of which 8 are chosen, every expert contributes: the result is the dense sum."""
     config = with_moe("tiny-gpt-oss", num_experts=8, num_experts_per_tok=8)

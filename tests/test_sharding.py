@@ -135,6 +135,29 @@ def test_expert_parallel_strategies_match_unsharded(name, mesh_shape):
 
 
 @needs_8
+@pytest.mark.parametrize("name,mesh_shape", [("tiny-deepseek-v3", dict(expert=8)),
+                                             ("tiny-gpt-oss", dict(tensor=2, expert=4))])
+def test_expert_parallel_sends_padding_nowhere(name, mesh_shape):
+    """Pairs routed to no expert (a step's padding: id E, weight 0) give zeros in both strategies,
+    expert biases (gpt-oss) included, and leave the other rows as they were."""
+    config = variant(name)
+    moe, x, weights, ids = moe_inputs(config, 64)
+    padding = (jnp.arange(64) % 5 == 0)[:, None]
+    weights, ids = jnp.where(padding, 0.0, weights), jnp.where(padding, config.moe.num_experts, ids)
+    mesh = make_mesh(**mesh_shape)
+    e = moe.experts
+    w = ep.ExpertWeights(*(None if p is None else jax.device_put(p[...], jax.NamedSharding(mesh, jax.P("expert")))
+                           for p in (e.gate_up_proj, e.down_proj, e.gate_up_proj_bias, e.down_proj_bias)))
+    from models.moe import expert_activation
+    reference = np.asarray(moe.experts.grouped(x, weights, ids, "xla"))
+    assert np.all(reference[np.asarray(padding[:, 0])] == 0) and np.abs(reference).max() > 1e-3
+    for s in ep.STRATEGIES:
+        out = jax.jit(lambda *a, s=s: ep.moe_experts(*a, mesh=mesh, axis="expert", impl="xla", strategy=s,
+                                                     activation=lambda h: expert_activation(h, config.moe)))
+        np.testing.assert_allclose(np.asarray(out(x, weights, ids, w)), reference, atol=1e-5, err_msg=s)
+
+
+@needs_8
 def test_strategy_collectives():
     """replicated combines with an all-reduce, all_to_all with all-to-alls (read from the HLO)."""
     config = variant("tiny-gpt-oss")
