@@ -98,6 +98,17 @@ class AttentionMetadata:
         which no sequence ever holds."""
         return self.slot_mapping > 0
 
+    def layer_per_shard(self, layer: nnx.Module, x_btd: jax.Array, positions_bt: jax.Array, cache: LayerCache,
+                        impl: str) -> tuple[jax.Array, LayerCache] | None:
+        """With DP attention and a layer whose weights every device holds whole, the whole layer
+        (projections, cache write, attention) on each shard's tokens (attention_shards.
+        layer_per_shard); None otherwise (the layer then runs its core per shard: per_shard)."""
+        if self.shards is None or not attention_shards.replicated_layer(layer):
+            return None
+        call = lambda layer, x, pos, cache, metadata: layer(x, pos, cache, metadata, impl)  # noqa: E731
+        return attention_shards.layer_per_shard(layer, self.shards, call, x_btd, positions_bt, tuple(cache),
+                                                dataclasses.replace(self, shards=None))
+
     def per_shard(self, fn: Callable, tokens: tuple, pages: tuple, per_head: jax.Array | None = None,
                   heads: tuple | None = None) -> tuple:
         """fn(tokens, pages, per_head, metadata) -> (out, pages), run on each data-parallel attention
@@ -163,6 +174,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, cache: LayerCache | None,
                  metadata: AttentionMetadata | None, attention_impl: str) -> tuple[jax.Array, LayerCache | None]:
+        whole = None if cache is None else metadata.layer_per_shard(self, x_btd, positions_bt, cache, attention_impl)
+        if whole is not None:
+            return whole
         q, k = self.q_proj(x_btd, attention_impl), self.k_proj(x_btd, attention_impl)  # [B, T, Hq, D], [B, T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)

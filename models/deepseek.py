@@ -93,6 +93,9 @@ class MLAttention(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, cache: LatentCache | None,
                  metadata: AttentionMetadata | None, attention_impl: str) -> tuple[jax.Array, LatentCache | None]:
+        whole = None if cache is None else metadata.layer_per_shard(self, x_btd, positions_bt, cache, attention_impl)
+        if whole is not None:
+            return whole
         q_nope, q_rope = self._queries(x_btd, positions_bt, attention_impl)
         c_btl, k_rope = self._latent(x_btd, positions_bt, attention_impl)
         if cache is None:
