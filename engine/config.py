@@ -64,7 +64,7 @@ class EngineConfig:
     min_context_bucket: int = 256  # smallest block-table width, in tokens
     # Drafts a speculative decode verifies at most (K); set by LLM from its speculative_config.
     num_speculative_tokens: int = 0
-    # Data-parallel attention (sharding/data_parallel_attention.py): the requests, the page pool,
+    # Data-parallel attention (sharding/attention_shards.py): the requests, the page pool,
     # max_num_seqs and the token budget split into this many equal shards, each attended on its
     # own devices. Set by LLM from the mesh and the rules' "pages" axes; 1: one shared pool.
     attention_shards: int = 1

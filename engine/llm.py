@@ -339,7 +339,9 @@ def _placed_model(model: str | LoadedModel, dtype: str, mesh: Mesh | None, weigh
             raise ValueError(f"unknown sharding rules {rules!r} (known: {sorted(RULES)})")
         rules = RULES[rules]
     if isinstance(model, LoadedModel):
-        loaded = model if rules is None or model.mesh is not None else dataclasses.replace(model, rules=rules)
+        if rules is not None and model.mesh is not None and rules != model.rules:
+            raise ValueError(f"rules {rules.name!r} given for a model already placed under rules {model.rules.name!r}")
+        loaded = model if rules is None else dataclasses.replace(model, rules=rules)
     else:
         loaded = load_model(model, dtype=dtype, mesh=mesh, weights=weights, **({} if rules is None else {"rules": rules}))
     if mesh is not None and loaded.mesh is None:

@@ -1,7 +1,7 @@
 """Host-side KV page allocator: reference counts, the prefix-key table and the LRU free queues
 (page 0 of each shard is its reserved null page). No JAX.
 
-With data-parallel attention (sharding/data_parallel_attention.py) the pool is split into
+With data-parallel attention (sharding/attention_shards.py) the pool is split into
 `shards` equal ranges of page ids, one per attention shard, each held by that shard's devices:
 shard s owns pages [s * P, (s + 1) * P) for P = num_pages / shards, its first one its null page.
 A request takes every page from its own shard, and a cached prefix is found only on the shard

@@ -124,3 +124,12 @@ def test_mesh_flag_parses_axis_sizes_and_names_a_bad_one():
     assert dict(parse_mesh("tensor=1,expert=1").shape) == {"data": 1, "tensor": 1, "expert": 1}
     with pytest.raises(ValueError, match=r"mesh 'model=2': expected axis=size entries"):
         parse_mesh("model=2")
+
+
+def test_rules_for_a_model_placed_under_other_rules_are_refused():
+    from engine import LLM
+    from models import load_model
+    from sharding import make_mesh
+    placed = load_model("tiny-llama", mesh=make_mesh())
+    with pytest.raises(ValueError, match="rules 'expert_dp' given for a model already placed under rules 'default'"):
+        LLM(placed, rules="expert_dp", max_model_len=64)
