@@ -27,7 +27,7 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
 def default_token_budget(platform: str) -> int:
     """max_num_batched_tokens when none is given. A CPU is compute-bound: a step's time grows with
     its tokens, and 512 keeps a mixed step (32 decodes + a prefill chunk) within 1.5 decode calls
-    of 4 steps, the ITL p99 target (README, results); elsewhere vLLM's V1 default, 2048."""
+    of 4 steps, the ITL p99 target (docs/benchmark_results.md); elsewhere vLLM's V1 default, 2048."""
     return 512 if platform == "cpu" else 2048
 
 
