@@ -34,7 +34,7 @@ test: setup
 clean:
 	rm -rf $(VENV) $(GPU_VENV)
 
-# The sm_90a compile gate on a CPU machine (README, "GPU"): its own venv with the GPU image's jax
+# The sm_90a compile gate on a CPU machine (docs/gpu.md): its own venv with the GPU image's jax
 # (jax[cuda13]: XLA, Mosaic GPU and ptxas for an H100/H200 with no driver; ~4 GB of wheels), so the
 # default install stays CPU-only. Compiles every kernel the presets' steps call and the steps
 # themselves for GPU_TARGET; writes GPU_CHECK_JSON; exits 1 on a compile failure, a spill, SMEM

@@ -1,2 +1,3 @@
-"""Measurement tools of the benchmark scripts and tests (not used by the engine): roofline costs,
-serving metrics, compilation counting and plots. Results live in benchmarks/results/."""
+"""Measurement tools of the benchmark scripts, notebooks and tests (not used by the engine): the
+serving sweep and its report, workloads, serving metrics, roofline costs, kernel timing, mesh-layout
+runs, compilation counting and plots. Results live in benchmarks/results/."""

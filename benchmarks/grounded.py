@@ -1,5 +1,7 @@
 """An input-grounded workload: "repeat / copy / rewrite this passage" prompts over passages of the
-repo's own prose (README.md), where the answer reuses the input (what n-gram speculation exploits)."""
+repo's own prose (grounded_passages.txt: the README's paragraphs as of 2026-12-07, frozen so the
+workload does not change with the README), where the answer reuses the input (what n-gram
+speculation exploits)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.workloads import Workload, uniform_lengths
 from models.loading.tokenizer import Tokenizer
 
-SOURCE = Path(__file__).resolve().parents[1] / "README.md"
+SOURCE = Path(__file__).resolve().parent / "grounded_passages.txt"
 INSTRUCTIONS = ("Repeat the following passage exactly, word for word.",
                 "Copy the following passage, fixing any typos you find.",
                 "Rewrite the following passage as one paragraph, keeping its words.")
@@ -44,3 +47,11 @@ def grounded_prompts(tokenizer: Tokenizer, n: int, isl: int, seed: int) -> list[
         instruction = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
         prompts.append(list(tokenizer.apply_chat_template([{"role": "user", "content": f"{instruction}\n\n{passage}"}])))
     return prompts
+
+
+def grounded_workload(tokenizer: Tokenizer, seed: int, n: int, isl: int, osl: int, ratio: float,
+                      stream: int = 0) -> Workload:
+    """README-passage prompts of about isl tokens; output lengths as make_workload's."""
+    rng = np.random.default_rng([seed, stream])
+    output_lens = [int(x) for x in uniform_lengths(rng, n, osl, ratio)]
+    return Workload(grounded_prompts(tokenizer, n, isl, int(rng.integers(2**31))), output_lens)

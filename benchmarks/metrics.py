@@ -17,6 +17,16 @@ import numpy as np
 HOURLY_RATES_USD = {"h100": 1.30, "h200": 1.41, "b200": 1.95}
 
 
+def hourly_rate(device_kind: str, override: float | None, cpu_rate: float) -> float:
+    """$ per device-hour: the override, else the GPU table, else the CPU rate."""
+    if override is not None:
+        return override
+    for key, rate in HOURLY_RATES_USD.items():
+        if key in device_kind.lower():
+            return rate
+    return cpu_rate
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestTiming:
     """One finished request: when it arrived, when each output token arrived, and its prompt length."""

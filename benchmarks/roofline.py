@@ -172,9 +172,10 @@ def probe_peaks(dtype: str = "float32", *, bandwidth_mib: int = 256, matmul_n: i
     return DevicePeaks(f"{jax.devices()[0].device_kind} ({dtype})", bandwidth, flops, source="probe")
 
 
-def device_peaks(dtype: str = "float32") -> DevicePeaks:
-    """Table peaks for a known GPU, else a probe of the device."""
-    kind = jax.devices()[0].device_kind.lower()
+def device_peaks(dtype: str = "float32", kind: str | None = None) -> DevicePeaks:
+    """Table peaks for a known GPU kind (default: the default device's; a server's, say), else a
+    probe of this machine's default device."""
+    kind = (jax.devices()[0].device_kind if kind is None else kind).lower()
     for key, peaks in GPU_PEAKS.items():
         if key in kind:
             return peaks

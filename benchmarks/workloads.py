@@ -1,9 +1,45 @@
-"""Prompt builders for prefix-sharing benchmark workloads: a shared prefix before every prompt, and
-multi-turn replays whose requests resend the conversation so far."""
+"""Prompt builders for the serving benchmark: seeded random-token prompts and output lengths, so every
+system gets the same requests; a shared prefix before every prompt, and multi-turn replays whose
+requests resend the conversation so far."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Prompts and their output lengths."""
+
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+
+def uniform_lengths(rng: np.random.Generator, n: int, length: int, ratio: float) -> np.ndarray:
+    """n integers uniform in [max(1, floor(ratio * length)), length]."""
+    return rng.integers(max(1, int(ratio * length)), length + 1, size=n)
+
+
+def make_workload(seed: int, n: int, isl: int, osl: int, ratio: float, vocab_size: int, stream: int = 0,
+                  shared_prefix_len: int = 0, num_turns: int = 1) -> Workload:
+    """Deterministic in (seed, stream): the same call gives the same prompts to every system. The
+    prompts start with the seed's shared prefix; num_turns > 1 makes them multi-turn replays."""
+    rng = np.random.default_rng([seed, stream])
+    input_lens = uniform_lengths(rng, n, isl, ratio)
+    output_lens = [int(x) for x in uniform_lengths(rng, n, osl, ratio)]
+    prompts = [rng.integers(0, vocab_size, size=int(m)).tolist() for m in input_lens]
+    if num_turns > 1:
+        replies = [rng.integers(0, vocab_size, size=m).tolist() for m in output_lens]
+        prompts, output_lens = multi_turn(prompts, replies, num_turns)
+    prefix = shared_prefix(seed, shared_prefix_len, vocab_size)
+    return Workload([prefix + p for p in prompts], output_lens)
+
+
+def max_model_len(isl: int, osl: int, shared_prefix_len: int, num_turns: int) -> int:
+    """The longest request a workload makes: the prefix, then every turn's input and output."""
+    return shared_prefix_len + num_turns * (isl + osl)
 
 
 def shared_prefix(seed: int, length: int, vocab_size: int) -> list[int]:

@@ -6,6 +6,8 @@ import dataclasses
 
 import jax
 
+from engine.kv_cache import check_kv_cache_dtype
+
 
 def powers_of_two_upto(limit: int, start: int = 1) -> tuple[int, ...]:
     """start, 2*start, ... below limit, then limit itself: every size <= limit has a bucket, and the
@@ -51,12 +53,14 @@ class EngineConfig:
     decode_steps: int = 4
     # Dispatch a decode-only call's successor before waiting for its tokens (vLLM's async
     # scheduling). Off by default: on a CPU the "device" is the host's own cores, so nothing
-    # overlaps, and an arrival waits for the call run ahead (TTFT p50 +75-150% at c=4-16, measured).
+    # overlaps, and an arrival waits for the call run ahead (TTFT p50 +56% at c=4, +121% at c=16:
+    # docs/benchmark_results.md).
     async_scheduling: bool = False
     attention_impl: str = "auto"
     # KV pool storage (engine/kv_cache.py KV_CACHE_DTYPES): "auto" the model's dtype; "fp8_e4m3"
     # (or vLLM's "fp8") float8_e4m3fn with the per-tensor scale models.attention.KV_SCALE: half
-    # the bytes, twice the pages per kv_cache_bytes; read by the jnp path only ("pallas" refused).
+    # the bytes, twice the pages per kv_cache_bytes; read by the jnp path and the ragged and MLA kernels
+    # (pallas_kernels/ops.py; the padded paged kernel refuses it).
     kv_cache_dtype: str = "auto"
     # Share the KV of full pages between requests with the same prefix (engine/prefix_cache.py).
     enable_prefix_caching: bool = True
@@ -79,8 +83,6 @@ class EngineConfig:
                      "max_num_batched_tokens", "decode_steps", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        from engine.kv_cache import check_kv_cache_dtype  # here: engine.kv_cache imports the models
-
         check_kv_cache_dtype(self.kv_cache_dtype)
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
@@ -139,9 +141,20 @@ class EngineConfig:
 
     @property
     def page_buckets(self) -> tuple[int, ...]:
-        """Block-table widths: powers of two from min_context_bucket tokens, then max_model_len + decode_steps.
-
-        Short contexts share one bucket: attending over a few padded pages costs less than compiling.
-        """
-        most = -(-(self.max_model_len + self.decode_steps) // self.page_size)
+        """Block-table widths: powers of two from min_context_bucket tokens, then the widest a call can
+        reach (table_reach). Short contexts share one bucket: a few padded pages cost less than a compile."""
+        most = -(-self.table_reach // self.page_size)
         return powers_of_two_upto(most, start=min(most, max(1, self.min_context_bucket // self.page_size)))
+
+    @property
+    def table_reach(self) -> int:
+        """Token positions a call's block table can span: max_model_len plus what a call runs past a
+        request's last token: decode_steps, twice that for a call dispatched ahead of one in flight
+        (async_scheduling), or K drafts."""
+        ahead = self.decode_steps * (2 if self.async_scheduling else 1)
+        return self.max_model_len + max(ahead, self.num_speculative_tokens)
+
+    def table_width(self, num_tokens: int) -> int:
+        """The block-table width (a page bucket) of a call whose longest sequence spans num_tokens
+        positions: the one place a table's width is decided (runner, draft model, MTP)."""
+        return bucket(-(-num_tokens // self.page_size), self.page_buckets)

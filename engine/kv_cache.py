@@ -6,8 +6,8 @@ Page 0 is the null page: padding tokens write there and block tables pad with it
 stored in pool_dtype(the model's dtype): what the GPU kernels read in place; or, with
 kv_cache_dtype="fp8_e4m3" (EngineConfig), as float8_e4m3fn scaled by the one per-tensor scale
 models.attention.KV_SCALE (1.0; write clip(x / scale, ±448), read fp8 * scale): one byte per
-element, so a memory budget holds twice the pages of a bf16 pool. Only the jnp ("xla") attention
-path reads FP8 pools so far (pallas_kernels/ops.py).
+element, so a memory budget holds twice the pages of a bf16 pool. The jnp ("xla") path and the ragged and MLA
+kernels read FP8 pools (pallas_kernels/ops.py; the padded paged kernel refuses them).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from engine.prefix_cache import PrefixCache
 from engine.request import Request, RequestOutput, SamplingParams, Status, is_int, is_sequence
 from engine.runner import ModelRunner, StepResult, fetch
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.spec.config import SpeculativeConfig
-from engine.spec.speculator import Speculator, make_speculator
+from engine.speculative.config import SpeculativeConfig
+from engine.speculative.speculator import Speculator, make_speculator
 from models import LoadedModel, load_model
 from pallas_kernels import ops
 from sharding.attention_shards import data_parallel_shards
@@ -59,7 +59,7 @@ class LLM:
         of the shards the "pages" axes make, each with its own pages, sequence slots and token
         budget (max_num_seqs, max_num_batched_tokens and num_pages are split evenly).
 
-        speculative_config: vLLM's dict (engine/spec/config.py): {"method": "ngram" | "mtp" |
+        speculative_config: vLLM's dict (engine/speculative/config.py): {"method": "ngram" | "mtp" |
         "synthetic", or "model": a draft, "num_speculative_tokens": k, ...}; None: no speculation.
 
         Compiled steps persist on disk (engine/compilation_cache.py) for the next process.

@@ -32,17 +32,16 @@ class OutputProcessor:
         """Record what the step computed and sampled; returns the requests it finished. A request
         whose output cannot be processed (e.g. its stop strings raise) finishes with "error" alone."""
         now = time.perf_counter()
-        finished, offset = [], 0
+        finished = []
         for row, s in enumerate(output.scheduled):
-            request, offset = s.request, offset + s.num_tokens
+            request = s.request
             if request.status is Status.FINISHED:
                 continue  # aborted, or finished before this run-ahead call's rows were known
             steps = output.decode_steps if result.counts is None else int(result.counts[row])
             try:
                 if result.prompt_logprobs is not None and wants_prompt_logprobs(s):
-                    _record_prompt_logprobs(s, offset - s.num_tokens, result)
-                done = self._apply_one(request, s.start + s.num_tokens - len(s.drafts), s.samples, result, row,
-                                       steps, now)
+                    _record_prompt_logprobs(s, int(result.prompt_starts[row]), result)
+                done = self._apply_one(request, s.end - len(s.drafts), s.samples, result, row, steps, now)
                 if s.drafts:
                     request.metrics.speculation.record(len(s.drafts), steps - 1)
                 self.scheduler.prefix_cache.commit(request, s.start)  # before finish frees its pages

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from engine.spec.metrics import SpecMetrics
+from engine.speculative.metrics import SpecMetrics
 
 MAX_LOGPROBS = 20  # the most top-k alternatives a request may ask for: the device computes this many
 

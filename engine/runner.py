@@ -3,7 +3,7 @@
 A mixed step is one ragged batch (vLLM V1): the scheduled tokens of every request laid end to end,
 `tokens [T]`, `positions [T]`, `slot_mapping [T]`, and per sequence slot `query_start_loc [S+1]`,
 `context_lens [S]`, `block_tables [S, P]`; logits only at each sequence's last token, or with
-speculation at every verify position (engine/spec/verify.py). T and P are shape buckets, S is
+speculation at every verify position (engine/speculative/verify.py). T and P are shape buckets, S is
 max_num_seqs. A decode-only step runs `decode_steps` steps with sampling inside one call (rows of one token each, the same ragged metadata with query_start_loc = 0..B).
 
 With data-parallel attention (EngineConfig.attention_shards = D) the rows and the flat tokens are D
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from functools import partial
 
 import jax
@@ -30,7 +29,7 @@ from engine.config import EngineConfig, bucket
 from engine.request import MAX_LOGPROBS, Request, SamplingParams
 from engine.sampler import SamplingTensors, sample, token_logprobs, top_logprobs
 from engine.scheduler import ScheduledRequest
-from engine.spec import verify as spec_verify
+from engine.speculative import verify as spec_verify
 from models.attention import AttentionMetadata, LayerCache
 from models.loading.progress import progress
 from sharding.attention_shards import AttentionShards
@@ -51,6 +50,7 @@ class StepResult:
     prompt_top_ids: np.ndarray | None = None
     prompt_top_logprobs: np.ndarray | None = None
     counts: np.ndarray | None = None
+    prompt_starts: np.ndarray | None = None  # each scheduled request's first flat token (Placement.gather)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +76,13 @@ class Placement:
         return cls(np.asarray(out_rows, np.int64), np.asarray(starts, np.int64), np.asarray(counts, np.int64))
 
     def gather(self, result: StepResult) -> StepResult:
-        """`result`'s rows, and its per flat token arrays, in scheduled order."""
+        """`result`'s rows, and its per flat token arrays, in scheduled order (request i's flat
+        tokens from prompt_starts[i]: the one place that layout is decided)."""
         flat = np.concatenate([np.arange(s, s + n) for s, n in zip(self.starts, self.counts)] or [np.zeros(0, int)])
-        fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-        return StepResult(**{name: None if x is None else x[flat if name.startswith("prompt") else self.rows]
-                             for name, x in fields.items()})
+        arrays = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "prompt_starts"}
+        gathered = {name: None if x is None else x[flat if name.startswith("prompt") else self.rows]
+                    for name, x in arrays.items()}
+        return StepResult(**gathered, prompt_starts=np.cumsum(self.counts) - self.counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,21 +288,21 @@ def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig, draft_p
     per_shard = np.bincount([r.shard for r in requests], weights=counts, minlength=d).astype(np.int32)
     t, rows = bucket(d * int(per_shard.max()), config.token_buckets), config.max_num_seqs
     placement = Placement.of(requests, counts, d, rows, t)
-    pages = bucket(max(-(-(s.start + s.num_tokens) // config.page_size) for s in scheduled), config.page_buckets)
+    pages = config.table_width(max(s.end for s in scheduled))
     pages_per_shard = config.num_pages // d
     tokens, positions, slots = (np.zeros((t,), np.int32) for _ in range(3))
     seqs = rows // d  # sequence slots per shard: shard k's offsets are query_start_loc[k * (seqs + 1):][:seqs + 1]
     query_start_loc = np.repeat(per_shard, seqs + 1).astype(np.int32)
     context_lens = np.zeros((rows,), np.int32)
     for s, row, start in zip(scheduled, placement.rows, placement.starts):
-        pos = np.arange(s.start, s.start + s.num_tokens)
+        pos = np.arange(s.start, s.end)
         span = slice(start, start + s.num_tokens)
         tokens[span] = s.token_ids
         positions[span] = pos
         page = np.asarray(s.request.pages)[pos // config.page_size] % pages_per_shard
         slots[span] = page * config.page_size + pos % config.page_size
         query_start_loc[row + row // seqs] = start - s.request.shard * (t // d)
-        context_lens[row] = s.start + s.num_tokens
+        context_lens[row] = s.end
     metadata = AttentionMetadata(slots, query_start_loc, context_lens,
                                  block_table(requests, rows, pages, pages_per_shard, placement.rows),
                                  max_query_len=max_query_len(config, all(not r.is_prefilling for r in requests)),
@@ -397,7 +399,7 @@ class ModelRunner:
         positions[at.rows] = [len(r.tokens) - 1 + steps_ahead for r in requests]
         tokens = np.zeros((rows, cfg.decode_steps), np.int32)
         tokens[at.rows, -1] = [r.tokens[-1] for r in requests]
-        pages = bucket(-(-(int(positions.max()) + cfg.decode_steps) // cfg.page_size), cfg.page_buckets)
+        pages = cfg.table_width(int(positions.max()) + cfg.decode_steps)
         active = np.zeros((rows,), bool)
         active[at.rows] = True
         params = [r.params for r in requests]

@@ -34,13 +34,18 @@ class ScheduledRequest:
     drafts: tuple[int, ...] = ()
 
     @property
+    def end(self) -> int:
+        """One past the last position this step computes (its context length after the step)."""
+        return self.start + self.num_tokens
+
+    @property
     def token_ids(self) -> list[int]:
-        return (self.request.tokens + list(self.drafts))[self.start:self.start + self.num_tokens]
+        return (self.request.tokens + list(self.drafts))[self.start:self.end]
 
     @property
     def samples(self) -> bool:
         """Whether the step's last token of this request yields a kept sample (not mid-prompt)."""
-        return self.start + self.num_tokens >= self.request.prefill_target
+        return self.end >= self.request.prefill_target
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,7 +157,7 @@ class MultiTokenPredictor(nnx.Module):
 
 
 class DeepseekV3(Decoder):
-    """The DeepSeek-V3 assembly, plus the MTP modules (weights only until speculative decoding)."""
+    """The DeepSeek-V3 assembly, plus the MTP modules (engine/speculative/mtp.py drafts with them)."""
 
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, lambda layer: deepseek_block(config, layer, dtype=dtype, rngs=rngs),

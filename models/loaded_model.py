@@ -80,8 +80,8 @@ def load_model(source: str | Path, *, dtype: str | jnp.dtype = "float32", seed: 
 
     Presets without embedded weights (e.g. `tiny-llama`, `llama3-8b`) get random weights from `seed`.
     mesh: place every parameter in its shards (sharding/rules.py). HF safetensors and GGUF go
-    tensor by tensor straight to their shards (each tensor is read whole on the host, one at a
-    time, then device_put); presets and orbax dirs load unsharded first, then are resharded.
+    tensor by tensor straight to their shards (each device's slice read from the memory-mapped
+    file, models/loading/weights.read_shard); presets and orbax dirs load unsharded first, then are resharded.
     weights: "native" holds a quantized HF checkpoint's (or preset's) MXFP4 / block-FP8 weights
     packed as they ship; a dtype name ("bfloat16" or "bf16", "float32", ...) dequantizes them at
     load, rounded to that dtype (docs/quantization.md). GGUF quantizations always dequantize.

@@ -20,29 +20,19 @@
 # say nothing about the GPU.
 
 # %%
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-import engine
+from benchmarks.timing import time_ms
 from engine import LLM, SamplingParams
+from engine.testing import greedy_reference, random_prompts
 from models import load_model
 from pallas_kernels import cpu_paged_attention as cpa
 from pallas_kernels import ops
 from pallas_kernels import ragged_paged_attention as rpa
-
-ROOT = Path(engine.__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]  # the kernel tests' oracles, the benchmark's timer
-from bench_kernels import time_ms  # noqa: E402
-from engine_helpers import greedy_reference, random_prompts  # noqa: E402
-from test_flash_attention import flash_np, random_qkv  # noqa: E402
-from test_grouped_matmul import grouped_np, random_gmm  # noqa: E402
-from test_paged_attention import paged_np, random_paged  # noqa: E402
-from test_ragged_paged_attention import ragged_np, random_ragged  # noqa: E402
+from pallas_kernels.testing import flash_np, grouped_np, paged_np, ragged_np, random_gmm, random_paged, random_qkv, random_ragged
 
 cpu = ["cpu"] if cpa.available() else []  # the C++ kernel needs a C++ compiler (built on first use)
 print(jax.devices()[0].device_kind, "| C++ CPU kernel:", bool(cpu))

@@ -31,18 +31,14 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
 
 import engine  # noqa: E402
+from benchmarks.mesh_layouts import run_layout  # noqa: E402
 from models import load_model  # noqa: E402
 from sharding import RULES, make_mesh  # noqa: E402
 from sharding.rules import param_shardings  # noqa: E402
 
 ROOT = Path(engine.__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import shard_experiment  # noqa: E402
-
-flags.FLAGS(["shard_experiment", "--iters=2"])  # the script's flags, parsed for its run_layout
 assert jax.device_count() == 8, jax.devices()
 print(jax.device_count(), "devices:", jax.devices()[0].device_kind)
 
@@ -72,7 +68,7 @@ for name in ("tiny-gpt-oss", "tiny-deepseek-v3"):
     reference = np.asarray(base.forward(tokens))
     for layout in layouts:
         try:
-            run = shard_experiment.run_layout(base, tokens, reference, layout)
+            run = run_layout(base, tokens, reference, layout, iters=2)
         except ValueError as e:  # e.g. 8 tensor shards of 4 kv heads: the rules refuse, naming why
             print(f"{name:17} {layout:28} refused: {str(e)[:90]}")
             continue

@@ -16,27 +16,25 @@
 # interactivity (tok/s per user = 1000 / median TPOT ms), its cost per million tokens at an hourly
 # price, and the fraction of the roofline (bytes and FLOPs from the config over the device's peaks)
 # it reached; beside it the committed full CPU sweep (`benchmarks/results/cpu-smollm2-float32.json`).
-# The sweep uses `scripts/benchmark_serving.py`'s own functions.
+# The sweep uses `scripts/benchmark_serving.py`'s own library (`benchmarks/serving_sweep.py`).
 
 # %%
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import jax
 import matplotlib.pyplot as plt
-import numpy as np
 from IPython.display import Image, display
 
 import engine
 from benchmarks import plots, roofline
-from benchmarks.metrics import HOURLY_RATES_USD, cost_per_million_tokens
+from benchmarks.metrics import HOURLY_RATES_USD, cost_per_million_tokens, hourly_rate
+from benchmarks.serving_report import format_table, mark_frontier
+from benchmarks.serving_sweep import Settings, engine_points
 from engine import LLM
 
 ROOT = Path(engine.__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import benchmark_serving as bench  # noqa: E402
 
 COMMITTED = ROOT / "benchmarks" / "results" / "cpu-smollm2-float32.json"
 committed = json.loads(COMMITTED.read_text())
@@ -55,12 +53,12 @@ print(f"committed sweep: ISL/OSL {committed['workload']['isl']}/{committed['work
 # %%
 ISL, OSL, CONCURRENCY = 64, 16, [1, 2, 4]
 llm = LLM("smollm2-135m-instruct", max_num_seqs=max(CONCURRENCY), max_model_len=ISL + OSL, max_num_batched_tokens=128)
-settings = bench.Settings(isl=ISL, osl=OSL, range_ratio=0.8, seed=0, temperature=0.0,
-                          hourly_rate=bench.hourly_rate(jax.devices()[0].device_kind, None, 0.10), num_devices=1,
-                          peaks=peaks, warmup=True)
-points = bench.engine_points(llm, settings, CONCURRENCY, [2 * c for c in CONCURRENCY], "float32")
-bench.mark_frontier(points)
-print(bench.format_table(points))
+settings = Settings(isl=ISL, osl=OSL, range_ratio=0.8, seed=0, temperature=0.0,
+                    hourly_rate=hourly_rate(jax.devices()[0].device_kind, None, 0.10), num_devices=1,
+                    peaks=peaks, warmup=True)
+points = engine_points(llm, settings, CONCURRENCY, [2 * c for c in CONCURRENCY], "float32")
+mark_frontier(points)
+print(format_table(points))
 assert all(p["compilations"] == 0 for p in points)
 
 # %% [markdown]

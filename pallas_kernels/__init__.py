@@ -1,5 +1,1 @@
-"""Pallas GPU kernels (Mosaic GPU, H100) with plain-jnp references; models call `ops`."""
-
-from pallas_kernels import ops
-
-__all__ = ["ops"]
+"""Pallas GPU kernels (Mosaic GPU, H100) with plain-jnp references; models call `pallas_kernels.ops`."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from pallas_kernels.flash_attention import check_attention_args
+from pallas_kernels.blocked_attention import check_attention_args
 
 _SOURCE = Path(__file__).with_suffix(".cc")
 _TARGET = "jaxserve_ragged_paged_attention_cpu"

@@ -4,8 +4,8 @@ Contract. x [M, K] (bf16) times a QuantizedWeight of fmt "fp8_block" (values e4m
 K-major as shipped; scales f32 [.., ceil(N/128), ceil(K/128)]) gives bf16 [M, N]. x is quantized
 per token in groups of 128 along K by quantize_activations_fp8 in jnp before the kernel (clipped to
 +-448 before XLA's cast, which on CPU turns values past ~464 into NaN instead of saturating,
-QUANT.md §0.4: so CPU, interpret mode and the GPU quantize alike; the kernel itself casts nothing
-to fp8). The product is the one DeepSeek's reference computes (QUANT.md §2):
+docs/quantization.md: so CPU, interpret mode and the GPU quantize alike; the kernel itself casts nothing
+to fp8). The product is the one DeepSeek's reference computes (docs/quantization.md):
 
     out[m, n] = sum_kb  a_s[m, kb] * w_s[n // 128, kb] * sum_{k in block kb} x_q[m, k] * w_q[n, k]
 
@@ -13,12 +13,12 @@ fp8_block_matmul_reference / fp8_block_grouped_matmul_reference build it from th
 operands in float32; e4m3 products are exact in f32, so the kernels differ from it only by the f32
 summation order and the bf16 rounding of the output.
 
-Kernel (DeepGEMM's sm90 "1d2d" design, QUANT.md §3, on grouped_matmul.py's persistent
+Kernel (DeepGEMM's sm90 "1d2d" design, docs/quantization.md, on grouped_matmul.py's persistent
 warp-specialized schedule). One program per SM walks work items (schedule entry, column tile, K
 split), entries fastest; each program has a TMA producer warpgroup and two consumer warpgroups
 (emit_pipeline_warp_specialized). A pipeline step is one 128-wide scale block of K: the producer
 loads x_q [cta_m, 128] and w_q [cta_n, 128], both K-major with a 128-byte swizzle (8-bit wgmma
-operands cannot be transposed, QUANT.md §4: the B operand is the `.T` view of the [N, K] tile).
+operands cannot be transposed: the B operand is the `.T` view of the [N, K] tile).
 Each consumer issues four k32 e4m3 x e4m3 wgmmas into a fresh f32 accumulator (its 64 rows x
 block_n columns), waits for them (reading the accumulator), releases the slot, and promotes on the
 CUDA cores: out_acc += acc * (a_s[rows] * w_s) (two-level accumulation: the tensor cores' partial
@@ -83,7 +83,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import flash_attention as fa
+from pallas_kernels import hopper
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import quantized as qw
 from pallas_kernels.quantized import FP8_BLOCK, QuantizedWeight
@@ -132,7 +132,7 @@ def pick_k_splits(k_steps: int, tiles: int, num_sms: int) -> int:
 
 
 def fp8_matmul_config(device_kind: str, m: int, n: int, k: int, groups: int = 1,
-                      num_sms: int = fa.NOMINAL_NUM_SMS) -> Fp8MatmulConfig:
+                      num_sms: int = hopper.NOMINAL_NUM_SMS) -> Fp8MatmulConfig:
     """The frozen tiles (module docstring) by rows per group: decode (<= 64) or prefill; the dense
     decode kernel's K splits from the SM count. H100 and H200 share them; CPU interprets them."""
     del device_kind  # one Hopper table; other devices interpret the same tiles
@@ -299,9 +299,9 @@ def _launch(schedule, x: jax.Array, w: QuantizedWeight, cfg: Fp8MatmulConfig, in
     """Quantizes x and runs the kernel over the schedule; [S, M, N] (f32 when S > 1, else bf16)."""
     (m, k), n = x.shape, w.values.shape[-2]
     x_q, x_s = qw.quantize_activations_fp8(x)
-    m_pad, k_steps = fa.round_up(m, cfg.cta_m), pl.cdiv(k, FP8_BLOCK)
-    x_q = fa.pad_to(x_q, (m_pad, k))  # whole row tiles: fused into the quantization, no extra pass
-    xs_t = fa.pad_to(x_s.T, (k_steps, m_pad))
+    m_pad, k_steps = hopper.round_up(m, cfg.cta_m), pl.cdiv(k, FP8_BLOCK)
+    x_q = hopper.pad_to(x_q, (m_pad, k))  # whole row tiles: fused into the quantization, no extra pass
+    xs_t = hopper.pad_to(x_s.T, (k_steps, m_pad))
     n_iters = pl.cdiv(n, cfg.cta_n)
     out_dtype = jnp.float32 if cfg.k_splits > 1 else jnp.bfloat16
     name = (f"fp8_block_{'grouped_' if w.values.ndim == 3 else ''}matmul_{cfg.split}{cfg.cta_m}x{cfg.cta_n}"
@@ -320,7 +320,7 @@ def _finish_config(config: Fp8MatmulConfig | None, default: Fp8MatmulConfig, k: 
     cfg = config or default
     if pl.cdiv(k, FP8_BLOCK) % cfg.k_splits:
         raise ValueError(f"k_splits = {cfg.k_splits} does not divide K's {pl.cdiv(k, FP8_BLOCK)} blocks of 128")
-    return dataclasses.replace(cfg, num_sms=cfg.num_sms or fa.target_num_sms())
+    return dataclasses.replace(cfg, num_sms=cfg.num_sms or hopper.target_num_sms())
 
 
 def fp8_block_matmul_kernel(x: jax.Array, w: QuantizedWeight, *, interpret: Any = None,
@@ -330,8 +330,8 @@ def fp8_block_matmul_kernel(x: jax.Array, w: QuantizedWeight, *, interpret: Any 
     plgpu.InterpretGPUParams to interpret on CPU. The weight is read in place."""
     _check_args(x, w, lead=0)
     (m, k), n = x.shape, w.values.shape[0]
-    cfg = _finish_config(config, fp8_matmul_config(fa.target_device_kind(), m, n, k,
-                                                   num_sms=fa.target_num_sms()), k)
+    cfg = _finish_config(config, fp8_matmul_config(hopper.target_device_kind(), m, n, k,
+                                                   num_sms=hopper.target_num_sms()), k)
     blocks = np.arange(pl.cdiv(m, cfg.cta_m), dtype=np.int32)  # one group: a static schedule
     schedule = (np.zeros_like(blocks), blocks, blocks * cfg.cta_m, np.minimum((blocks + 1) * cfg.cta_m, m))
     out = _launch(tuple(jnp.asarray(a, jnp.int32) for a in schedule), x, w, cfg, interpret)
@@ -348,7 +348,7 @@ def fp8_block_grouped_matmul_kernel(lhs: jax.Array, rhs: QuantizedWeight, group_
     if group_sizes.ndim != 1 or group_sizes.shape[0] < rhs.values.shape[0]:
         raise ValueError(f"{list(group_sizes.shape)} group sizes for {rhs.values.shape[0]} weight groups")
     (m, k), (g, n, _) = lhs.shape, rhs.values.shape
-    cfg = _finish_config(config, fp8_matmul_config(fa.target_device_kind(), m, n, k, group_sizes.shape[0]), k)
+    cfg = _finish_config(config, fp8_matmul_config(hopper.target_device_kind(), m, n, k, group_sizes.shape[0]), k)
     if cfg.k_splits != 1:
         raise ValueError(f"the grouped kernel does not split K: {cfg}")
     sizes, start = gmm.local_groups(group_sizes, g, group_offset)

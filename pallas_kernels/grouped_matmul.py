@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import flash_attention as fa
+from pallas_kernels import hopper
 
 
 def check_grouped_matmul_args(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
@@ -88,7 +88,7 @@ def grouped_matmul_reference(
 class GroupedMatmulConfig:
     """Tile sizes: block_m rows x block_n columns per (consumer) warpgroup, block_k per pipeline
     step; persistent: num_sms programs (None: one per SM of the target device,
-    fa.target_num_sms()) with two consumers of block_n columns each."""
+    hopper.target_num_sms()) with two consumers of block_n columns each."""
 
     block_m: int = 128
     block_n: int = 128
@@ -320,22 +320,22 @@ def grouped_matmul_kernel(
     """
     check_grouped_matmul_args(lhs, rhs, group_sizes)
     dtype = rhs.dtype
-    if fa.mma_dtype(dtype, interpret) != dtype:
+    if hopper.mma_dtype(dtype, interpret) != dtype:
         raise ValueError(f"grouped_matmul reads the expert weights (rhs) in place: bfloat16 or float16 (float32 "
                          f"too in interpret mode), got {dtype}{list(rhs.shape)}; a cast would copy them every call "
                          f"(load the model with dtype='bfloat16')")
     (m, k), n = lhs.shape, rhs.shape[2]
-    config = config or grouped_matmul_config(fa.target_device_kind(), m / group_sizes.shape[0])
+    config = config or grouped_matmul_config(hopper.target_device_kind(), m / group_sizes.shape[0])
     halves = 2 if config.persistent else 1  # the persistent kernel's two consumers split a column tile
-    m_in, k_in, n_in = fa.round_up(m, 8), fa.round_up(k, 64), fa.round_up(n, 64)
+    m_in, k_in, n_in = hopper.round_up(m, 8), hopper.round_up(k, 64), hopper.round_up(n, 64)
     # The persistent kernel keeps column tiles at <= 128 per consumer: 192 overflows SMEM beside the ring.
     cfg = dataclasses.replace(config, block_n=_pick_block_n(n_in, config.block_n, 128 if halves == 2 else 192, halves),
-                              num_sms=config.num_sms or fa.target_num_sms())
+                              num_sms=config.num_sms or hopper.target_num_sms())
     k_steps = pl.cdiv(k_in, cfg.block_k)
     sizes, start = local_groups(group_sizes, rhs.shape[0], group_offset)
     schedule = tile_schedule(sizes, start, m, cfg.block_m)
-    lhs_in = fa.pad_to(lhs.astype(dtype), (m_in, k_in))
-    rhs_in = fa.pad_to(rhs, (rhs.shape[0], k_in, n_in))
+    lhs_in = hopper.pad_to(lhs.astype(dtype), (m_in, k_in))
+    rhs_in = hopper.pad_to(rhs, (rhs.shape[0], k_in, n_in))
     name = f"grouped_matmul_m{cfg.block_m}_n{cfg.block_n}_k{cfg.block_k}_st{cfg.max_concurrent_steps}"
     if cfg.persistent:
         launch = dict(body=functools.partial(_persistent_gmm_body, cfg=cfg, k_steps=k_steps,

@@ -50,7 +50,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import flash_attention as fa
+from pallas_kernels import blocked_attention as ba
+
+from pallas_kernels import hopper
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import ragged_paged_attention as rpa
 
@@ -66,7 +68,7 @@ class MLADecodeConfig:
 
     block_kv: latent tokens per step, whole pages (bf16 PV: a multiple of 64); value_chunk: value
     columns per consumer warpgroup (wgmma N <= 256, a 64 x value_chunk f32 accumulator each);
-    num_sms (None: the target device's, fa.target_num_sms()) / max_splits: how far to split the KV
+    num_sms (None: the target device's, hopper.target_num_sms()) / max_splits: how far to split the KV
     range to fill the GPU at small batch.
     """
 
@@ -123,19 +125,19 @@ def _accumulate(acc: jax.Array, alpha: jax.Array, p, value_smem, hardware: bool)
         def pv(acc_ref):
             plgpu.wgmma(acc_ref, p, value_smem)
         return pl.run_state(pv)(plgpu.ACC.init(acc))
-    return acc + fa.wgmma_f32(p, value_smem, acc.shape)
+    return acc + hopper.wgmma_f32(p, value_smem, acc.shape)
 
 
 def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_smem, union, q_bar, kv_bars, p_ready,
-              p_free, *, st: fa.BlockedAttention, page_size: int, chunk: int, num_chunks: int,
+              p_free, *, st: ba.BlockedAttention, page_size: int, chunk: int, num_chunks: int,
               hardware: bool):
     """Program (tile, row tile, split) on warpgroup wg: warpgroup 0 loads, runs QK and the softmax
     and accumulates value chunk 0; warpgroup k > 0 accumulates chunk k from the P it hands over."""
     (kv_smem, *upcast, p_smem, alpha_smem), (o_smem, lse_smem, norm_smem) = union
-    upcast = upcast[0] if upcast else None  # an FP8 ring's block, dequantized by warpgroup 0 (fa.dequantize_block)
+    upcast = upcast[0] if upcast else None  # an FP8 ring's block, dequantized by warpgroup 0 (ba.dequantize_block)
     n, tile, split, wg = (lax.axis_index(a) for a in ("tile", "row_tile", "split", "wg"))
     length = lens_ref[n]  # position of the tile's last token + 1 (0: a spare tile of the static bound)
-    first, last = fa.kv_block_range(length, tile, split, st)
+    first, last = ba.kv_block_range(length, tile, split, st)
     row0 = tile * BLOCK_ROWS
     rows = pl.ds(row0, BLOCK_ROWS)
     pages_per_block = st.block_kv // page_size
@@ -175,10 +177,10 @@ def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_smem, u
             # The other slot was last read by the previous step's (completed) wgmmas: refill it now.
             pl.when(blk + 1 < last)(lambda: load(blk + 1, 1 - slot))
             plgpu.barrier_wait(kv_bars.at[slot])
-            block = fa.dequantize_block(kv_smem.at[slot], upcast)  # free: p_free above
-            s = fa.wgmma_f32(q_smem, block.T, (BLOCK_ROWS, st.block_kv)) * st.scale
-            mask = fa.block_mask(length, row0, BLOCK_ROWS, blk, st)
-            p, alpha, m_i, l_i = fa.softmax_update(jnp.where(mask, s, -jnp.inf), m_i, l_i)
+            block = ba.dequantize_block(kv_smem.at[slot], upcast)  # free: p_free above
+            s = hopper.wgmma_f32(q_smem, block.T, (BLOCK_ROWS, st.block_kv)) * st.scale
+            mask = ba.block_mask(length, row0, BLOCK_ROWS, blk, st)
+            p, alpha, m_i, l_i = ba.softmax_update(jnp.where(mask, s, -jnp.inf), m_i, l_i)
             p = p.astype(st.dtype)
             if others or not hardware:
                 p_smem[...] = p
@@ -190,8 +192,8 @@ def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_smem, u
             acc = _accumulate(acc, alpha, p if hardware else p_smem, value(slot, 0), hardware)
             return acc, m_i, l_i
 
-        acc, m_i, l_i = lax.fori_loop(0, last - first, step, fa.softmax_init(BLOCK_ROWS, chunk))
-        o_l = jnp.maximum(l_i, 1.0)  # >= 1 once any key was seen; 0: none (fa.softmax_finish)
+        acc, m_i, l_i = lax.fori_loop(0, last - first, step, ba.softmax_init(BLOCK_ROWS, chunk))
+        o_l = jnp.maximum(l_i, 1.0)  # >= 1 once any key was seen; 0: none (ba.softmax_finish)
         if others:  # the last p_free: the loop's SMEM is idle; then the others' normaliser
             pl.when(first < last)(lambda: plgpu.barrier_wait(p_free))
             norm_smem[...] = o_l
@@ -206,7 +208,7 @@ def _mla_body(q_ref, latent_ref, tables_ref, lens_ref, o_ref, lse_ref, q_smem, u
             plgpu.barrier_arrive(p_free)
             return acc
 
-        acc, _, _ = fa.softmax_init(BLOCK_ROWS, chunk)
+        acc, _, _ = ba.softmax_init(BLOCK_ROWS, chunk)
         acc = lax.fori_loop(0, last - first, step, acc)
         plgpu.barrier_wait(p_ready)  # the loop is over everywhere: norm_smem holds the normaliser
         o_l = plgpu.load(norm_smem, layout=plgpu.Layout.WGMMA.reduce(1)) if hardware else norm_smem[...]
@@ -231,22 +233,22 @@ def _launch(q_rows: jax.Array, latent: jax.Array, tables: jax.Array, lens: jax.A
         raise ValueError(f"kv_lora_rank {kv_lora_rank} needs {num_chunks} value chunks of {config.value_chunk} "
                          f"columns: at most {MAX_WARPGROUPS}")
     dtype = q_rows.dtype
-    fp8 = latent.dtype != dtype  # an FP8 pool: q (and the dequantized block) in f16, fa.mma_dtype
+    fp8 = latent.dtype != dtype  # an FP8 pool: q (and the dequantized block) in f16, hopper.mma_dtype
     if dtype == jnp.bfloat16 or dtype == jnp.float16:
         need = smem_bytes(d_pad, config.block_kv, chunk, num_chunks, 2, fp8)
-        if need + 8 * NUM_BARRIERS > fa.SMEM_BYTES:
+        if need + 8 * NUM_BARRIERS > hopper.SMEM_BYTES:
             raise ValueError(f"MLA kernel: {need} bytes of SMEM at head dim {d_pad}, block_kv {config.block_kv}, "
-                             f"{num_chunks} x {chunk} value columns (limit {fa.SMEM_BYTES - 8 * NUM_BARRIERS})")
+                             f"{num_chunks} x {chunk} value columns (limit {hopper.SMEM_BYTES - 8 * NUM_BARRIERS})")
     pages_per_block = config.block_kv // page_size
     max_blocks = pl.cdiv(tables.shape[1], pages_per_block)
     row_tiles = num_rows // BLOCK_ROWS
-    splits = pa.num_kv_splits(num_tiles * row_tiles, max_blocks, config.num_sms or fa.target_num_sms(),
+    splits = pa.num_kv_splits(num_tiles * row_tiles, max_blocks, config.num_sms or hopper.target_num_sms(),
                               config.max_splits)
-    st = fa.BlockedAttention(q_len=q_len, group=group, block_rows=BLOCK_ROWS, block_kv=config.block_kv,
+    st = ba.BlockedAttention(q_len=q_len, group=group, block_rows=BLOCK_ROWS, block_kv=config.block_kv,
                              num_splits=splits, scale=scale, window=None, causal=True, dtype=dtype)
-    smem = lambda shape: fa.swizzled_smem(shape, dtype)  # noqa: E731
+    smem = lambda shape: hopper.swizzled_smem(shape, dtype)  # noqa: E731
     row_f32 = plgpu.SMEM((BLOCK_ROWS,), jnp.float32)
-    ring = (fa.swizzled_smem((2, config.block_kv, d_pad), latent.dtype, fa.DEQUANT_COLS),
+    ring = (hopper.swizzled_smem((2, config.block_kv, d_pad), latent.dtype, ba.DEQUANT_COLS),
             smem((config.block_kv, d_pad))) if fp8 else (smem((2, config.block_kv, d_pad)),)
     union = plgpu.RefUnion(
         (*ring, smem((BLOCK_ROWS, config.block_kv)), row_f32),  # ring (+ dequantized block), P, alpha
@@ -277,12 +279,12 @@ def _launch(q_rows: jax.Array, latent: jax.Array, tables: jax.Array, lens: jax.A
     o_part, lse = kernel(q_rows, latent, tables, lens)
     if splits == 1:  # already normalised by its own sum (zeros where no key was seen)
         return o_part[:, :, 0]
-    return fa.merge_partials(o_part, lse, None)
+    return ba.merge_partials(o_part, lse, None)
 
 
 def _prepare(q: jax.Array, latent_pages: jax.Array, kv_lora_rank: int, interpret: Any,
              config: MLADecodeConfig) -> tuple[jax.Array, jax.Array]:
-    """Checks the shapes; the latent pool as stored (fa.kv_pool: compiled, bf16/f16 with D a multiple
+    """Checks the shapes; the latent pool as stored (ba.kv_pool: compiled, bf16/f16 with D a multiple
     of 64, read in place; interpreted, f32 too and D zero-padded), q cast to its dtype. Zero columns
     leave the logits unchanged; a rank whose value chunks pass D (not DeepSeek-V3's) pads both."""
     d = q.shape[-1]
@@ -293,11 +295,11 @@ def _prepare(q: jax.Array, latent_pages: jax.Array, kv_lora_rank: int, interpret
         raise ValueError(f"kv_lora_rank {kv_lora_rank} must be in 1..head dim {d}")
     if config.block_kv % page_size or page_size % 8:  # a page lands on whole (8, 64) SMEM tiles
         raise ValueError(f"page_size {page_size} must be a multiple of 8 dividing block_kv {config.block_kv}")
-    latent = fa.kv_pool(latent_pages, interpret, fp8=True)
+    latent = ba.kv_pool(latent_pages, interpret, fp8=True)
     chunk, num_chunks = value_chunks(kv_lora_rank, config.value_chunk)
     width = max(latent.shape[-1], chunk * num_chunks)
-    latent = fa.pad_to(latent, (*latent.shape[:-1], width))
-    return fa.pad_to(q.astype(fa.mma_dtype(latent.dtype, interpret)), (*q.shape[:-1], width)), latent
+    latent = hopper.pad_to(latent, (*latent.shape[:-1], width))
+    return hopper.pad_to(q.astype(hopper.mma_dtype(latent.dtype, interpret)), (*q.shape[:-1], width)), latent
 
 
 def mla_ragged_kernel(q: jax.Array, latent_pages: jax.Array, query_start_loc: jax.Array, context_lens: jax.Array,
@@ -323,10 +325,10 @@ def mla_ragged_kernel(q: jax.Array, latent_pages: jax.Array, query_start_loc: ja
     # output need no gather (at DeepSeek-V3's Hq = 128 always: 75 MB of q and 134 MB of output at
     # 512 tokens).
     q_tiles = q_pad[:, None] if block_q == 1 else q_pad[tiles.rows]
-    out = _launch(fa.to_rows(q_tiles, 1, BLOCK_ROWS), latent, tiles.tables, tiles.lens, q_len=block_q, group=hq,
+    out = _launch(ba.to_rows(q_tiles, 1, BLOCK_ROWS), latent, tiles.tables, tiles.lens, q_len=block_q, group=hq,
                   kv_lora_rank=kv_lora_rank, scale=d**-0.5 if scale is None else scale,
                   page_size=latent_pages.shape[2], config=config, interpret=interpret)
-    out = fa.from_rows(out, (tiles.rows.shape[0], block_q, hq, out.shape[-1]))
+    out = ba.from_rows(out, (tiles.rows.shape[0], block_q, hq, out.shape[-1]))
     out = out[:, 0] if block_q == 1 else out[tiles.token_tile, tiles.token_slot]
     return jnp.where(tiles.token_valid[:, None, None], out[..., :kv_lora_rank], 0).astype(q.dtype)
 
@@ -338,7 +340,7 @@ def mla_decode_kernel(q: jax.Array, latent_pages: jax.Array, block_tables: jax.A
     the last Q tokens of each row, one query tile per row; rows of context 0 give zeros.
 
     interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
-    Reads the latent pool in place (fa.kv_pool: compiled, bf16/f16 with D a multiple of 64, else a
+    Reads the latent pool in place (ba.kv_pool: compiled, bf16/f16 with D a multiple of 64, else a
     ValueError) and multiplies in its dtype with f32 softmax. page_size: a multiple of 8 dividing
     block_kv.
     """
@@ -346,8 +348,8 @@ def mla_decode_kernel(q: jax.Array, latent_pages: jax.Array, block_tables: jax.A
     config = config or MLADecodeConfig()
     q_pad, latent = _prepare(q, latent_pages, kv_lora_rank, interpret, config)
     lens = context_lens.astype(jnp.int32)
-    out = _launch(fa.to_rows(q_pad, 1, BLOCK_ROWS), latent, block_tables.astype(jnp.int32), lens, q_len=q_len,
+    out = _launch(ba.to_rows(q_pad, 1, BLOCK_ROWS), latent, block_tables.astype(jnp.int32), lens, q_len=q_len,
                   group=hq, kv_lora_rank=kv_lora_rank, scale=d**-0.5 if scale is None else scale,
                   page_size=latent_pages.shape[2], config=config, interpret=interpret)
-    out = fa.from_rows(out, (b, q_len, hq, out.shape[-1]))[..., :kv_lora_rank]
+    out = ba.from_rows(out, (b, q_len, hq, out.shape[-1]))[..., :kv_lora_rank]
     return jnp.where((lens > 0)[:, None, None, None], out, 0).astype(q.dtype)

@@ -78,7 +78,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import flash_attention as fa
+from pallas_kernels import hopper
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels.quantized import MXFP4_BLOCK, QuantizedWeight
 
@@ -365,7 +365,7 @@ def _kernel_body(group_ref, lo_ref, hi_ref, lhs_ref, w_ref, s_ref, o_ref, *scrat
 
 
 def _scratch(cfg: Mxfp4GroupedMatmulConfig, groups: int, hardware: bool) -> list:
-    cta_n, bk = CONSUMERS * cfg.block_n, cfg.block_k
+    bk = cfg.block_k
     w_swizzle, x_swizzle = plgpu.find_swizzle(bk // 2 * 8), plgpu.find_swizzle(bk * 16)
     r = scale_rows_per_chunk(groups)
     scratch = [
@@ -414,9 +414,9 @@ def mxfp4_grouped_matmul_kernel(
     check_args(lhs, rhs, group_sizes)
     (m, k), (g, n, _) = lhs.shape, rhs.values.shape
     groups = k // MXFP4_BLOCK
-    config = config or mxfp4_grouped_matmul_config(fa.target_device_kind(), m / group_sizes.shape[0])
+    config = config or mxfp4_grouped_matmul_config(hopper.target_device_kind(), m / group_sizes.shape[0])
     block_k = config.block_k if k % config.block_k == 0 else 32
-    cfg = dataclasses.replace(config, block_k=block_k, num_sms=config.num_sms or fa.target_num_sms())
+    cfg = dataclasses.replace(config, block_k=block_k, num_sms=config.num_sms or hopper.target_num_sms())
     hardware = interpret is None
     if smem_bytes(cfg, k, hardware) > SMEM_LIMIT:
         raise ValueError(f"{cfg} needs {smem_bytes(cfg, k, hardware)} bytes of SMEM at K={k}; the limit is {SMEM_LIMIT}")

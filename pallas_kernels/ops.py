@@ -34,15 +34,10 @@ from pallas_kernels import paged_attention as pa
 from pallas_kernels import quantized as qz
 from pallas_kernels import ragged_paged_attention as rpa
 from pallas_kernels import ragged_paged_attention_mgpu as rpm
+from pallas_kernels import selfcheck
+from pallas_kernels.hopper import is_sm90_gpu
 
 IMPLS = ("auto", "pallas", "interpret", "xla", "cpu")
-SM90_KINDS = ("H100", "H200")
-
-
-def is_sm90_gpu() -> bool:
-    """True when the default device is an H100/H200, the GPUs the Mosaic kernels target."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and any(k in device.device_kind for k in SM90_KINDS)
 
 
 def resolve_impl(impl: str) -> str:
@@ -60,9 +55,6 @@ def checked_impl(kernel: str, impl: str) -> str:
     resolved = resolve_impl(impl)
     if resolved != "pallas" or not is_sm90_gpu():
         return resolved
-    # Imported here, not at the top: `python -m pallas_kernels.selfcheck` must find it not yet imported.
-    from pallas_kernels import selfcheck
-
     failure = selfcheck.result(kernel).failure
     if failure is None:
         return "pallas"
@@ -255,18 +247,8 @@ def mla_attention(
         out = ragged_paged_attention(*args, scale=scale, impl="xla" if resolved == "xla" else impl,
                                      max_query_len=max_query_len)
         return out[..., :kv_lora_rank]
-    return mla_attention_kernel(q, latent_pages, query_start_loc, context_lens, block_tables,
-                                kv_lora_rank=kv_lora_rank, scale=scale, max_query_len=max_query_len,
-                                interpret=_interpret_params(resolved))
-
-
-def mla_attention_kernel(q: jax.Array, latent_pages: jax.Array, query_start_loc: jax.Array, context_lens: jax.Array,
-                         block_tables: jax.Array, *, kv_lora_rank: int, scale: float | None = None,
-                         max_query_len: int | None = None,
-                         interpret: plgpu.InterpretGPUParams | None = None) -> jax.Array:
-    """mla_attention's Pallas path, the one the self-check runs: the ragged MLA kernel (mla_attention.py)."""
     return mla.mla_ragged_kernel(q, latent_pages, query_start_loc, context_lens, block_tables, kv_lora_rank=kv_lora_rank,
-                                 scale=scale, max_query_len=max_query_len, interpret=interpret)
+                                 scale=scale, max_query_len=max_query_len, interpret=_interpret_params(resolved))
 
 
 def grouped_matmul(

@@ -1,6 +1,6 @@
 """Paged attention: the last Q tokens of each sequence against its KV pages.
 
-Layout (DESIGN.md): k/v pages [Hkv, num_pages, page_size, D]; block_tables [B, max_pages] int32
+Layout (engine/kv_cache.py): k/v pages [Hkv, num_pages, page_size, D]; block_tables [B, max_pages] int32
 maps a sequence's logical page i to a physical page (padding entries point at the null page 0);
 context_lens [B] int32 counts every token of the sequence including the Q new ones, which are
 already written into the pages. Query i of sequence b sits at position context_lens[b] - Q + i.
@@ -18,8 +18,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import flash_attention as fa
-from pallas_kernels.flash_attention import check_attention_args, masked_softmax_ref, visible_mask
+from pallas_kernels import blocked_attention as ba
+
+from pallas_kernels import hopper
+from pallas_kernels.blocked_attention import check_attention_args, masked_softmax_ref, visible_mask
 
 
 def paged_attention_reference(
@@ -133,7 +135,7 @@ class PagedAttentionConfig:
     block_rows: query rows (Q x query heads per KV head) per program; wgmma wants M % 64 == 0.
     block_kv: tokens per KV step, a whole number of pages; bf16 PV wants a multiple of 64.
     num_sms: streaming multiprocessors to fill when choosing the number of KV splits; None: the
-        target device's (fa.target_num_sms()).
+        target device's (hopper.target_num_sms()).
     max_splits: upper bound on KV splits per (sequence, KV head, row tile).
     """
 
@@ -162,7 +164,7 @@ def num_kv_splits(programs: int, max_blocks: int, num_sms: int, max_splits: int)
 
 
 def _paged_body(
-    q_ref, k_ref, v_ref, tables_ref, lens_ref, o_ref, lse_ref, *scratch, st: fa.BlockedAttention, page_size: int
+    q_ref, k_ref, v_ref, tables_ref, lens_ref, o_ref, lse_ref, *scratch, st: ba.BlockedAttention, page_size: int
 ):
     """Paged KV: block blk of sequence b is its pages blk*ppb .. blk*ppb+ppb-1 of KV head h."""
     b, h = lax.axis_index("batch"), lax.axis_index("kv_head")
@@ -175,7 +177,7 @@ def _paged_body(
             plgpu.copy_gmem_to_smem(k_ref.at[h, page], k_smem.at[slot, dst], k_bars.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[h, page], v_smem.at[slot, dst], v_bars.at[slot])
 
-    fa.attention_program(q_ref, o_ref, lse_ref, scratch, load_kv=load_kv, length=lens_ref[b], st=st)
+    ba.attention_program(q_ref, o_ref, lse_ref, scratch, load_kv=load_kv, length=lens_ref[b], st=st)
 
 
 def paged_attention_kernel(
@@ -194,26 +196,26 @@ def paged_attention_kernel(
     """Paged attention on the Mosaic GPU kernel (same contract as paged_attention_reference).
 
     interpret: None to compile for the GPU, or plgpu.InterpretGPUParams to interpret on CPU.
-    Reads the KV pool in place (fa.kv_pool: compiled, bf16/f16 with head_dim a multiple of 64; a
+    Reads the KV pool in place (ba.kv_pool: compiled, bf16/f16 with head_dim a multiple of 64; a
     ValueError otherwise) and multiplies in its dtype, q cast to it, with f32 softmax. page_size
     must divide block_kv or be a multiple of 64.
     """
     b, q_len, hq, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
     check_attention_args(hq, hkv, sliding_window, sinks)
-    config = config or paged_attention_config(fa.target_device_kind())
+    config = config or paged_attention_config(hopper.target_device_kind())
     block_kv = max(config.block_kv, page_size)
     if block_kv % page_size or block_kv % 64:
         raise ValueError(f"page_size {page_size} must divide {block_kv} or be a multiple of 64")
-    k_pages, v_pages = (fa.kv_pool(x, interpret) for x in (k_pages, v_pages))
+    k_pages, v_pages = (ba.kv_pool(x, interpret) for x in (k_pages, v_pages))
     dtype = k_pages.dtype
-    q_pad = fa.pad_last(q.astype(dtype), fa.HEAD_DIM_MULTIPLE)
-    q_rows = fa.to_rows(q_pad, hkv, config.block_rows)
+    q_pad = hopper.pad_last(q.astype(dtype), ba.HEAD_DIM_MULTIPLE)
+    q_rows = ba.to_rows(q_pad, hkv, config.block_rows)
     pages_per_block = block_kv // page_size
     max_blocks = pl.cdiv(block_tables.shape[1], pages_per_block)
     programs = b * hkv * (q_rows.shape[2] // config.block_rows)
-    splits = num_kv_splits(programs, max_blocks, config.num_sms or fa.target_num_sms(), config.max_splits)
-    st = fa.BlockedAttention(
+    splits = num_kv_splits(programs, max_blocks, config.num_sms or hopper.target_num_sms(), config.max_splits)
+    st = ba.BlockedAttention(
         q_len=q_len,
         group=hq // hkv,
         block_rows=config.block_rows,
@@ -229,7 +231,7 @@ def paged_attention_kernel(
         block_tables.astype(jnp.int32), ((0, 0), (0, max_blocks * pages_per_block - block_tables.shape[1]))
     )
     operands = (k_pages, v_pages, tables, context_lens.astype(jnp.int32))
-    o_part, lse = fa.run_blocked_attention(
+    o_part, lse = ba.run_blocked_attention(
         functools.partial(_paged_body, st=st, page_size=page_size),
         q_rows,
         operands,
@@ -238,5 +240,5 @@ def paged_attention_kernel(
         "paged_attention",
         interpret,
     )
-    out = fa.from_rows(fa.merge_partials(o_part, lse, sinks), q_pad.shape)
+    out = ba.from_rows(ba.merge_partials(o_part, lse, sinks), q_pad.shape)
     return out[..., :d].astype(q.dtype)

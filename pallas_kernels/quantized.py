@@ -11,7 +11,7 @@ K-major layout [..., N, K] (what an 8-bit wgmma operand needs, and what both for
               W8A8: activations are quantized per token in groups of 128 along K (act_quant).
 
 `dequantize` is the reference every kernel is tested against, and the XLA path: inside the
-jitted step it expands one layer's weight at a time, so memory stays packed (QUANT.md).
+jitted step it expands one layer's weight at a time, so memory stays packed (docs/quantization.md).
 `dense_operands` says what that path multiplies (W4A16 or W8A8), `matmul_reference` is the dense GEMM.
 """
 

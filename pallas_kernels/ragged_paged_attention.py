@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import check_attention_args, masked_softmax_ref, visible_mask
+from pallas_kernels.blocked_attention import check_attention_args, masked_softmax_ref, visible_mask
 
 # paged_attention_reference's contract: (q, k_pages, v_pages, block_tables, context_lens, *,
 # sliding_window, sinks, scale) -> [B, Q, Hq, D].

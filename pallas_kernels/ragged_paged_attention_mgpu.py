@@ -28,15 +28,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import flash_attention as fa
+from pallas_kernels import blocked_attention as ba
+
+from pallas_kernels import hopper
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import ragged_paged_attention as rpa
-from pallas_kernels.flash_attention import check_attention_args
+from pallas_kernels.blocked_attention import check_attention_args
 
 @dataclasses.dataclass(frozen=True)
 class RaggedAttentionConfig:
     """Block sizes: block_rows (tokens x group heads) per program, block_kv keys per step, up to
-    max_stages K/V ring slots, the SM count (None: the target device's, fa.target_num_sms()) and
+    max_stages K/V ring slots, the SM count (None: the target device's, hopper.target_num_sms()) and
     split cap for the KV splits, and decode_rows: the rows (tokens x group heads, a multiple of
     16) of the A/B-swapped decode tile; 0 turns it off."""
 
@@ -70,7 +72,7 @@ def ring_stages(config: RaggedAttentionConfig, block_rows: int, block_kv: int, h
                 itemsize: int, kv_itemsize: int | None = None) -> int | None:
     """The deepest ring (max_stages down to 2) that fits in SMEM, or None when none does."""
     fits = [s for s in range(config.max_stages, 1, -1)
-            if smem_bytes(block_rows, block_kv, head_dim, s, itemsize, kv_itemsize) + fa.SMEM_SLACK <= fa.SMEM_BYTES]
+            if smem_bytes(block_rows, block_kv, head_dim, s, itemsize, kv_itemsize) + hopper.SMEM_SLACK <= hopper.SMEM_BYTES]
     return fits[0] if fits else None
 
 
@@ -90,28 +92,28 @@ def supported(head_dim: int, q_heads: int, kv_heads: int, page_size: int,
     tiles and divide the KV block (or are whole multiples of 64), and a 2-slot ring fits in SMEM."""
     config = config or RaggedAttentionConfig()
     block_kv = kernel_block_kv(config, page_size)
-    padded = fa.round_up(head_dim, fa.HEAD_DIM_MULTIPLE)
+    padded = hopper.round_up(head_dim, ba.HEAD_DIM_MULTIPLE)
     return (kv_heads > 0 and q_heads % kv_heads == 0 and q_heads // kv_heads <= config.block_rows
             and page_size % 8 == 0 and block_kv % page_size == 0 and block_kv % 64 == 0
             and ring_stages(config, config.block_rows, block_kv, padded, 2) is not None)
 
 
 def _ragged_body(q_ref, k_ref, v_ref, lens_ref, tables_ref, o_ref, lse_ref, q_smem, k_smem, v_smem,
-                 p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars, k_tile=None, v_tile=None, *, st: fa.BlockedAttention, page_size: int,
+                 p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars, k_tile=None, v_tile=None, *, st: ba.BlockedAttention, page_size: int,
                  stages: int, keys_axis: int):
     """Program (tile, kv_head, split): the tile's rows of q against its sequence's KV blocks.
 
     keys_axis 1: logits [rows, keys] = q @ k^T, out = p @ v (rows in wgmma's M, >= 64).
     keys_axis 0, A/B swapped: logits [keys, rows] = k @ q^T and out^T = v^T @ p^T, so the block's
     64 keys fill M and a decode tile's few rows sit in N (16 for G <= 16): no rows padded to 64.
-    k_tile / v_tile (an FP8 pool): where each block is dequantized for wgmma (fa.dequantize_block).
+    k_tile / v_tile (an FP8 pool): where each block is dequantized for wgmma (ba.dequantize_block).
     """
     tile, h, split = lax.axis_index("tile"), lax.axis_index("kv_head"), lax.axis_index("split")
     length = lens_ref[tile]  # position of the tile's last token + 1 (0: an unused tile)
 
     @pl.when(length > 0)  # a spare tile of the static bound reads and writes nothing
     def _():
-        first, last = fa.kv_block_range(length, jnp.int32(0), split, st)
+        first, last = ba.kv_block_range(length, jnp.int32(0), split, st)
         pages_per_block = st.block_kv // page_size
         last_entry = tables_ref.shape[1] - 1
         swapped = keys_axis == 0
@@ -138,28 +140,28 @@ def _ragged_body(q_ref, k_ref, v_ref, lens_ref, tables_ref, o_ref, lse_ref, q_sm
             pl.when(blk + stages - 1 < last)(lambda: load(ahead, lax.rem(i + stages - 1, stages)))
             ahead = page_ids(blk + stages)  # scalar reads overlap this step's wgmmas
             plgpu.barrier_wait(k_bars.at[slot])
-            k = fa.dequantize_block(k_smem.at[slot], k_tile)
+            k = ba.dequantize_block(k_smem.at[slot], k_tile)
             if swapped:
-                s = fa.wgmma_f32(k, q_smem.T, (st.block_kv, st.block_rows))
+                s = hopper.wgmma_f32(k, q_smem.T, (st.block_kv, st.block_rows))
             else:
-                s = fa.wgmma_f32(q_smem, k.T, (st.block_rows, st.block_kv))
-            mask = fa.block_mask(length, jnp.int32(0), st.block_rows, blk, st, keys_axis)
-            p, alpha, m_i, l_i = fa.softmax_update(jnp.where(mask, s * st.scale, -jnp.inf), m_i, l_i, keys_axis)
+                s = hopper.wgmma_f32(q_smem, k.T, (st.block_rows, st.block_kv))
+            mask = ba.block_mask(length, jnp.int32(0), st.block_rows, blk, st, keys_axis)
+            p, alpha, m_i, l_i = ba.softmax_update(jnp.where(mask, s * st.scale, -jnp.inf), m_i, l_i, keys_axis)
             # Swapped, P^T goes in through a transposed view: a [keys, 16] bf16 B operand does not lower.
             (p_smem.T if swapped else p_smem)[...] = p.astype(st.dtype)
             plgpu.commit_smem()
             plgpu.barrier_wait(v_bars.at[slot])
-            v = fa.dequantize_block(v_smem.at[slot], v_tile)
+            v = ba.dequantize_block(v_smem.at[slot], v_tile)
             if swapped:
-                pv = fa.wgmma_f32(v.T, p_smem.T, acc.shape)
+                pv = hopper.wgmma_f32(v.T, p_smem.T, acc.shape)
             else:
-                pv = fa.wgmma_f32(p_smem, v, acc.shape)
+                pv = hopper.wgmma_f32(p_smem, v, acc.shape)
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [1 - keys_axis]) + pv, m_i, l_i, ahead
 
         head_dim = q_smem.shape[1]
-        init = (*fa.softmax_init(st.block_rows, head_dim, keys_axis), page_ids(first + stages - 1))
+        init = (*ba.softmax_init(st.block_rows, head_dim, keys_axis), page_ids(first + stages - 1))
         acc, m_i, l_i, _ = lax.fori_loop(0, last - first, step, init)
-        o_smem[...], lse_smem[...] = fa.softmax_finish(acc, m_i, l_i, keys_axis)
+        o_smem[...], lse_smem[...] = ba.softmax_finish(acc, m_i, l_i, keys_axis)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[tile, h, split])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[tile, h, split])
@@ -179,18 +181,18 @@ def _run_tiles(q_pad: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tiles: 
                          jnp.dtype(k_pages.dtype).itemsize) or 2
     # Gathered into tiles [N, Hkv, block_rows, D] in jnp: a TMA straight from the flat q would start
     # at row token * G, which Mosaic cannot prove a multiple of the 8-row SMEM tile.
-    q_tiles = fa.to_rows(q_pad[tiles.rows], hkv, block_rows)
+    q_tiles = ba.to_rows(q_pad[tiles.rows], hkv, block_rows)
     max_blocks = pl.cdiv(tiles.tables.shape[1], pages_per_block)
     tables = jnp.pad(tiles.tables, ((0, 0), (0, max_blocks * pages_per_block - tiles.tables.shape[1])))
-    splits = pa.num_kv_splits(num_tiles * hkv, max_blocks, config.num_sms or fa.target_num_sms(), config.max_splits)
-    st = fa.BlockedAttention(q_len=block_q, group=group, block_rows=block_rows, block_kv=block_kv,
+    splits = pa.num_kv_splits(num_tiles * hkv, max_blocks, config.num_sms or hopper.target_num_sms(), config.max_splits)
+    st = ba.BlockedAttention(q_len=block_q, group=group, block_rows=block_rows, block_kv=block_kv,
                              num_splits=splits, scale=scale, window=window, causal=True, dtype=q_pad.dtype)
     out_rows = (block_rows, d_pad) if keys_axis == 1 else (d_pad, block_rows)
     kernel = plgpu.kernel(
         functools.partial(_ragged_body, st=st, page_size=page_size, stages=stages, keys_axis=keys_axis),
         out_type=(jax.ShapeDtypeStruct((num_tiles, hkv, splits, *out_rows), jnp.float32),
                   jax.ShapeDtypeStruct((num_tiles, hkv, splits, block_rows), jnp.float32)),
-        scratch_types=fa.attention_scratch(st, d_pad, pages_per_block, stages, keys_axis, k_pages.dtype),
+        scratch_types=ba.attention_scratch(st, d_pad, pages_per_block, stages, keys_axis, k_pages.dtype),
         grid=(num_tiles, hkv, splits),
         grid_names=("tile", "kv_head", "split"),
         kernel_name=f"ragged_paged_attention_{'ab_' * (1 - keys_axis)}r{block_rows}_kv{block_kv}_st{stages}_s{splits}",
@@ -199,8 +201,8 @@ def _run_tiles(q_pad: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tiles: 
     o_part, lse = kernel(q_tiles, k_pages, v_pages, tiles.lens, tables)
     if keys_axis == 0:
         o_part = jnp.swapaxes(o_part, -1, -2)  # [N, Hkv, splits, rows, D]
-    merged = fa.merge_partials(o_part, lse, sinks)  # [N, Hkv, block_rows, D]
-    return fa.from_rows(merged, (num_tiles, block_q, group * hkv, d_pad))
+    merged = ba.merge_partials(o_part, lse, sinks)  # [N, Hkv, block_rows, D]
+    return ba.from_rows(merged, (num_tiles, block_q, group * hkv, d_pad))
 
 
 def ragged_paged_attention_kernel(
@@ -219,9 +221,9 @@ def ragged_paged_attention_kernel(
 ) -> jax.Array:
     """Ragged paged attention on the Mosaic GPU kernel (rpa.ragged_paged_attention_reference's
     contract). interpret: None compiles for the GPU, plgpu.InterpretGPUParams interprets on CPU.
-    Reads the KV pool in place (fa.kv_pool: compiled, bf16/f16 with head_dim a multiple of 64) and
+    Reads the KV pool in place (ba.kv_pool: compiled, bf16/f16 with head_dim a multiple of 64) and
     multiplies in its dtype, q cast to it, with f32 softmax. An FP8 (float8_e4m3fn) pool is read
-    as stored (half the bytes) and each block dequantized to f16 in SMEM (fa.dequantize_block);
+    as stored (half the bytes) and each block dequantized to f16 in SMEM (ba.dequantize_block);
     its scale is the caller's (models/attention.py). Raises ValueError for a pool kv_pool
     refuses and for shapes `supported` refuses.
 
@@ -236,8 +238,8 @@ def ragged_paged_attention_kernel(
         raise ValueError(f"ragged kernel: unsupported head_dim {d}, heads {hq}/{hkv} or page_size {page_size} "
                          f"(pages: a multiple of 8 dividing {config.block_kv} or of 64; a 2-slot ring in SMEM)")
     group = hq // hkv
-    k_pages, v_pages = (fa.kv_pool(x, interpret, fp8=True) for x in (k_pages, v_pages))
-    q_pad = fa.pad_last(q.astype(fa.mma_dtype(k_pages.dtype, interpret)), fa.HEAD_DIM_MULTIPLE)
+    k_pages, v_pages = (ba.kv_pool(x, interpret, fp8=True) for x in (k_pages, v_pages))
+    q_pad = hopper.pad_last(q.astype(hopper.mma_dtype(k_pages.dtype, interpret)), ba.HEAD_DIM_MULTIPLE)
     run = functools.partial(_run_tiles, q_pad, k_pages, v_pages, config=config, group=group, page_size=page_size,
                             scale=d**-0.5 if scale is None else scale, window=sliding_window, sinks=sinks,
                             interpret=interpret)

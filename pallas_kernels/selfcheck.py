@@ -40,12 +40,13 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_in
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh
 
+from pallas_kernels import blocked_attention as ba
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import fp8_matmul as f8
 from pallas_kernels import grouped_matmul as gmm
+from pallas_kernels import hopper
 from pallas_kernels import mla_attention as mla
 from pallas_kernels import mxfp4_grouped_matmul as mx
-from pallas_kernels import ops
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import quantized as qz
 from pallas_kernels import ragged_paged_attention as rpa
@@ -169,7 +170,7 @@ def _ragged(seqs: list[tuple[int, int]], pad_rows: int = 2, heads: tuple[int, in
         q, k, v, *rest = _ragged_inputs(rng, seqs, pad_rows, *heads, head_dim, page_size)
         args = (q, _pool(k, fp8), _pool(v, fp8), *rest)
         return (functools.partial(rpm.ragged_paged_attention_kernel, sliding_window=window, interpret=interpret),
-                functools.partial(ops.ragged_paged_attention, sliding_window=window, impl="xla"),
+                functools.partial(rpa.ragged_paged_attention_tiled, pa.paged_attention_blocked, sliding_window=window),
                 args, {"sinks": _sinks(rng, heads[0], sinks)})
 
     return build
@@ -192,18 +193,24 @@ def _flash(batch: int, q_len: int, kv_len: int, heads: tuple[int, int] = (8, 2),
 
 def _mla(seqs: list[tuple[int, int]], pad_rows: int = 2, heads: int = 16, rank: int = 128, rope: int = 64,
          seed: int = 0, fp8: bool = False) -> Case:
-    """ops' MLA Pallas path (the ragged MLA kernel) vs ops' XLA path, 16-token pages; fp8: on an FP8
-    latent pool."""
+    """The ragged MLA kernel (ops' MLA Pallas path) vs ops' XLA path (ragged attention with K = V),
+    16-token pages; fp8: on an FP8 latent pool."""
 
     def build(interpret):
         rng = np.random.default_rng(seed)
         q, latent, _, starts, lens, tables = _ragged_inputs(rng, seqs, pad_rows, heads, 1, rank + rope, 16)
         latent = _pool(latent, fp8)
-        return (functools.partial(ops.mla_attention_kernel, kv_lora_rank=rank, interpret=interpret),
-                functools.partial(ops.mla_attention, kv_lora_rank=rank, impl="xla"),
+        return (functools.partial(mla.mla_ragged_kernel, kv_lora_rank=rank, interpret=interpret),
+                functools.partial(_mla_xla, kv_lora_rank=rank),
                 (q, latent, starts, lens, tables), {})
 
     return build
+
+
+def _mla_xla(q: jax.Array, latent: jax.Array, *metadata: jax.Array, kv_lora_rank: int) -> jax.Array:
+    """What ops.mla_attention's XLA path computes: ragged attention with the latent as K and V, its
+    first kv_lora_rank columns the value."""
+    return rpa.ragged_paged_attention_tiled(pa.paged_attention_blocked, q, latent, latent, *metadata)[..., :kv_lora_rank]
 
 
 def _gmm(sizes: list[int], rows: int, k: int = 128, n: int = 128, num_rhs: int | None = None, offset: int = 0,
@@ -378,21 +385,21 @@ class Kernel:
 
 
 KERNELS = {
-    "ragged_paged_attention": Kernel((rpm, rpa, pa, fa, ws), lambda kind: rpm.RaggedAttentionConfig(), ragged_cases),
-    "ragged_paged_attention_fp8": Kernel((rpm, rpa, pa, fa, ws), lambda kind: rpm.RaggedAttentionConfig(),
+    "ragged_paged_attention": Kernel((rpm, rpa, pa, ba, hopper), lambda kind: rpm.RaggedAttentionConfig(), ragged_cases),
+    "ragged_paged_attention_fp8": Kernel((rpm, rpa, pa, ba, hopper), lambda kind: rpm.RaggedAttentionConfig(),
                                          functools.partial(ragged_cases, fp8=True)),
-    "flash_attention": Kernel((fa, ws), fa.flash_attention_config, flash_cases),
-    "mla_attention": Kernel((mla, ops, rpa, pa, fa, ws), lambda kind: mla.MLADecodeConfig(), mla_cases),
-    "mla_attention_fp8": Kernel((mla, ops, rpa, pa, fa, ws), lambda kind: mla.MLADecodeConfig(),
+    "flash_attention": Kernel((fa, ws, ba, hopper), fa.flash_attention_config, flash_cases),
+    "mla_attention": Kernel((mla, rpa, pa, ba, hopper), lambda kind: mla.MLADecodeConfig(), mla_cases),
+    "mla_attention_fp8": Kernel((mla, rpa, pa, ba, hopper), lambda kind: mla.MLADecodeConfig(),
                                 functools.partial(mla_cases, fp8=True)),
-    "grouped_matmul": Kernel((gmm, fa, ws), lambda kind: (gmm.grouped_matmul_config(kind),
+    "grouped_matmul": Kernel((gmm, hopper), lambda kind: (gmm.grouped_matmul_config(kind),
                                                           gmm.grouped_matmul_config(kind, 1)), gmm_cases),
-    "paged_attention": Kernel((pa, fa, ws), pa.paged_attention_config, paged_cases),
-    "mxfp4_grouped_matmul": Kernel((mx, qz, gmm, fa), lambda kind: mx.mxfp4_grouped_matmul_config(kind),
+    "paged_attention": Kernel((pa, ba, hopper), pa.paged_attention_config, paged_cases),
+    "mxfp4_grouped_matmul": Kernel((mx, qz, gmm, hopper), lambda kind: mx.mxfp4_grouped_matmul_config(kind),
                                    quantized_gmm_cases("mxfp4")),
-    "fp8_block_matmul": Kernel((f8, qz, gmm, fa), lambda kind: f8.fp8_matmul_config(kind, 64, 7168, 1536),
+    "fp8_block_matmul": Kernel((f8, qz, gmm, hopper), lambda kind: f8.fp8_matmul_config(kind, 64, 7168, 1536),
                                fp8_dense_cases),
-    "fp8_block_grouped_matmul": Kernel((f8, qz, gmm, fa), lambda kind: f8.fp8_matmul_config(kind, 64, 7168, 2048, 32),
+    "fp8_block_grouped_matmul": Kernel((f8, qz, gmm, hopper), lambda kind: f8.fp8_matmul_config(kind, 64, 7168, 2048, 32),
                                        quantized_gmm_cases("fp8_block")),
 }
 
@@ -426,7 +433,7 @@ def run_case(name: str, case: Case, compiled: bool) -> CaseResult:
         with _mode(compiled) as interpret:
             kernel, reference, args, arrays = case(interpret)
             got, want = jax.jit(kernel)(*args, **arrays), jax.jit(reference)(*args, **arrays)
-            mma = jnp.dtype(fa.mma_dtype(got.dtype, interpret)).name
+            mma = jnp.dtype(hopper.mma_dtype(got.dtype, interpret)).name
             got, want = (np.asarray(x, np.float32) for x in (got, want))
     except Exception as e:  # noqa: BLE001 (a kernel that fails to lower, compile or run fails its case)
         return CaseResult(name, False, time.perf_counter() - start, error=f"{type(e).__name__}: {e}"[:2000])
@@ -444,7 +451,7 @@ def run_case(name: str, case: Case, compiled: bool) -> CaseResult:
 def run_cases(kernel: str) -> None:
     """The child's work: the kernel's cases in order, one line each, stopping at the first failure
     (a failed kernel may leave the CUDA context unusable)."""
-    compiled = ops.is_sm90_gpu()
+    compiled = hopper.is_sm90_gpu()
     for name, case in KERNELS[kernel].cases(compiled).items():
         result = run_case(name, case, compiled)
         print(CASE_LINE + json.dumps(dataclasses.asdict(result)), flush=True)
@@ -535,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     start = time.perf_counter()
     results = {name: check(name, args.timeout, use_cache=False) for name in KERNELS}
-    summary = {"device_kind": jax.devices()[0].device_kind, "mode": "compiled" if ops.is_sm90_gpu() else "interpret",
+    summary = {"device_kind": jax.devices()[0].device_kind, "mode": "compiled" if hopper.is_sm90_gpu() else "interpret",
                "ok": all(r.ok for r in results.values()), "seconds": round(time.perf_counter() - start, 1),
                "kernels": {name: r.to_json() for name, r in results.items()}}
     print(json.dumps(summary, indent=1))

@@ -32,7 +32,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import flash_attention as fa
+from pallas_kernels import blocked_attention as ba
+
+from pallas_kernels import hopper
 
 CONSUMERS = 2
 CONSUMER_ROWS = 64  # one wgmma M per consumer warpgroup
@@ -52,13 +54,13 @@ def ws_smem_bytes(block_kv: int, head_dim: int, stages: int, itemsize: int, hard
 
 def ws_stages(block_kv: int, head_dim: int, itemsize: int, max_stages: int = 3) -> int:
     """The deepest K/V ring (2..max_stages) that fits in SMEM on the hardware path."""
-    fits = [s for s in range(2, max_stages + 1) if ws_smem_bytes(block_kv, head_dim, s, itemsize, True) + fa.SMEM_SLACK <= fa.SMEM_BYTES]
+    fits = [s for s in range(2, max_stages + 1) if ws_smem_bytes(block_kv, head_dim, s, itemsize, True) + hopper.SMEM_SLACK <= hopper.SMEM_BYTES]
     if not fits:
         raise ValueError(f"no K/V ring fits in SMEM at block_kv={block_kv}, head_dim={head_dim}")
     return fits[-1]
 
 
-def ws_scratch(st: fa.BlockedAttention, head_dim: int, loads_per_block: int, stages: int, hardware: bool) -> list:
+def ws_scratch(st: ba.BlockedAttention, head_dim: int, loads_per_block: int, stages: int, hardware: bool) -> list:
     """SMEM and barriers of ws_attention_program (shared by the three warpgroups)."""
     swizzled = (plgpu.TilingTransform((8, 128 // jnp.dtype(st.dtype).itemsize)), plgpu.SwizzleTransform(128))
     smem = lambda shape: plgpu.SMEM(shape, st.dtype, transforms=swizzled)  # noqa: E731
@@ -78,7 +80,7 @@ def ws_scratch(st: fa.BlockedAttention, head_dim: int, loads_per_block: int, sta
     return scratch
 
 
-def interior_blocks(length: jax.Array, row0: jax.Array, st: fa.BlockedAttention) -> tuple[jax.Array, jax.Array]:
+def interior_blocks(length: jax.Array, row0: jax.Array, st: ba.BlockedAttention) -> tuple[jax.Array, jax.Array]:
     """KV blocks [lo, hi) that every one of the CONSUMER_ROWS rows from row0 sees whole: no mask."""
     qi_lo = lax.div(row0, st.group)
     qi_hi = jnp.minimum(lax.div(row0 + CONSUMER_ROWS - 1, st.group), st.q_len - 1)
@@ -94,7 +96,7 @@ def interior_blocks(length: jax.Array, row0: jax.Array, st: fa.BlockedAttention)
 
 
 def _online_softmax_log2(s2: jax.Array, m_i: jax.Array, l_i: jax.Array) -> tuple[jax.Array, ...]:
-    """fa.softmax_update in the log2 domain: s2 are logits x log2(e), m_i the running max of them."""
+    """ba.softmax_update in the log2 domain: s2 are logits x log2(e), m_i the running max of them."""
     m_new = jnp.maximum(m_i, s2.max(axis=1))
     alpha = jnp.exp2(m_i - m_new)
     p = jnp.exp2(s2 - lax.broadcast_in_dim(m_new, s2.shape, [0]))
@@ -110,18 +112,18 @@ def _accumulate_pv(acc: jax.Array, p: jax.Array, p_smem, v_smem, hardware: bool)
         return pl.run_state(pv)(plgpu.ACC.init(acc))
     p_smem[...] = p
     plgpu.commit_smem()
-    return acc + fa.wgmma_f32(p_smem, v_smem, acc.shape)
+    return acc + hopper.wgmma_f32(p_smem, v_smem, acc.shape)
 
 
 def ws_attention_program(q_ref, o_ref, lse_ref, scratch, *, load_kv: Callable, length: jax.Array,
-                         st: fa.BlockedAttention, hardware: bool) -> None:
-    """One (batch, kv_head, tile, split) program, as fa.attention_program with the same
+                         st: ba.BlockedAttention, hardware: bool) -> None:
+    """One (batch, kv_head, tile, split) program, as ba.attention_program with the same
     load_kv(blk, slot, k_smem, v_smem, k_bars, v_bars), on three warpgroups."""
     q_smem, k_smem, v_smem, lse_smem, q_bars, k_bars, v_bars, free, turn, *p_smem = scratch
     stages = k_smem.shape[0]
     b, h = lax.axis_index("batch"), lax.axis_index("kv_head")
     tile, split, wg = lax.axis_index("tile"), lax.axis_index("split"), lax.axis_index("wg")
-    first, last = fa.kv_block_range(length, tile, split, st)  # the whole tile's blocks: both consumers walk them
+    first, last = ba.kv_block_range(length, tile, split, st)  # the whole tile's blocks: both consumers walk them
 
     @pl.when(wg == PRODUCER)
     def _producer():
@@ -166,7 +168,7 @@ def ws_attention_program(q_ref, o_ref, lse_ref, scratch, *, load_kv: Callable, l
 
             s2 = pl.run_scoped(qk, plgpu.ACC((CONSUMER_ROWS, st.block_kv), jnp.float32)) * (st.scale * LOG2E)
             if masked:
-                s2 = jnp.where(fa.block_mask(length, row0, CONSUMER_ROWS, blk, st), s2, -jnp.inf)
+                s2 = jnp.where(ba.block_mask(length, row0, CONSUMER_ROWS, blk, st), s2, -jnp.inf)
             p, alpha, m_i, l_i = _online_softmax_log2(s2, m_i, l_i)
             plgpu.barrier_arrive(turn)  # softmax done
             plgpu.barrier_wait(v_bars.at[slot])
@@ -181,13 +183,13 @@ def ws_attention_program(q_ref, o_ref, lse_ref, scratch, *, load_kv: Callable, l
         lo = jnp.clip(lo, first, last)
         hi = jnp.clip(hi, lo, last)
         pl.when(wg == 1)(schedule)  # consumer 1 starts half a step behind consumer 0
-        carry = fa.softmax_init(CONSUMER_ROWS, q_wg.shape[-1])
+        carry = ba.softmax_init(CONSUMER_ROWS, q_wg.shape[-1])
         carry = lax.fori_loop(0, lo - first, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(lo - first, hi - first, functools.partial(step, masked=False), carry)
         acc, m_i, l_i = lax.fori_loop(hi - first, last - first, functools.partial(step, masked=True), carry)
         pl.when(wg == 0)(schedule)  # ... and the schedule barrier's arrivals even out
 
-        l_i = jnp.maximum(l_i, 1.0)  # >= 1 once any key was seen; 0: none (fa.softmax_finish)
+        l_i = jnp.maximum(l_i, 1.0)  # >= 1 once any key was seen; 0: none (ba.softmax_finish)
         q_wg[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(st.dtype)
         lse_smem.at[wg][...] = m_i / LOG2E + jnp.log(l_i)
         plgpu.commit_smem()
@@ -196,7 +198,7 @@ def ws_attention_program(q_ref, o_ref, lse_ref, scratch, *, load_kv: Callable, l
         plgpu.wait_smem_to_gmem(0)
 
 
-def run_ws_attention(body: Callable, q_rows: jax.Array, operands: tuple, st: fa.BlockedAttention,
+def run_ws_attention(body: Callable, q_rows: jax.Array, operands: tuple, st: ba.BlockedAttention,
                      loads_per_block: int, stages: int, name: str, interpret: Any) -> tuple[jax.Array, jax.Array]:
     """Launches body(q_ref, *operand_refs, o_ref, lse_ref, *scratch, program=) over
     (B, Hkv, tiles, splits) x 3 warpgroups, `program` being ws_attention_program for this target:

@@ -10,8 +10,6 @@ the physical limit. Elsewhere (CPU): the XLA paths at shrunken shapes, so tests 
 
 import dataclasses
 import json
-import statistics
-import time
 from typing import Callable
 
 from absl import app, flags, logging
@@ -19,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import time_ms
 from pallas_kernels import ops
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import ragged_paged_attention as rpa
@@ -46,17 +45,6 @@ class Case:
     impls: dict[str, Callable[[], jax.Array]]
     flops: float
     bytes: float
-
-
-def time_ms(fn: Callable[[], jax.Array], iters: int) -> float:
-    """Median wall time of fn() in milliseconds, after one warm-up (compile) call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def measure_peaks(small: bool, iters: int) -> dict[str, float]:

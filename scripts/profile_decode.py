@@ -28,7 +28,6 @@ from absl import app, flags
 
 
 from benchmarks import roofline
-from engine.config import bucket
 from engine.llm import LLM
 from engine.request import SamplingParams
 from engine.runner import ModelRunner
@@ -63,7 +62,7 @@ def scattered_tables(runner: ModelRunner, batch: int, tokens: int, seed: int = 0
     """Block tables [batch, bucketed width] holding `tokens` tokens each, on randomly chosen pages."""
     cfg = runner.config
     pages = -(-tokens // cfg.page_size)
-    width = bucket(pages, cfg.page_buckets)
+    width = cfg.table_width(tokens)
     chosen = np.random.default_rng(seed).permutation(np.arange(1, cfg.num_pages))[:batch * pages]
     tables = np.zeros((batch, width), np.int32)
     tables[:, :pages] = chosen.reshape(batch, pages)

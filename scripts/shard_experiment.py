@@ -11,11 +11,14 @@ the overheads, not real interconnect costs; the collective bytes are what a GPU 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
 
+import jax
+import numpy as np
 from absl import app, flags
+
+from benchmarks.mesh_layouts import run_layout, time_step
+from models import load_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "tiny-gpt-oss", "Preset (random weights unless it ships weights).")
@@ -27,62 +30,16 @@ flags.DEFINE_integer("iters", 5, "Timed steps per layout (after one warm-up).")
 flags.DEFINE_integer("devices", 8, "Simulated CPU devices (ignored on GPU).")
 
 
-def parse_layout(text: str) -> tuple[dict[str, int], str]:
-    """"tensor=2,expert=4:expert_dp" -> ({"tensor": 2, "expert": 4}, "expert_dp")."""
-    axes, _, rules = text.partition(":")
-    sizes = {}
-    for item in axes.split(","):
-        name, _, size = item.partition("=")
-        sizes[name.strip()] = int(size)
-    return sizes, rules or "default"
-
-
-def time_step(loaded, tokens, iters: int) -> float:
-    """Median seconds of one forward (blocking on the result)."""
-    import jax
-    jax.block_until_ready(loaded.forward(tokens))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(loaded.forward(tokens))
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def run_layout(base, tokens, reference, layout: str) -> dict:
-    """Time and collectives of the forward under one layout; max |logits - single-device logits|."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-    from models.loaded_model import _forward
-    from sharding import RULES, make_mesh, shard_model
-    from sharding.hlo import collectives
-    from sharding.rules import batch_sharding
-    sizes, rules_name = parse_layout(layout)
-    mesh, rules = make_mesh(**sizes), RULES[rules_name]
-    loaded = dataclasses.replace(base, model=shard_model(base.model, mesh, rules), mesh=mesh, rules=rules)
-    graphdef, state = nnx.split(loaded.model)
-    batch = jax.device_put(jnp.asarray(tokens, jnp.int32), batch_sharding(tokens.shape, mesh, rules))
-    hlo = _forward.lower(graphdef, state, batch).compile().as_text()
-    return {"layout": sizes, "rules": rules_name, "step_s": time_step(loaded, tokens, FLAGS.iters),
-            "max_abs_diff": float(np.abs(np.asarray(loaded.forward(tokens)) - reference).max()),
-            "collectives": collectives(hlo)}
-
-
 def main(argv: list[str]) -> None:
     del argv
-    import jax
     if jax.config.jax_platforms in (None, "", "cpu"):
-        jax.config.update("jax_num_cpu_devices", FLAGS.devices)
-    import numpy as np
-    from models import load_model
+        jax.config.update("jax_num_cpu_devices", FLAGS.devices)  # before the first backend use
     base = load_model(FLAGS.model)
     tokens = np.random.default_rng(0).integers(0, base.config.vocab_size, (FLAGS.batch, FLAGS.seq))
     reference = np.asarray(base.forward(tokens))
     results = [{"layout": {"devices": 1}, "rules": "none", "step_s": time_step(base, tokens, FLAGS.iters),
                 "max_abs_diff": 0.0, "collectives": {}}]
-    results += [run_layout(base, tokens, reference, layout) for layout in FLAGS.layouts.split(";")]
+    results += [run_layout(base, tokens, reference, layout, FLAGS.iters) for layout in FLAGS.layouts.split(";")]
     print(json.dumps({"model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "runs": results}, indent=2))
 
 

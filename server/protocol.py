@@ -1,8 +1,7 @@
 """The OpenAI wire format: request models (strictly typed), their translation into SamplingParams,
 response and stream-chunk bodies, and OpenAI-style errors.
 
-Unknown request fields are ignored (clients send `user`, `metadata`, vLLM's bench sends
-`repetition_penalty`); known fields this engine cannot honour are refused with 400 unless they
+Unknown request fields are ignored (clients send `user`, `metadata`); known fields this engine cannot honour are refused with 400 unless they
 hold their no-op value (`n=1`, `presence_penalty=0`, ...). Logprobs (the completions API's
 `logprobs: k`, chat's `logprobs: true` + `top_logprobs: k`) map onto SamplingParams.logprobs and
 come back in each API's own shape (`completion_logprobs`, `chat_logprobs`).

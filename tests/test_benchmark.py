@@ -1,6 +1,6 @@
-"""scripts/benchmark_serving.py end to end on tiny-llama, its JSON checked against benchmarks/schema.json."""
+"""scripts/benchmark_serving.py end to end on tiny-llama, its JSON checked against benchmarks/schema.json;
+its workloads (benchmarks/workloads.py) seeded and shaped."""
 
-import importlib.util
 import json
 import os
 import re
@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from benchmarks.serving_sweep import prefix_caching_values
+from benchmarks.workloads import make_workload, max_model_len
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "benchmarks" / "schema.json").read_text())
@@ -40,14 +43,6 @@ def validate(value, schema: dict, where: str = "$") -> None:
             validate(item, schema.get("items", {}), f"{where}[{i}]")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_serving", ROOT / "scripts" / "benchmark_serving.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_validator_rejects_bad_documents():
     with pytest.raises(AssertionError):
         validate({"schema_version": 1}, SCHEMA)
@@ -56,30 +51,28 @@ def test_validator_rejects_bad_documents():
 
 
 def test_workload_is_seeded_and_in_range():
-    bench = load_script()
-    a = bench.make_workload(seed=3, n=50, isl=40, osl=20, ratio=0.5, vocab_size=100, stream=2)
-    assert a == bench.make_workload(seed=3, n=50, isl=40, osl=20, ratio=0.5, vocab_size=100, stream=2)
-    assert a != bench.make_workload(seed=3, n=50, isl=40, osl=20, ratio=0.5, vocab_size=100, stream=4)
+    a = make_workload(seed=3, n=50, isl=40, osl=20, ratio=0.5, vocab_size=100, stream=2)
+    assert a == make_workload(seed=3, n=50, isl=40, osl=20, ratio=0.5, vocab_size=100, stream=2)
+    assert a != make_workload(seed=3, n=50, isl=40, osl=20, ratio=0.5, vocab_size=100, stream=4)
     assert all(20 <= len(p) <= 40 for p in a.prompts) and all(10 <= n <= 20 for n in a.output_lens)
     assert all(0 <= t < 100 for p in a.prompts for t in p)
     assert min(len(p) for p in a.prompts) < 40 and min(a.output_lens) < 20  # lengths do vary
 
 
 def test_shared_prefix_and_multi_turn_workloads():
-    bench = load_script()
-    a = bench.make_workload(seed=3, n=6, isl=10, osl=5, ratio=1.0, vocab_size=100, stream=2, shared_prefix_len=7)
-    b = bench.make_workload(seed=3, n=6, isl=10, osl=5, ratio=1.0, vocab_size=100, stream=9, shared_prefix_len=7)
+    a = make_workload(seed=3, n=6, isl=10, osl=5, ratio=1.0, vocab_size=100, stream=2, shared_prefix_len=7)
+    b = make_workload(seed=3, n=6, isl=10, osl=5, ratio=1.0, vocab_size=100, stream=9, shared_prefix_len=7)
     prefix = a.prompts[0][:7]
     assert all(p[:7] == prefix and len(p) == 17 for p in a.prompts + b.prompts) and a.prompts[0] != b.prompts[0]
-    m = bench.make_workload(seed=3, n=6, isl=10, osl=5, ratio=1.0, vocab_size=100, stream=2, shared_prefix_len=7,
-                            num_turns=3)
+    m = make_workload(seed=3, n=6, isl=10, osl=5, ratio=1.0, vocab_size=100, stream=2, shared_prefix_len=7,
+                      num_turns=3)
     # two conversations, turn by turn: turn t resends prefix + t-1 (user, reply) pairs + a user turn
     assert [len(p) for p in m.prompts] == [17, 17, 32, 32, 47, 47] and m.output_lens == [5] * 6
     assert m.prompts[2][:17] == m.prompts[0] and m.prompts[4][:32] == m.prompts[2]
-    assert bench.max_model_len(isl=10, osl=5, shared_prefix_len=7, num_turns=3) == 52
-    assert bench.prefix_caching_values(["false", "True"]) == [False, True]
-    with pytest.raises(bench.app.UsageError, match="true/false"):
-        bench.prefix_caching_values(["yes"])
+    assert max_model_len(isl=10, osl=5, shared_prefix_len=7, num_turns=3) == 52
+    assert prefix_caching_values(["false", "True"]) == [False, True]
+    with pytest.raises(ValueError, match="true/false"):
+        prefix_caching_values(["yes"])
 
 
 def test_end_to_end_tiny_llama(tmp_path):

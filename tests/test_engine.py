@@ -8,7 +8,8 @@ import pytest
 from engine import LLM, SamplingParams
 from benchmarks.compilations import count_compilations
 from models import load_model
-from tests.engine_helpers import greedy_reference, random_prompts, tiny_llm
+from engine.testing import greedy_reference, random_prompts
+from tests.engine_helpers import tiny_llm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 

@@ -9,7 +9,8 @@ import pytest
 
 from engine import SamplingParams
 from models import load_model
-from tests.engine_helpers import random_prompts, tiny_llm
+from engine.testing import random_prompts
+from tests.engine_helpers import tiny_llm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 # tiny-llama has no tokenizer, so its text stays "" and this stop string is checked but never hit.

@@ -6,56 +6,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import blocked_attention as ba
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import ops
 from pallas_kernels import warp_specialized_attention as ws
+from pallas_kernels.testing import flash_np, random_qkv
 from test_kernel_lowering import kernel_tolerance, race_checked_interpret
-
-
-def attention_np(q, k, v, q_pos, causal, window, sinks, scale):
-    """Float64 attention of one sequence, one head and one query at a time.
-
-    q [T, Hq, D]; k, v [S, Hkv, D] (keys at positions 0..S-1); q_pos [T].
-    """
-    t_len, hq, d = q.shape
-    s_len, hkv, _ = k.shape
-    out = np.zeros((t_len, hq, d))
-    k_pos = np.arange(s_len)
-    for h in range(hq):
-        kh = h // (hq // hkv)
-        for t in range(t_len):
-            vis = np.ones(s_len, bool)
-            if causal:
-                vis &= k_pos <= q_pos[t]
-            if window is not None:
-                vis &= k_pos > q_pos[t] - window
-            logits = (k[vis, kh] @ q[t, h]) * scale
-            all_logits = logits if sinks is None else np.append(logits, sinks[h])
-            if all_logits.size == 0:
-                continue
-            m = all_logits.max()
-            out[t, h] = np.exp(logits - m) @ v[vis, kh] / np.exp(all_logits - m).sum()
-    return out
-
-
-def flash_np(q, k, v, causal, window, sinks, scale):
-    """Float64 flash_attention over a batch: query i sits at position S - T + i."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    sinks = None if sinks is None else np.asarray(sinks, np.float64)
-    t_len, s_len = q.shape[1], k.shape[1]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q_pos = np.arange(t_len) + s_len - t_len
-    return np.stack([attention_np(q[b], k[b], v[b], q_pos, causal, window, sinks, scale) for b in range(q.shape[0])])
-
-
-def random_qkv(seed, b, t, s, hq, hkv, d, dtype=jnp.float32, with_sinks=False):
-    """Normal q/k/v (and sinks when asked) from a seed."""
-    kq, kk, kv, ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(kq, (b, t, hq, d), dtype)
-    k = jax.random.normal(kk, (b, s, hkv, d), dtype)
-    v = jax.random.normal(kv, (b, s, hkv, d), dtype)
-    sinks = jax.random.normal(ks, (hq,), jnp.float32) * 2 if with_sinks else None
-    return q, k, v, sinks
 
 
 # (B, T, S, Hq, Hkv, D, causal, window, sinks): GQA 1/4/8, T < S and T == S, window edges.
@@ -155,7 +111,7 @@ def test_kernel_interpret_matches_float64(name):
 
 def test_warp_specialized_interior_blocks():
     """Blocks every row of a consumer sees whole: exactly those skip the mask."""
-    st = fa.BlockedAttention(q_len=64, group=2, block_rows=128, block_kv=16, num_splits=1, scale=1.0,
+    st = ba.BlockedAttention(q_len=64, group=2, block_rows=128, block_kv=16, num_splits=1, scale=1.0,
                              window=40, causal=True, dtype=jnp.float32)
     length = 200
     for row0 in (0, 64):

@@ -11,7 +11,8 @@ from engine.config import EngineConfig
 from models import attention, load_model
 from models.attention import AttentionMetadata, quantize_kv, write_pages
 from pallas_kernels import ops
-from tests.engine_helpers import random_prompts, tiny_llm
+from engine.testing import random_prompts
+from tests.engine_helpers import tiny_llm
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=1, logprobs=0)
 FP8 = jnp.float8_e4m3fn

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from pallas_kernels import fp8_matmul as f8
 from pallas_kernels.quantized import (FP8_BLOCK, FP8_MAX, QuantizedWeight, dequantize_activations_fp8,
                                       quantize_activations_fp8)
+from pallas_kernels.testing import grouped_np
 from test_kernel_lowering import mma_to_release, mosaic_calls, race_checked_interpret, sds, tensor_type
 
 E4M3 = jnp.float8_e4m3fn
@@ -55,15 +56,7 @@ def dense_f64(x, w: QuantizedWeight) -> np.ndarray:
 def grouped_f64(x, w: QuantizedWeight, group_sizes, group_offset: int = 0) -> np.ndarray:
     """Grouped W8A8 in float64: group g's rows times w[g - group_offset]; other rows zero."""
     x_q, x_s = quantize_activations_fp8(x)
-    a = np.asarray(dequantize_activations_fp8(x_q, x_s), np.float64)
-    dense = np.asarray(w.dequantize(F32), np.float64)
-    out = np.zeros((a.shape[0], dense.shape[2]))
-    ends = np.cumsum(group_sizes)
-    for g in range(dense.shape[0]):
-        end = ends[group_offset + g]
-        start = end - group_sizes[group_offset + g]
-        out[start:end] = a[start:end] @ dense[g]
-    return out
+    return grouped_np(dequantize_activations_fp8(x_q, x_s), w.dequantize(F32), np.asarray(group_sizes), group_offset)
 
 
 def assert_matches(got, want: np.ndarray) -> None:

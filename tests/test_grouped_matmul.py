@@ -8,28 +8,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import ops
+from pallas_kernels.testing import grouped_np, random_gmm
 from test_kernel_lowering import race_checked_interpret
-
-
-def grouped_np(lhs, rhs, group_sizes, group_offset=0):
-    """Float64 grouped matmul, one group at a time; rows of other groups stay zero."""
-    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-    out = np.zeros((lhs.shape[0], rhs.shape[2]))
-    ends = np.cumsum(group_sizes)
-    for g in range(rhs.shape[0]):
-        end = ends[group_offset + g]
-        start = end - group_sizes[group_offset + g]
-        out[start:end] = lhs[start:end] @ rhs[g]
-    return out
-
-
-def random_gmm(seed, m, k, n, group_sizes, num_rhs=None, dtype=jnp.float32):
-    """Random lhs [M,K], rhs [G,K,N] and group sizes as an int32 array."""
-    kl, kr = jax.random.split(jax.random.key(seed))
-    num_rhs = len(group_sizes) if num_rhs is None else num_rhs
-    lhs = jax.random.normal(kl, (m, k), dtype)
-    rhs = jax.random.normal(kr, (num_rhs, k, n), dtype)
-    return lhs, rhs, jnp.asarray(group_sizes, jnp.int32)
 
 
 # (M, K, N, group_sizes): empty groups (first, middle, last), padding rows, one group, all empty.

@@ -32,6 +32,7 @@ from engine.config import EngineConfig
 from engine.runner import jitted_steps, padding_decode, padding_mixed
 from models.registry import abstract_model, get_preset
 from pallas_kernels import flash_attention as fa
+from pallas_kernels import hopper
 from pallas_kernels import grouped_matmul as gmm
 from pallas_kernels import mla_attention as mla
 from pallas_kernels import ops
@@ -74,9 +75,9 @@ def stored_pool(pages: jax.Array, interpret) -> jax.Array:
 
 
 def kernel_tolerance(dtype, interpret) -> float:
-    """assert_allclose tolerance by the dtype the kernel multiplies in (fa.mma_dtype): f32 inputs
+    """assert_allclose tolerance by the dtype the kernel multiplies in (hopper.mma_dtype): f32 inputs
     stay f32 when interpreted, but compiled for the GPU (interpret None) they run in bf16."""
-    return 1e-4 if fa.mma_dtype(dtype, interpret) == jnp.float32 else 3e-2
+    return 1e-4 if hopper.mma_dtype(dtype, interpret) == jnp.float32 else 3e-2
 
 
 def lower_for_cuda(f, *args):
@@ -263,7 +264,7 @@ def test_paged_attention_lowers_for_h100(name):
     sinks = sds((hq,), jnp.float32) if with_sinks else None
     f = lambda *a: pa.paged_attention_kernel(*a[:5], sliding_window=window, sinks=a[5])  # noqa: E731
     [call] = mosaic_calls(f, *args, sinks)
-    rows, block_kv = fa.round_up(q_len * hq // hkv, 64), max(128, page_size)
+    rows, block_kv = hopper.round_up(q_len * hq // hkv, 64), max(128, page_size)
     blocks = -(-(context // page_size) // (block_kv // page_size))
     splits = pa.num_kv_splits(batch * hkv * rows // 64, blocks, 132, 16)
     pool = tensor_type(args[1].shape)
@@ -325,7 +326,7 @@ H100_PCIE = AbstractDevice(device_kind="NVIDIA H100 PCIe", platform="gpu", num_c
 
 
 def test_programs_follow_the_target_devices_sm_count():
-    """The SM count comes from the device the kernels are built for (fa.target_num_sms): the
+    """The SM count comes from the device the kernels are built for (hopper.target_num_sms): the
     persistent grouped GEMM runs one program per SM, 114 on an H100 PCIe and 132 on an SXM, and
     the KV splits of one long decode fill those SMs (8 programs x 15 splits on 114, x 16 on 132)."""
     gmm_args = grouped_args(*GROUPED_SHAPES["gpt_oss_120b_down"][:4])
@@ -426,9 +427,9 @@ def test_flash_attention_lowers_for_h100(name):
     )
     f = lambda q, k, v, sinks: fa.flash_attention_kernel(q, k, v, sliding_window=window, sinks=sinks)  # noqa: E731
     [call] = mosaic_calls(f, *args)
-    config, rows = fa.flash_attention_config(H100.device_kind, d), fa.round_up(t * hq // hkv, ws.PROGRAM_ROWS)
+    config, rows = fa.flash_attention_config(H100.device_kind, d), hopper.round_up(t * hq // hkv, ws.PROGRAM_ROWS)
     assert re.fullmatch(rf"flash_attention_ws_kv{config.block_kv}_st[23]_s1", call.name)
-    kv = tensor_type((batch, fa.round_up(s, config.block_kv), hkv, d))
+    kv = tensor_type((batch, hopper.round_up(s, config.block_kv), hkv, d))
     assert call.operands == (tensor_type((batch, hkv, rows, d)), kv, kv)
     assert call.results == (tensor_type((batch, hkv, 1, rows, d)), tensor_type((batch, hkv, 1, rows), F32))
     assert call.threads == 3 * 128

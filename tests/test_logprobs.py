@@ -9,7 +9,8 @@ from benchmarks.compilations import count_compilations
 from engine import SamplingParams
 from engine.request import MAX_LOGPROBS
 from models import load_model
-from tests.engine_helpers import greedy_reference, random_prompts, tiny_llm
+from engine.testing import greedy_reference, random_prompts
+from tests.engine_helpers import tiny_llm
 
 TOL = 1e-4
 

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import FP8_KV_DTYPE as FP8, quantize_kv
-from pallas_kernels import flash_attention as fa
+from pallas_kernels import blocked_attention as ba
+from pallas_kernels import hopper
 from pallas_kernels import mla_attention as mla
 from pallas_kernels import ops
+from pallas_kernels.testing import paged_np, ragged_np, random_paged, random_ragged
 from test_kernel_lowering import kernel_tolerance, lower_for_cuda, race_checked_interpret, sds
-from test_paged_attention import paged_np, random_paged
-from test_ragged_paged_attention import ragged_np, random_ragged
 
 KERNEL_NAME = re.compile(r"mla_attention_q(\d+)_kv(\d+)_wg(\d+)x(\d+)_s(\d+)(?=\\00)")
 
@@ -56,7 +56,7 @@ def test_value_chunks_and_smem_budget():
     assert mla.value_chunks(320, 256) == (192, 2)  # equal chunks of 64-column multiples, 384 >= 320
     assert mla.value_chunks(32, 256) == (64, 1)
     assert mla.smem_bytes(576, 64, 256, 2, 2) == 73_728 + 156_672 == 230_400
-    assert mla.smem_bytes(576, 64, 256, 2, 2) + 8 * mla.NUM_BARRIERS <= fa.SMEM_BYTES
+    assert mla.smem_bytes(576, 64, 256, 2, 2) + 8 * mla.NUM_BARRIERS <= hopper.SMEM_BYTES
     # An FP8 latent ring (1 byte) plus the f16 block it is upcast into: the bf16 ring's bytes again.
     assert mla.smem_bytes(576, 64, 256, 2, 2, fp8=True) == 230_400
 
@@ -139,13 +139,13 @@ def test_a_mask_off_by_one_fails():
     """The ragged cases catch a deliberately wrong kernel: every row masked at the next token's
     position (one future key visible)."""
     args, kwargs = ragged_case("hq4_page16_two_warpgroups_f32")
-    block_mask = fa.block_mask
+    block_mask = ba.block_mask
 
     def wrong(length, row0, num_rows, blk, st, keys_axis=1):
         return block_mask(length, row0 + st.group, num_rows, blk, st, keys_axis)
 
     with pytest.MonkeyPatch.context() as patch, race_checked_interpret() as params:
-        patch.setattr(fa, "block_mask", wrong)
+        patch.setattr(ba, "block_mask", wrong)
         got = mla.mla_ragged_kernel(*args, **kwargs, interpret=params)
     assert not np.allclose(np.asarray(got), ragged_want(args, kwargs), atol=1e-2, rtol=1e-2)
 

@@ -10,53 +10,8 @@ import jax.numpy as jnp
 from pallas_kernels import cpu_paged_attention as cpa
 from pallas_kernels import ops
 from pallas_kernels import paged_attention as pa
-from test_flash_attention import attention_np
+from pallas_kernels.testing import paged_np, random_paged
 from test_kernel_lowering import kernel_tolerance, race_checked_interpret, stored_pool
-
-NULL_PAGE_VALUE = 50.0  # page 0 holds finite garbage: reading it unmasked shows up at once
-
-
-def random_paged(seed, context_lens, q_len, hq, hkv, d, page_size, max_pages, dtype=jnp.float32, with_sinks=False):
-    """Random q, pages and shuffled block tables (padded with the null page 0) for the lengths."""
-    rng = np.random.default_rng(seed)
-    b = len(context_lens)
-    num_pages = 1 + b * max_pages + 3
-    k_pages = rng.normal(size=(hkv, num_pages, page_size, d))
-    v_pages = rng.normal(size=(hkv, num_pages, page_size, d))
-    k_pages[:, 0] = v_pages[:, 0] = NULL_PAGE_VALUE
-    free = list(rng.permutation(np.arange(1, num_pages)))
-    block_tables = np.zeros((b, max_pages), np.int32)
-    for i, n in enumerate(context_lens):
-        used = -(-n // page_size)
-        assert used <= max_pages
-        block_tables[i, :used] = [free.pop() for _ in range(used)]
-    q = rng.normal(size=(b, q_len, hq, d))
-    sinks = jnp.asarray(rng.normal(size=(hq,)) * 2, jnp.float32) if with_sinks else None
-    return (
-        jnp.asarray(q, dtype),
-        jnp.asarray(k_pages, dtype),
-        jnp.asarray(v_pages, dtype),
-        jnp.asarray(block_tables),
-        jnp.asarray(context_lens, jnp.int32),
-        sinks,
-    )
-
-
-def paged_np(q, k_pages, v_pages, block_tables, context_lens, window, sinks, scale=None):
-    """Float64 paged attention, one sequence at a time from its own pages."""
-    q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
-    sinks = None if sinks is None else np.asarray(sinks, np.float64)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    page_size = k_pages.shape[2]
-    out = np.zeros_like(q)
-    for b, n in enumerate(np.asarray(context_lens)):
-        pages = np.asarray(block_tables)[b, : -(-n // page_size)]
-        k = k_pages[:, pages].reshape(k_pages.shape[0], -1, q.shape[-1])[:, :n].transpose(1, 0, 2)
-        v = v_pages[:, pages].reshape(v_pages.shape[0], -1, q.shape[-1])[:, :n].transpose(1, 0, 2)
-        q_pos = n - q.shape[1] + np.arange(q.shape[1])
-        out[b] = attention_np(q[b], k, v, q_pos, True, window, sinks, scale)
-    return out
-
 
 # (context_lens, Q, Hq, Hkv, D, page_size, max_pages, window, sinks): ragged lengths, partly
 # filled last pages, context_len 0 and < Q, GQA 1/4/8, window edges.

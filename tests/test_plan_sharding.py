@@ -14,7 +14,7 @@ import pytest
 from sharding.hlo import collectives, shape_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-GPT_OSS_120B_BYTES = 65.25e9  # MXFP4 experts + bf16 rest: OpenAI's 60.8 GiB checkpoint (SCALE.md)
+GPT_OSS_120B_BYTES = 65.25e9  # MXFP4 experts + bf16 rest: OpenAI's 60.8 GiB checkpoint (docs/scale.md)
 GPT_OSS_120B_EXPERT_BYTES = 36 * 128 * (2 * 2880 + 2880) * (2880 // 2 + 2880 // 32)  # e2m1 pairs + e8m0 scales
 
 

@@ -15,7 +15,7 @@ from engine.config import EngineConfig
 from engine.page_allocator import PageAllocator
 from engine.prefix_cache import page_key
 from models import load_model
-from tests.engine_helpers import greedy_reference
+from engine.testing import greedy_reference
 
 PAGE = 8
 

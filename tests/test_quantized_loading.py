@@ -88,7 +88,7 @@ def test_mxfp4_w4a16_matches_dequantized_at_load(dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fp8_w8a8_close_to_dequantized_at_load(dtype):
     """Activations quantized per token in 128-groups (as DeepSeek trains and serves) against the same
-    FP8 weights with unquantized activations: ~2.6% per GEMM (QUANT.md), which this random fixture's
+    FP8 weights with unquantized activations: ~2.6% per GEMM (docs/quantization.md), which this random fixture's
     two-of-four routing turns into a few flipped expert choices (the max)."""
     r = compare(FP8, dtype)
     assert r["numerics"] == "W8A8"

@@ -13,7 +13,7 @@ from engine import LLM, SamplingParams, attention_choice
 from engine.request import Status
 from models import load_model
 from pallas_kernels import ops
-from tests.engine_helpers import greedy_reference
+from engine.testing import greedy_reference
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -233,3 +233,13 @@ def test_a_measured_choice_is_stored_beside_the_compilation_cache(monkeypatch, t
     monkeypatch.setenv("JAXSERVE_XLA_CACHE", "off")
     stored.unlink()
     assert choose(shapes, ("cpu", "xla")) == measured and not stored.exists()
+
+
+def test_a_call_run_ahead_near_max_model_len_gets_a_block_table_bucket(tiny):
+    """A decode call dispatched ahead reaches decode_steps past the call in flight, so its block table
+    can reach max_model_len - 2 + 2 x decode_steps tokens: the widest page bucket covers it (here
+    66 tokens of 8-token pages against max_model_len 60, whose own span ends at 64)."""
+    llm = small_llm(tiny, max_model_len=60, min_context_bucket=8, async_scheduling=True)
+    request = llm.add_request(prompts_of(3, [59])[0], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    inputs = llm.runner.decode_inputs([request], steps_ahead=llm.config.decode_steps)
+    assert inputs.block_tables.shape[1] * 8 >= 59 - 1 + 2 * llm.config.decode_steps

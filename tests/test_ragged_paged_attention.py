@@ -13,36 +13,8 @@ import jax.numpy as jnp
 from pallas_kernels import ops
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import ragged_paged_attention as rpa
+from pallas_kernels.testing import ragged_np, random_ragged
 from test_kernel_lowering import race_checked_interpret
-from test_paged_attention import paged_np, random_paged
-
-
-def random_ragged(seed, seqs, pad_rows, hq, hkv, d, page_size, max_pages, dtype=jnp.float32, with_sinks=False,
-                  pad_seqs=0):
-    """Random ragged batch: seqs [(context_len, q_len)], then pad_seqs zero-length sequences and
-    pad_rows padding rows. Returns (q [T,Hq,D], k_pages, v_pages, query_start_loc, context_lens,
-    block_tables) and sinks; pages as random_paged (shuffled, NULL_PAGE_VALUE in page 0)."""
-    seqs = list(seqs) + [(0, 0)] * pad_seqs
-    lens = [n for n, _ in seqs]
-    _, k_pages, v_pages, tables, context_lens, sinks = random_paged(
-        seed, lens, 1, hq, hkv, d, page_size, max_pages, dtype, with_sinks)
-    query_start_loc = np.concatenate([[0], np.cumsum([q_len for _, q_len in seqs])]).astype(np.int32)
-    q = np.random.default_rng(seed + 1000).normal(size=(query_start_loc[-1] + pad_rows, hq, d))
-    args = (jnp.asarray(q, dtype), k_pages, v_pages, jnp.asarray(query_start_loc), context_lens, tables)
-    return args, sinks
-
-
-def ragged_np(q, k_pages, v_pages, query_start_loc, context_lens, block_tables, window, sinks, scale=None):
-    """Float64 ragged attention: each sequence's rows as one padded paged_np row."""
-    q = np.asarray(q, np.float64)
-    out = np.zeros_like(q)
-    starts = np.asarray(query_start_loc)
-    for s in range(len(starts) - 1):
-        lo, hi = starts[s], starts[s + 1]
-        if hi > lo:
-            out[lo:hi] = paged_np(q[None, lo:hi], k_pages, v_pages, np.asarray(block_tables)[s : s + 1],
-                                  np.asarray(context_lens)[s : s + 1], window, sinks, scale)[0]
-    return out
 
 
 # (seqs [(context_len, q_len)], pad_rows, pad_seqs, Hq, Hkv, D, page_size, max_pages, window, sinks):

@@ -9,12 +9,14 @@ import pytest
 import jax.numpy as jnp
 
 from models.attention import FP8_KV_DTYPE as FP8, quantize_kv
-from pallas_kernels import flash_attention as fa
+from pallas_kernels import blocked_attention as ba
+from pallas_kernels import hopper
 from pallas_kernels import ops
 from pallas_kernels import ragged_paged_attention_mgpu as rpm
+from pallas_kernels.testing import random_ragged
 from test_kernel_lowering import (BF16, kernel_tolerance, mosaic_calls, race_checked_interpret, sds, stored_pool,
                                   tensor_shape, tensor_type)
-from test_ragged_paged_attention import check, random_ragged
+from test_ragged_paged_attention import check
 
 
 def random_mixed(seed, num_seqs, max_context, max_q, decode_share=0.5):
@@ -70,7 +72,7 @@ def test_kernel_interpret_matches_float64(name):
     pool (the engine's there), and a head dim off a multiple of 64 is refused (tested below)."""
     args, sinks, window, config = case_args(name)
     with race_checked_interpret() as params:
-        if params is None and args[0].shape[-1] % fa.HEAD_DIM_MULTIPLE:
+        if params is None and args[0].shape[-1] % ba.HEAD_DIM_MULTIPLE:
             pytest.skip("compiled, the kernel reads the pool in place: head_dim must be a multiple of 64")
         pools = [stored_pool(x, params) for x in args[1:3]]
         got = rpm.ragged_paged_attention_kernel(args[0], *pools, *args[3:], sliding_window=window, sinks=sinks,
@@ -98,7 +100,7 @@ def check_launches(calls: list, head_dim: int, pool_shape: tuple, config: rpm.Ra
     """A query-tile launch and, unless decode tiles are off, an A/B-swapped decode-tile launch, each
     taking bf16 (FP8 pool: f16) q tiles [N, Hkv, rows, D] and the pool itself (no cast, no pad) and writing its
     tiles' f32 partials (transposed, [D, rows], in decode tiles) and log-sum-exps per KV split."""
-    d_pad, hkv, pool = fa.round_up(head_dim, 64), pool_shape[0], tensor_type(pool_shape, pool_dtype)
+    d_pad, hkv, pool = hopper.round_up(head_dim, 64), pool_shape[0], tensor_type(pool_shape, pool_dtype)
     names = [re.fullmatch(r"ragged_paged_attention_(ab_)?r(\d+)_kv\d+_st[23]_s(\d+)", c.name) for c in calls]
     assert all(names), [c.name for c in calls]
     assert [(m[1], int(m[2])) for m in names] == ([(None, config.block_rows)]
@@ -107,7 +109,7 @@ def check_launches(calls: list, head_dim: int, pool_shape: tuple, config: rpm.Ra
         rows, splits = int(m[2]), int(m[3])
         tiles = tensor_shape(call.operands[0])[0]
         out = (rows, d_pad) if m[1] is None else (d_pad, rows)
-        q_dtype = fa.mma_dtype(pool_dtype, None)  # f16 for an FP8 pool
+        q_dtype = hopper.mma_dtype(pool_dtype, None)  # f16 for an FP8 pool
         assert call.operands[:3] == (tensor_type((tiles, hkv, rows, d_pad), q_dtype), pool, pool)
         assert call.results == (tensor_type((tiles, hkv, splits, *out), jnp.float32),
                                 tensor_type((tiles, hkv, splits, rows), jnp.float32))
@@ -118,7 +120,7 @@ def test_kernel_cases_lower_for_h100(name):
     """The interpreted cases also obey the hardware path's rules (so they run compiled on a GPU),
     with the pool in place; a head dim off a multiple of 64 is refused there."""
     args, sinks, window, config = case_args(name)
-    if args[0].shape[-1] % fa.HEAD_DIM_MULTIPLE:
+    if args[0].shape[-1] % ba.HEAD_DIM_MULTIPLE:
         with pytest.raises(ValueError, match="head_dim a multiple of 64"):
             lowered_launches(args, sinks, window, config)
         return
@@ -184,7 +186,7 @@ def test_ring_depth_by_shared_memory():
     assert rpm.ring_stages(config, 64, 128, 128, 2) == 2
     assert rpm.ring_stages(config, 64, 64, 192, 2) == 2  # 3 slots lowered to 56 B over (the slack)
     assert rpm.ring_stages(config, 64, 1024, 128, 2) is None
-    assert rpm.smem_bytes(64, 64, 128, 3, 2) <= fa.SMEM_BYTES < rpm.smem_bytes(64, 128, 128, 3, 2)
+    assert rpm.smem_bytes(64, 64, 128, 3, 2) <= hopper.SMEM_BYTES < rpm.smem_bytes(64, 128, 128, 3, 2)
 
 
 def ragged_sds(tokens, seqs, hq, hkv, d, page_size, context):

@@ -43,8 +43,7 @@ def on_gpu(monkeypatch):
 def child_script(monkeypatch, tmp_path, body: str) -> None:
     """The child runs `body` (which may patch a kernel) and then the self-check's command line."""
     script = tmp_path / "child.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(selfcheck.ROOT)!r})\n{textwrap.dedent(body)}\n"
-                      "from pallas_kernels import selfcheck\nselfcheck.main()\n")
+    script.write_text(f"{textwrap.dedent(body)}\nfrom pallas_kernels import selfcheck\nselfcheck.main()\n")
     monkeypatch.setattr(selfcheck, "CHILD", (sys.executable, str(script)))
 
 

@@ -25,7 +25,7 @@ from server import protocol
 from server.app import create_app, serving
 from server.engine_loop import EngineLoop
 from server.metrics import ServerMetrics, parse
-from tests.engine_helpers import random_prompts
+from engine.testing import random_prompts
 
 MODEL = "smollm2"
 KEY = "sekrit"

@@ -244,7 +244,7 @@ def test_attention_runs_per_head_shard_for_kernels_gspmd_cannot_split(monkeypatc
     interpreter cannot run on several devices at once, so the jnp path stands in for the kernel:
     forced through the same shard_map it must equal the unsharded layer, sliding window and sinks
     included (gpt-oss), and gather no pages. (The compile gate shows the gather it removes: 1.7 GB
-    per step for Llama-3.3-70B on 2 H200s, README GPU section.)"""
+    per step for Llama-3.3-70B on 2 H200s, docs/gpu.md.)"""
     from models.attention import Attention, AttentionMetadata
     from sharding import head_parallel
     config = variant("tiny-gpt-oss")  # 8 q heads, 2 kv heads: split over tensor=2; window 8, sinks

@@ -15,8 +15,8 @@ from benchmarks.compilations import count_compilations
 from engine import LLM, SamplingParams, runner
 from engine.request import Status
 from engine.sampler import SamplingTensors
-from engine.spec import ngram, rejection
-from engine.spec import verify as spec_verify
+from engine.speculative import ngram, rejection
+from engine.speculative import verify as spec_verify
 from models import load_model
 from tests.conftest import FIXTURES
 from tests.engine_helpers import tiny_llm

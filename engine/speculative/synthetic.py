@@ -1,6 +1,6 @@
 """The synthetic proposer (benchmarks only, not lossless): every reserved slot gets a copy of the
 last token; the verify step then accepts `acceptance_length - 1` drafts on average regardless
-(engine/spec/verify.py), so a run costs what a model of that acceptance would."""
+(engine/speculative/verify.py), so a run costs what a model of that acceptance would."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from engine.config import EngineConfig, bucket
 from engine.runner import MixedBatch, StepResult, block_table
 from engine.sampler import SamplingTensors
 from engine.scheduler import ScheduledRequest
-from engine.spec.draft_model import draw, warm_up_proposer
+from engine.speculative.draft_model import draw, warm_up_proposer
 from models import LoadedModel
 from models.attention import AttentionMetadata, LayerCache
 
@@ -115,8 +115,7 @@ class MTPProposer:
         positions[:len(scheduled)] = [s.start for s in scheduled]
         active = np.zeros((rows,), bool)
         active[:len(scheduled)] = known
-        pages = bucket(min(-(-(int(positions.max()) + self.k) // cfg.page_size), cfg.page_buckets[-1]),
-                       cfg.page_buckets)
+        pages = cfg.table_width(int(positions.max()) + self.k)
         sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
         drafts, q = self._run_loop(row_map, positions, block_table(requests, rows, pages), active, sampling)
         drafts = np.asarray(drafts)

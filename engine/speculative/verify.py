@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.sampler import SamplingTensors, uniforms
-from engine.spec.rejection import accepted_tokens, verify_rows
+from engine.speculative.rejection import accepted_tokens, verify_rows
 
 SYNTHETIC_TAG = 3  # the synthetic mode's per-step accept count: key(seed) folded with the position, this tag
 

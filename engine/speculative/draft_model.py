@@ -118,8 +118,7 @@ class DraftModelProposer:
         tokens[:len(scheduled)] = [r.tokens[-1] for r in requests]
         active = np.zeros((rows,), bool)
         active[:len(scheduled)] = [n > 0 for n in slots]
-        pages = bucket(min(-(-(int(positions.max()) + self.k) // cfg.page_size), cfg.page_buckets[-1]),
-                       cfg.page_buckets)
+        pages = cfg.table_width(int(positions.max()) + self.k)
         sampling = SamplingTensors.build([r.params for r in requests], [r.seed for r in requests], rows)
         return tokens, positions, block_table(requests, rows, pages), active, sampling
 

@@ -18,11 +18,11 @@ from engine.attention_choice import AttentionChoice
 from engine.config import EngineConfig
 from engine.runner import MixedBatch, ModelRunner, StepResult, fetch, mixed_batch
 from engine.scheduler import ScheduledRequest, SchedulerOutput
-from engine.spec.config import SpeculativeConfig
-from engine.spec.draft_model import DraftModelProposer
-from engine.spec.mtp import MTPProposer
-from engine.spec.ngram import NgramProposer
-from engine.spec.synthetic import SyntheticProposer
+from engine.speculative.config import SpeculativeConfig
+from engine.speculative.draft_model import DraftModelProposer
+from engine.speculative.mtp import MTPProposer
+from engine.speculative.ngram import NgramProposer
+from engine.speculative.synthetic import SyntheticProposer
 from models import LoadedModel, load_model
 
 
