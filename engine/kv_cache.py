@@ -36,7 +36,7 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
 def pool_dtype(model_dtype: jnp.dtype, sm90: bool | None = None, kv_cache_dtype: str = "auto") -> jnp.dtype:
     """The dtype the KV pool is stored in: the model's, except float32 on an H100/H200, stored as
     bfloat16. The compiled Pallas kernels read the pool in place as what wgmma multiplies
-    (bf16/f16: pallas_kernels.flash_attention.kv_pool) and refuse float32, whose per-step cast
+    (bf16/f16: pallas_kernels.blocked_attention.kv_pool) and refuse float32, whose per-step cast
     would copy the whole cache. New K/V are cast as they are written (models/attention.py). The
     choice does not wait for the attention impl, which the engine picks after sizing the pool.
     sm90: whether the pool is for an H100/H200 (None: this process's device; compiling for one

@@ -171,7 +171,7 @@ def test_paged_cache_greedy_matches_no_cache_forward(tiny_gpt_oss):
 def engine_greedy_matches_forward(loaded, prompt_lens: tuple[int, ...], max_tokens: int) -> None:
     """Several prompts through the engine (pages of 4, prefill chunks of 8, batched decode)."""
     from engine import LLM, SamplingParams
-    from tests.engine_helpers import greedy_reference
+    from engine.testing import greedy_reference
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(0, loaded.config.vocab_size, n)] for n in prompt_lens]
     llm = LLM(loaded, page_size=4, num_pages=64, max_num_seqs=4, prefill_chunk=8, max_num_batched_tokens=16,
