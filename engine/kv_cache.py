@@ -93,3 +93,12 @@ def summary(config: ModelConfig, num_pages: int, page_size: int, model_dtype: jn
     return (f"KV cache: {num_pages} pages x {page_size} tokens = {(num_pages - shards) * page_size} token capacity "
             f"(page 0 of each shard reserved{split}), {total / 2**20:.1f} MiB {pool_dtype(model_dtype, kv_cache_dtype=kv_cache_dtype).name} "
             f"over {config.num_layers} layers")
+
+
+def is_intact(cache: list[LayerCache]) -> bool:
+    """False when a failed call consumed the cache: its buffers were donated (deleted) or hold the error."""
+    try:
+        jax.block_until_ready(cache)
+    except Exception:  # noqa: BLE001 (a deleted or errored buffer raises here)
+        return False
+    return True

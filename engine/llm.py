@@ -222,12 +222,15 @@ class LLM:
         return failed
 
     def _recover_cache(self) -> None:
-        """If the KV cache's buffers were donated to a call that never returned them, allocate a
-        fresh cache and requeue every running request to recompute its tokens (exact: greedy and
-        seeded sampling only depend on the tokens and positions)."""
-        if not self.runner.cache_intact():
+        """If the KV cache's buffers (or the proposer's) were donated to a call that never returned
+        them, allocate a fresh cache and requeue every running request to recompute its tokens
+        (exact: greedy and seeded sampling only depend on the tokens and positions)."""
+        target_lost = not kv_cache.is_intact(self.runner.cache)
+        draft_lost = self.speculator is not None and self.speculator.recover()
+        if target_lost or draft_lost:
             logging.warning("KV cache lost with a failed step: reallocated, running requests recompute")
-            self.runner.cache = _allocate_cache(self.model, self.config)
+            if target_lost:
+                self.runner.cache = _allocate_cache(self.model, self.config)
             self.scheduler.preempt_all()
             self.allocator.forget_cached()
 

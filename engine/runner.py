@@ -381,14 +381,6 @@ class ModelRunner:
         self.verify_fn = (jitted_steps(graphdef, decode_impl, decode_impl, config.page_size, config.decode_steps,
                                        synthetic_accepts)[0] if config.num_speculative_tokens else None)
 
-    def cache_intact(self) -> bool:
-        """False when a failed call consumed the cache: its buffers were donated (deleted) or hold the error."""
-        try:
-            jax.block_until_ready(self.cache)
-        except Exception:  # noqa: BLE001 (a deleted or errored buffer raises here)
-            return False
-        return True
-
     def decode_inputs(self, requests: list[Request], steps_ahead: int = 0) -> DecodeInputs:
         """Host arrays of a decode call for `requests`, `steps_ahead` tokens past their last one
         (a call dispatched before the previous call's tokens reach the host feeds them on device)."""

@@ -86,17 +86,31 @@ class Scheduler:
             if self._grow_or_preempt(request, request.num_computed + n, preempted):
                 scheduled.append(ScheduledRequest(request, request.num_computed, n))
                 budgets[request.shard] -= n
+        scheduled = [self._with_draft_slots(s, budgets) for s in scheduled]
         if not preempted:
             self._admit(scheduled, budgets)
         return SchedulerOutput(scheduled, self._decode_steps(scheduled))
 
     def _next_tokens(self, request: Request, budget: int) -> int:
-        """A decode: 1, plus room for drafts when speculating (as many as can still be emitted and fit
-        the budget; the proposer may fill fewer); else the next prefill chunk that fits the budget."""
+        """A decode: 1 (its draft slots come after every request's tokens: _with_draft_slots); else
+        the next prefill chunk that fits the budget."""
         if not request.is_prefilling:
-            room = request.max_total_len - len(request.tokens) - 1
-            return 1 + max(0, min(self.config.num_speculative_tokens, room, budget - 1))
+            return 1
         return min(request.prefill_target - request.num_computed, self.config.prefill_chunk, budget)
+
+    def _with_draft_slots(self, s: ScheduledRequest, budgets: list[int]) -> ScheduledRequest:
+        """A speculative decode with K draft slots after its token, as many as it can still emit and
+        the budget and the free pages hold. Drafts never preempt (the proposer may fill fewer)."""
+        request, k = s.request, self.config.num_speculative_tokens
+        if not k or request.is_prefilling:
+            return s
+        want = min(k, request.max_total_len - len(request.tokens) - 1, budgets[request.shard])
+        free = self.allocator.num_free_in(request.shard) * self.config.page_size
+        slots = max(0, min(want, len(request.pages) * self.config.page_size + free - s.end))
+        grown = self._try_grow(request, s.end + slots)
+        assert grown, "draft slots are sized to the free pages"
+        budgets[request.shard] -= slots
+        return ScheduledRequest(request, s.start, s.num_tokens + slots)
 
     def _admit(self, scheduled: list[ScheduledRequest], budgets: list[int]) -> None:
         """Start waiting requests (FCFS) while budget, sequence slots and pages allow (per shard)."""

@@ -98,3 +98,31 @@ def test_engine_recovers_from_a_failed_step(tiny, prompts_and_expected, fn, cons
         assert out.token_ids == want[:len(out.token_ids)]
     assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
     assert llm.allocator.num_free == llm.config.num_pages - 1
+
+
+@pytest.mark.parametrize("method", ["draft_model", "mtp"])
+def test_a_failed_draft_call_that_consumed_the_proposers_cache_is_recovered(tiny, prompts_and_expected, method):
+    """The proposer's draft loop donates its own KV cache: when that call fails at run time the
+    cache is gone, and the engine reallocates it with the target's (running requests recompute),
+    so the step's requests fail alone and the engine serves on with exact greedy tokens."""
+    prompts, expected = prompts_and_expected
+    model = load_model("tiny-deepseek-v3") if method == "mtp" else tiny
+    spec = {"method": "mtp", "num_speculative_tokens": 2} if method == "mtp" else {"model": tiny,
+                                                                                   "num_speculative_tokens": 2}
+    llm = tiny_llm(model, speculative_config=spec)
+    if method == "mtp":
+        expected = [o.token_ids for o in tiny_llm(model).generate(prompts, GREEDY, use_tqdm=False)]
+    proposer = llm.speculator.proposer
+    original = proposer.loop_fn
+
+    def fail_once(state, cache, *args):
+        proposer.loop_fn = original
+        for buffer in jax.tree.leaves(cache):
+            buffer.delete()
+        raise RuntimeError("injected draft failure")
+    proposer.loop_fn = fail_once
+    first = [llm.add_request(p, GREEDY) for p in prompts[:2]]
+    while llm.has_unfinished():
+        llm.step()
+    assert [r.output().finish_reason for r in first] == ["error", "error"]
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.compilations import count_compilations
-from engine import LLM, SamplingParams, attention_choice
+from engine import LLM, SamplingParams, attention_choice, kv_cache
 from engine.request import Status
 from models import load_model
 from pallas_kernels import ops
@@ -112,7 +112,7 @@ def test_interrupt_inside_generate_keeps_the_engine(tiny, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompts, GREEDY, use_tqdm=False)
     assert not llm.has_unfinished() and llm.allocator.num_free == llm.config.num_pages - 1
-    assert llm.runner.cache_intact()
+    assert kv_cache.is_intact(llm.runner.cache)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == greedy_reference(tiny, prompts, 12, pad_to=64)
 

@@ -122,3 +122,18 @@ def test_finish_returns_pages_and_abort_of_a_waiting_request():
     s.finish(waiting, "abort")
     assert s.allocator.num_free == 63 and not s.has_unfinished()
     assert r.finish_reason == "stop" and waiting.finish_reason == "abort" and waiting.status is Status.FINISHED
+
+
+def test_draft_slots_take_only_free_pages_and_never_preempt():
+    """A speculative decode's one token may preempt like any decode, but its K draft slots are
+    reserved only from free pages: a tight pool shortens the drafts instead of preempting a request
+    (the drafts may come back short anyway)."""
+    s = make(num_pages=6, max_model_len=20, num_speculative_tokens=4, decode_steps=1)  # 5 usable pages of 4 tokens
+    a, b = request(0, 7, max_tokens=10), request(1, 7, max_tokens=10)
+    s.add(a)
+    s.add(b)
+    run(s.schedule())  # both prompts: 2 pages each (8 tokens' room), 1 page free
+    out = s.schedule()
+    assert [r.request_id for r in s.running] == [0, 1] and not s.waiting  # nobody preempted
+    assert [x.num_tokens for x in out.scheduled] == [5, 1]  # a: 1 + 4 drafts (the free page); b: its token only
+    assert s.allocator.num_free == 0

@@ -96,7 +96,8 @@ class DraftModelProposer:
         graphdef, self.state = nnx.split(draft.model)
         self.config = config
         self.k = config.num_speculative_tokens
-        self.cache = kv_cache.allocate(draft.config, config.num_pages, config.page_size, draft.dtype)
+        self.draft_config, self.dtype = draft.config, draft.dtype
+        self.reset_cache()
         self.fill_fn = jax.jit(partial(_fill, graphdef, attention.mixed), donate_argnums=(1,))
         self.loop_fn = jax.jit(partial(_draft_loop, graphdef, attention.decode, config.page_size, self.k,
                                        config.max_num_seqs), donate_argnums=(1,))
@@ -125,6 +126,9 @@ class DraftModelProposer:
     def _run_loop(self, *inputs) -> tuple[jax.Array, jax.Array]:
         drafts, q, self.cache = self.loop_fn(self.state, self.cache, *inputs)
         return drafts, q
+
+    def reset_cache(self) -> None:
+        self.cache = kv_cache.allocate(self.draft_config, self.config.num_pages, self.config.page_size, self.dtype)
 
     def observe(self, batch: MixedBatch, *unused) -> None:
         del unused

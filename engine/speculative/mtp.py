@@ -89,14 +89,17 @@ class MTPProposer:
         graphdef, self.state = nnx.split(target.model)
         self.config = config
         self.k = config.num_speculative_tokens
-        one_layer = dataclasses.replace(target.config, num_layers=1)
-        self.cache = kv_cache.allocate(one_layer, config.num_pages, config.page_size, target.dtype)
+        self.one_layer = dataclasses.replace(target.config, num_layers=1)
         self.hidden_size = target.config.hidden_size
         self.dtype = target.dtype
         self.fill_fn = jax.jit(partial(_fill, graphdef, attention.mixed), donate_argnums=(1,))
         self.loop_fn = jax.jit(partial(_draft_loop, graphdef, attention.decode, config.page_size, self.k,
                                        config.max_num_seqs), donate_argnums=(1,))
-        self._last_hidden = jnp.zeros((config.max_num_seqs, self.hidden_size), self.dtype)
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        self.cache = kv_cache.allocate(self.one_layer, self.config.num_pages, self.config.page_size, self.dtype)
+        self._last_hidden = jnp.zeros((self.config.max_num_seqs, self.hidden_size), self.dtype)
         self._rows: dict[int, int] = {}  # request id -> its row of _last_hidden
 
     def observe(self, batch: MixedBatch, scheduled: list[ScheduledRequest], result: StepResult,

@@ -14,6 +14,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from engine import kv_cache
 from engine.attention_choice import AttentionChoice
 from engine.config import EngineConfig
 from engine.runner import MixedBatch, ModelRunner, StepResult, fetch, mixed_batch
@@ -39,6 +40,10 @@ class Proposer(Protocol):
 
     def warmup(self) -> int:
         """Compile the proposer's shapes; returns how many."""
+
+    def reset_cache(self) -> None:
+        """A fresh cache (and no per-request state) after a failed call consumed it; proposers
+        without a cache (n-gram) have nothing to reset."""
 
 
 class Speculator:
@@ -75,6 +80,15 @@ class Speculator:
 
     def warmup(self) -> int:
         return self.proposer.warmup()
+
+    def recover(self) -> bool:
+        """Reallocate the proposer's cache if a failed call consumed it; True when it did (the
+        running requests must recompute to refill it)."""
+        cache = getattr(self.proposer, "cache", None)
+        if cache is None or kv_cache.is_intact(cache):
+            return False
+        self.proposer.reset_cache()
+        return True
 
 
 def make_speculator(spec: SpeculativeConfig, target: LoadedModel, config: EngineConfig,
