@@ -71,3 +71,36 @@ def test_stream_depends_on_seed_and_position_only():
     a, _ = sample(logits, SamplingTensors.build([p] * 4, [5, 6, 7, 8], 4), jnp.arange(4) + 10)
     b, _ = sample(logits[2:3], SamplingTensors.build([p], [7], 1), jnp.array([12]))
     assert int(a[2]) == int(b[0])
+
+
+def kept_np(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """float64 keep-mask of one row under temperature -> top-k -> top-p -> min-p (exact_distribution's rule)."""
+    z = logits.astype(np.float64) / p.temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    k = len(probs) if p.top_k <= 0 else min(p.top_k, len(probs))
+    top = probs[order[:k]] / probs[order[:k]].sum()
+    keep = np.zeros(len(probs), bool)
+    keep[order[:k][(np.cumsum(top) - top) < p.top_p]] = True
+    kept = np.where(keep, probs, 0.0)
+    return keep & (kept >= p.min_p * kept.max())
+
+
+@pytest.mark.parametrize("rows", ["peaked", "with_a_flat_row"])
+def test_top_k_top_p_over_a_large_vocabulary_match_float64(rows):
+    """Top-k / top-p thresholds found by bisection (no sort) keep exactly the float64 rule's tokens,
+    on peaked rows and on a nearly flat one whose nucleus is most of the vocabulary (24 bisection
+    steps instead of 32 fail this)."""
+    from engine.sampler import filtered_logits
+    vocab = 3000
+    params = [SamplingParams(temperature=1.0, top_k=10), SamplingParams(temperature=0.7, top_p=0.5),
+              SamplingParams(temperature=1.3, top_k=40, top_p=0.9), SamplingParams(temperature=1.0, top_p=0.95, min_p=0.01),
+              SamplingParams(temperature=2.0)]
+    if rows == "with_a_flat_row":
+        params += [SamplingParams(temperature=50.0, top_p=0.99)]  # nearly flat: 0.99 needs most of the vocabulary
+    logits = np.random.default_rng(3).normal(size=(len(params), vocab)).astype(np.float32) * 3
+    tensors = SamplingTensors.build(params, [0] * len(params), len(params))
+    got = np.isfinite(np.asarray(jax.jit(filtered_logits)(jnp.asarray(logits), tensors)))
+    want = np.stack([kept_np(row, p) for row, p in zip(logits, params)])
+    assert (got == want).all(), [int((g != w).sum()) for g, w in zip(got, want)]
