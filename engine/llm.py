@@ -76,7 +76,8 @@ class LLM:
         self.config = _engine_config(self.model, engine_args, spec)
         self.allocator = PageAllocator(self.config.num_pages, self.config.attention_shards)
         self.prefix_cache = PrefixCache(self.allocator, self.config.page_size, self.config.enable_prefix_caching,
-                                        identity=(self.model.config, np.dtype(self.model.dtype).name))
+                                        identity=(self.model.config, np.dtype(self.model.dtype).name),
+                                        lookahead=int(spec is not None and spec.method == "mtp"))
         self.scheduler = Scheduler(self.config, self.allocator, self.prefix_cache)
         self.attention = attention_choice.choose(self.config.attention_impl, _attention_shapes(self.model, self.config),
                                                  on_mesh=self.model.mesh is not None,
@@ -283,10 +284,10 @@ class LLM:
             raise ValueError("this model has no tokenizer (and so no chat template)")
         return self.generate([self.model.tokenizer.apply_chat_template(messages)], params, use_tqdm=use_tqdm)[0]
 
-    def warmup(self) -> int:
-        """Compile every shape bucket now (with all-padding batches); returns the number of shapes.
-        The logprob variants compile when a request first asks for them."""
-        return self.runner.warmup() + (self.speculator.warmup() if self.speculator is not None else 0)
+    def warmup(self, logprobs: bool = False) -> int:
+        """Compile every shape bucket now (with all-padding batches); returns the number of programs.
+        logprobs: the logprob variants too (else they compile when a request first asks for them)."""
+        return self.runner.warmup(logprobs) + (self.speculator.warmup() if self.speculator is not None else 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,9 @@
 tokens, looked up when a request is admitted and registered once their tokens are computed.
 
 A page's key is blake2b(parent key, its token ids), the chain rooted in the cache's identity (the
-model and its dtype), so equal keys mean equal KV contents. Partial pages are never keyed.
+model and its dtype), so equal keys mean equal KV contents. Partial pages are never keyed. Where a
+page's KV also depends on tokens after it (`lookahead`: MTP's entry at a slot reads the embedding
+of the next token), those tokens join its key, so a hit needs them equal too.
 """
 
 from __future__ import annotations
@@ -46,20 +48,28 @@ def page_key(parent: bytes, tokens: list[int]) -> bytes:
 class PrefixCache:
     """Finds a request's longest run of cached full pages and registers pages as they fill."""
 
-    def __init__(self, allocator: PageAllocator, page_size: int, enabled: bool, identity: object = ()):
+    def __init__(self, allocator: PageAllocator, page_size: int, enabled: bool, identity: object = (),
+                 lookahead: int = 0):
         self.allocator = allocator
         self.page_size = page_size
         self.enabled = enabled
+        self.lookahead = lookahead
         self.root = identity_key(identity)
         self.stats = PrefixCacheStats()
 
     def _key(self, request: Request, i: int) -> bytes:
-        """The key of `request`'s page i (its tokens must be known), memoized on the request."""
-        keys, tokens = request.page_keys, request.tokens
+        """The key of `request`'s page i (its tokens and the lookahead after them must be known),
+        memoized on the request."""
+        keys, size = request.page_keys, self.page_size
         while len(keys) <= i:
             j = len(keys)
-            keys.append(page_key(keys[-1] if keys else self.root, tokens[j * self.page_size:(j + 1) * self.page_size]))
+            tokens = request.tokens_between(j * size, (j + 1) * size + self.lookahead)
+            keys.append(page_key(keys[-1] if keys else self.root, tokens))
         return keys[i]
+
+    def _keyable(self, request: Request, num_tokens: int) -> int:
+        """How many of the full pages holding `num_tokens` tokens can be keyed (lookahead known)."""
+        return min(num_tokens, request.num_tokens - self.lookahead) // self.page_size
 
     def lookup(self, request: Request, shard: int = 0) -> list[int]:
         """The cached pages of `request`'s longest cached prefix, not yet referenced. The last
@@ -70,7 +80,7 @@ class PrefixCache:
         if not self.enabled or request.params.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position's logits: nothing may be skipped
         hits = []
-        for i in range((request.prefill_target - 1) // self.page_size):
+        for i in range(self._keyable(request, request.prefill_target - 1)):
             page = self.allocator.cached(self._key(request, i), shard)
             if page is None:
                 break
@@ -87,5 +97,5 @@ class PrefixCache:
         """Register the pages a step filled: it computed tokens [start, request.num_computed)."""
         if not self.enabled:
             return
-        for i in range(start // self.page_size, request.num_computed // self.page_size):
+        for i in range(start // self.page_size, self._keyable(request, request.num_computed)):
             self.allocator.register(request.pages[i], self._key(request, i))

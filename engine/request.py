@@ -211,7 +211,26 @@ class Request:
 
     @property
     def tokens(self) -> list[int]:
+        """Prompt then output ids: a new list, O(length); the hot paths use num_tokens, last_token
+        and tokens_between instead."""
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
 
     @property
     def is_prefilling(self) -> bool:

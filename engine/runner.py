@@ -340,6 +340,14 @@ def prompt_targets(scheduled: list[ScheduledRequest], num_tokens: int, placement
     return targets
 
 
+def _variants(run: str, logprobs: bool) -> list[tuple[int, bool]]:
+    """A step's compiled variants as (top-k logprobs, prompt logprobs): the plain one, and with
+    `logprobs` the others (prompt logprobs only where prompts run: mixed steps)."""
+    if not logprobs:
+        return [(0, False)]
+    return [(top, prompt) for top in (0, MAX_LOGPROBS) for prompt in (False, True) if run == "mixed" or not prompt]
+
+
 def padding_decode(config: EngineConfig, rows: int, pages: int) -> tuple:
     """A decode call's arguments for `rows` padding rows (no request), for compiling its bucket."""
     zeros = np.zeros((rows,), np.int32)
@@ -388,9 +396,9 @@ class ModelRunner:
         rows = bucket(d * int(np.bincount([r.shard for r in requests], minlength=d).max()), cfg.batch_buckets)
         at = Placement.of(requests, [1] * len(requests), d, rows, rows)
         positions = np.zeros((rows,), np.int32)
-        positions[at.rows] = [len(r.tokens) - 1 + steps_ahead for r in requests]
+        positions[at.rows] = [r.num_tokens - 1 + steps_ahead for r in requests]
         tokens = np.zeros((rows, cfg.decode_steps), np.int32)
-        tokens[at.rows, -1] = [r.tokens[-1] for r in requests]
+        tokens[at.rows, -1] = [r.last_token for r in requests]
         pages = cfg.table_width(int(positions.max()) + cfg.decode_steps)
         active = np.zeros((rows,), bool)
         active[at.rows] = True
@@ -399,20 +407,24 @@ class ModelRunner:
         return DecodeInputs(tokens, positions, block_table(requests, rows, pages, cfg.num_pages // d, at.rows), active,
                             sampling, num_logprobs(params), at)
 
-    def warmup(self) -> int:
+    def warmup(self, logprobs: bool = False) -> int:
         """Compile every (rows, pages) decode bucket and (tokens, pages) mixed bucket with all-padding
         inputs (they write page 0 only), and wait for those runs: dispatch is asynchronous, so the
-        first request would wait instead."""
-        shapes = warmup_shapes(self.config)
-        for run, n, pages in progress(shapes, "compiling shapes"):
-            if run == "decode":
-                self.run_decode_arrays(*padding_decode(self.config, n, pages))
-            else:
-                decode_only = run == "verify"
-                self.run_mixed_arrays(padding_mixed(self.config, n, pages, decode_only, self.shards,
-                                                    self.padding_draft_probs), decode_only)
+        first request would wait instead. logprobs: each bucket's logprob variants too (top-k
+        alternatives; a prefill's prompt logprobs), which otherwise compile on first use."""
+        programs = 0
+        for run, n, pages in progress(warmup_shapes(self.config), "compiling shapes"):
+            for top, prompt in _variants(run, logprobs):
+                if run == "decode":
+                    self.run_decode_arrays(*padding_decode(self.config, n, pages)[:-1], top)
+                else:
+                    batch = padding_mixed(self.config, n, pages, run == "verify", self.shards, self.padding_draft_probs)
+                    batch = dataclasses.replace(batch, num_logprobs=top,
+                                                prompt_targets=np.zeros((n,), np.int32) if prompt else None)
+                    self.run_mixed_arrays(batch, run == "verify")
+                programs += 1
             jax.block_until_ready(self.cache)  # each bar step is one compiled (and run) shape
-        return len(shapes)
+        return programs
 
     def run_mixed_arrays(self, batch: MixedBatch, decode_only: bool = False) -> tuple:
         """(tokens, logprobs, extras) and for a verify step its hidden states [T, D]; decode_only:

@@ -40,7 +40,8 @@ class ScheduledRequest:
 
     @property
     def token_ids(self) -> list[int]:
-        return (self.request.tokens + list(self.drafts))[self.start:self.end]
+        known = min(self.end, self.request.num_tokens)
+        return self.request.tokens_between(self.start, known) + list(self.drafts[:self.end - known])
 
     @property
     def samples(self) -> bool:
@@ -104,7 +105,7 @@ class Scheduler:
         request, k = s.request, self.config.num_speculative_tokens
         if not k or request.is_prefilling:
             return s
-        want = min(k, request.max_total_len - len(request.tokens) - 1, budgets[request.shard])
+        want = min(k, request.max_total_len - request.num_tokens - 1, budgets[request.shard])
         free = self.allocator.num_free_in(request.shard) * self.config.page_size
         slots = max(0, min(want, len(request.pages) * self.config.page_size + free - s.end))
         grown = self._try_grow(request, s.end + slots)
@@ -220,7 +221,7 @@ class Scheduler:
 
     def trim(self, request: Request) -> None:
         """Free the pages wholly past the request's tokens (after a verify step rejected drafts)."""
-        keep = -(-len(request.tokens) // self.config.page_size)
+        keep = -(-request.num_tokens // self.config.page_size)
         self.allocator.free(request.pages[keep:])
         del request.pages[keep:]
 
@@ -229,7 +230,7 @@ class Scheduler:
         self.running.remove(request)
         self._release(request)
         request.num_computed = 0
-        request.prefill_target = len(request.tokens)
+        request.prefill_target = request.num_tokens
         request.status = Status.WAITING
         self.waiting.appendleft(request)
 

@@ -87,6 +87,19 @@ def test_logprob_variants_compile_only_when_asked(tiny):
     assert compiles[0] == 0
 
 
+def test_warmup_with_logprobs_leaves_nothing_to_compile(tiny):
+    """warmup(logprobs=True) compiles every bucket's logprob variants: asking for top-k and prompt
+    logprobs afterwards compiles nothing (a server warmed this way never stalls mid-serving)."""
+    llm = tiny_llm(tiny)
+    assert llm.warmup(logprobs=True) > 0
+    prompts = random_prompts(7, 4, 256, 5, 60)
+    with count_compilations() as compiles:
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, prompt_logprobs=2),
+                     use_tqdm=False)
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, logprobs=0), use_tqdm=False)
+    assert compiles[0] == 0
+
+
 @pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
 @pytest.mark.parametrize("value,message", [
     (MAX_LOGPROBS + 1, rf"must be None or in \[0, {MAX_LOGPROBS}\], got {MAX_LOGPROBS + 1}"),

@@ -137,3 +137,14 @@ def test_draft_slots_take_only_free_pages_and_never_preempt():
     assert [r.request_id for r in s.running] == [0, 1] and not s.waiting  # nobody preempted
     assert [x.num_tokens for x in out.scheduled] == [5, 1]  # a: 1 + 4 drafts (the free page); b: its token only
     assert s.allocator.num_free == 0
+
+
+def test_token_slices_equal_slices_of_the_whole_sequence():
+    """The hot paths read a request's tokens without building prompt + output (num_tokens,
+    last_token, tokens_between): the same values as the full list."""
+    r = request(0, 5)
+    for out in ([], [9], [9, 8, 7]):
+        r.output_token_ids[:] = out
+        whole = r.tokens
+        assert (r.num_tokens, r.last_token) == (len(whole), whole[-1])
+        assert all(r.tokens_between(a, b) == whole[a:b] for a in range(len(whole) + 1) for b in range(a, len(whole) + 2))

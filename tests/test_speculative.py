@@ -272,3 +272,29 @@ def test_no_recompiles_after_warmup_with_speculation(tiny, method):
     with count_compilations() as compilations:
         llm.generate(prompts, params, use_tqdm=False)
     assert compilations[0] == 0
+
+
+def test_mtp_drafts_after_a_prefix_hit_equal_those_computed_without_the_cache():
+    """MTP's KV at a page's last slot depends on the next page's first token (the module reads the
+    embedding of token t+1), so a page is only a prefix hit for an MTP engine when that token
+    matches too: B's first draft distribution after A's prefix equals an engine's without a cache."""
+    model = load_model(FIXTURES / "tiny-deepseek-v3-hf")
+    rng = np.random.default_rng(5)
+    prefix = [int(t) for t in rng.integers(0, model.config.vocab_size, 16)]  # two full pages of 8
+    a, b = prefix + [3, 4, 5], prefix + [7, 8, 9]  # they differ right after the shared pages
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=2, ignore_eos=True)  # q: a full distribution
+    spec = {"method": "mtp", "num_speculative_tokens": 2}
+
+    def first_draft_probs(llm: LLM, prompt: list[int]) -> np.ndarray:
+        request = llm.add_request(prompt, params)
+        llm.step()  # the prefill: the MTP module filled
+        _, q = llm.speculator.proposer.propose(llm.scheduler.schedule().scheduled, [2])
+        llm.abort(request.request_id)
+        return np.asarray(q)[0]
+
+    cached = tiny_llm(model, speculative_config=spec)
+    cached.generate([a], params, use_tqdm=False)
+    got = first_draft_probs(cached, b)
+    assert cached.prefix_cache.stats.hits == 8  # page 0 (tokens 0-7, then 8 as in A); page 1 is followed by 3, not 7
+    want = first_draft_probs(tiny_llm(model, speculative_config=spec, enable_prefix_caching=False), b)
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -116,7 +116,7 @@ class DraftModelProposer:
         requests = [s.request for s in scheduled]
         positions, tokens = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
         positions[:len(scheduled)] = [s.start for s in scheduled]
-        tokens[:len(scheduled)] = [r.tokens[-1] for r in requests]
+        tokens[:len(scheduled)] = [r.last_token for r in requests]
         active = np.zeros((rows,), bool)
         active[:len(scheduled)] = [n > 0 for n in slots]
         pages = cfg.table_width(int(positions.max()) + self.k)

@@ -154,7 +154,7 @@ def _fill_inputs(batch: MixedBatch, scheduled: list[ScheduledRequest], result: S
             new = result.tokens[i, :1 if result.counts is None else result.counts[i]].tolist()
             true = s.token_ids[:fed] + new
         else:
-            true = s.token_ids + [s.request.tokens[s.start + s.num_tokens]]
+            true = s.token_ids + s.request.tokens_between(s.end, s.end + 1)
         valid = len(true) - 1
         start = int(source[i])
         span = slice(offset, offset + valid)

@@ -9,7 +9,7 @@ from engine.scheduler import ScheduledRequest
 
 class SyntheticProposer:
     def propose(self, scheduled: list[ScheduledRequest], slots: list[int]) -> tuple[list[list[int]], None]:
-        return [[s.request.tokens[-1]] * n for s, n in zip(scheduled, slots)], None
+        return [[s.request.last_token] * n for s, n in zip(scheduled, slots)], None
 
     def observe(self, *args) -> None:
         del args
