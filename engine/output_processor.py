@@ -2,6 +2,10 @@
 tokens, register the pages it filled with the prefix cache, check stop conditions, finish it and
 free its pages. The LLM facade only calls `apply`.
 
+Each token is detokenized incrementally (vLLM's prefix and read offsets), so `request.text` always
+holds the output so far, also when an abort or a failure ends the request, and a stop string is
+looked for only where a new one can be: the text the new token changed and the few characters before.
+
 A verify step (speculation) appends a row's accepted drafts and then its drawn token, in order and
 nothing past a stop; its computed tokens stop at the last accepted one (so only accepted tokens'
 pages are ever cached), and pages past the new length are freed (rejected drafts' KV slots are
@@ -9,7 +13,9 @@ simply overwritten later)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import weakref
 
 import numpy as np
 from absl import logging
@@ -20,6 +26,17 @@ from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from models.loading.tokenizer import Tokenizer
 
 
+@dataclasses.dataclass
+class _Detokenized:
+    """One request's incremental detokenization: `text` is output ids[:read] decoded, ending on a complete
+    character. Each new window is decoded from `prefix` (ids already in `text`) and that prefix's own
+    decode cut off, so decoders that merge or strip at a window's start see a full decode's neighbours."""
+
+    text: str = ""
+    prefix: int = 0
+    read: int = 0
+
+
 class OutputProcessor:
     """Applies step results; EOS ids and stop strings need the model's tokenizer."""
 
@@ -27,6 +44,8 @@ class OutputProcessor:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos = set(tokenizer.eos_token_ids) if tokenizer else set()
+        # Running requests' detokenizers (an aborted request's goes with it).
+        self._detokenized: weakref.WeakKeyDictionary[Request, _Detokenized] = weakref.WeakKeyDictionary()
 
     def apply(self, output: SchedulerOutput, result: StepResult) -> list[Request]:
         """Record what the step computed and sampled; returns the requests it finished. A request
@@ -77,42 +96,55 @@ class OutputProcessor:
         return None
 
     def _append(self, request: Request, token: int, now: float) -> str | None:
-        """Record one sampled token; the finish reason when it ends the request."""
+        """Record one sampled token and the text so far; the finish reason when it ends the request."""
+        detokenized = self._detokenized.setdefault(request, _Detokenized())
+        settled = len(detokenized.text)  # text no new token can change: it held no stop string
         request.output_token_ids.append(token)
         request.metrics.token_times.append(now)
         if request.metrics.first_token is None:
             request.metrics.first_token = now
+        request.text = self._detokenize(request.output_token_ids, detokenized)
         params = request.params
         reason = None
         if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
         elif len(request.tokens) >= request.max_total_len:
             reason = "length"
-        if params.stop and self._hit_stop_string(request):
+        if params.stop and self._hit_stop_string(request, settled):
             reason = "stop"
-        if reason and not params.stop:
-            request.text = self.decode(request.output_token_ids)
+        if reason:
+            del self._detokenized[request]
         return reason
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer else ""
 
-    def _hit_stop_string(self, request: Request) -> bool:
-        """Update the text; on a stop string, cut the text before it."""
-        request.text = self.decode(request.output_token_ids)
-        hits = [i for i in (request.text.find(s) for s in request.params.stop) if i >= 0]
+    def _detokenize(self, ids: list[int], state: _Detokenized) -> str:
+        """All of `ids` decoded, decoding only the ids since the last complete character (and the
+        window before them); an incomplete character's U+FFFD stays out of `state` until it completes."""
+        done = self.decode(ids[state.prefix:state.read])
+        new = self.decode(ids[state.prefix:])[len(done):]
+        if not new or new.endswith("\ufffd"):
+            return state.text + new
+        state.text += new
+        state.prefix, state.read = state.read, len(ids)
+        return state.text
+
+    def _hit_stop_string(self, request: Request, settled: int) -> bool:
+        """Cut the text before its first stop string, if it has one. Only a string ending past
+        `settled` can be new: the search starts the longest stop string's length before it."""
+        stop = request.params.stop
+        start = max(0, settled - max(map(len, stop)) + 1)
+        hits = [i for i in (request.text.find(s, start) for s in stop) if i >= 0]
         if hits:
             request.text = request.text[:min(hits)]
         return bool(hits)
 
     def stream_text(self, request: Request) -> str:
         """The text a stream may show so far: complete characters, nothing a stop string could take back."""
-        if request.status is Status.FINISHED:
-            text = request.text
-        else:
-            text = self.decode(request.output_token_ids)
-            if request.params.stop:
-                text = text[:max(0, len(text) - max(map(len, request.params.stop)) + 1)]
+        text = request.text
+        if request.status is not Status.FINISHED and request.params.stop:
+            text = text[:max(0, len(text) - max(map(len, request.params.stop)) + 1)]
         return text.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its next byte
 
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible routes (FastAPI), the API-key and body-size guard, and a uvicorn Server
 that reports its URL once bound.
 
-    POST /v1/completions        prompt: a string or a list of token ids
+    POST /v1/completions        prompt: a string, strings, token ids or lists of ids (a choice each);
+                                echo (the prompt and its logprobs first), vLLM's prompt_logprobs
     POST /v1/chat/completions   messages through the checkpoint's chat template
     GET  /v1/models, /health, /metrics (Prometheus text)
 
@@ -10,6 +11,8 @@ Both POST routes stream server-sent events with `"stream": true` (`data: [DONE]`
 `continuous_usage_stats` every chunk does). Every error is an OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}`: 400 for bad input, 401 without the API key,
 404 for an unknown model or route, 413 for a body over the limit, 503 when the queue is full.
+Prompts are tokenized, chat templates rendered and echoed prompts decoded on worker threads
+(`asyncio.to_thread`): a long prompt never stalls the event loop, which serves every stream.
 """
 
 from __future__ import annotations
@@ -110,12 +113,18 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
             raise APIError(404, f"the model {name!r} does not exist: this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    def encode(text: str, param: str) -> list[int]:
-        if tokenizer is None:
-            raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param=param)
-        return tokenizer.encode(text)
+    def encode(prompts: list[str | list[int]]) -> list[list[int]]:
+        """Every prompt's ids (a worker thread: a long prompt must not stall the event loop)."""
+        if tokenizer is None and any(isinstance(p, str) for p in prompts):
+            raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
+        ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        empty = next((i for i, p in enumerate(ids) if not p), None)
+        if empty is not None:
+            raise APIError(400, "prompt is empty" if len(ids) == 1 else f"prompt {empty} is empty", param="prompt")
+        return ids
 
     def chat_ids(messages: list[protocol.ChatMessage]) -> list[int]:
+        """The rendered chat template's ids (a worker thread, as `encode`)."""
         if tokenizer is None or not tokenizer.chat_template:
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
         try:
@@ -123,26 +132,33 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
         except (ValueError, jinja2.TemplateError) as e:
             raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
 
-    async def submit(ids: list[int], params: Any, param: str) -> Stream:
-        """Hand the request to the engine thread; it is admitted (or refused) between steps."""
-        admission.take()
-        stream = Stream(ids, params, asyncio.get_running_loop())
+    async def submit(requests: list[tuple[list[int], Any]], param: str) -> list[Stream]:
+        """Hand the requests (prompt ids, params) to the engine thread at once, so that they are
+        admitted at the same step boundary; if one is refused (or the queue is full) none runs."""
+        streams: list[Stream] = []
+        loop = asyncio.get_running_loop()
         try:
-            engine.submit(stream)
-        except RuntimeError:
-            admission.release()
-            raise APIError(503, "the engine is not running", code="engine_stopped") from None
-        try:
-            first = await stream.events.get()
-        except BaseException:  # cancelled while waiting: the client left
-            engine.abort(stream)
-            admission.release()
+            for ids, params in requests:
+                admission.take()
+                streams.append(Stream(ids, params, loop))
+                try:
+                    engine.submit(streams[-1])
+                except RuntimeError:
+                    raise APIError(503, "the engine is not running", code="engine_stopped") from None
+            firsts = [await stream.events.get() for stream in streams]
+        except BaseException:  # refused, or cancelled while waiting: the client left
+            for stream in streams:
+                release(stream)
             raise
-        if isinstance(first, Rejected):
-            admission.release()
+        rejected = next(((i, e) for i, e in enumerate(firsts) if isinstance(e, Rejected)), None)
+        if rejected is not None:
+            for stream in streams:
+                release(stream)
+            i, first = rejected
             bad = "stop_token_ids" if first.message.startswith("stop_token_ids") else param
-            raise APIError(first.status, first.message, param=bad if first.status == 400 else None)
-        return stream
+            message = first.message if len(streams) == 1 else f"prompt {i}: {first.message}"
+            raise APIError(first.status, message, param=bad if first.status == 400 else None)
+        return streams
 
     def release(stream: Stream) -> None:
         """Let go of a stream once (aborting its request unless it finished): when its deltas end,
@@ -163,29 +179,55 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
         finally:
             release(stream)
 
-    async def collect(stream: Stream, request: Request) -> tuple[str, protocol.Entries, Delta]:
-        """All of a non-streamed request's text and logprobs, and its last delta; a client that
-        disconnects aborts it."""
-        watcher = asyncio.create_task(_abort_on_disconnect(request, lambda: engine.abort(stream)))
-        try:
+    async def collect(streams: list[Stream], request: Request) -> list[tuple[str, protocol.Entries, Delta]]:
+        """All of each non-streamed request's text and logprobs, and its last delta; a client that
+        disconnects aborts them."""
+        watcher = asyncio.create_task(_abort_on_disconnect(request, lambda: [engine.abort(s) for s in streams]))
+
+        async def one(stream: Stream) -> tuple[str, protocol.Entries, Delta]:
             parts, logprobs, last = [], [], None
             async with contextlib.aclosing(deltas(stream)) as events:
                 async for last in events:
                     parts.append(last.text)
                     logprobs.extend(last.logprobs or ())
+            return "".join(parts), logprobs, last
+        try:
+            results = await asyncio.gather(*map(one, streams))
         finally:
             watcher.cancel()
-            release(stream)
-        if last.finish_reason == "error":
-            raise APIError(500, f"generation failed: {last.error}", code="generation_error")
-        return "".join(parts), logprobs, last
+            for stream in streams:
+                release(stream)
+        failed = next((last for _, _, last in results if last.finish_reason == "error"), None)
+        if failed is not None:
+            raise APIError(500, f"generation failed: {failed.error}", code="generation_error")
+        return results
 
     def token_text(token: int) -> str:
         """A token's text in logprobs (vLLM's "token_id:N" when the model has no tokenizer)."""
         return tokenizer.decode([token], skip_special_tokens=False) if tokenizer else f"token_id:{token}"
 
-    def sse_response(stream: Stream, events: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release, stream),
+    def prompt_text(prompt: str | list[int]) -> str:
+        """The echoed prompt: as sent, or its ids decoded (vLLM's detokenized prompt)."""
+        if isinstance(prompt, str):
+            return prompt
+        return tokenizer.decode(prompt, skip_special_tokens=False) if tokenizer else ""
+
+    def prompt_logprobs(stream: Stream) -> protocol.Entries:
+        """The request's prompt logprobs ([None, {token: logprob, top k...}, ...]), read from the
+        engine's Request: the engine thread writes them before it samples the first token and never
+        after, so they are whole once a delta with tokens (or the last one) has arrived. A request
+        ended before its prompt was computed (the server shutting down) has none to give."""
+        entries = list(stream.request.prompt_logprobs)
+        if len(entries) < len(stream.prompt_ids):
+            raise APIError(503, "the request ended before its prompt was scored (the server is shutting down)",
+                           code="engine_stopped")
+        return entries
+
+    def sse_response(streams: list[Stream], events: AsyncIterator[str]) -> StreamingResponse:
+        def release_all() -> None:
+            for stream in streams:
+                release(stream)
+        return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release_all),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
@@ -193,53 +235,95 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
         body = protocol.parse(protocol.CompletionRequest, await request.body())
         check_model(body.model)
         protocol.check_supported(body)
-        prompt = protocol.completion_prompt(body.prompt)
-        ids = encode(prompt, "prompt") if isinstance(prompt, str) else prompt
-        budget = protocol.max_tokens(body.max_tokens, len(ids), max_model_len, COMPLETION_DEFAULT_MAX_TOKENS,
-                                     "max_tokens")
-        params = protocol.sampling_params(body, budget)
-        stream = await submit(ids, params, "prompt")
+        prompts = protocol.completion_prompts(body.prompt)
+        if body.stream and len(prompts) > 1:
+            raise APIError(400, f"streaming {len(prompts)} prompts in one request is not supported: stream one "
+                                f"prompt per request, or send stream=false", param="prompt",
+                           code="unsupported_parameter")
+        if body.stream and body.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs are not available with stream=true (as vLLM)",
+                           param="prompt_logprobs", code="unsupported_parameter")
+        ids_list = await asyncio.to_thread(encode, prompts)
+        requested = body.requested_max_tokens
+        params_list = [protocol.sampling_params(body, protocol.max_tokens(requested, len(ids), max_model_len,
+                                                                          COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens"),
+                                                body.engine_prompt_logprobs) for ids in ids_list]
+        streams = await submit(list(zip(ids_list, params_list)), "prompt")
         rid, created = protocol.new_id("cmpl"), protocol.now()
-        logprobs = (lambda entries, offset: protocol.completion_logprobs(entries, token_text, offset)
-                    if params.logprobs is not None else None)
+        k, echo = body.logprobs, bool(body.echo)
+
+        def choice_logprobs(entries: protocol.Entries, offset: int, prompt: str | list[int] | None = None,
+                            stream: Stream | None = None) -> dict | None:
+            """The choice's (or chunk's) logprobs: its generated tokens', after the prompt's when
+            `prompt` is being echoed."""
+            if k is None:
+                return None
+            ids = [next(iter(e)) for e in entries]
+            if prompt is not None:
+                entries, ids = prompt_logprobs(stream) + entries, stream.prompt_ids + ids
+            return protocol.completion_logprobs(entries, token_text, offset, token_ids=ids, top=k)
+
         if not body.stream:
-            text, entries, last = await collect(stream, request)
-            return protocol.completion_body(rid, created, model_name, text, last.finish_reason,
-                                            protocol.usage(len(ids), last.num_tokens), logprobs(entries, 0))
+            results = await collect(streams, request)
+
+            def build() -> dict:  # a worker thread: echoing a long prompt decodes each of its tokens
+                choices = []
+                for i, (prompt, stream, (text, entries, last)) in enumerate(zip(prompts, streams, results)):
+                    if body.score_only:
+                        text, entries = "", []
+                    choices.append(protocol.completion_choice(
+                        i, prompt_text(prompt) + text if echo else text, last.finish_reason,
+                        choice_logprobs(entries, 0, prompt if echo else None, stream),
+                        None if body.prompt_logprobs is None else
+                        protocol.prompt_logprobs_body(prompt_logprobs(stream), body.prompt_logprobs, token_text)))
+                completion_tokens = 0 if body.score_only else sum(last.num_tokens for _, _, last in results)
+                return protocol.completion_body(rid, created, model_name, choices,
+                                                protocol.usage(sum(map(len, ids_list)), completion_tokens))
+            return await asyncio.to_thread(build)
+
+        [stream], [prompt], [ids] = streams, prompts, ids_list
 
         async def events() -> AsyncIterator[str]:
-            offset = 0  # text_offset of the next token
+            offset, echoed = 0, not echo  # text_offset of the next token; the prompt sent (or not asked)
             async for d in deltas(stream):
-                if d.text or d.finish_reason or d.logprobs or body.continuous_usage:
-                    chunk_logprobs = logprobs(d.logprobs or [], offset)
+                text, entries, num_tokens = d.text, d.logprobs or [], d.num_tokens
+                if body.score_only:
+                    text, entries, num_tokens = "", [], 0
+                echo_now = not echoed and d.num_tokens > 0  # the prompt is scored once a token exists
+                if echo_now:
+                    echoed = True
+                    text = await asyncio.to_thread(prompt_text, prompt) + text
+                if text or d.finish_reason or entries or echo_now or body.continuous_usage:
+                    chunk_logprobs = (await asyncio.to_thread(choice_logprobs, entries, offset, prompt, stream)
+                                      if echo_now else choice_logprobs(entries, offset))
                     offset += sum(map(len, chunk_logprobs["tokens"])) if chunk_logprobs else 0
-                    chunk = protocol.completion_chunk(rid, created, model_name, d.text, d.finish_reason,
+                    chunk = protocol.completion_chunk(rid, created, model_name, text, d.finish_reason,
                                                       chunk_logprobs)
-                    yield protocol.sse(with_usage(chunk, body, len(ids), d.num_tokens))
+                    yield protocol.sse(with_usage(chunk, body, len(ids), num_tokens))
                 if d.finish_reason == "error":
                     yield protocol.sse(protocol.error_body(f"generation failed: {d.error}", "server_error"))
                 if d.finish_reason and body.include_usage:
                     chunk = protocol.completion_chunk(rid, created, model_name, "")
-                    yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), d.num_tokens)))
+                    yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), num_tokens)))
             yield protocol.sse("[DONE]")
-        return sse_response(stream, events())
+        return sse_response(streams, events())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = protocol.parse(protocol.ChatCompletionRequest, await request.body())
         check_model(body.model)
         protocol.check_supported(body)
-        ids = chat_ids(body.messages)
+        ids = await asyncio.to_thread(chat_ids, body.messages)
         requested, param = ((body.max_completion_tokens, "max_completion_tokens")
                             if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
         budget = protocol.max_tokens(requested, len(ids), max_model_len, None, param)
         params = protocol.sampling_params(body, budget)
-        stream = await submit(ids, params, "messages")
+        [stream] = await submit([(ids, params)], "messages")
         rid, created = protocol.new_id("chatcmpl"), protocol.now()
         logprobs = (lambda entries: protocol.chat_logprobs(entries, params.logprobs, token_text)
                     if params.logprobs is not None else None)
         if not body.stream:
-            text, entries, last = await collect(stream, request)
+            [(text, entries, last)] = await collect([stream], request)
             return protocol.chat_body(rid, created, model_name, text, last.finish_reason,
                                       protocol.usage(len(ids), last.num_tokens), logprobs(entries))
 
@@ -259,7 +343,7 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
                     if body.include_usage:
                         yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), d.num_tokens)))
             yield protocol.sse("[DONE]")
-        return sse_response(stream, events())
+        return sse_response([stream], events())
 
     return app
 

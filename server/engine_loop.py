@@ -8,7 +8,10 @@ admits new requests (`LLM.add_request`, whose ValueError becomes a `Rejected` ev
 aborts (`LLM.abort`: pages freed at once).
 
 A stream's events: `Accepted` or `Rejected` first, then `Delta`s; the last Delta carries the
-finish reason ("stop", "length", "abort" or "error").
+finish reason ("stop", "length", "abort" or "error") and the rest of the request's text. Every
+submitted stream gets its last event: submit() after (or racing) stop() either raises or is answered
+by the thread's last drain, a stream whose publishing raises ends with "error" alone, and stop()
+ends every open stream with "abort".
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class EngineLoop:
         self._active: dict[int, Stream] = {}  # request_id -> stream (engine thread only)
         self._idle_wait_s = idle_wait_s
         self._closed = False
+        self._lock = threading.Lock()  # orders submit()'s put against closing: nothing enters a closed inbox
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     @property
@@ -95,19 +99,26 @@ class EngineLoop:
 
     def stop(self, timeout: float | None = 60) -> None:
         """Finish the current step, abort every request (their streams end with "abort"), join."""
-        self._closed = True
+        self._close()
         self._inbox.put(_STOP)
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def submit(self, stream: Stream) -> None:
-        if not self.alive:
-            raise RuntimeError("the engine is not running")
-        self._inbox.put(("add", stream))
+        """Hand `stream` to the engine thread; RuntimeError once it stopped (or is stopping)."""
+        with self._lock:
+            if not self.alive:
+                raise RuntimeError("the engine is not running")
+            self._inbox.put(("add", stream))
 
     def abort(self, stream: Stream) -> None:
         """Abort the stream's request (a no-op once it finished). Safe after stop()."""
         self._inbox.put(("abort", stream))
+
+    def _close(self) -> None:
+        """Refuse every later submit(): what the inbox holds now is all it will ever hold."""
+        with self._lock:
+            self._closed = True
 
     # ---- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -117,7 +128,6 @@ class EngineLoop:
                     self._step()
         except BaseException as e:  # noqa: BLE001 (a bug here must not leave clients waiting forever)
             logging.exception("the engine thread failed")
-            self._closed = True
             self._shut_down(f"the engine failed: {type(e).__name__}: {e}")
             raise
         self._shut_down("the server is shutting down")
@@ -152,10 +162,9 @@ class EngineLoop:
 
     def _abort(self, stream: Stream) -> None:
         request = stream.request
-        if request is None or self._active.pop(request.request_id, None) is None:
+        if request is None or request.request_id not in self._active:
             return  # rejected, or already finished (its last delta is out)
-        self.llm.abort(request.request_id)
-        self._finished(stream, Delta("", len(request.output_token_ids), "abort"))
+        self._end_safely(stream, "abort")
 
     def _step(self) -> None:
         try:
@@ -163,34 +172,54 @@ class EngineLoop:
         except Exception as e:  # noqa: BLE001 (LLM.step contains step failures; this is a last resort)
             logging.exception("engine step raised")
             for stream in list(self._active.values()):
-                self.llm.abort(stream.request.request_id)
-                self._active.pop(stream.request.request_id)
-                self._finished(stream, Delta("", len(stream.request.output_token_ids), "error",
-                                             f"{type(e).__name__}: {e}"))
+                self._end_safely(stream, "error", f"{type(e).__name__}: {e}")
         for stream in list(self._active.values()):
-            self._publish(stream)
+            try:
+                self._publish(stream)
+            except Exception as e:  # noqa: BLE001 (one stream failing, e.g. its detokenizing, must not stop the rest)
+                logging.exception("publishing request %d failed", stream.request.request_id)
+                self._end_safely(stream, "error", f"{type(e).__name__}: {e}")
         self._publish_state()
 
     def _publish(self, stream: Stream) -> None:
         """Post the stream's new text and tokens, if any, and its end when it finished."""
         request = stream.request
-        n, done = len(request.output_token_ids), request.status is Status.FINISHED
-        if n == stream.tokens_sent and not done:
-            return
-        text = self.llm.processor.stream_text(request)
-        if done and len(request.text) >= stream.text_sent:
-            text = request.text  # the final text whole, as generate() returns it (an incomplete UTF-8 tail too)
+        if request.status is Status.FINISHED:
+            self._end(stream, request.finish_reason, request.error)
+        elif len(request.output_token_ids) > stream.tokens_sent:
+            stream.post(self._delta(stream, self.llm.processor.stream_text(request)))
+
+    def _delta(self, stream: Stream, text: str, finish_reason: str | None = None,
+               error: str | None = None) -> Delta:
+        """A delta of what `text` and the request's tokens hold past what the stream has sent (counted as sent)."""
+        request = stream.request
+        n = len(request.output_token_ids)
         delta = text[stream.text_sent:]
         stream.text_sent = max(stream.text_sent, len(text))
         first = stream.tokens_sent == 0 and n > 0
-        self.metrics.generated(n - stream.tokens_sent, ttft=request.metrics.first_token - stream.received if first else None)
+        ttft = request.metrics.first_token - stream.received if first else None
+        self.metrics.generated(n - stream.tokens_sent, ttft=ttft)
         logprobs = None if request.params.logprobs is None else request.output_logprobs[stream.tokens_sent:n]
         stream.tokens_sent = n
-        if not done:
-            stream.post(Delta(delta, n, logprobs=logprobs))
-            return
-        del self._active[request.request_id]
-        self._finished(stream, Delta(delta, n, request.finish_reason, request.error, logprobs))
+        return Delta(delta, n, finish_reason, error, logprobs)
+
+    def _end(self, stream: Stream, finish_reason: str, error: str | None = None) -> None:
+        """Abort the request unless it finished (pages freed at once) and post the stream's last delta:
+        the rest of its text whole, as generate() returns it (an incomplete UTF-8 tail too)."""
+        request = stream.request
+        self._active.pop(request.request_id, None)
+        self.llm.abort(request.request_id)
+        self._finished(stream, self._delta(stream, request.text, finish_reason, error))
+
+    def _end_safely(self, stream: Stream, finish_reason: str, error: str | None = None) -> None:
+        """`_end`, or if that raises (the request's text or the engine may be what failed), a last
+        delta without the text not sent yet: the stream ends either way."""
+        try:
+            self._end(stream, finish_reason, error)
+        except Exception:  # noqa: BLE001 (contained: the other streams go on)
+            logging.exception("ending request %d failed", stream.request.request_id)
+            self._active.pop(stream.request.request_id, None)
+            stream.post(Delta("", len(stream.request.output_token_ids), finish_reason, error))
 
     def _finished(self, stream: Stream, last: Delta) -> None:
         stream.post(last)
@@ -204,14 +233,10 @@ class EngineLoop:
                                   allocator.capacity - allocator.num_free)
 
     def _shut_down(self, message: str) -> None:
-        """Abort every request in flight and refuse every one still in the inbox."""
+        """Abort every request in flight and refuse every one in the inbox (closed first: no more come)."""
+        self._close()
         for stream in list(self._active.values()):
-            try:
-                self.llm.abort(stream.request.request_id)
-            except Exception:  # noqa: BLE001 (shutting down after a failure: end the streams regardless)
-                pass
-            self._active.pop(stream.request.request_id)
-            self._finished(stream, Delta("", len(stream.request.output_token_ids), "abort", message))
+            self._end_safely(stream, "abort", message)
         while True:
             try:
                 item = self._inbox.get_nowait()

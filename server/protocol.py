@@ -1,15 +1,20 @@
 """The OpenAI wire format: request models (strictly typed), their translation into SamplingParams,
 response and stream-chunk bodies, and OpenAI-style errors.
 
-Unknown request fields are ignored (clients send `user`, `metadata`); known fields this engine cannot honour are refused with 400 unless they
-hold their no-op value (`n=1`, `presence_penalty=0`, ...). Logprobs (the completions API's
-`logprobs: k`, chat's `logprobs: true` + `top_logprobs: k`) map onto SamplingParams.logprobs and
-come back in each API's own shape (`completion_logprobs`, `chat_logprobs`).
+No request field is silently dropped: an unknown field is a 400 naming it (`unknown_parameter`);
+documented OpenAI fields that ask nothing of a model (`user`; chat's `metadata`, `store`,
+`service_tier`, `parallel_tool_calls`) are listed and accepted; known fields this engine cannot
+honour are refused with 400 unless they hold their no-op value (`n=1`, `presence_penalty=0`, ...).
+Logprobs (the completions API's `logprobs: k`, chat's `logprobs: true` + `top_logprobs: k`) map
+onto SamplingParams.logprobs and come back in each API's own shape (`completion_logprobs`,
+`chat_logprobs`); completions' `echo` and vLLM's `prompt_logprobs` onto SamplingParams.prompt_logprobs
+(`completion_logprobs` over the prompt's tokens too, `prompt_logprobs_body`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -43,16 +48,22 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def parse(model: type[BaseModel], raw: bytes) -> Any:
-    """The request body as `model`, or a 400 naming the first field that is wrong."""
+    """The request body as `model`, or a 400 naming the first field that is wrong (an unknown one:
+    `code: unknown_parameter`)."""
     try:
         return model.model_validate_json(raw)
     except pydantic.ValidationError as e:
-        err = e.errors(include_url=False)[0]
+        errors = e.errors(include_url=False)
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # also inside a union
         if err["type"] == "json_invalid":
             raise APIError(400, f"the request body is not valid JSON: {err['msg']}", code="invalid_json") from None
         if not err["loc"]:
             raise APIError(400, f"the request body must be a JSON object: {err['msg']}") from None
-        where = ".".join(map(str, err["loc"]))
+        where = ".".join(str(x) for x in err["loc"] if isinstance(x, int) or str(x).isidentifier())  # no union tags
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"unknown parameter {where!r}: this server does not support it (docs/server.md "
+                                f"lists the fields it accepts)", param=str(err["loc"][0]),
+                           code="unknown_parameter") from None
         raise APIError(400, f"{where}: {err['msg']}", param=str(err["loc"][0])) from None
 
 
@@ -60,12 +71,13 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")  # an unknown field is a 400, never dropped
 
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None  # vLLM: usage (tokens so far) in every chunk
+    include_obfuscation: bool | None = None  # OpenAI's padding against side channels: no effect here
 
 
 class _Sampling(_Strict):
@@ -89,6 +101,7 @@ class _Sampling(_Strict):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # vLLM extension
     logit_bias: dict[str, Any] | None = None
+    user: str | None = None  # an end-user id for OpenAI's abuse monitoring: accepted, no effect
 
     @property
     def include_usage(self) -> bool:
@@ -101,20 +114,48 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Any  # a string or token ids (or a list of one of those): completion_prompt checks it
+    prompt: Any  # a string, strings, token ids or lists of them: completion_prompts checks it
     logprobs: int | None = None
-    echo: bool | None = None
+    echo: bool | None = None  # the prompt (and with logprobs its tokens' logprobs) before the output
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM extension: each choice's `prompt_logprobs`
+
+    @property
+    def score_only(self) -> bool:
+        """echo with max_tokens 0: the prompt scored, nothing generated (vLLM samples one token and
+        drops it; so does this server)."""
+        return bool(self.echo) and self.max_tokens == 0
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """The max_tokens to budget: 1 to score a prompt (score_only); 0 without echo is a 400."""
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be >= 1, got 0 (0 is allowed with echo=true: the prompt is "
+                                "scored, nothing generated)", param="max_tokens")
+        return 1 if self.score_only else self.max_tokens
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """SamplingParams.prompt_logprobs: vLLM's field, else with echo the `logprobs` count."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 class ContentPart(_Strict):
     type: str
     text: str | None = None
+    # Other part types' payloads: parsed so that chat_messages refuses the part by its type.
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: Any = None
 
 
 class ChatMessage(_Strict):
     role: str
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # passed to the chat template, which may use it
 
 
 class ChatCompletionRequest(_Sampling):
@@ -125,14 +166,20 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any = None
+    function_call: Any = None  # the deprecated tool_choice
     response_format: dict[str, Any] | None = None
+    # Documented OpenAI fields that ask nothing of the model: accepted, no effect.
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # Known parameters and the values that ask nothing of the engine (None: not given).
 _NO_OP = {
     "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
-    "logit_bias": ({},), "echo": (False,), "suffix": ("",), "tools": ([],), "functions": ([],),
-    "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
+    "logit_bias": ({},), "suffix": ("",), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
 }
 
 
@@ -155,20 +202,22 @@ def requested_logprobs(request: _Sampling) -> tuple[int | None, str]:
     return request.logprobs, "logprobs"
 
 
-def completion_prompt(prompt: Any) -> str | list[int]:
-    """The one prompt of a completion request: a string or a list of int token ids (a list holding
-    exactly one of those is unwrapped; longer lists of prompts are refused)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(type(t) is int for t in value)  # not bools
+
+
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """A completion request's prompts, one choice each: a string, a list of strings, a list of int
+    token ids (one prompt; `[]` is one empty prompt, which the engine refuses) or a list of lists
+    of ids (the OpenAI API's four forms)."""
     if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and all(type(t) is int for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
-        raise APIError(400, f"a list of {len(prompt)} prompts is not supported: send one prompt per request",
-                       param="prompt", code="unsupported_parameter")
-    raise APIError(400, f"prompt must be a string or a list of int token ids, got {json.dumps(prompt)[:80]}",
-                   param="prompt")
+        return [prompt]
+    if _is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and (all(isinstance(p, str) for p in prompt) or all(map(_is_ids, prompt))):
+        return list(prompt)
+    raise APIError(400, "prompt must be a string, a list of strings, a list of int token ids or a list of lists "
+                        f"of int token ids, got {json.dumps(prompt)[:80]}", param="prompt")
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -184,14 +233,17 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
                 raise APIError(400, f"messages.{i}.content: only text parts are supported, got type {bad!r}",
                                param="messages", code="unsupported_parameter")
             content = "\n".join(p.text for p in content)
-        out.append({"role": m.role, "content": content or ""})
+        out.append({"role": m.role, "content": content or ""} | ({} if m.name is None else {"name": m.name}))
     return out
 
 
 def max_tokens(requested: int | None, prompt_len: int, max_model_len: int, default: int | None,
                param: str) -> int:
-    """The output budget: the request's, else `default` (None: the rest of the context), which must
-    fit beside the prompt in max_model_len (400 "context_length_exceeded" otherwise)."""
+    """The output budget: the request's (at least 1; `param` names it in errors), else `default`
+    (None: the rest of the context), which must fit beside the prompt in max_model_len (400
+    "context_length_exceeded" otherwise)."""
+    if requested is not None and requested < 1:
+        raise APIError(400, f"{param} must be >= 1, got {requested}", param=param)
     room = max_model_len - prompt_len
     if room < 1:
         raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, but the prompt "
@@ -207,10 +259,16 @@ def max_tokens(requested: int | None, prompt_len: int, max_model_len: int, defau
 
 
 _PARAM_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "stop_token_ids", "stop",
-                 "ignore_eos")
+                 "ignore_eos", "prompt_logprobs")
 
 
-def sampling_params(request: _Sampling, budget: int) -> SamplingParams:
+def _param_named(message: str) -> str | None:
+    """The request field an engine ValueError names: the earliest of _PARAM_FIELDS in its message."""
+    found = [(m.start(), f) for f in _PARAM_FIELDS if (m := re.search(rf"\b{f}\b", message))]
+    return min(found)[1] if found else None
+
+
+def sampling_params(request: _Sampling, budget: int, prompt_logprobs: int | None = None) -> SamplingParams:
     """SamplingParams with OpenAI's defaults (temperature 1, top_p 1) for what the request leaves
     out; a value the engine refuses is a 400 naming its parameter."""
     logprobs, logprobs_param = requested_logprobs(request)
@@ -218,6 +276,7 @@ def sampling_params(request: _Sampling, budget: int) -> SamplingParams:
         "temperature": request.temperature, "top_p": request.top_p, "min_p": request.min_p,
         "top_k": -1 if request.top_k == 0 else request.top_k, "seed": request.seed, "stop": request.stop,
         "stop_token_ids": request.stop_token_ids, "ignore_eos": request.ignore_eos, "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
     }
     try:
         return SamplingParams(max_tokens=budget, **{k: v for k, v in given.items() if v is not None})
@@ -225,8 +284,7 @@ def sampling_params(request: _Sampling, budget: int) -> SamplingParams:
         message = str(e)
         if message.startswith("logprobs"):
             raise APIError(400, logprobs_param + message.removeprefix("logprobs"), param=logprobs_param) from None
-        param = next((f for f in _PARAM_FIELDS if message.startswith(f)), None)
-        raise APIError(400, message, param=param) from None
+        raise APIError(400, message, param=_param_named(message)) from None
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -245,10 +303,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                    use: dict, logprobs: dict | None = None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None,
+                      prompt_logprobs: list | None = None) -> dict:
+    """One choice of a (non-streamed) completion; `prompt_logprobs` is vLLM's (null unless asked)."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+            "prompt_logprobs": prompt_logprobs}
+
+
+def completion_body(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": use}
 
 
@@ -272,8 +335,9 @@ def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: s
             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-# The engine's per-token logprobs: {chosen token: logprob, then its top alternatives} (engine/request.py).
-Entries = list[dict[int, float]]
+# The engine's per-token logprobs: {chosen token: logprob, then its top alternatives} (engine/request.py);
+# None for a prompt's first token, which nothing predicts.
+Entries = list[dict[int, float] | None]
 _MIN_LOGPROB = -9999.0  # vLLM's stand-in for -inf, which JSON cannot carry
 
 
@@ -281,17 +345,47 @@ def _finite(value: float) -> float:
     return max(value, _MIN_LOGPROB)
 
 
-def completion_logprobs(entries: Entries, token_text: Callable[[int], str], text_offset: int = 0) -> dict:
+def completion_logprobs(entries: Entries, token_text: Callable[[int], str], text_offset: int = 0, *,
+                        token_ids: list[int] | None = None, top: int | None = None) -> dict:
     """The completions API's logprobs for these tokens: their texts, logprobs, top alternatives by
-    text (the chosen token's included, as vLLM) and character offsets counted from text_offset."""
-    tokens, offsets = [], []
-    for entry in entries:
-        tokens.append(token_text(next(iter(entry))))
+    text (the chosen token's included, as vLLM) and character offsets counted from text_offset.
+    With echo the entries start with the prompt's: a None entry (the first prompt token) has a
+    null logprob and null top_logprobs, its token named by `token_ids` (every token's id, when
+    given); `top` keeps each dict's first top + 1 items (the token's own and its top alternatives:
+    vLLM's cut of prompt logprobs asked for more than `logprobs`)."""
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for i, entry in enumerate(entries):
+        token = token_ids[i] if token_ids is not None else next(iter(entry))
+        tokens.append(token_text(token))
         offsets.append(text_offset)
         text_offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [_finite(next(iter(e.values()))) for e in entries],
-            "top_logprobs": [{token_text(t): _finite(v) for t, v in e.items()} for e in entries],
-            "text_offset": offsets}
+        if entry is None:
+            logprobs.append(None)
+            tops.append(None)
+            continue
+        logprobs.append(_finite(entry[token]))
+        kept = list(entry.items())[:None if top is None else top + 1]
+        tops.append({token_text(t): _finite(v) for t, v in kept})
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs_body(entries: Entries, k: int, token_text: Callable[[int], str]) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` of a choice: per prompt token None (the first) or {"token id":
+    {logprob, rank, decoded_token}} of the token and its top k. A top-k token's rank is its place
+    among them (1 = most likely); the prompt token's own rank is known only when it is among them
+    (None otherwise: the engine returns the top k, not every token's rank)."""
+    out: list[dict | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        items = list(entry.items())  # the prompt token first, then the top k not already listed
+        top = items if len(items) <= k else items[1:]
+        values = [v for _, v in top]
+        ranks = {t: 1 + sum(u > v for u in values) for t, v in top}
+        out.append({str(t): {"logprob": _finite(v), "rank": ranks.get(t), "decoded_token": token_text(t)}
+                    for t, v in items})
+    return out
 
 
 def chat_logprobs(entries: Entries, top: int, token_text: Callable[[int], str]) -> dict:
