@@ -137,3 +137,64 @@ def cost_per_million_tokens(dollars_per_device_hour: float, tok_s_per_device: fl
     if tok_s_per_device <= 0:
         return float("inf")
     return dollars_per_device_hour / (tok_s_per_device * 3600 / 1e6)
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnResult:
+    """One request of an agentic session: which session and turn, its timing, and the prompt tokens
+    the prefix cache served it (None where unknown: a server that does not report them)."""
+
+    session: int
+    turn: int
+    timing: RequestTiming
+    cached_tokens: int | None = None
+
+
+def turn_summary(results: Sequence[TurnResult]) -> list[dict]:
+    """Per turn (`turn` 1 = the first): requests, mean prompt tokens, TTFT and E2E stats (ms), and the
+    prefix-cache tokens asked and found (null when any request's are unknown)."""
+    rows = []
+    for turn in sorted({r.turn for r in results}):
+        mine = [r for r in results if r.turn == turn]
+        known = all(r.cached_tokens is not None for r in mine)
+        queries = sum(r.timing.num_prompt_tokens for r in mine)
+        hits = sum(r.cached_tokens for r in mine) if known else None
+        rows.append({"turn": turn + 1, "num_requests": len(mine), "prompt_tokens_mean": queries / len(mine),
+                     "ttft_ms": dataclasses.asdict(Stats.of_seconds([r.timing.ttft for r in mine])),
+                     "e2e_ms": dataclasses.asdict(Stats.of_seconds([r.timing.e2e for r in mine])),
+                     "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+                     "prefix_cache_hit_rate": hits / queries if known and queries else None})
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSample:
+    """The serving engine's state at one moment: KV-cache usage (fraction of pages), running and
+    waiting requests, and its prefix cache's running totals (None where not exported)."""
+
+    kv_cache_usage: float | None
+    running: float | None
+    waiting: float | None
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
+
+
+def state_summary(before: StateSample, after: StateSample, samples: Sequence[StateSample], source: str) -> dict:
+    """KV-cache usage before, after, mean and max over the samples; running and waiting mean and max;
+    the prefix cache's queries and hits between before and after (null where not exported)."""
+    def spread(values: list[float | None]) -> dict:
+        xs = [x for x in values if x is not None]
+        return {"mean": float(np.mean(xs)) if xs else None, "max": float(np.max(xs)) if xs else None}
+
+    out = {"source": source, "num_samples": len(samples),
+           "kv_cache_usage": {"before": before.kv_cache_usage, "after": after.kv_cache_usage,
+                              **spread([s.kv_cache_usage for s in samples])},
+           "num_requests_running": spread([s.running for s in samples]),
+           "num_requests_waiting": spread([s.waiting for s in samples])}
+    known = None not in (before.prefix_cache_queries, after.prefix_cache_queries,
+                         before.prefix_cache_hits, after.prefix_cache_hits)
+    queries = int(after.prefix_cache_queries - before.prefix_cache_queries) if known else None
+    hits = int(after.prefix_cache_hits - before.prefix_cache_hits) if known else None
+    out["prefix_cache"] = {"queries": queries, "hits": hits,
+                           "hit_rate": hits / queries if known and queries else None}
+    return out

@@ -20,7 +20,7 @@ from benchmarks.serving_sweep import Settings
 from engine.llm import LLM
 from models import ModelConfig, param_counts
 
-SCHEMA_VERSION = 2  # 2: per-point speculation and prefix-cache counters
+SCHEMA_VERSION = 3  # 2: per-point speculation and prefix-cache counters; 3: shapes, agentic sessions, server_state
 
 
 def mark_frontier(points: list[dict]) -> None:
@@ -57,7 +57,10 @@ def header_for(config: ModelConfig, dtype: str, engine: dict, device: dict, sett
                      "range_ratio": settings.range_ratio,
                      "seed": settings.seed, "temperature": settings.temperature, "ignore_eos": True,
                      "warmup": settings.warmup, "shared_prefix_len": settings.shared_prefix_len,
-                     "num_turns": settings.num_turns},
+                     "num_turns": settings.num_turns, "scale": settings.scale,
+                     **({"tool_result_len": settings.tool_result_len, "num_sessions": settings.num_sessions,
+                         "think_time_s": settings.think_time_s, "think_time_dist": settings.think_time_dist}
+                        if settings.agentic else {})},
     }
 
 
@@ -78,6 +81,8 @@ def write_outputs(report: dict, output: Path, plot: bool) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(finite_or_null(report), indent=1, allow_nan=False))
     print(format_table(report["points"]))
+    if any("agentic" in p for p in report["points"]):
+        print(format_turns(report["points"]))
     if plot:
         from benchmarks.plots import plot_files  # noqa: PLC0415 (matplotlib only when plotting)
         for path in plot_files([output], output.with_suffix("")):
@@ -116,4 +121,17 @@ def format_table(points: list[dict]) -> str:
                     f"{p['interactivity']:.1f} | {p['ttft_ms']['median']:.0f} | {p['ttft_ms']['p99']:.0f} | "
                     f"{p['tpot_ms']['median']:.1f} | {p['e2e_ms']['median'] / 1e3:.1f} | "
                     f"{100 * p['roofline']['fraction']:.0f}% | {p['cost_per_million_output_tokens_usd']:.2f} |")
+    return "\n".join(rows)
+
+
+def format_turns(points: list[dict]) -> str:
+    """A Markdown table of the agentic points per turn: TTFT, prompt length and prefix-cache hits."""
+    rows = ["| system | conc | turn | requests | prompt tokens | TTFT p50 ms | TTFT p99 ms | prefix hits |",
+            "|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        for t in p.get("agentic", {}).get("turns", []):
+            rate = t["prefix_cache_hit_rate"]
+            rows.append(f"| {p['system']} | {p['concurrency']} | {t['turn']} | {t['num_requests']} | "
+                        f"{t['prompt_tokens_mean']:.0f} | {t['ttft_ms']['median']:.0f} | {t['ttft_ms']['p99']:.0f} | "
+                        f"{'-' if rate is None else f'{100 * rate:.0f}%'} |")
     return "\n".join(rows)

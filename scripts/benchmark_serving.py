@@ -10,6 +10,14 @@ comparisons with published numbers, NOT lossless); `--compare_no_speculation` ru
 points without it first, side by side in one JSON; `--workload=grounded` asks the model to repeat
 or rewrite README passages (input-grounded: where n-gram drafts are right), `random` is random tokens.
 
+InferenceMAX's shapes: `--workload=8k1k` (also 1k1k, 1k8k) is the random workload at ISL 8192 /
+OSL 1024, `--scale=0.0625` shrinks both for a CPU (ISL 512 / OSL 64, the same range ratio).
+Agentic sessions: `--workload=agentic` runs `--num_sessions` sessions of `--num_turns` turns,
+`--concurrency` at once; each turn resends the conversation so far plus a user message (`--isl`)
+and a tool result (`--tool_result_len`) after `--think_time_s` (`--think_time_dist`), and the
+points carry per-turn TTFT and prefix-cache hits, and the KV-cache usage and queue read from the
+engine (in process) or the server's /metrics (`--base_url`).
+
 Random-token prompts from a fixed seed, input/output lengths uniform in [r*L, L], ignore_eos. At
 each concurrency a warm-up wave runs first (after `LLM.warmup` compiled every shape bucket) and
 is not scored; then exactly `concurrency` requests stay in flight (a new one is added whenever
@@ -38,7 +46,7 @@ from benchmarks.metrics import hourly_rate
 from benchmarks.serving_report import finish_report, header_for, report_header, write_outputs
 from benchmarks.serving_sweep import (BaselineSpec, Settings, engine_points, prefix_caching_values, run_baselines,
                                       served_points)
-from benchmarks.workloads import max_model_len
+from benchmarks.workloads import SHAPES, max_model_len, shape_lengths
 from engine.config import EngineConfig
 from engine.llm import LLM
 from models import load_model
@@ -78,15 +86,28 @@ _PEAK_BW = flags.DEFINE_float("peak_bandwidth_gb_s", None, "Device bandwidth; se
                                "the table and the CPU probe.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflop_s", None, "Device matmul peak in the engine dtype.")
 _PREFIX_CACHING = flags.DEFINE_list("enable_prefix_caching", ["false"], "Engine prefix caching: true or "
-                                     "false, or a list (false,true) to run the sweep once per value.")
+                                     "false, or a list (false,true) to run the sweep once per value (agentic "
+                                     "workload: true unless given).")
 _SHARED_PREFIX = flags.DEFINE_integer("shared_prefix_len", 0, "Tokens every prompt starts with (a system prompt).")
 _NUM_TURNS = flags.DEFINE_integer("num_turns", 1, "Turns per replayed conversation (> 1: each request resends "
                                   "the conversation so far, user turns of --isl, recorded replies of --osl tokens).")
 _PLOT = flags.DEFINE_bool("plot", True, "Write PNG plots beside the JSON (scripts/plot_results.py).")
 _SPEC = flags.DEFINE_string("speculative_config", None, "JSON dict of LLM's speculative_config (vLLM's names).")
 _COMPARE_SPEC = flags.DEFINE_bool("compare_no_speculation", False, "Also run every point without speculation.")
-_WORKLOAD = flags.DEFINE_enum("workload", "random", ["random", "grounded"],
-                              "random tokens, or repeat/rewrite prompts over README passages (needs a tokenizer).")
+_WORKLOAD = flags.DEFINE_enum("workload", "random", ["random", "grounded", "agentic", *SHAPES],
+                              "random tokens; repeat/rewrite prompts over README passages (grounded, needs a "
+                              "tokenizer); agentic sessions; or an InferenceMAX shape (random tokens at its ISL/OSL "
+                              "times --scale, which replace --isl and --osl).")
+_SCALE = flags.DEFINE_float("scale", 1.0, "With a shape workload (8k1k, ...): its ISL and OSL times this "
+                            "(8k1k at 0.0625: ISL 512, OSL 64).")
+_TOOL_LEN = flags.DEFINE_integer("tool_result_len", None, "agentic: tool result tokens per turn (max; lengths uniform "
+                                 "in [r*L, L]; 0: none; default --isl).")
+_NUM_SESSIONS = flags.DEFINE_integer("num_sessions", None, "agentic: sessions per point (default: the concurrency).")
+_THINK = flags.DEFINE_float("think_time_s", 0.0, "agentic: seconds between a turn's last token and the next turn.")
+_THINK_DIST = flags.DEFINE_enum("think_time_dist", "fixed", ["fixed", "exponential"],
+                                "agentic: think times all --think_time_s, or exponential with that mean.")
+_METRICS_INTERVAL = flags.DEFINE_float("metrics_interval_s", 0.25, "With --base_url: seconds between scrapes of "
+                                       "the server's /metrics (0: before and after each point only).")
 _BASE_URL = flags.DEFINE_string("base_url", None, "Run the sweep against the OpenAI-compatible server at this URL "
                                 "(http://host:port: scripts/serve.py, vLLM, SGLang) instead of in process; "
                                 "--model then only gives the config (no weights are loaded).")
@@ -110,7 +131,10 @@ def flag_peaks(dtype: str, kind: str | None = None) -> roofline.DevicePeaks:
 
 
 def prefix_caching_flag() -> list[bool]:
-    """--enable_prefix_caching's values as bools, in order (a bad one is a usage error)."""
+    """--enable_prefix_caching's values as bools, in order (a bad one is a usage error); the agentic
+    workload's default is on."""
+    if _WORKLOAD.value == "agentic" and not flags.FLAGS["enable_prefix_caching"].present:
+        return [True]
     try:
         return prefix_caching_values(_PREFIX_CACHING.value)
     except ValueError as e:
@@ -126,23 +150,49 @@ def default_gguf(model: str) -> Path:
     raise app.UsageError(f"--baseline needs a GGUF: pass --baseline_gguf for {model!r}")
 
 
+def workload_settings() -> dict:
+    """Settings' workload fields from the flags: a shape's scaled lengths replace --isl/--osl."""
+    isl, osl = _ISL.value, _OSL.value
+    if _WORKLOAD.value in SHAPES:
+        if flags.FLAGS["isl"].present or flags.FLAGS["osl"].present:
+            raise app.UsageError(f"--workload={_WORKLOAD.value} sets the lengths: use --scale, not --isl/--osl")
+        isl, osl = shape_lengths(_WORKLOAD.value, _SCALE.value)
+    elif _SCALE.value != 1.0:
+        raise app.UsageError("--scale applies to the shape workloads (" + ", ".join(SHAPES) + ")")
+    agentic = _WORKLOAD.value == "agentic"
+    if not agentic and any(flags.FLAGS[f].present for f in ("tool_result_len", "num_sessions", "think_time_s",
+                                                            "think_time_dist")):
+        raise app.UsageError("--tool_result_len, --num_sessions and --think_time_* apply to --workload=agentic")
+    tool = (isl if _TOOL_LEN.value is None else _TOOL_LEN.value) if agentic else 0
+    if _SHARED_PREFIX.value < 0 or _NUM_TURNS.value < 1 or tool < 0 or _THINK.value < 0:
+        raise app.UsageError("--shared_prefix_len, --tool_result_len and --think_time_s must be >= 0, --num_turns >= 1")
+    return {"isl": isl, "osl": osl, "shared_prefix_len": _SHARED_PREFIX.value, "num_turns": _NUM_TURNS.value,
+            "workload": _WORKLOAD.value, "scale": _SCALE.value, "tool_result_len": tool,
+            "num_sessions": _NUM_SESSIONS.value, "think_time_s": _THINK.value, "think_time_dist": _THINK_DIST.value,
+            "metrics_interval_s": _METRICS_INTERVAL.value}
+
+
+def make_settings(rate: float, peaks: roofline.DevicePeaks) -> Settings:
+    """The sweep's Settings from the flags."""
+    return Settings(range_ratio=_RANGE_RATIO.value, seed=_SEED.value, temperature=_TEMPERATURE.value,
+                    hourly_rate=rate, num_devices=_NUM_DEVICES.value, peaks=peaks, warmup=_WARMUP.value,
+                    **workload_settings())
+
+
 def main(argv: list[str]) -> None:
     del argv
     started, load_at_start = datetime.datetime.now().astimezone(), list(os.getloadavg())
+    workload_settings()  # usage errors before anything loads
     concurrencies = sorted({int(c) for c in _CONCURRENCY.value})
     num_prompts = [min(_NUM_PROMPTS.value or 10 * c, _MAX_NUM_PROMPTS.value) for c in concurrencies]
     num_prompts = [max(n, c) for n, c in zip(num_prompts, concurrencies)]
     if _BASE_URL.value:
         return served_main(started, load_at_start, concurrencies, num_prompts)
-    if _WORKLOAD.value == "grounded" and _BASELINE.value:
-        raise app.UsageError("baselines run the random workload only")
+    if _WORKLOAD.value in ("grounded", "agentic") and _BASELINE.value:
+        raise app.UsageError("baselines run the random workloads only")
     spec = json.loads(_SPEC.value) if _SPEC.value else None
-    settings = Settings(_ISL.value, _OSL.value, _RANGE_RATIO.value, _SEED.value, _TEMPERATURE.value,
-                        hourly_rate(jax.devices()[0].device_kind, _RATE.value, _CPU_RATE.value), _NUM_DEVICES.value,
-                        flag_peaks(_DTYPE.value), _WARMUP.value,
-                        _SHARED_PREFIX.value, _NUM_TURNS.value, _WORKLOAD.value)
-    if settings.shared_prefix_len < 0 or settings.num_turns < 1:
-        raise app.UsageError("--shared_prefix_len must be >= 0 and --num_turns >= 1")
+    settings = make_settings(hourly_rate(jax.devices()[0].device_kind, _RATE.value, _CPU_RATE.value),
+                             flag_peaks(_DTYPE.value))
     logging.info("peaks: %s", settings.peaks)
     model, points = load_model(_MODEL.value, dtype=_DTYPE.value), []
     if settings.workload == "grounded" and model.tokenizer is None:
@@ -151,7 +201,8 @@ def main(argv: list[str]) -> None:
     for caching, speculative_config in itertools.product(prefix_caching_flag(), speculative_configs):
         llm = LLM(model, max_num_seqs=_MAX_NUM_SEQS.value or max(concurrencies), decode_steps=_DECODE_STEPS.value,
                   page_size=_PAGE_SIZE.value,
-                  max_model_len=max_model_len(_ISL.value, _OSL.value, _SHARED_PREFIX.value, _NUM_TURNS.value),
+                  max_model_len=max_model_len(settings.isl, settings.osl, settings.shared_prefix_len,
+                                              settings.num_turns, settings.tool_result_len),
                   prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value,
                   async_scheduling=_ASYNC.value, enable_prefix_caching=caching, speculative_config=speculative_config,
                   attention_impl=_ATTENTION.value)
@@ -181,9 +232,13 @@ def served_main(started: datetime.datetime, load_at_start: list[float], concurre
               **(info.engine or {})}
     if engine["max_num_seqs"] is not None and engine["max_num_seqs"] < max(concurrencies):
         logging.warning("the server runs at most %d sequences: higher concurrencies queue", engine["max_num_seqs"])
-    settings = Settings(_ISL.value, _OSL.value, _RANGE_RATIO.value, _SEED.value, _TEMPERATURE.value,
-                        hourly_rate(device["kind"], _RATE.value, _CPU_RATE.value), _NUM_DEVICES.value,
-                        flag_peaks(dtype, device["kind"]), _WARMUP.value)
+    settings = make_settings(hourly_rate(device["kind"], _RATE.value, _CPU_RATE.value),
+                             flag_peaks(dtype, device["kind"]))
+    longest = max_model_len(settings.isl, settings.osl, settings.shared_prefix_len, settings.num_turns,
+                            settings.tool_result_len)
+    if info.max_model_len is not None and info.max_model_len < longest:
+        raise app.UsageError(f"the workload's longest request is {longest} tokens, the server's max_model_len "
+                             f"{info.max_model_len}")
     logging.info("server %s (%s, model %r); peaks: %s", info.base_url, info.system, info.model, settings.peaks)
     points = served_points(info, settings, concurrencies, num_prompts, dtype, config, _API_KEY.value)
     header = {**header_for(config, dtype, engine, device, settings, started),

@@ -228,9 +228,9 @@ class EngineLoop:
         self.metrics.request_finished(last.finish_reason, m.tpot, end - stream.received)
 
     def _publish_state(self) -> None:
-        scheduler, allocator = self.llm.scheduler, self.llm.allocator
+        scheduler, allocator, cached = self.llm.scheduler, self.llm.allocator, self.llm.prefix_cache.stats
         self.metrics.engine_state(len(scheduler.running), len(scheduler.waiting),
-                                  allocator.capacity - allocator.num_free)
+                                  allocator.capacity - allocator.num_free, cached.queries, cached.hits)
 
     def _shut_down(self, message: str) -> None:
         """Abort every request in flight and refuse every one in the inbox (closed first: no more come)."""

@@ -1,5 +1,14 @@
 """The server's Prometheus metrics (text exposition format 0.0.4), written by hand: gauges of the
-engine's state, token and request counters, and TTFT / TPOT / E2E histograms.
+engine's state, token, request and prefix-cache counters, and TTFT / TPOT / E2E histograms.
+
+Each has a `jaxserve_` name, and where vLLM (V1) exports the same quantity its `vllm:` name too,
+with vLLM's meaning, so clients and dashboards written for vLLM read ours unchanged:
+`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (a fraction,
+as vLLM's) and its older alias `vllm:gpu_cache_usage_perc`, the counters
+`vllm:prefix_cache_queries_total` / `vllm:prefix_cache_hits_total` (prompt tokens), `vllm:prompt_tokens_total`,
+`vllm:generation_tokens_total`, `vllm:request_success_total{finished_reason}`, and the histograms
+`vllm:time_to_first_token_seconds` and `vllm:e2e_request_latency_seconds` (vLLM's
+`time_per_output_token_seconds` is per token, ours a request's mean: no alias).
 
 The engine thread writes them (after every step) and the HTTP handlers count their errors;
 `/metrics` reads them. One lock keeps a scrape consistent.
@@ -48,14 +57,21 @@ class ServerMetrics:
         self.running = self.waiting = self.pages_used = 0
         self.pages_total = num_pages - 1  # page 0 is the reserved null page
         self.prompt_tokens = self.generation_tokens = 0
+        self.prefix_cache_queries: int | None = None  # None until the engine publishes them
+        self.prefix_cache_hits: int | None = None
         self.finished: collections.Counter[str] = collections.Counter()
         self.http_errors: collections.Counter[int] = collections.Counter()
         self.ttft, self.tpot, self.e2e = Histogram(TTFT_BUCKETS), Histogram(TPOT_BUCKETS), Histogram(E2E_BUCKETS)
 
     # ---- writers ----------------------------------------------------------------------------
-    def engine_state(self, running: int, waiting: int, pages_used: int) -> None:
+    def engine_state(self, running: int, waiting: int, pages_used: int, prefix_cache_queries: int | None = None,
+                     prefix_cache_hits: int | None = None) -> None:
+        """The engine's gauges, and its prefix cache's running totals (PrefixCacheStats: prompt
+        tokens looked up and found) when given; the prefix-cache counters appear once they are."""
         with self._lock:
             self.running, self.waiting, self.pages_used = running, waiting, pages_used
+            if prefix_cache_queries is not None:
+                self.prefix_cache_queries, self.prefix_cache_hits = prefix_cache_queries, prefix_cache_hits
 
     def admitted(self, prompt_tokens: int) -> None:
         with self._lock:
@@ -91,29 +107,41 @@ class ServerMetrics:
             def scalar(name: str, kind: str, help_text: str, value: object) -> None:
                 metric(name, kind, help_text, [f"{name}{{{lab}}} {value}"])
 
-            scalar("jaxserve_num_requests_running", "gauge", "Requests in the running batch.", self.running)
-            scalar("jaxserve_num_requests_waiting", "gauge", "Requests waiting to be admitted.", self.waiting)
+            usage = _number(self.pages_used / max(1, self.pages_total))
+            for prefix in ("jaxserve_", "vllm:"):
+                scalar(f"{prefix}num_requests_running", "gauge", "Requests in the running batch.", self.running)
+                scalar(f"{prefix}num_requests_waiting", "gauge", "Requests waiting to be admitted.", self.waiting)
             scalar("jaxserve_kv_pages_used", "gauge", "KV cache pages held by requests.", self.pages_used)
             scalar("jaxserve_kv_pages_total", "gauge", "KV cache pages in the pool (without the null page).",
                    self.pages_total)
-            scalar("jaxserve_kv_cache_usage_ratio", "gauge", "Fraction of KV cache pages in use.",
-                   _number(self.pages_used / max(1, self.pages_total)))
-            scalar("jaxserve_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", self.prompt_tokens)
-            scalar("jaxserve_generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
-            metric("jaxserve_requests_finished_total", "counter", "Finished requests by finish reason.",
-                   [f'jaxserve_requests_finished_total{{{lab},finish_reason="{_escape(r)}"}} {n}'
-                    for r, n in sorted(self.finished.items())])
+            scalar("jaxserve_kv_cache_usage_ratio", "gauge", "Fraction of KV cache pages in use.", usage)
+            scalar("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage: 1 means 100 percent.", usage)
+            scalar("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage: 1 means 100 percent (older name).", usage)
+            if self.prefix_cache_queries is not None:
+                for prefix in ("jaxserve_", "vllm:"):
+                    scalar(f"{prefix}prefix_cache_queries_total", "counter",
+                           "Prompt tokens admitted requests looked up in the prefix cache.", self.prefix_cache_queries)
+                    scalar(f"{prefix}prefix_cache_hits_total", "counter",
+                           "Prompt tokens the prefix cache had (their KV was not recomputed).", self.prefix_cache_hits)
+            for prefix in ("jaxserve_", "vllm:"):
+                scalar(f"{prefix}prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
+                       self.prompt_tokens)
+                scalar(f"{prefix}generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
+            for name, label in (("jaxserve_requests_finished_total", "finish_reason"),
+                                ("vllm:request_success_total", "finished_reason")):
+                metric(name, "counter", "Finished requests by finish reason.",
+                       [f'{name}{{{lab},{label}="{_escape(r)}"}} {n}' for r, n in sorted(self.finished.items())])
             metric("jaxserve_http_errors_total", "counter", "Error responses by HTTP status.",
                    [f'jaxserve_http_errors_total{{{lab},status="{s}"}} {n}' for s, n in sorted(self.http_errors.items())])
-            metric("jaxserve_time_to_first_token_seconds", "histogram",
-                   "Time from receiving a request to its first output token.",
-                   self.ttft.samples("jaxserve_time_to_first_token_seconds", lab))
+            for name in ("jaxserve_time_to_first_token_seconds", "vllm:time_to_first_token_seconds"):
+                metric(name, "histogram", "Time from receiving a request to its first output token.",
+                       self.ttft.samples(name, lab))
             metric("jaxserve_time_per_output_token_seconds", "histogram",
                    "A finished request's mean time per output token after the first.",
                    self.tpot.samples("jaxserve_time_per_output_token_seconds", lab))
-            metric("jaxserve_e2e_request_latency_seconds", "histogram",
-                   "Time from receiving a request to its last output token.",
-                   self.e2e.samples("jaxserve_e2e_request_latency_seconds", lab))
+            for name in ("jaxserve_e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds"):
+                metric(name, "histogram", "Time from receiving a request to its last output token.",
+                       self.e2e.samples(name, lab))
             return "\n".join(out) + "\n"
 
 

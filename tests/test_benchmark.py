@@ -158,3 +158,110 @@ def test_served_end_to_end_tiny_llama(tmp_path):
         assert 4 * 6 <= p["output_tokens"] <= 4 * 8 and 4 * 19 <= p["input_tokens"] <= 4 * 24
         assert p["output_tok_s"] == pytest.approx(p["output_tokens"] / p["duration_s"])
         assert p["ttft_ms"]["median"] > 0 and 0 < p["roofline"]["fraction"] < 1
+
+
+BENCH = [sys.executable, str(ROOT / "scripts" / "benchmark_serving.py"), "--model=tiny-llama",
+         "--peak_bandwidth_gb_s=45", "--peak_tflop_s=0.475", "--noplot"]
+AGENTIC = ["--workload=agentic", "--num_turns=3", "--num_sessions=3", "--concurrency=2", "--shared_prefix_len=16",
+           "--isl=16", "--tool_result_len=8", "--osl=4", "--think_time_s=0.01"]
+
+
+def check_agentic(report: dict) -> dict:
+    """The agentic point's JSON: 3 sessions x 3 turns, prompts growing turn by turn, per-turn TTFT."""
+    validate(report, SCHEMA)
+    assert report["schema_version"] == 3
+    w = report["workload"]
+    assert (w["kind"], w["num_turns"], w["num_sessions"], w["tool_result_len"], w["think_time_s"]) == (
+        "agentic", 3, 3, 8, 0.01)
+    [p] = report["points"]
+    a = p["agentic"]
+    assert p["num_requests"] == 9 and (a["num_sessions"], a["num_turns"], a["think_time_dist"]) == (3, 3, "fixed")
+    turns = a["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3] and all(t["num_requests"] == 3 for t in turns)
+    # turn 1: the system prompt, a user message and a tool result (16 + [12, 16] + [6, 8]); each later turn
+    # adds the reply it resends, a user message and a tool result
+    assert 34 <= turns[0]["prompt_tokens_mean"] <= 40
+    for t, u in zip(turns, turns[1:]):
+        assert 3 + 12 + 6 <= u["prompt_tokens_mean"] - t["prompt_tokens_mean"] <= 4 + 16 + 8
+    assert all(t["ttft_ms"]["median"] > 0 and t["ttft_ms"]["p99"] >= t["ttft_ms"]["median"] for t in turns)
+    s = p["server_state"]
+    assert s["kv_cache_usage"]["max"] > 0 and s["num_requests_running"]["max"] >= 1 and s["num_samples"] > 0
+    return p
+
+
+def test_agentic_end_to_end_tiny_llama(tmp_path):
+    """--workload=agentic in process: each request's prefix-cache hits counted as it is admitted;
+    a later turn's requests find their conversation so far, the first only the system prompt."""
+    output = tmp_path / "agentic.json"
+    start = time.perf_counter()
+    subprocess.run([*BENCH, *AGENTIC, f"--output={output}", "--nowarmup"], check=True, cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    p = check_agentic(json.loads(output.read_text()))
+    assert p["system"] == "jaxserve+prefix_cache" and p["prefix_cache"]["enabled"]  # on by default for agentic
+    turns = p["agentic"]["turns"]
+    assert turns[0]["prefix_cache_hits"] <= 3 * 16  # at most the system prompt's page
+    for later in turns[1:]:
+        assert later["prefix_cache_hits"] > turns[0]["prefix_cache_hits"]
+        assert later["prefix_cache_hit_rate"] > turns[0]["prefix_cache_hit_rate"]
+    hits = sum(t["prefix_cache_hits"] for t in turns)
+    assert hits == p["prefix_cache"]["hits"] == p["server_state"]["prefix_cache"]["hits"]
+    assert sum(t["prefix_cache_queries"] for t in turns) == p["prefix_cache"]["queries"] == p["input_tokens"]
+    assert elapsed < 120, f"agentic benchmark took {elapsed:.0f} s (alone: ~13 s)"  # CI time guard
+
+
+def test_scaled_8k1k_end_to_end_tiny_llama(tmp_path):
+    """--workload=8k1k --scale=1/256: the random workload at ISL 32 / OSL 4 (8:1, range ratio 0.8)."""
+    output = tmp_path / "8k1k.json"
+    start = time.perf_counter()
+    subprocess.run([*BENCH, "--workload=8k1k", "--scale=0.00390625", "--concurrency=2", "--num_prompts=4",
+                    f"--output={output}", "--nowarmup"], check=True, cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    report = json.loads(output.read_text())
+    validate(report, SCHEMA)
+    w = report["workload"]
+    assert (w["kind"], w["isl"], w["osl"], w["scale"], w["range_ratio"]) == ("8k1k", 32, 4, 0.00390625, 0.8)
+    assert report["engine"]["max_model_len"] == 36
+    [p] = report["points"]
+    assert p["num_requests"] == 4 and 4 * 25 <= p["input_tokens"] <= 4 * 32 and 4 * 3 <= p["output_tokens"] <= 4 * 4
+    assert p["server_state"]["source"] == "engine" and p["server_state"]["kv_cache_usage"]["max"] > 0
+    assert elapsed < 120, f"8k1k benchmark took {elapsed:.0f} s (alone: ~10 s)"  # CI time guard
+
+
+def test_served_agentic_and_8k1k_tiny_llama(tmp_path):
+    """Both new workloads against scripts/serve.py: per-turn TTFT from the client, KV-cache usage,
+    queue and prefix-cache counters from the server's /metrics (vLLM's names)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model=tiny-llama",
+                                   "--port=0", "--max_model_len=128", "--max_num_seqs=2"],
+                                  stdout=subprocess.PIPE, stderr=log, text=True, cwd=tmp_path, env=env)
+    watchdog = threading.Timer(180, server.kill)
+    watchdog.start()
+    try:
+        ready = server.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+", ready)
+        assert url, f"no URL from serve.py: {ready!r}; log:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+        served = [*BENCH, f"--base_url={url[0]}", "--metrics_interval_s=0.05"]
+        subprocess.run([*served, *AGENTIC, f"--output={tmp_path / 'agentic.json'}"], check=True, cwd=tmp_path, env=env)
+        subprocess.run([*served, "--workload=8k1k", "--scale=0.00390625", "--concurrency=2", "--num_prompts=4",
+                        f"--output={tmp_path / '8k1k.json'}"], check=True, cwd=tmp_path, env=env)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+        watchdog.cancel()
+    assert server.returncode == 0
+    p = check_agentic(json.loads((tmp_path / "agentic.json").read_text()))
+    assert p["client"] == "http" and p["server_state"]["source"] == "metrics"
+    # our server does not report a request's cached tokens (usage.prompt_tokens_details): per-turn hits unknown
+    assert all(t["prefix_cache_hits"] is None for t in p["agentic"]["turns"])
+    assert "prefix_cache" in p, ("/metrics has no prefix-cache counters: server/engine_loop.py's _publish_state must "
+                                 "pass llm.prefix_cache.stats' queries and hits to ServerMetrics.engine_state")
+    cache = p["prefix_cache"]  # from vllm:prefix_cache_{queries,hits}_total before and after
+    assert cache["enabled"] and cache["queries"] == p["input_tokens"]
+    # more than every request's system-prompt page: later turns found their conversations
+    assert cache["hits"] > 9 * 16 and cache["hit_rate"] > 0.4
+    report = json.loads((tmp_path / "8k1k.json").read_text())
+    validate(report, SCHEMA)
+    [q] = report["points"]
+    assert (report["workload"]["isl"], report["workload"]["osl"]) == (32, 4) and q["num_requests"] == 4
+    assert q["server_state"]["num_samples"] > 0 and q["prefix_cache"]["queries"] == q["input_tokens"]
