@@ -76,3 +76,28 @@ baselines: setup
 	else $(BASELINE_VENV)/bin/python -m pip install -q torch; fi
 	$(BASELINE_VENV)/bin/python -m pip install -q transformers accelerate gguf numpy absl-py
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BASELINE_VENV)/bin/python -m pip install -q llama-cpp-python
+
+# lm-eval against the server (scripts/eval_lm.py, docs/evaluation.md): its own Python 3.11 venv
+# (lm-eval with its API extra, torch CPU, transformers, accelerate, gguf), so the project never
+# depends on lm-eval. Starts scripts/serve.py on SmolLM2, runs the local tasks of benchmarks/eval_tasks
+# through it and through transformers on the same (dequantized float32) weights, writes EVAL_JSON;
+# exits 1 if a loglikelihood differs by more than 1e-3 or a greedy generation differs (~5-10 min).
+EVAL_VENV := .venv-eval
+LM_EVAL := lm-eval[api]==0.4.13
+EVAL_JSON ?= benchmarks/results/eval-smollm2-cpu.json
+EVAL_FLAGS ?=
+
+$(EVAL_VENV)/.installed:
+	@PY311=$$(command -v python3.11 2>/dev/null); \
+	for d in $$HOME/.pyenv/versions/3.11*/bin/python3.11; do [ -z "$$PY311" ] && [ -x "$$d" ] && PY311=$$d; done; \
+	if [ -z "$$PY311" ]; then echo "error: Python 3.11 not found" >&2; exit 1; fi; \
+	[ -x $(EVAL_VENV)/bin/python ] || $$PY311 -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/python -m pip install -q --upgrade pip
+	if [ -f $(TORCH_WHEEL) ]; then $(EVAL_VENV)/bin/python -m pip install -q $(TORCH_WHEEL); \
+	else $(EVAL_VENV)/bin/python -m pip install -q torch; fi
+	$(EVAL_VENV)/bin/python -m pip install -q '$(LM_EVAL)' transformers accelerate gguf
+	touch $@
+
+.PHONY: eval
+eval: setup $(EVAL_VENV)/.installed
+	$(PY) scripts/eval_lm.py --eval_python=$(EVAL_VENV)/bin/python --output=$(EVAL_JSON) $(EVAL_FLAGS)
