@@ -65,15 +65,21 @@ gpu-check: $(GPU_VENV)/.installed
 BASELINE_VENV := .venv-baselines
 TORCH_WHEEL := /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
 
-.PHONY: baselines
-baselines: setup
+# $(call torch_venv,DIR): a Python 3.11 venv at DIR (from PATH or pyenv) with CPU torch, the local
+# wheel when there is one.
+define torch_venv
 	@PY311=$$(command -v python3.11 2>/dev/null); \
 	for d in $$HOME/.pyenv/versions/3.11*/bin/python3.11; do [ -z "$$PY311" ] && [ -x "$$d" ] && PY311=$$d; done; \
 	if [ -z "$$PY311" ]; then echo "error: Python 3.11 not found" >&2; exit 1; fi; \
-	[ -x $(BASELINE_VENV)/bin/python ] || $$PY311 -m venv $(BASELINE_VENV)
-	$(BASELINE_VENV)/bin/python -m pip install -q --upgrade pip
-	if [ -f $(TORCH_WHEEL) ]; then $(BASELINE_VENV)/bin/python -m pip install -q $(TORCH_WHEEL); \
-	else $(BASELINE_VENV)/bin/python -m pip install -q torch; fi
+	[ -x $(1)/bin/python ] || $$PY311 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	if [ -f $(TORCH_WHEEL) ]; then $(1)/bin/python -m pip install -q $(TORCH_WHEEL); \
+	else $(1)/bin/python -m pip install -q torch; fi
+endef
+
+.PHONY: baselines
+baselines: setup
+	$(call torch_venv,$(BASELINE_VENV))
 	$(BASELINE_VENV)/bin/python -m pip install -q transformers accelerate gguf numpy absl-py
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BASELINE_VENV)/bin/python -m pip install -q llama-cpp-python
 
@@ -88,13 +94,7 @@ EVAL_JSON ?= benchmarks/results/eval-smollm2-cpu.json
 EVAL_FLAGS ?=
 
 $(EVAL_VENV)/.installed:
-	@PY311=$$(command -v python3.11 2>/dev/null); \
-	for d in $$HOME/.pyenv/versions/3.11*/bin/python3.11; do [ -z "$$PY311" ] && [ -x "$$d" ] && PY311=$$d; done; \
-	if [ -z "$$PY311" ]; then echo "error: Python 3.11 not found" >&2; exit 1; fi; \
-	[ -x $(EVAL_VENV)/bin/python ] || $$PY311 -m venv $(EVAL_VENV)
-	$(EVAL_VENV)/bin/python -m pip install -q --upgrade pip
-	if [ -f $(TORCH_WHEEL) ]; then $(EVAL_VENV)/bin/python -m pip install -q $(TORCH_WHEEL); \
-	else $(EVAL_VENV)/bin/python -m pip install -q torch; fi
+	$(call torch_venv,$(EVAL_VENV))
 	$(EVAL_VENV)/bin/python -m pip install -q '$(LM_EVAL)' transformers accelerate gguf
 	touch $@
 

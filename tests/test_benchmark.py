@@ -1,6 +1,7 @@
 """scripts/benchmark_serving.py end to end on tiny-llama, its JSON checked against benchmarks/schema.json;
 its workloads (benchmarks/workloads.py) seeded and shaped."""
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -125,32 +127,41 @@ def test_speculative_points_side_by_side(tmp_path):
     assert 1.5 < s["mean_acceptance_length"] <= 3.5  # synthetic: 2.5 on average, fewer near max_tokens
 
 
-def test_served_end_to_end_tiny_llama(tmp_path):
-    """scripts/serve.py on a free port, driven by benchmark_serving.py --base_url: the same JSON."""
+@contextlib.contextmanager
+def serving(tmp_path: Path, *flags: str) -> Iterator[str]:
+    """scripts/serve.py on tiny-llama on a free port, for the block's duration: its base URL. It must
+    stop cleanly on Ctrl-C (exit 0)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    output = tmp_path / "served.json"
     with open(tmp_path / "serve.log", "w") as log:
         server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model=tiny-llama",
-                                   "--port=0", "--max_model_len=32", "--max_num_seqs=2"],
-                                  stdout=subprocess.PIPE, stderr=log, text=True, cwd=tmp_path, env=env)
+                                   "--port=0", *flags], stdout=subprocess.PIPE, stderr=log, text=True, cwd=tmp_path,
+                                  env=env)
     watchdog = threading.Timer(180, server.kill)
     watchdog.start()
     try:
         ready = server.stdout.readline()  # "jaxserve: serving 'tiny-llama' at http://127.0.0.1:PORT/v1 ..."
         url = re.search(r"http://127\.0\.0\.1:\d+", ready)
         assert url, f"no URL from serve.py: {ready!r}; log:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_serving.py"), f"--base_url={url[0]}",
-                        "--model=tiny-llama", "--isl=24", "--osl=8", "--concurrency=1,2", "--num_prompts=4",
-                        f"--output={output}", "--peak_bandwidth_gb_s=45", "--peak_tflop_s=0.475", "--noplot"],
-                       check=True, cwd=tmp_path, env=env)
+        yield url[0]
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(60)
         watchdog.cancel()
     assert server.returncode == 0
+
+
+def test_served_end_to_end_tiny_llama(tmp_path):
+    """scripts/serve.py on a free port, driven by benchmark_serving.py --base_url: the same JSON."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    output = tmp_path / "served.json"
+    with serving(tmp_path, "--max_model_len=32", "--max_num_seqs=2") as base_url:
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_serving.py"), f"--base_url={base_url}",
+                        "--model=tiny-llama", "--isl=24", "--osl=8", "--concurrency=1,2", "--num_prompts=4",
+                        f"--output={output}", "--peak_bandwidth_gb_s=45", "--peak_tflop_s=0.475", "--noplot"],
+                       check=True, cwd=tmp_path, env=env)
     report = json.loads(output.read_text())
     validate(report, SCHEMA)
-    assert report["server"] == {"base_url": url[0], "model": "tiny-llama", "system": "jaxserve"}
+    assert report["server"] == {"base_url": base_url, "model": "tiny-llama", "system": "jaxserve"}
     assert report["engine"]["max_num_seqs"] == 2 and report["engine"]["max_model_len"] == 32
     assert [p["concurrency"] for p in report["points"]] == [1, 2]
     for p in report["points"]:
@@ -231,25 +242,11 @@ def test_served_agentic_and_8k1k_tiny_llama(tmp_path):
     """Both new workloads against scripts/serve.py: per-turn TTFT from the client, KV-cache usage,
     queue and prefix-cache counters from the server's /metrics (vLLM's names)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(tmp_path / "serve.log", "w") as log:
-        server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model=tiny-llama",
-                                   "--port=0", "--max_model_len=128", "--max_num_seqs=2"],
-                                  stdout=subprocess.PIPE, stderr=log, text=True, cwd=tmp_path, env=env)
-    watchdog = threading.Timer(180, server.kill)
-    watchdog.start()
-    try:
-        ready = server.stdout.readline()
-        url = re.search(r"http://127\.0\.0\.1:\d+", ready)
-        assert url, f"no URL from serve.py: {ready!r}; log:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
-        served = [*BENCH, f"--base_url={url[0]}", "--metrics_interval_s=0.05"]
+    with serving(tmp_path, "--max_model_len=128", "--max_num_seqs=2") as base_url:
+        served = [*BENCH, f"--base_url={base_url}", "--metrics_interval_s=0.05"]
         subprocess.run([*served, *AGENTIC, f"--output={tmp_path / 'agentic.json'}"], check=True, cwd=tmp_path, env=env)
         subprocess.run([*served, "--workload=8k1k", "--scale=0.00390625", "--concurrency=2", "--num_prompts=4",
                         f"--output={tmp_path / '8k1k.json'}"], check=True, cwd=tmp_path, env=env)
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(60)
-        watchdog.cancel()
-    assert server.returncode == 0
     p = check_agentic(json.loads((tmp_path / "agentic.json").read_text()))
     assert p["client"] == "http" and p["server_state"]["source"] == "metrics"
     # our server does not report a request's cached tokens (usage.prompt_tokens_details): per-turn hits unknown
