@@ -88,8 +88,9 @@ def _smallest_key_below(keys: jax.Array, weights: jax.Array, target: jax.Array) 
     rows = keys.shape[0]
     lo, hi = jnp.zeros((rows,), jnp.uint32), jnp.full((rows,), 0xFFFFFFFF, jnp.uint32)
     everything = jnp.sum(weights, axis=-1) < target  # even the smallest key qualifies
-    for i in range(32):  # unrolled: with a while loop here XLA:CPU ran the whole step at dispatch (measured)
-        lo, hi = step(i, (lo, hi))
+    # A fori_loop: unrolled, XLA:CPU took minutes to compile the 32 steps under an eagerly called cond
+    # (while the loop costs a CPU decode call ~1 ms of dispatch, measured with scripts/profile_step.py).
+    lo, hi = jax.lax.fori_loop(0, 32, step, (lo, hi))
     return jnp.where(everything, jnp.uint32(0), hi)
 
 
