@@ -116,6 +116,11 @@ class EngineConfig:
         return self.max_num_seqs // self.attention_shards
 
     @property
+    def sampling_slots(self) -> int:
+        """Rows of the device penalty tables (engine/penalties.py): the null row and one per running request."""
+        return self.max_num_seqs + 1
+
+    @property
     def tokens_per_shard(self) -> int:
         """Each shard's token budget: its segment of a step's flat batch."""
         return self.max_num_batched_tokens // self.attention_shards

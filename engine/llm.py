@@ -16,12 +16,16 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from engine import attention_choice, compilation_cache, kv_cache
+from engine import attention_choice, bad_words, compilation_cache, kv_cache, structured_output
 from engine.config import EngineConfig
+from engine.constrained_step import constrain
 from engine.output_processor import OutputProcessor
+from engine.parallel_sampling import num_sequences, outputs, sequence_params, sequence_seed
 from engine.page_allocator import PageAllocator
+from engine.penalties import LogitsRow
 from engine.prefix_cache import PrefixCache
 from engine.request import Request, RequestOutput, SamplingParams, Status, is_int, is_sequence
+from engine.request_constraint import constraint_for
 from engine.runner import ModelRunner, StepResult, fetch
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.speculative.config import SpeculativeConfig
@@ -90,6 +94,7 @@ class LLM:
                                   self.attention.decode, self.attention.mixed, accepts, q, shards)
         self.processor = OutputProcessor(self.scheduler, self.model.tokenizer)
         self._requests: dict[int, Request] = {}
+        self._groups: dict[int, list[Request]] = {}  # a prompt's first sequence's id -> its n > 1 sequences
         self._inflight: _InFlight | None = None  # a decode call dispatched before the last one was applied
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(seed)
@@ -131,31 +136,77 @@ class LLM:
         ids = self._prompt_ids(prompt)
         self._validate(ids)
         vocab = self.model.config.vocab_size
-        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
-        if bad is not None:
-            raise ValueError(f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+        for name, tokens in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias),
+                             ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = next((t for t in tokens if t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})")
+        bad_words.token_sequences(params.bad_words, self.model.tokenizer, vocab)  # they need a tokenizer
+        structured_output.compile_spec(params.structured_outputs, self.model.tokenizer, vocab)  # cached for admission
         return ids, params
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> Request:
-        """Validate and enqueue; a bad request raises ValueError and leaves the others untouched."""
+        """Validate and enqueue one sequence; a bad request raises ValueError and leaves the others
+        untouched. Params asking for more (n or best_of > 1) go to add_sequences."""
+        ids, params = self._checked(prompt, params)
+        if num_sequences(params) > 1:
+            raise ValueError(f"add_request runs one sequence, the params ask for {num_sequences(params)} "
+                             f"(n={params.n}, best_of={params.best_of}): use add_sequences")
+        return self._enqueue(ids, params)[0]
+
+    def add_sequences(self, prompt: Prompt, params: SamplingParams | None = None) -> list[Request]:
+        """Validate and enqueue a prompt's best_of (default n) sequences in index order, with one
+        prefill (engine/parallel_sampling.py); aborting the first one's id aborts them all."""
         return self._enqueue(*self._checked(prompt, params))
 
-    def _enqueue(self, ids: list[int], params: SamplingParams) -> Request:
-        """Queue a validated request, drawing its seed unless the params fix one."""
-        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**32))
-        request = Request(next(self._ids), ids, params, seed,
-                          max_total_len=min(len(ids) + params.max_tokens, self.config.max_model_len))
-        self.scheduler.add(request)
-        self._requests[request.request_id] = request
-        return request
+    def _enqueue(self, ids: list[int], params: SamplingParams) -> list[Request]:
+        """Queue a validated prompt's sequences: sequence i seeded seed + i, or each drawing its
+        own seed when the params fix none."""
+        engine_params, sequences = sequence_params(params), []
+        for i in range(num_sequences(params)):
+            seed = sequence_seed(params.seed, i) if params.seed is not None else int(self._seeds.integers(2**32))
+            request = Request(next(self._ids), ids, engine_params, seed,
+                              max_total_len=min(len(ids) + params.max_tokens, self.config.max_model_len),
+                              index=i, parent=sequences[0] if sequences else None,
+                              constraint=constraint_for(engine_params, self.model.tokenizer,
+                                                        self.model.config.vocab_size),
+                              logits_row=self._logits_row(engine_params))
+            self.scheduler.add(request)
+            self._requests[request.request_id] = request
+            sequences.append(request)
+        if len(sequences) > 1:
+            self._groups[sequences[0].request_id] = sequences
+        return sequences
 
-    def abort(self, request_id: int) -> bool:
-        """Stop a request now and free its pages; False if the id is unknown or already finished."""
-        request = self._requests.pop(request_id, None)
+    def _logits_row(self, params: SamplingParams) -> LogitsRow | None:
+        """The request's penalties and biases for its device row (None: it asks for none)."""
+        tokenizer, vocab = self.model.tokenizer, self.model.config.vocab_size
+        return params.logits_row(bad_words.banned_tokens(params.bad_words, tokenizer, vocab),
+                                 tuple(tokenizer.eos_token_ids) if tokenizer else ())
+
+    def abort(self, request_id: int, *, siblings: bool = True) -> bool:
+        """Stop a request now and free its pages; False if the id is unknown or already finished.
+        The id of a prompt's first of n > 1 sequences is its request's: it aborts all of them still
+        running (also once the first finished), unless siblings=False (that sequence alone)."""
+        group = self._groups.get(request_id) if siblings else None
+        return any([self._abort_one(r.request_id) for r in group] if group else [self._abort_one(request_id)])
+
+    def _abort_one(self, request_id: int) -> bool:
+        """Abort one sequence, if it is known and unfinished."""
+        request = self._requests.get(request_id)
         if request is None or request.status is Status.FINISHED:
             return False
         self.scheduler.finish(request, "abort")
+        self._forget(request)
         return True
+
+    def _forget(self, request: Request) -> None:
+        """Drop a finished sequence from the tables, and its prompt's group once all of it finished."""
+        self._requests.pop(request.request_id, None)
+        first = request.parent or request
+        group = self._groups.get(first.request_id)
+        if group is not None and all(r.status is Status.FINISHED for r in group):
+            del self._groups[first.request_id]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -180,25 +231,31 @@ class LLM:
         try:
             if self.speculator is not None and pending is None:
                 output = self.speculator.attach(output)  # the drafts ride in this step's input only
-            result = self._run(output, pending)
+            constrained = constrain(output, self.model.config.vocab_size)
+            output = constrained.output
+            result = self._run(output, pending, constrained.masks)
         except Exception as e:  # noqa: BLE001 (an XLA runtime error, out of memory: contained)
             return self._fail_step(output, e)
         except BaseException:  # KeyboardInterrupt: leave the engine consistent, then let it through
             self._inflight = None
             self._recover_cache()
             raise
-        finished = self.processor.apply(output, result)
+        failed = [self._fail(request, message) for request, message in constrained.failed]
+        finished = failed + self.processor.apply(output, result)
         for request in finished:
-            self._requests.pop(request.request_id, None)
+            self._forget(request)
         return finished
 
-    def _run(self, output: SchedulerOutput, pending: tuple | None) -> StepResult:
+    def _run(self, output: SchedulerOutput, pending: tuple | None,
+             masks: list[np.ndarray | None] | None) -> StepResult:
         """Run (or, when already dispatched, finish) `output`'s call; a decode call first dispatches
-        its successor when the scheduler can run ahead."""
+        its successor when the scheduler can run ahead. masks: the constrained requests' (a
+        one-token step: engine/constrained_step.py)."""
+        self.runner.write_rows(_requests_of(output))
         if output.decode_steps == 1:
             if self.speculator is not None:
-                return self.speculator.verify(self.runner, output.scheduled)
-            return self.runner.mixed(output.scheduled)
+                return self.speculator.verify(self.runner, output.scheduled, masks)
+            return self.runner.mixed(output.scheduled, masks)
         if pending is None:
             inputs = self.runner.decode_inputs(_requests_of(output))
             pending = (self.runner.run_decode_arrays(*inputs.args()), inputs.placement)
@@ -214,18 +271,23 @@ class LLM:
         """The step's requests finish with the error; a cache lost to the failed call is rebuilt."""
         logging.error("engine step failed: %r", error)
         self._inflight = None  # a call dispatched after the failed one shares its fate
-        failed = [s.request for s in output.scheduled if s.request.status is not Status.FINISHED]
-        for request in failed:
-            request.error = f"{type(error).__name__}: {error}"
-            self.scheduler.finish(request, "error")
-            self._requests.pop(request.request_id, None)
+        failed = [self._fail(s.request, f"{type(error).__name__}: {error}") for s in output.scheduled
+                  if s.request.status is not Status.FINISHED]
         self._recover_cache()
         return failed
+
+    def _fail(self, request: Request, error: str) -> Request:
+        """Finish `request` with finish_reason "error" and this message."""
+        request.error = error
+        self.scheduler.finish(request, "error")
+        self._forget(request)
+        return request
 
     def _recover_cache(self) -> None:
         """If the KV cache's buffers (or the proposer's) were donated to a call that never returned
         them, allocate a fresh cache and requeue every running request to recompute its tokens
         (exact: greedy and seeded sampling only depend on the tokens and positions)."""
+        self.runner.recover_penalties()
         target_lost = not kv_cache.is_intact(self.runner.cache)
         draft_lost = self.speculator is not None and self.speculator.recover()
         if target_lost or draft_lost:
@@ -238,7 +300,8 @@ class LLM:
     # ---- convenience APIs -----------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
                  = None, *, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run prompts to completion; outputs in prompt order. All are validated before any starts;
+        """Run prompts to completion; outputs in prompt order, a prompt's n (params.n > 1) in a row,
+        ordered by their `index` (engine/parallel_sampling.py). All are validated before any starts;
         an exception or interrupt while they run aborts them (the engine stays usable)."""
         prompts = [prompts] if _is_one_prompt(prompts) else prompts
         if not (isinstance(prompts, (list, tuple)) or (isinstance(prompts, np.ndarray) and prompts.ndim == 2)):
@@ -252,11 +315,12 @@ class LLM:
                 checked.append(self._checked(prompt, sp))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        requests = [self._enqueue(ids, sp) for ids, sp in checked]
+        groups = [self._enqueue(ids, sp) for ids, sp in checked]
+        requests = [r for group in groups for r in group]
         with _aborted_on_exit(self, requests), tqdm(total=len(requests), disable=not use_tqdm, desc="generate") as bar:
             while any(r.status is not Status.FINISHED for r in requests):
                 bar.update(sum(r in requests for r in self.step()))
-        return [r.output() for r in requests]
+        return [out for group, (_, sp) in zip(groups, checked) for out in outputs(group, sp)]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas as tokens arrive (other requests in flight keep being served)."""
@@ -279,7 +343,11 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, *,
              use_tqdm: bool = False) -> RequestOutput:
-        """Apply the checkpoint's chat template and generate the assistant's reply."""
+        """Apply the checkpoint's chat template and generate the assistant's reply (one: for n > 1
+        replies, generate over the template's ids)."""
+        if isinstance(params, SamplingParams) and num_sequences(params) > 1:
+            raise ValueError("chat returns one reply: for n or best_of > 1 call generate with the chat "
+                             "template's ids")
         if self.model.tokenizer is None:
             raise ValueError("this model has no tokenizer (and so no chat template)")
         return self.generate([self.model.tokenizer.apply_chat_template(messages)], params, use_tqdm=use_tqdm)[0]

@@ -96,34 +96,41 @@ class OutputProcessor:
         return None
 
     def _append(self, request: Request, token: int, now: float) -> str | None:
-        """Record one sampled token and the text so far; the finish reason when it ends the request."""
+        """Record one sampled token (its constraint advanced past it) and the text so far; the finish
+        reason when it ends the request. Stop strings count once more than min_tokens tokens exist
+        (vLLM: before then EOS and stop ids are banned on device)."""
+        if request.constraint is not None:
+            request.constraint.accept(token)
         detokenized = self._detokenized.setdefault(request, _Detokenized())
         settled = len(detokenized.text)  # text no new token can change: it held no stop string
         request.output_token_ids.append(token)
         request.metrics.token_times.append(now)
         if request.metrics.first_token is None:
             request.metrics.first_token = now
-        request.text = self._detokenize(request.output_token_ids, detokenized)
         params = request.params
+        stop_token = (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids
+        if not stop_token:  # the token that stops the output is not part of its text (vLLM's)
+            request.text = self._detokenize(request.output_token_ids, detokenized, params.skip_special_tokens)
         reason = None
-        if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
+        if stop_token:
             reason = "stop"
         elif len(request.tokens) >= request.max_total_len:
             reason = "length"
-        if params.stop and self._hit_stop_string(request, settled):
+        past_min = len(request.output_token_ids) > params.min_tokens
+        if params.stop and past_min and self._hit_stop_string(request, settled):
             reason = "stop"
         if reason:
             del self._detokenized[request]
         return reason
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer else ""
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) if self.tokenizer else ""
 
-    def _detokenize(self, ids: list[int], state: _Detokenized) -> str:
+    def _detokenize(self, ids: list[int], state: _Detokenized, skip_special_tokens: bool) -> str:
         """All of `ids` decoded, decoding only the ids since the last complete character (and the
         window before them); an incomplete character's U+FFFD stays out of `state` until it completes."""
-        done = self.decode(ids[state.prefix:state.read])
-        new = self.decode(ids[state.prefix:])[len(done):]
+        done = self.decode(ids[state.prefix:state.read], skip_special_tokens)
+        new = self.decode(ids[state.prefix:], skip_special_tokens)[len(done):]
         if not new or new.endswith("\ufffd"):
             return state.text + new
         state.text += new

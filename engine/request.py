@@ -6,10 +6,12 @@ import dataclasses
 import enum
 import math
 import time
-
 import numpy as np
 
+from engine.constraints import TokenConstraint
+from engine.penalties import LogitsRow
 from engine.speculative.metrics import SpecMetrics
+from engine.structured_output import StructuredOutputs
 
 MAX_LOGPROBS = 20  # the most top-k alternatives a request may ask for: the device computes this many
 
@@ -23,11 +25,28 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None
     max_tokens: int = 16
+    n: int = 1  # sequences returned per prompt (engine/parallel_sampling.py)
+    best_of: int | None = None  # sequences generated per prompt (None: n): the n of highest cumulative logprob return
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # per generated token: its logprob and the top-k alternatives' (vLLM)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    # Penalties and biases (engine/penalties.py): OpenAI's presence/frequency over generated tokens,
+    # vLLM's repetition over prompt + generated (1: off), logit_bias {token id: bias} clamped to
+    # [-100, 100]; min_tokens before EOS, stop_token_ids or a stop string may end the output;
+    # bad_words never generated (engine/bad_words.py); allowed_token_ids: the only tokens sampled.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    min_tokens: int = 0
+    bad_words: tuple[str, ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    structured_outputs: StructuredOutputs | None = None  # the output held to a JSON schema, regex, choice or grammar
+    # vLLM's: False keeps special tokens in the text (tool-call and reasoning markers some formats
+    # make special, e.g. gpt-oss harmony's); the token that stops the output is never in it.
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p"):
@@ -35,12 +54,15 @@ class SamplingParams:
         for name in ("top_k", "max_tokens"):
             object.__setattr__(self, name, _checked_int(name, getattr(self, name)))
         object.__setattr__(self, "ignore_eos", _checked_bool("ignore_eos", self.ignore_eos))
+        object.__setattr__(self, "skip_special_tokens", _checked_bool("skip_special_tokens", self.skip_special_tokens))
         for name in ("logprobs", "prompt_logprobs"):
             object.__setattr__(self, name, _checked_num_logprobs(name, getattr(self, name)))
         if self.seed is not None:
             object.__setattr__(self, "seed", _checked_int("seed", self.seed))
         object.__setattr__(self, "stop", _checked_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", _checked_stop_token_ids(self.stop_token_ids))
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise ValueError(f"structured_outputs must be StructuredOutputs, got {self.structured_outputs!r:.80}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -53,6 +75,48 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        self._check_parallel()
+        self._check_penalties()
+
+    def _check_parallel(self) -> None:
+        """n >= 1 and best_of (None: n) >= n, as ints: a ValueError names the field."""
+        object.__setattr__(self, "n", _checked_int("n", self.n))
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.best_of is not None:
+            object.__setattr__(self, "best_of", _checked_int("best_of", self.best_of))
+            if self.best_of < self.n:
+                raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of}")
+
+    def _check_penalties(self) -> None:
+        """Penalties in range, logit_bias {int: clamped float}, min_tokens <= max_tokens, bad_words as
+        non-empty strings, allowed_token_ids non-empty: a ValueError names the field (token ids'
+        upper bound, the vocabulary, is checked by LLM.add_request)."""
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            object.__setattr__(self, name, _checked_float(name, getattr(self, name)))
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
+        object.__setattr__(self, "logit_bias", _checked_logit_bias(self.logit_bias))
+        object.__setattr__(self, "min_tokens", _checked_int("min_tokens", self.min_tokens))
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        object.__setattr__(self, "bad_words", _checked_strings("bad_words", self.bad_words))
+        if self.allowed_token_ids is not None:
+            ids = _checked_token_ids("allowed_token_ids", self.allowed_token_ids)
+            if not ids:
+                raise ValueError("allowed_token_ids must not be empty (None: every token)")
+            object.__setattr__(self, "allowed_token_ids", ids)
+
+    def logits_row(self, banned: tuple[int, ...], eos: tuple[int, ...]) -> LogitsRow | None:
+        """This request's penalties and biases for its device row (engine/penalties.py), given its
+        single-token bad words and the model's EOS ids; None when it asks for none (no slot)."""
+        row = LogitsRow(self.presence_penalty, self.frequency_penalty, self.repetition_penalty,
+                        dict(self.logit_bias), self.allowed_token_ids, self.min_tokens, tuple(banned),
+                        tuple(self.stop_token_ids) + (() if self.ignore_eos else tuple(eos)))
+        return row if row.asks() else None
 
 
 def is_int(value: object) -> bool:
@@ -122,10 +186,41 @@ def _checked_stop(stop: object) -> tuple[str, ...]:
 
 def _checked_stop_token_ids(ids: object) -> tuple[int, ...]:
     """Non-negative int ids (the upper bound, the vocabulary, is checked by LLM.add_request)."""
-    checked = tuple(_checked_int("stop_token_ids", t) for t in _items("stop_token_ids", ids))
+    return _checked_token_ids("stop_token_ids", ids)
+
+
+def _checked_token_ids(name: str, ids: object) -> tuple[int, ...]:
+    """A list field of non-negative int token ids (the vocabulary bound is LLM.add_request's)."""
+    checked = tuple(_checked_int(name, t) for t in _items(name, ids))
     bad = next((t for t in checked if t < 0), None)
     if bad is not None:
-        raise ValueError(f"stop_token_ids must be >= 0, got {bad} in stop_token_ids={ids!r}")
+        raise ValueError(f"{name} must be >= 0, got {bad} in {name}={ids!r}")
+    return checked
+
+
+def _checked_strings(name: str, value: object) -> tuple[str, ...]:
+    """A list field of non-empty strings (one str is a list of one)."""
+    strings = (value,) if isinstance(value, str) else _items(name, value)
+    for s in strings:
+        if not isinstance(s, str) or not s.strip():
+            raise ValueError(f"{name} must be non-empty strings, got {s!r} in {name}={value!r}")
+    return strings
+
+
+LOGIT_BIAS_LIMIT = 100.0  # a bias beyond +-100 is clamped to it (OpenAI's range, vLLM's clamp)
+
+
+def _checked_logit_bias(bias: object) -> dict[int, float]:
+    """{token id >= 0: bias clamped to [-100, 100]} from a dict of int ids and finite numbers (None: {})."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict {{token id: bias}}, got {bias!r} ({type(bias).__name__})")
+    checked = {}
+    for token, value in bias.items():
+        token = _checked_token_ids("logit_bias", [token])[0]
+        value = _checked_float("logit_bias", value)
+        checked[token] = min(max(value, -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT)
     return checked
 
 
@@ -171,6 +266,8 @@ class RequestOutput:
     error: str | None = None  # finish_reason "error": what failed
     # params.prompt_logprobs set: the same per prompt token, None for the first (vLLM)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    index: int = 0  # its place among its prompt's n outputs (engine/parallel_sampling.py)
+    cumulative_logprob: float | None = None  # the sum of its tokens' logprobs, when they were computed
 
 
 class Status(enum.Enum):
@@ -205,6 +302,13 @@ class Request:
     error: str | None = None  # what failed, when finish_reason is "error"
     text: str = ""
     metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.perf_counter()))
+    index: int = 0  # its place among its prompt's sequences (n or best_of > 1; seeded seed + index)
+    parent: Request | None = dataclasses.field(default=None, repr=False)  # index > 0: its prompt's first
+    # sequence, whose prompt pages it shares (engine/scheduler.py)
+    constraint: TokenConstraint | None = None  # host state restricting its next token (engine/constraints.py)
+    logits_row: LogitsRow | None = None  # its penalties and biases, when it asks for any (engine/penalties.py)
+    sampling_slot: int = 0  # its row of the device penalty tables while running (0: the null row)
+    slot_lease: int = 0  # which holding of sampling_slot this is (the runner writes a new lease's row)
 
     def __post_init__(self) -> None:
         self.prefill_target = len(self.prompt_token_ids)
@@ -240,4 +344,10 @@ class Request:
         asked = self.params.logprobs is not None, self.params.prompt_logprobs is not None
         return RequestOutput(self.request_id, self.prompt_token_ids, self.text, list(self.output_token_ids),
                              self.finish_reason, self.metrics, list(self.output_logprobs) if asked[0] else None,
-                             self.error, list(self.prompt_logprobs) if asked[1] else None)
+                             self.error, list(self.prompt_logprobs) if asked[1] else None, index=self.index,
+                             cumulative_logprob=cumulative_logprob(self.output_logprobs) if asked[0] else None)
+
+
+def cumulative_logprob(entries: list[dict[int, float]]) -> float:
+    """The sum of the chosen tokens' logprobs: each entry's first item (engine/output_processor.py)."""
+    return sum(next(iter(e.values())) for e in entries)

@@ -12,6 +12,11 @@ page ids (sharding/attention_shards.py); results come back to the host in schedu
 
 Top-k logprobs are a static variant: a call computes MAX_LOGPROBS alternatives only when one of its
 requests asks (compiled on first use, not by warmup), so other calls run the functions they always did.
+So is a host constraint's mask (SamplingTensors.allowed): a mixed step holding a constrained request.
+
+Penalties and biases live in device tables (engine/penalties.py) that every step takes and returns,
+donated like the cache: the runner writes a request's row when it first runs in a new sampling
+slot, and the steps count each kept token in it on device.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from engine import kv_cache, penalties
 from engine.config import EngineConfig, bucket
+from engine.penalties import PenaltyTables
 from engine.request import MAX_LOGPROBS, Request, SamplingParams
 from engine.sampler import SamplingTensors, sample, token_logprobs, top_logprobs
 from engine.scheduler import ScheduledRequest
@@ -146,26 +153,33 @@ SAMPLE_ROW_TIERS = (8,)  # a mixed step with at most this many sequences samples
 
 
 def _mixed_step(graphdef: nnx.GraphDef, impl: str, synthetic_accepts: float | None, state: nnx.State,
-                cache: list[LayerCache], batch: MixedBatch) -> tuple:
+                cache: list[LayerCache], batch: MixedBatch, tables: PenaltyTables | None = None) -> tuple:
     """One ragged step: every scheduled token through the model, one sample per sequence slot (a
     verify step: its accepted drafts and next token per slot, their count, and the hidden states
-    [T, D] an MTP proposer continues from)."""
+    [T, D] an MTP proposer continues from); the cache, and the penalty tables with the kept tokens
+    counted (rows whose sample is discarded are in the null slot)."""
     model = nnx.merge(graphdef, state)
     hidden, cache = model(batch.tokens[None], batch.positions[None], cache, batch.metadata, attention_impl=impl)
     if batch.verify is not None:
         logits = model.logits(hidden[0, batch.logits_indices])  # [L, V]
         positions = batch.positions[batch.logits_indices] + 1
         tokens, logprobs, counts = spec_verify.verify(logits, batch.sampling, positions, batch.verify,
-                                                      synthetic_accepts)
-        return tokens, logprobs, {"counts": counts}, hidden[0], cache
-    next_tokens, logprobs, extras = _sample_rows(model, hidden[0], batch)
+                                                      synthetic_accepts, tables)
+        if tables is not None:
+            kept = jnp.arange(tokens.shape[1])[None, :] < counts[:, None]
+            tables = penalties.record(tables, batch.sampling.slot, tokens, kept)
+        return tokens, logprobs, {"counts": counts}, hidden[0], cache, tables
+    next_tokens, logprobs, extras = _sample_rows(model, hidden[0], batch, tables)
+    if tables is not None:
+        tables = penalties.record(tables, batch.sampling.slot, next_tokens)
     extras = jax.tree.map(lambda x: x[:, None], extras)
     if batch.prompt_targets is not None:
         extras |= _prompt_logprobs(model.logits(hidden[0]), batch.prompt_targets)
-    return next_tokens[:, None], logprobs[:, None], extras, cache
+    return next_tokens[:, None], logprobs[:, None], extras, cache, tables
 
 
-def _sample_rows(model: nnx.Module, hidden: jax.Array, batch: MixedBatch) -> tuple[jax.Array, jax.Array, dict]:
+def _sample_rows(model: nnx.Module, hidden: jax.Array, batch: MixedBatch,
+                 tables: PenaltyTables | None) -> tuple[jax.Array, jax.Array, dict]:
     """A sample (and the asked top-k) at each sequence slot's last token [S]. The LM head and sampler
     run over the fewest rows of SAMPLE_ROW_TIERS (or all S) that hold the step's sequences, picked
     on device by a switch inside one executable: at S = 64, one 256-token prompt spent ~7% of its
@@ -178,7 +192,7 @@ def _sample_rows(model: nnx.Module, hidden: jax.Array, batch: MixedBatch) -> tup
         index = batch.logits_indices[:n]
         sampling = jax.tree.map(lambda x: x[:n], batch.sampling)
         logits = model.logits(hidden[index])
-        outputs = (*sample(logits, sampling, batch.positions[index] + 1), _top(logits, batch.num_logprobs))
+        outputs = (*sample(logits, sampling, batch.positions[index] + 1, tables), _top(logits, batch.num_logprobs))
         return jax.tree.map(lambda x: jnp.pad(x, [(0, slots - n)] + [(0, 0)] * (x.ndim - 1)), outputs)
 
     if batch.metadata.shards is not None:  # DP attention: every shard's group of slots holds sequences
@@ -191,45 +205,50 @@ def _sample_rows(model: nnx.Module, hidden: jax.Array, batch: MixedBatch) -> tup
 def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: int,
                  shards: AttentionShards | None, state: nnx.State,
                  cache: list[LayerCache], tokens: jax.Array, positions: jax.Array, block_tables: jax.Array,
-                 active: jax.Array, sampling: SamplingTensors, num_logprobs: int = 0
-                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], list[LayerCache]]:
+                 active: jax.Array, sampling: SamplingTensors, num_logprobs: int = 0,
+                 tables: PenaltyTables | None = None
+                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], list[LayerCache], PenaltyTables | None]:
     """num_steps decode steps; step i feeds token i at positions + i. Inactive rows write page 0.
 
     tokens [B, num_steps]: the first fed token is its last column (so the previous call's sampled
     tokens feed a call dispatched before they reach the host, without an op outside the jit).
-    num_logprobs (static): top alternatives per sampled token, [B, num_steps, k] (none when 0)."""
+    num_logprobs (static): top alternatives per sampled token, [B, num_steps, k] (none when 0).
+    tables: the penalty tables, each step's tokens counted before the next step samples."""
     model = nnx.merge(graphdef, state)
     b = tokens.shape[0]
 
     def step(i, carry):
-        cache, token, outs = carry
+        cache, tables, token, outs = carry
         pos = positions + i
         metadata = AttentionMetadata.one_token_per_row(pos, active, block_tables, page_size, shards)
         hidden, cache = model(token[None], pos[None], cache, metadata, attention_impl=impl)
         logits = model.logits(hidden[0])
-        token, logprob = sample(logits, sampling, pos + 1)
+        token, logprob = sample(logits, sampling, pos + 1, tables)
+        if tables is not None:
+            tables = penalties.record(tables, sampling.slot, token)
         new = {"tokens": token, "logprobs": logprob, **_top(logits, num_logprobs)}
-        return cache, token, {name: outs[name].at[:, i].set(value) for name, value in new.items()}
+        return cache, tables, token, {name: outs[name].at[:, i].set(value) for name, value in new.items()}
 
     outs = {"tokens": jnp.zeros((b, num_steps), jnp.int32), "logprobs": jnp.zeros((b, num_steps), jnp.float32)}
     if num_logprobs:
         outs |= {"top_ids": jnp.zeros((b, num_steps, num_logprobs), jnp.int32),
                  "top_logprobs": jnp.zeros((b, num_steps, num_logprobs), jnp.float32)}
-    cache, _, outs = jax.lax.fori_loop(0, num_steps, step, (cache, tokens[:, -1], outs))
-    return outs.pop("tokens"), outs.pop("logprobs"), outs, cache
+    cache, tables, _, outs = jax.lax.fori_loop(0, num_steps, step, (cache, tables, tokens[:, -1], outs))
+    return outs.pop("tokens"), outs.pop("logprobs"), outs, cache, tables
 
 
 @functools.lru_cache(maxsize=None)
 def jitted_steps(graphdef: nnx.GraphDef, decode_impl: str, mixed_impl: str, page_size: int, num_steps: int,
                  synthetic_accepts: float | None = None, shards: AttentionShards | None = None):
     """The jitted mixed and decode functions with the static arguments closed over (shards: the
-    DP attention shards, which a mixed step's metadata carries itself).
+    DP attention shards, which a mixed step's metadata carries itself). Each donates the cache and
+    the penalty tables (its last argument: None runs without penalties) and returns them last.
 
     Cached, so engines over the same model share compilations; closing over the GraphDef (rather
     than passing it as a static argument) spares hashing it on every call (~5 ms per call).
     """
-    mixed = jax.jit(partial(_mixed_step, graphdef, mixed_impl, synthetic_accepts), donate_argnums=(1,))
-    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps, shards), donate_argnums=(1,),
+    mixed = jax.jit(partial(_mixed_step, graphdef, mixed_impl, synthetic_accepts), donate_argnums=(1, 3))
+    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps, shards), donate_argnums=(1, 8),
                      static_argnums=(7,))
     return mixed, decode
 
@@ -278,12 +297,16 @@ def padding_metadata(config: EngineConfig, num_tokens: int, pages: int, decode_o
 
 
 def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig, draft_probs: jax.Array | None = None,
-                shards: AttentionShards | None = None) -> tuple[MixedBatch, Placement]:
+                shards: AttentionShards | None = None, masks: list[np.ndarray | None] | None = None
+                ) -> tuple[MixedBatch, Placement]:
     """The flat, bucketed numpy arrays of one mixed step (padding tokens write the null page's slot 0)
     and where its requests sit; with speculation on, the verify rows too (draft_probs [S, K, V]: the
     draft model's q), and a step of decodes only bounds each sequence's queries by 1 + K (attention
     works per that bound). With DP attention (`shards`) each shard's group of rows and its segment
-    of tokens hold its own requests, and query_start_loc its D local offset lists end to end."""
+    of tokens hold its own requests, and query_start_loc its D local offset lists end to end.
+    masks (engine/constrained_step.py): per scheduled request its constraint's masks [1 + drafts, W]
+    or None; None when no request is constrained. A row whose sample is discarded (mid-prompt)
+    samples in the null slot, so that nothing is counted for it."""
     d, requests, counts = config.attention_shards, [s.request for s in scheduled], [s.num_tokens for s in scheduled]
     per_shard = np.bincount([r.shard for r in requests], weights=counts, minlength=d).astype(np.int32)
     t, rows = bucket(d * int(per_shard.max()), config.token_buckets), config.max_num_seqs
@@ -308,16 +331,29 @@ def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig, draft_p
                                  max_query_len=max_query_len(config, all(not r.is_prefilling for r in requests)),
                                  shards=shards)
     params = [r.params for r in requests]
-    sampling = SamplingTensors.build(params, [r.seed for r in requests], rows, placement.rows)
+    sampling = SamplingTensors.build(params, [r.seed for r in requests], rows, placement.rows,
+                                     [s.request.sampling_slot if s.samples else 0 for s in scheduled])
     ends = placement.starts + placement.counts
     if config.num_speculative_tokens:  # logprobs are refused with speculation (LLM._checked)
         indices, verify = spec_verify.build(list(ends), [s.drafts for s in scheduled], rows,
-                                            config.num_speculative_tokens, t, draft_probs)
+                                            config.num_speculative_tokens, t, draft_probs, masks)
         return MixedBatch(tokens, positions, metadata, indices, sampling, verify=verify), placement
+    if masks is not None:
+        sampling = dataclasses.replace(sampling, allowed=first_masks(masks, rows, placement.rows))
     logits_indices = np.zeros((rows,), np.int32)
     logits_indices[placement.rows] = ends - 1
     return MixedBatch(tokens, positions, metadata, logits_indices, sampling, num_logprobs(params),
                       prompt_targets(scheduled, t, placement)), placement
+
+
+def first_masks(masks: list[np.ndarray | None], rows: int, at: np.ndarray) -> np.ndarray:
+    """[rows, W] each constrained request's mask (its first position's) at its row; others allow all."""
+    words = next(m for m in masks if m is not None).shape[1]
+    allowed = np.full((rows, words), 0xFFFFFFFF, np.uint32)
+    for m, row in zip(masks, at):
+        if m is not None:
+            allowed[row] = m[0]
+    return allowed
 
 
 def wants_prompt_logprobs(s: ScheduledRequest) -> bool:
@@ -369,7 +405,7 @@ def padding_mixed(config: EngineConfig, num_tokens: int, pages: int, decode_only
 
 
 class ModelRunner:
-    """Owns the device state (params, KV cache) and the two jitted step functions."""
+    """Owns the device state (params, KV cache, penalty tables) and the two jitted step functions."""
 
     def __init__(self, model: nnx.Module, cache: list[LayerCache], config: EngineConfig,
                  decode_impl: str, mixed_impl: str, synthetic_accepts: float | None = None,
@@ -388,6 +424,26 @@ class ModelRunner:
         # the C++ kernel, measured faster for short queries than the jnp path chosen for chunks).
         self.verify_fn = (jitted_steps(graphdef, decode_impl, decode_impl, config.page_size, config.decode_steps,
                                        synthetic_accepts)[0] if config.num_speculative_tokens else None)
+        self.vocab_size = model.config.vocab_size
+        self.penalties = PenaltyTables.allocate(config.sampling_slots, self.vocab_size)
+        self._row_leases = np.zeros((config.sampling_slots,), np.int64)  # the lease each slot's row was written for
+        self._write_row = jax.jit(penalties.write_row, donate_argnums=(0,))
+
+    def write_rows(self, requests: list[Request]) -> None:
+        """Write the penalty-table row of each request holding a sampling slot under a lease whose
+        row is not written yet (from its host tokens: a request back after preemption counts anew)."""
+        for r in requests:
+            if r.sampling_slot and self._row_leases[r.sampling_slot] != r.slot_lease:
+                row = r.logits_row.values(r.prompt_token_ids, r.output_token_ids, self.vocab_size)
+                self.penalties = self._write_row(self.penalties, np.int32(r.sampling_slot), row)
+                self._row_leases[r.sampling_slot] = r.slot_lease
+
+    def recover_penalties(self) -> None:
+        """Reallocate the penalty tables if a failed call consumed them (every row is rewritten
+        from its request's host tokens when it next runs)."""
+        if not kv_cache.is_intact(self.penalties):
+            self.penalties = PenaltyTables.allocate(self.config.sampling_slots, self.vocab_size)
+            self._row_leases[:] = 0
 
     def decode_inputs(self, requests: list[Request], steps_ahead: int = 0) -> DecodeInputs:
         """Host arrays of a decode call for `requests`, `steps_ahead` tokens past their last one
@@ -403,7 +459,8 @@ class ModelRunner:
         active = np.zeros((rows,), bool)
         active[at.rows] = True
         params = [r.params for r in requests]
-        sampling = SamplingTensors.build(params, [r.seed for r in requests], rows, at.rows)
+        sampling = SamplingTensors.build(params, [r.seed for r in requests], rows, at.rows,
+                                         [r.sampling_slot for r in requests])
         return DecodeInputs(tokens, positions, block_table(requests, rows, pages, cfg.num_pages // d, at.rows), active,
                             sampling, num_logprobs(params), at)
 
@@ -411,7 +468,8 @@ class ModelRunner:
         """Compile every (rows, pages) decode bucket and (tokens, pages) mixed bucket with all-padding
         inputs (they write page 0 only), and wait for those runs: dispatch is asynchronous, so the
         first request would wait instead. logprobs: each bucket's logprob variants too (top-k
-        alternatives; a prefill's prompt logprobs), which otherwise compile on first use."""
+        alternatives; a prefill's prompt logprobs), which otherwise compile on first use. Then the
+        penalty tables' row writer (it rewrites the null row)."""
         programs = 0
         for run, n, pages in progress(warmup_shapes(self.config), "compiling shapes"):
             for top, prompt in _variants(run, logprobs):
@@ -424,21 +482,24 @@ class ModelRunner:
                     self.run_mixed_arrays(batch, run == "verify")
                 programs += 1
             jax.block_until_ready(self.cache)  # each bar step is one compiled (and run) shape
-        return programs
+        self.penalties = self._write_row(self.penalties, np.int32(0), PenaltyTables.null(self.vocab_size))
+        return programs + 1
 
     def run_mixed_arrays(self, batch: MixedBatch, decode_only: bool = False) -> tuple:
         """(tokens, logprobs, extras) and for a verify step its hidden states [T, D]; decode_only:
         every sequence is a decode (with drafts), which the verify function runs."""
         fn = self.verify_fn if decode_only and self.verify_fn is not None else self.mixed_fn
-        *outputs, self.cache = fn(self.state, self.cache, batch)
+        *outputs, self.cache, self.penalties = fn(self.state, self.cache, batch, self.penalties)
         return tuple(outputs)
 
     def run_decode_arrays(self, *inputs) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        *outputs, self.cache = self.decode_fn(self.state, self.cache, *inputs)
+        """inputs: DecodeInputs.args() (num_logprobs last)."""
+        *outputs, self.cache, self.penalties = self.decode_fn(self.state, self.cache, *inputs, self.penalties)
         return tuple(outputs)
 
-    def mixed(self, scheduled: list[ScheduledRequest]) -> StepResult:
-        batch, placement = mixed_batch(scheduled, self.config, shards=self.shards)
+    def mixed(self, scheduled: list[ScheduledRequest], masks: list[np.ndarray | None] | None = None) -> StepResult:
+        """Run one (non-verify) mixed step; masks: its requests' constraint masks (mixed_batch)."""
+        batch, placement = mixed_batch(scheduled, self.config, shards=self.shards, masks=masks)
         return placement.gather(fetch(self.run_mixed_arrays(batch)))
 
 

@@ -1,7 +1,9 @@
 """On-device sampling for a whole batch: greedy, temperature, top-k, top-p, min-p, per-request seeds.
 
 A row's randomness is one uniform drawn from key(seed) folded with the position of the token being
-sampled, so a request's tokens never depend on which other requests share its batch.
+sampled, so a request's tokens never depend on which other requests share its batch. Before any of
+it a row's own rules apply (`processed_logits`): a host constraint's packed mask (engine/constraints.py),
+then its penalties and biases (engine/penalties.py); logprobs stay the unprocessed model's.
 """
 
 from __future__ import annotations
@@ -12,25 +14,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine import penalties
+from engine.penalties import PenaltyTables
 from engine.request import SamplingParams
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingTensors:
-    """Per-row sampling parameters [B]. top_k <= 0 disables top-k."""
+    """Per-row sampling parameters [B]. top_k <= 0 disables top-k. slot: the row's sampling slot
+    (engine/penalties.py; 0: none); allowed: a host constraint's packed masks [B, mask_words(V)],
+    None when no row of the batch is constrained (a pytree without it: its own compiled variant)."""
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
     seed: jax.Array
+    slot: jax.Array | None = None
+    allowed: jax.Array | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], rows: int,
-              at: np.ndarray | None = None) -> "SamplingTensors":
+              at: np.ndarray | None = None, slots: list[int] | None = None) -> "SamplingTensors":
         """Host-side arrays for `rows` rows, request i's at row at[i] (default: the first rows in
-        order); padding rows are greedy."""
+        order); padding rows are greedy, in the null slot."""
         def column(values: list, fill, dtype) -> np.ndarray:
             out = np.full((rows,), fill, dtype)
             out[np.arange(len(values)) if at is None else at] = values
@@ -39,7 +47,8 @@ class SamplingTensors:
                    column([p.top_k for p in params], -1, np.int32),
                    column([p.top_p for p in params], 1.0, np.float32),
                    column([p.min_p for p in params], 0.0, np.float32),
-                   column(seeds, 0, np.uint32))
+                   column(seeds, 0, np.uint32),
+                   column([0] * len(params) if slots is None else slots, 0, np.int32))
 
 
 def filtered_logits(logits: jax.Array, s: SamplingTensors) -> jax.Array:
@@ -116,16 +125,37 @@ def _inverse_cdf_sample(logits: jax.Array, s: SamplingTensors, positions: jax.Ar
     return sample_from_probs(probs, uniforms(s.seed, positions))
 
 
-def sample(logits: jax.Array, s: SamplingTensors, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sample(logits: jax.Array, s: SamplingTensors, positions: jax.Array,
+           tables: PenaltyTables | None = None) -> tuple[jax.Array, jax.Array]:
     """Token ids [B] and their log-probabilities under the unfiltered model distribution [B].
 
-    positions [B]: the position the sampled token will occupy (its random stream index).
+    positions [B]: the position the sampled token will occupy (its random stream index);
+    tables: the penalty tables the rows' slots index (None: no penalties at all).
     """
-    logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    processed = processed_logits(logits, s, positions, tables)
+    greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
     tokens = jax.lax.cond(jnp.all(s.temperature == 0), lambda: greedy,
-                          lambda: jnp.where(s.temperature == 0, greedy, _inverse_cdf_sample(logits, s, positions)))
+                          lambda: jnp.where(s.temperature == 0, greedy, _inverse_cdf_sample(processed, s, positions)))
     return tokens, token_logprobs(logits, tokens)
+
+
+def processed_logits(logits: jax.Array, s: SamplingTensors, positions: jax.Array, tables: PenaltyTables | None,
+                     earlier: jax.Array | None = None) -> jax.Array:
+    """float32 logits [B, V] under each row's own rules, before temperature and the cuts: -inf where
+    its constraint's mask bit is clear, then its slot's biases, bans and penalties (earlier [B, K]:
+    tokens generated since its counts were recorded, engine/penalties.apply)."""
+    logits = logits.astype(jnp.float32)
+    if s.allowed is not None:
+        logits = jnp.where(unpack_mask(s.allowed, logits.shape[-1]), logits, -jnp.inf)
+    if tables is not None and s.slot is not None:
+        logits = penalties.apply(logits, s.slot, positions, tables, earlier)
+    return logits
+
+
+def unpack_mask(words: jax.Array, vocab_size: int) -> jax.Array:
+    """Packed bitmasks [B, W] (bit t % 32 of word t // 32: token t allowed) as bool [B, vocab_size]."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab_size].astype(bool)
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -5,6 +5,8 @@ prefilled: a chunk of at most prefill_chunk), then waiting requests are admitted
 max_num_seqs and the page pool allow. A long prompt is split over steps and never blocks decodes.
 When pages run out the newest running request is preempted (its pages freed, recomputed later).
 An admitted request first takes its longest run of cached full pages (engine/prefix_cache.py).
+A later sequence of a prompt's n (engine/parallel_sampling.py) waits at the queue's head while
+its first sequence computes the prompt, then shares that one's full prompt pages by reference.
 With data-parallel attention (EngineConfig.attention_shards > 1) each admission assigns the request
 to a shard: the one with the longest cached prefix for it, then the most free pages, among those
 with a free sequence slot and budget left. A shard has its own page pool, max_num_seqs / shards
@@ -21,6 +23,7 @@ from engine.config import EngineConfig
 from engine.page_allocator import PageAllocator
 from engine.prefix_cache import PrefixCache
 from engine.request import Request, Status
+from engine.sampling_slots import SlotAllocator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Scheduler:
         self.config = config
         self.allocator = allocator
         self.prefix_cache = prefix_cache or PrefixCache(allocator, config.page_size, config.enable_prefix_caching)
+        self.slots = SlotAllocator(config.sampling_slots)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
 
@@ -117,11 +121,14 @@ class Scheduler:
         """Start waiting requests (FCFS) while budget, sequence slots and pages allow (per shard)."""
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if self._awaits_prompt(request):
+                break  # FCFS: it, and those behind it, wait for the prompt pages it will share
             n = self._start_on_a_shard(request, budgets)
             if n is None:
                 break
             self.waiting.popleft()
             request.status = Status.RUNNING
+            self.slots.take(request)
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, request.num_computed, n))
             budgets[request.shard] -= n
@@ -131,21 +138,52 @@ class Scheduler:
         chunk, preferring the longest cached prefix, then the most free pages (without DP attention:
         shard 0). Returns the chunk's tokens; None when no shard can take it."""
         seats = collections.Counter(r.shard for r in self.running)
-        hits = {d: self.prefix_cache.lookup(request, d) for d in range(self.config.attention_shards)
-                if budgets[d] > 0 and seats[d] < self.config.seqs_per_shard}  # a waiting request prefills from 0
+        shared = self._prompt_pages(request)  # a later sequence of n: only on its first one's shard
+        hits = {d: shared or self.prefix_cache.lookup(request, d) for d in range(self.config.attention_shards)
+                if budgets[d] > 0 and seats[d] < self.config.seqs_per_shard  # a waiting request prefills from 0
+                and (not shared or d == request.parent.shard)}
         for d in sorted(hits, key=lambda d: (-len(hits[d]), -self.allocator.num_free_in(d), d)):
             request.shard = d
             n = min(request.prefill_target - len(hits[d]) * self.config.page_size, self.config.prefill_chunk,
                     budgets[d])
             if self._try_start(request, hits[d], n):
+                if shared:
+                    _inherit_prompt_logprobs(request, len(shared) * self.config.page_size)
                 return n
         return None
 
+    # ---- parallel sampling (engine/parallel_sampling.py) ---------------------------------------
+    def _shared_prompt_len(self, request: Request) -> int:
+        """The prompt tokens a later sequence of n takes from its first one: the full pages before
+        its last prompt token (which each sequence computes, to sample its own first token)."""
+        if request.parent is None:
+            return 0
+        return (len(request.prompt_token_ids) - 1) // self.config.page_size * self.config.page_size
+
+    def _awaits_prompt(self, request: Request) -> bool:
+        """Whether a later sequence of n waits to be admitted: its first one is running, short of
+        the prompt pages it will share (computing them itself would repeat the prefill)."""
+        parent = request.parent
+        return (parent is not None and parent.status is Status.RUNNING
+                and parent.num_computed < self._shared_prompt_len(request))
+
+    def _prompt_pages(self, request: Request) -> list[int]:
+        """The full prompt pages a later sequence of n shares (by reference) with its first one:
+        [] unless that one is running with them computed (finished or preempted: none; the prefix
+        cache may still hold them)."""
+        parent = request.parent
+        if parent is None or parent.status is not Status.RUNNING:
+            return []
+        return parent.pages[:min(self._shared_prompt_len(request), parent.num_computed) // self.config.page_size]
+
     def _decode_steps(self, scheduled: list[ScheduledRequest]) -> int:
         """decode_steps for a decode-only step whose requests all get pages for that many more
-        tokens without preempting anyone (nothing waits that could be admitted), else 1."""
+        tokens without preempting anyone (nothing waits that could be admitted), else 1. A step
+        holding a constrained request takes one token (its next mask depends on the token drawn)."""
         steps = self.config.decode_steps
         if steps == 1 or not scheduled or (self.waiting and len(self.running) < self.config.max_num_seqs):
+            return 1
+        if any(s.request.constraint is not None for s in scheduled):
             return 1
         if not SchedulerOutput(scheduled, 1).is_decode_only:
             return 1
@@ -237,3 +275,11 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         self.allocator.free(request.pages)
         request.pages = []
+        self.slots.release(request)
+
+
+def _inherit_prompt_logprobs(request: Request, shared: int) -> None:
+    """A sequence sharing its first one's prompt pages takes that one's logprobs of the prompt
+    tokens they predict (it computes only the positions from `shared`)."""
+    if request.params.prompt_logprobs is not None and len(request.prompt_logprobs) <= shared:
+        request.prompt_logprobs = request.parent.prompt_logprobs[:shared + 1]

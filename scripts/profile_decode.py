@@ -70,17 +70,18 @@ def scattered_tables(runner: ModelRunner, batch: int, tokens: int, seed: int = 0
 
 
 def decode_inputs(runner: ModelRunner, batch: int, context: int) -> tuple:
-    """The decode call's arguments after the state and cache: `batch` greedy rows at `context` tokens."""
+    """The decode call's arguments after the state and cache, up to its penalty tables: `batch`
+    greedy rows at `context` tokens (no top-k logprobs)."""
     tables = scattered_tables(runner, batch, context + runner.config.decode_steps)
     tokens = np.random.default_rng(1).integers(0, 1000, (batch, runner.config.decode_steps)).astype(np.int32)
     positions = np.full((batch,), context, np.int32)
     sampling = SamplingTensors.build([SamplingParams(temperature=0.0)] * batch, list(range(batch)), batch)
-    return tokens, positions, tables, np.ones((batch,), bool), sampling
+    return tokens, positions, tables, np.ones((batch,), bool), sampling, 0
 
 
 def run_decode(runner: ModelRunner, inputs: tuple) -> np.ndarray:
     """One jitted decode call (decode_steps steps), blocking on the sampled tokens."""
-    out, _, _, runner.cache = runner.decode_fn(runner.state, runner.cache, *inputs)
+    out, _, _, runner.cache, runner.penalties = runner.decode_fn(runner.state, runner.cache, *inputs, runner.penalties)
     return np.asarray(out)
 
 
@@ -128,7 +129,7 @@ def profile_batch(llm: LLM, batch: int, peaks: roofline.DevicePeaks) -> dict:
               "attention_ms": attention_ms, "attention_share": attention_ms and attention_ms / step_ms,
               "roofline_step_ms": bound_ms, "roofline_fraction": bound_ms / step_ms}
     if _TRACE.value:
-        hlo = runner.decode_fn.lower(runner.state, runner.cache, *inputs).compile().as_text()
+        hlo = runner.decode_fn.lower(runner.state, runner.cache, *inputs, runner.penalties).compile().as_text()
         record["ops_per_call"] = op_profile(lambda: run_decode(runner, inputs), hlo, _TOP.value)
     return record
 

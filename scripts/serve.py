@@ -28,6 +28,8 @@ from sharding.mesh import parse_mesh
 from server.app import Server, create_app
 from server.engine_loop import EngineLoop
 from server.metrics import ServerMetrics
+from server.reasoning_parsers import FAMILY_REASONING_PARSERS, REASONING_PARSERS
+from server.tool_parsers import FAMILY_TOOL_PARSERS, TOOL_PARSERS
 
 MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "preset, .gguf file, HF dir or orbax dir")
 SERVED_NAME = flags.DEFINE_string("served_model_name", None, "the model's name in the API (default: --model)")
@@ -40,6 +42,12 @@ WARMUP = flags.DEFINE_bool("warmup", False, "compile every shape bucket, logprob
                            "(minutes on a CPU; lm-eval's requests ask for logprobs)")
 ACCESS_LOG = flags.DEFINE_bool("access_log", False, "log every HTTP request (uvicorn's access log)")
 SHUTDOWN_S = flags.DEFINE_float("graceful_shutdown_s", 5.0, "on Ctrl-C, seconds open streams get to finish")
+TOOL_PARSER = flags.DEFINE_enum("tool_call_parser", None, [*TOOL_PARSERS, "none"], "how chat outputs' tool calls "
+                                "are parsed (vLLM's names; default: the model family's, "
+                                "server/tool_parsers.py; none: no tool_choice 'auto')")
+REASONING_PARSER = flags.DEFINE_enum("reasoning_parser", None, [*REASONING_PARSERS, "none"], "how chat outputs' "
+                                     "reasoning goes to reasoning_content (vLLM's names; default: none, but "
+                                     "openai_gptoss for gpt-oss, as vLLM)")
 # The engine's flags (engine/config.py).
 DTYPE = flags.DEFINE_string("dtype", "float32", "parameter and KV cache dtype")
 WEIGHTS = flags.DEFINE_string("weights", "native", "a quantized checkpoint's weights: native (packed as shipped) "
@@ -140,9 +148,12 @@ def main(argv: list[str]) -> None:
         logging.info("compiling every shape bucket ...")
         logging.info("compiled %d programs", llm.warmup(logprobs=True))
     name = SERVED_NAME.value or MODEL.value
+    family = llm.model.config.architecture
     engine = EngineLoop(llm, ServerMetrics(name, llm.config.num_pages)).start()
     api = create_app(engine, model_name=name, api_key=API_KEY.value, max_queue=MAX_QUEUE.value,
-                     max_body_bytes=MAX_BODY.value)
+                     max_body_bytes=MAX_BODY.value,
+                     tool_call_parser=TOOL_PARSER.value or FAMILY_TOOL_PARSERS.get(family),
+                     reasoning_parser=REASONING_PARSER.value or FAMILY_REASONING_PARSERS.get(family))
     config = uvicorn.Config(api, host=HOST.value, port=PORT.value, log_level="info", lifespan="off",
                             access_log=ACCESS_LOG.value, timeout_graceful_shutdown=SHUTDOWN_S.value + STOP_S)
     server = GracefulServer(config, engine, SHUTDOWN_S.value,

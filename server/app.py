@@ -3,16 +3,23 @@ that reports its URL once bound.
 
     POST /v1/completions        prompt: a string, strings, token ids or lists of ids (a choice each);
                                 echo (the prompt and its logprobs first), vLLM's prompt_logprobs
-    POST /v1/chat/completions   messages through the checkpoint's chat template
+    POST /v1/chat/completions   messages (and tools) through the checkpoint's chat template; the
+                                reply's tool calls and reasoning parsed (server/chat_output.py)
     GET  /v1/models, /health, /metrics (Prometheus text)
 
 Both POST routes stream server-sent events with `"stream": true` (`data: [DONE]` last; with
 `stream_options.include_usage` a final chunk carries the usage, with vLLM's
-`continuous_usage_stats` every chunk does). Every error is an OpenAI-style body
+`continuous_usage_stats` every chunk does). `n` choices per prompt (prompt p's j-th: index p * n + j)
+run as n sequences with one prefill (engine/parallel_sampling.py), each a seat in the queue; a
+stream interleaves their chunks, each carrying its choice's index; usage counts each prompt once
+and every returned choice's tokens. `best_of` > n returns the n of highest cumulative logprob
+(not streamable). Every error is an OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}`: 400 for bad input, 401 without the API key,
 404 for an unknown model or route, 413 for a body over the limit, 503 when the queue is full.
 Prompts are tokenized, chat templates rendered and echoed prompts decoded on worker threads
-(`asyncio.to_thread`): a long prompt never stalls the event loop, which serves every stream.
+(`asyncio.to_thread`): a long prompt never stalls the event loop, which serves every stream. So is
+a structured-output grammar compiled (engine/structured_output.py, cached), before the request is
+submitted: one llguidance refuses is a 400 and never reaches the engine thread.
 """
 
 from __future__ import annotations
@@ -35,11 +42,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine import structured_output
+from engine.parallel_sampling import num_sequences, selected
+from engine.request import SamplingParams, cumulative_logprob
 from server import protocol
 from server.engine_loop import Delta, EngineLoop, Rejected, Stream
+from server.chat_output import chat_output
 from server.metrics import CONTENT_TYPE
 from server.protocol import APIError
+from server.reasoning_parsers import get_reasoning_parser
+from server.tool_parsers import get_tool_parser
 
+# Request fields the engine checks against the model (its vocabulary, its tokenizer): a refusal names its field.
+_ENGINE_CHECKED = ("stop_token_ids", "logit_bias", "allowed_token_ids", "bad_words")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
@@ -60,10 +75,15 @@ class _Admission:
 
 
 def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None, max_queue: int = 256,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The app over a started EngineLoop (the caller starts and stops it)."""
+               max_body_bytes: int = 1 << 20, tool_call_parser: str | None = None,
+               reasoning_parser: str | None = None) -> FastAPI:
+    """The app over a started EngineLoop (the caller starts and stops it). The parsers (by name:
+    server/tool_parsers.py, server/reasoning_parsers.py; None: none) split chat outputs into
+    content, tool calls and reasoning."""
+    tool_parser, reasoner = get_tool_parser(tool_call_parser), get_reasoning_parser(reasoning_parser)
     llm = engine.llm
     tokenizer, max_model_len = llm.model.tokenizer, llm.config.max_model_len
+    renders_tools = bool(tokenizer and tokenizer.template_reads("tools"))
     admission = _Admission(llm.config.max_num_seqs + max_queue)
     metrics = engine.metrics
     app = FastAPI(title="jaxserve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -123,26 +143,49 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
             raise APIError(400, "prompt is empty" if len(ids) == 1 else f"prompt {empty} is empty", param="prompt")
         return ids
 
-    def chat_ids(messages: list[protocol.ChatMessage]) -> list[int]:
-        """The rendered chat template's ids (a worker thread, as `encode`)."""
+    def chat_prompt(messages: list[protocol.ChatMessage], tools: list[dict] | None) -> tuple[str, list[int]]:
+        """The rendered chat template and its ids (a worker thread, as `encode`)."""
         if tokenizer is None or not tokenizer.chat_template:
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
         try:
-            return tokenizer.apply_chat_template(protocol.chat_messages(messages))
+            text = tokenizer.render_chat(protocol.chat_messages(messages), tools=tools)
         except (ValueError, jinja2.TemplateError) as e:
             raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
+        return text, tokenizer.encode(text, add_special_tokens=False)
+
+    async def compile_grammar(body: protocol._Sampling, params: SamplingParams) -> None:
+        """Compile the request's grammar into the cache on a worker thread (never the event loop):
+        one llguidance refuses is a 400 naming its field, before the engine sees the request."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await asyncio.to_thread(structured_output.compile_spec, params.structured_outputs, tokenizer,
+                                    llm.model.config.vocab_size)
+        except ValueError as e:
+            source = protocol.structured_outputs_source(body) or "tool_choice"  # else a forced call's grammar
+            raise APIError(400, f"{source}: {e}", param=source.split(".")[0]) from None
 
     async def submit(requests: list[tuple[list[int], Any]], param: str) -> list[Stream]:
         """Hand the requests (prompt ids, params) to the engine thread at once, so that they are
-        admitted at the same step boundary; if one is refused (or the queue is full) none runs."""
+        admitted at the same step boundary: one stream per sequence, a prompt's n (or best_of) in a
+        row, each taking a seat in the queue. If one is refused (or the queue is full) none runs."""
         streams: list[Stream] = []
+        prompt_of: list[int] = []  # each stream's prompt
+        seats = sum(num_sequences(params) for _, params in requests)
+        if seats > admission.capacity:
+            raise APIError(400, f"{seats} sequences (n or best_of per prompt) exceed the {admission.capacity} this "
+                                f"server holds at once", param="best_of" if requests[0][1].best_of else "n")
         loop = asyncio.get_running_loop()
         try:
-            for ids, params in requests:
-                admission.take()
-                streams.append(Stream(ids, params, loop))
+            for p, (ids, params) in enumerate(requests):
+                group = []
+                for i in range(num_sequences(params)):
+                    admission.take()
+                    group.append(Stream(ids, params, loop, i))
+                    streams.append(group[-1])
+                    prompt_of.append(p)
                 try:
-                    engine.submit(streams[-1])
+                    engine.submit(*group)
                 except RuntimeError:
                     raise APIError(503, "the engine is not running", code="engine_stopped") from None
             firsts = [await stream.events.get() for stream in streams]
@@ -155,8 +198,8 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
             for stream in streams:
                 release(stream)
             i, first = rejected
-            bad = "stop_token_ids" if first.message.startswith("stop_token_ids") else param
-            message = first.message if len(streams) == 1 else f"prompt {i}: {first.message}"
+            bad = next((f for f in _ENGINE_CHECKED if first.message.startswith(f)), param)
+            message = first.message if len(requests) == 1 else f"prompt {prompt_of[i]}: {first.message}"
             raise APIError(first.status, message, param=bad if first.status == 400 else None)
         return streams
 
@@ -178,6 +221,28 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
                 yield delta
         finally:
             release(stream)
+
+    async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Delta]]:
+        """A prompt's streams' deltas as they arrive, each with its stream's index, until every one
+        ended; leaving early (a client gone) aborts them all."""
+        arrived: asyncio.Queue = asyncio.Queue()
+
+        async def pump(stream: Stream) -> None:
+            async with contextlib.aclosing(deltas(stream)) as events:
+                async for delta in events:
+                    arrived.put_nowait((stream.index, delta))
+        pumps = [asyncio.create_task(pump(stream)) for stream in streams]
+        try:
+            running = len(streams)
+            while running:
+                index, delta = await arrived.get()
+                running -= delta.finish_reason is not None
+                yield index, delta
+        finally:
+            for task in pumps:
+                task.cancel()
+            for stream in streams:
+                release(stream)
 
     async def collect(streams: list[Stream], request: Request) -> list[tuple[str, protocol.Entries, Delta]]:
         """All of each non-streamed request's text and logprobs, and its last delta; a client that
@@ -248,6 +313,7 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
         params_list = [protocol.sampling_params(body, protocol.max_tokens(requested, len(ids), max_model_len,
                                                                           COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens"),
                                                 body.engine_prompt_logprobs) for ids in ids_list]
+        await compile_grammar(body, params_list[0])
         streams = await submit(list(zip(ids_list, params_list)), "prompt")
         rid, created = protocol.new_id("cmpl"), protocol.now()
         k, echo = body.logprobs, bool(body.echo)
@@ -264,47 +330,50 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
             return protocol.completion_logprobs(entries, token_text, offset, token_ids=ids, top=k)
 
         if not body.stream:
-            results = await collect(streams, request)
+            groups = best_choices(streams, await collect(streams, request))
 
             def build() -> dict:  # a worker thread: echoing a long prompt decodes each of its tokens
                 choices = []
-                for i, (prompt, stream, (text, entries, last)) in enumerate(zip(prompts, streams, results)):
-                    if body.score_only:
-                        text, entries = "", []
-                    choices.append(protocol.completion_choice(
-                        i, prompt_text(prompt) + text if echo else text, last.finish_reason,
-                        choice_logprobs(entries, 0, prompt if echo else None, stream),
-                        None if body.prompt_logprobs is None else
-                        protocol.prompt_logprobs_body(prompt_logprobs(stream), body.prompt_logprobs, token_text)))
-                completion_tokens = 0 if body.score_only else sum(last.num_tokens for _, _, last in results)
+                for p, (prompt, group) in enumerate(zip(prompts, groups)):
+                    for j, (stream, (text, entries, last)) in enumerate(group):
+                        if body.score_only:
+                            text, entries = "", []
+                        choices.append(protocol.completion_choice(
+                            p * len(group) + j, prompt_text(prompt) + text if echo else text, last.finish_reason,
+                            choice_logprobs(entries, 0, prompt if echo else None, stream),
+                            None if body.prompt_logprobs is None else
+                            protocol.prompt_logprobs_body(prompt_logprobs(stream), body.prompt_logprobs, token_text)))
+                completion_tokens = 0 if body.score_only else sum(r[2].num_tokens for g in groups for _, r in g)
                 return protocol.completion_body(rid, created, model_name, choices,
                                                 protocol.usage(sum(map(len, ids_list)), completion_tokens))
             return await asyncio.to_thread(build)
 
-        [stream], [prompt], [ids] = streams, prompts, ids_list
+        [prompt], [ids] = prompts, ids_list
 
         async def events() -> AsyncIterator[str]:
-            offset, echoed = 0, not echo  # text_offset of the next token; the prompt sent (or not asked)
-            async for d in deltas(stream):
-                text, entries, num_tokens = d.text, d.logprobs or [], d.num_tokens
+            # Per choice: text_offset of its next token; the prompt sent (or not asked); its tokens so far.
+            offsets, echoed, tokens = [0] * len(streams), [not echo] * len(streams), [0] * len(streams)
+            async for i, d in merged(streams):
+                stream = streams[i]
+                text, entries, tokens[i] = d.text, d.logprobs or [], d.num_tokens
                 if body.score_only:
-                    text, entries, num_tokens = "", [], 0
-                echo_now = not echoed and d.num_tokens > 0  # the prompt is scored once a token exists
+                    text, entries, tokens[i] = "", [], 0
+                echo_now = not echoed[i] and d.num_tokens > 0  # the prompt is scored once a token exists
                 if echo_now:
-                    echoed = True
+                    echoed[i] = True
                     text = await asyncio.to_thread(prompt_text, prompt) + text
                 if text or d.finish_reason or entries or echo_now or body.continuous_usage:
-                    chunk_logprobs = (await asyncio.to_thread(choice_logprobs, entries, offset, prompt, stream)
-                                      if echo_now else choice_logprobs(entries, offset))
-                    offset += sum(map(len, chunk_logprobs["tokens"])) if chunk_logprobs else 0
+                    chunk_logprobs = (await asyncio.to_thread(choice_logprobs, entries, offsets[i], prompt, stream)
+                                      if echo_now else choice_logprobs(entries, offsets[i]))
+                    offsets[i] += sum(map(len, chunk_logprobs["tokens"])) if chunk_logprobs else 0
                     chunk = protocol.completion_chunk(rid, created, model_name, text, d.finish_reason,
-                                                      chunk_logprobs)
-                    yield protocol.sse(with_usage(chunk, body, len(ids), num_tokens))
+                                                      chunk_logprobs, index=i)
+                    yield protocol.sse(with_usage(chunk, body, len(ids), sum(tokens)))
                 if d.finish_reason == "error":
                     yield protocol.sse(protocol.error_body(f"generation failed: {d.error}", "server_error"))
-                if d.finish_reason and body.include_usage:
-                    chunk = protocol.completion_chunk(rid, created, model_name, "")
-                    yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), num_tokens)))
+            if body.include_usage:
+                chunk = protocol.completion_chunk(rid, created, model_name, "")
+                yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), sum(tokens))))
             yield protocol.sse("[DONE]")
         return sse_response(streams, events())
 
@@ -313,39 +382,67 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
         body = protocol.parse(protocol.ChatCompletionRequest, await request.body())
         check_model(body.model)
         protocol.check_supported(body)
-        ids = await asyncio.to_thread(chat_ids, body.messages)
+        use = protocol.tool_use(body, template_renders_tools=renders_tools, parser=tool_parser and tool_parser.name)
+        prompt, ids = await asyncio.to_thread(chat_prompt, body.messages, use.tools)
         requested, param = ((body.max_completion_tokens, "max_completion_tokens")
                             if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
         budget = protocol.max_tokens(requested, len(ids), max_model_len, None, param)
-        params = protocol.sampling_params(body, budget)
-        [stream] = await submit([(ids, params)], "messages")
+        output = lambda: chat_output(use, tool_parser, reasoner, prompt)  # noqa: E731 (one per choice)
+        params = output().sampling_params(protocol.sampling_params(body, budget))
+        await compile_grammar(body, params)
+        streams = await submit([(ids, params)], "messages")
         rid, created = protocol.new_id("chatcmpl"), protocol.now()
         logprobs = (lambda entries: protocol.chat_logprobs(entries, params.logprobs, token_text)
                     if params.logprobs is not None else None)
         if not body.stream:
-            [(text, entries, last)] = await collect([stream], request)
-            return protocol.chat_body(rid, created, model_name, text, last.finish_reason,
-                                      protocol.usage(len(ids), last.num_tokens), logprobs(entries))
+            [group] = best_choices(streams, await collect(streams, request))
+            outputs = [output() for _ in group]
+            choices = [protocol.chat_choice(j, out.message(text), out.finish_reason(last.finish_reason),
+                                            logprobs(entries))
+                       for j, (out, (_, (text, entries, last))) in enumerate(zip(outputs, group))]
+            return protocol.chat_body(rid, created, model_name, choices,
+                                      protocol.usage(len(ids), sum(r[2].num_tokens for _, r in group)))
 
         async def events() -> AsyncIterator[str]:
-            first = protocol.chat_chunk(rid, created, model_name, {"role": "assistant", "content": ""})
-            yield protocol.sse(with_usage(first, body, len(ids), 0))
-            async for d in deltas(stream):
-                if d.text or d.logprobs or body.continuous_usage:
-                    chunk = protocol.chat_chunk(rid, created, model_name, {"content": d.text},
-                                                logprobs=logprobs(d.logprobs or []))
-                    yield protocol.sse(with_usage(chunk, body, len(ids), d.num_tokens))
+            tokens = [0] * len(streams)  # each choice's tokens so far
+            outputs = [output() for _ in streams]
+            for i in range(len(streams)):
+                first = protocol.chat_chunk(rid, created, model_name, {"role": "assistant", "content": ""}, index=i)
+                yield protocol.sse(with_usage(first, body, len(ids), 0))
+            async for i, d in merged(streams):
+                tokens[i] = d.num_tokens
+                parts = outputs[i].feed(d.text) + (outputs[i].finish() if d.finish_reason else [])
+                if not parts and (d.logprobs or body.continuous_usage):
+                    parts = [{"content": ""}]
+                for j, part in enumerate(parts):  # the delta's logprobs ride on its first chunk
+                    chunk = protocol.chat_chunk(rid, created, model_name, part,
+                                                logprobs=logprobs(d.logprobs or []) if j == 0 else None, index=i)
+                    yield protocol.sse(with_usage(chunk, body, len(ids), sum(tokens)))
                 if d.finish_reason == "error":
                     yield protocol.sse(protocol.error_body(f"generation failed: {d.error}", "server_error"))
                 if d.finish_reason:
-                    chunk = protocol.chat_chunk(rid, created, model_name, {}, d.finish_reason)
-                    yield protocol.sse(with_usage(chunk, body, len(ids), d.num_tokens))
-                    if body.include_usage:
-                        yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), d.num_tokens)))
+                    chunk = protocol.chat_chunk(rid, created, model_name, {}, outputs[i].finish_reason(d.finish_reason),
+                                                index=i)
+                    yield protocol.sse(with_usage(chunk, body, len(ids), sum(tokens)))
+            if body.include_usage:
+                chunk = protocol.chat_chunk(rid, created, model_name, {})
+                yield protocol.sse(protocol.usage_chunk(chunk, protocol.usage(len(ids), sum(tokens))))
             yield protocol.sse("[DONE]")
-        return sse_response([stream], events())
+        return sse_response(streams, events())
 
     return app
+
+
+Result = tuple[str, protocol.Entries, Delta]  # a sequence's text, logprobs and last delta (collect)
+
+
+def best_choices(streams: list[Stream], results: list[Result]) -> list[list[tuple[Stream, Result]]]:
+    """Per prompt, the n choices it returns of its sequences (in a row in `streams`), in order:
+    engine/parallel_sampling.selected, by cumulative logprob when best_of > n."""
+    width, n = num_sequences(streams[0].params), streams[0].params.n
+    pairs = list(zip(streams, results))
+    groups = [pairs[p:p + width] for p in range(0, len(pairs), width)]
+    return [[group[i] for i in selected([cumulative_logprob(r[1]) for _, r in group], n)] for group in groups]
 
 
 def with_usage(chunk: dict, body: protocol._Sampling, prompt_tokens: int, completion_tokens: int) -> dict:

@@ -4,14 +4,15 @@ HTTP handlers run on the asyncio event loop. They hand requests over through a t
 (`submit`, `abort`) and receive each request's events on its own asyncio.Queue, filled from the
 engine thread with `loop.call_soon_threadsafe`, so the event loop never blocks on the engine. The
 thread steps while work exists and sleeps on the inbox when there is none; between steps it
-admits new requests (`LLM.add_request`, whose ValueError becomes a `Rejected` event) and applies
+admits new requests (`LLM.add_sequences`, whose ValueError becomes a `Rejected` event) and applies
 aborts (`LLM.abort`: pages freed at once).
 
-A stream's events: `Accepted` or `Rejected` first, then `Delta`s; the last Delta carries the
-finish reason ("stop", "length", "abort" or "error") and the rest of the request's text. Every
-submitted stream gets its last event: submit() after (or racing) stop() either raises or is answered
-by the thread's last drain, a stream whose publishing raises ends with "error" alone, and stop()
-ends every open stream with "abort".
+A prompt's n (or best_of) sequences are one stream each, submitted and added together (one
+prefill: engine/parallel_sampling.py). A stream's events: `Accepted` or `Rejected` first, then
+`Delta`s; the last Delta carries the finish reason ("stop", "length", "abort" or "error") and the
+rest of the sequence's text. Every submitted stream gets its last event: submit() after (or racing)
+stop() either raises or is answered by the thread's last drain, a stream whose publishing raises
+ends with "error" alone, and stop() ends every open stream with "abort".
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from absl import logging
 
 from engine.llm import LLM
+from engine.parallel_sampling import num_sequences
 from engine.request import Request, SamplingParams, Status
 from server.metrics import ServerMetrics
 
@@ -53,10 +55,12 @@ class Delta:
 
 
 class Stream:
-    """One request as both threads see it: the handler awaits `events`; the engine thread fills it."""
+    """One sequence as both threads see it: the handler awaits `events`; the engine thread fills it.
+    A prompt with n (or best_of) > 1 has one stream per sequence, `index` its place among them."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
-        self.prompt_ids, self.params, self.loop = prompt_ids, params, loop
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
+                 index: int = 0):
+        self.prompt_ids, self.params, self.loop, self.index = prompt_ids, params, loop, index
         self.events: asyncio.Queue = asyncio.Queue()
         self.received = time.perf_counter()
         self.finished = False  # the handler saw the last delta
@@ -104,15 +108,18 @@ class EngineLoop:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, stream: Stream) -> None:
-        """Hand `stream` to the engine thread; RuntimeError once it stopped (or is stopping)."""
+    def submit(self, *streams: Stream) -> None:
+        """Hand one prompt's streams (one per sequence, in index order: engine/parallel_sampling.py)
+        to the engine thread; RuntimeError once it stopped (or is stopping)."""
+        if len(streams) != num_sequences(streams[0].params):
+            raise ValueError(f"{len(streams)} streams for {num_sequences(streams[0].params)} sequences")
         with self._lock:
             if not self.alive:
                 raise RuntimeError("the engine is not running")
-            self._inbox.put(("add", stream))
+            self._inbox.put(("add", streams))
 
     def abort(self, stream: Stream) -> None:
-        """Abort the stream's request (a no-op once it finished). Safe after stop()."""
+        """Abort the stream's sequence (a no-op once it finished). Safe after stop()."""
         self._inbox.put(("abort", stream))
 
     def _close(self) -> None:
@@ -141,8 +148,8 @@ class EngineLoop:
         while True:
             if item is _STOP:
                 return False
-            kind, stream = item
-            self._add(stream) if kind == "add" else self._abort(stream)
+            kind, payload = item  # "add": one prompt's streams; "abort": one stream
+            self._add(payload) if kind == "add" else self._abort(payload)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -150,15 +157,20 @@ class EngineLoop:
         self._publish_state()
         return True
 
-    def _add(self, stream: Stream) -> None:
+    def _add(self, streams: tuple[Stream, ...]) -> None:
+        """Add one prompt's sequences (its prompt tokens counted once), or refuse them all."""
+        prompt_ids, params = streams[0].prompt_ids, streams[0].params
         try:
-            stream.request = self.llm.add_request(stream.prompt_ids, stream.params)
+            requests = self.llm.add_sequences(prompt_ids, params)
         except ValueError as e:
-            stream.post(Rejected(str(e)))
+            for stream in streams:
+                stream.post(Rejected(str(e)))
             return
-        self._active[stream.request.request_id] = stream
-        self.metrics.admitted(len(stream.prompt_ids))
-        stream.post(Accepted(len(stream.prompt_ids)))
+        self.metrics.admitted(len(prompt_ids))
+        for stream, request in zip(streams, requests):
+            stream.request = request
+            self._active[request.request_id] = stream
+            stream.post(Accepted(len(prompt_ids)))
 
     def _abort(self, stream: Stream) -> None:
         request = stream.request
@@ -208,7 +220,7 @@ class EngineLoop:
         the rest of its text whole, as generate() returns it (an incomplete UTF-8 tail too)."""
         request = stream.request
         self._active.pop(request.request_id, None)
-        self.llm.abort(request.request_id)
+        self.llm.abort(request.request_id, siblings=False)  # the handler aborts each of a prompt's streams
         self._finished(stream, self._delta(stream, request.text, finish_reason, error))
 
     def _end_safely(self, stream: Stream, finish_reason: str, error: str | None = None) -> None:
@@ -243,4 +255,5 @@ class EngineLoop:
             except queue.Empty:
                 break
             if item is not _STOP and item[0] == "add":
-                item[1].post(Rejected(message, status=503))
+                for stream in item[1]:
+                    stream.post(Rejected(message, status=503))

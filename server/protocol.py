@@ -3,27 +3,35 @@ response and stream-chunk bodies, and OpenAI-style errors.
 
 No request field is silently dropped: an unknown field is a 400 naming it (`unknown_parameter`);
 documented OpenAI fields that ask nothing of a model (`user`; chat's `metadata`, `store`,
-`service_tier`, `parallel_tool_calls`) are listed and accepted; known fields this engine cannot
-honour are refused with 400 unless they hold their no-op value (`n=1`, `presence_penalty=0`, ...).
+`service_tier`) are listed and accepted; known fields this engine cannot
+honour are refused with 400 unless they hold their no-op value (`suffix=""`, ...). Penalties and
+biases (OpenAI's presence/frequency_penalty and logit_bias, whose string keys become token ids;
+vLLM's repetition_penalty, min_tokens, bad_words, allowed_token_ids) map onto SamplingParams' fields.
 Logprobs (the completions API's `logprobs: k`, chat's `logprobs: true` + `top_logprobs: k`) map
 onto SamplingParams.logprobs and come back in each API's own shape (`completion_logprobs`,
 `chat_logprobs`); completions' `echo` and vLLM's `prompt_logprobs` onto SamplingParams.prompt_logprobs
 (`completion_logprobs` over the prompt's tokens too, `prompt_logprobs_body`).
+Structured outputs (OpenAI's `response_format`, vLLM's `structured_outputs` and older `guided_*`
+fields) become SamplingParams.structured_outputs; two fields constraining one output are a 400.
+Chat's `tools` and `tool_choice` become a `ToolUse` (`tool_use`: the checks), messages' tool calls
+objects for the chat template (`chat_messages`); server/chat_output.py parses the reply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
 from engine.request import SamplingParams
+from engine.structured_output import StructuredOutputs
 
 # ---- errors ----------------------------------------------------------------------------------
 
@@ -80,6 +88,33 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = None  # OpenAI's padding against side channels: no effect here
 
 
+class JsonSchemaFormat(_Strict):
+    """response_format's json_schema: the output is JSON matching `schema`."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = pydantic.Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced here
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's structured_outputs: one of json, regex, choice, grammar or json_object."""
+
+    json_: dict[str, Any] | str | None = pydantic.Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
+
+
 class _Sampling(_Strict):
     """What both endpoints share. None means "not given": the OpenAI default applies."""
 
@@ -100,8 +135,17 @@ class _Sampling(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # vLLM extension
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None  # {token id as a string: bias} (OpenAI)
+    min_tokens: int | None = None  # vLLM extension
+    bad_words: list[str] | None = None  # vLLM extension
+    allowed_token_ids: list[int] | None = None  # vLLM extension
     user: str | None = None  # an end-user id for OpenAI's abuse monitoring: accepted, no effect
+    response_format: ResponseFormat | None = None  # structured outputs: OpenAI's field
+    structured_outputs: StructuredOutputsField | None = None  # vLLM's field, and its older guided_* ones:
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -152,10 +196,47 @@ class ContentPart(_Strict):
     refusal: Any = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON object's text
+
+
+class ToolCallParam(_Strict):
+    """A call an assistant message made (OpenAI's tool_calls item)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None  # passed to the chat template, which may use it
+    tool_calls: list[ToolCallParam] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    reasoning_content: str | None = None  # an assistant's reasoning (vLLM's field), which templates may render
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -163,33 +244,85 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
     functions: list[Any] | None = None
-    tool_choice: Any = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     function_call: Any = None  # the deprecated tool_choice
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # false: "required" makes one call (auto: every call is parsed)
     # Documented OpenAI fields that ask nothing of the model: accepted, no effect.
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
 
 
 # Known parameters and the values that ask nothing of the engine (None: not given).
 _NO_OP = {
-    "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
-    "logit_bias": ({},), "suffix": ("",), "tools": ([],), "functions": ([],),
-    "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
+    "suffix": ("",), "functions": ([],), "function_call": ("none", "auto"),
 }
 
 
 def check_supported(request: _Sampling) -> None:
-    """400 for a known parameter this server cannot honour (n > 1, penalties, tools...)."""
+    """400 for a known parameter this server cannot honour (penalties, tools, streamed best_of...)."""
     for name, allowed in _NO_OP.items():
         value = getattr(request, name, None)
         if value is not None and value not in allowed:
             raise APIError(400, f"{name}={value!r} is not supported by this server (it accepts only "
                                 f"{' or '.join(map(repr, allowed))})", param=name, code="unsupported_parameter")
+    check_best_of(request)
+
+
+def _constraint_sources(request: _Sampling) -> list[tuple[str, dict[str, Any]]]:
+    """Each field that constrains the output: (its name as the client wrote it, StructuredOutputs kwargs)."""
+    sources = []
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "json_object":
+        sources.append(("response_format", {"json": True}))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, "response_format: type json_schema needs json_schema.schema", param="response_format")
+        sources.append(("response_format.json_schema.schema", {"json": fmt.json_schema.schema_}))
+    vllm = request.structured_outputs
+    if vllm is not None:
+        given = {"json": vllm.json_, "regex": vllm.regex, "choice": vllm.choice, "grammar": vllm.grammar,
+                 "json_object": vllm.json_object or None}
+        sources += [(f"structured_outputs.{k}", {"json" if k == "json_object" else k: v}) for k, v in given.items()
+                    if v is not None]
+    guided = {"guided_json": ("json", request.guided_json), "guided_regex": ("regex", request.guided_regex),
+              "guided_choice": ("choice", request.guided_choice), "guided_grammar": ("grammar", request.guided_grammar)}
+    return sources + [(name, {kind: v}) for name, (kind, v) in guided.items() if v is not None]
+
+
+def structured_outputs_source(request: _Sampling) -> str | None:
+    """The field that constrains the output, dotted (None: none does): what a compile error names."""
+    sources = _constraint_sources(request)
+    return sources[0][0] if sources else None
+
+
+def structured_outputs(request: _Sampling) -> StructuredOutputs | None:
+    """The output's constraint from response_format, structured_outputs or guided_*: at most one of
+    them, or a 400 naming the second."""
+    sources = _constraint_sources(request)
+    if not sources:
+        return None
+    if len(sources) > 1:
+        (first, _), (second, _) = sources[:2]
+        raise APIError(400, f"{second} and {first} both constrain the output: send one of them",
+                       param=second.split(".")[0])
+    [(name, kwargs)] = sources
+    whitespace = bool(request.structured_outputs and request.structured_outputs.disable_any_whitespace)
+    try:
+        return StructuredOutputs(**kwargs, disable_any_whitespace=whitespace)
+    except ValueError as e:
+        raise APIError(400, f"{name}: {e}", param=name.split(".")[0]) from None
+
+
+def check_best_of(request: _Sampling) -> None:
+    """400 for best_of > n with stream=true: the best n are known only once all best_of finished
+    (OpenAI refuses it too)."""
+    n = 1 if request.n is None else request.n
+    if request.stream and request.best_of is not None and request.best_of > n:
+        raise APIError(400, f"best_of={request.best_of} > n={n} cannot be streamed: the best {n} are known only "
+                            f"once all {request.best_of} finished (send stream=false)", param="best_of")
 
 
 def requested_logprobs(request: _Sampling) -> tuple[int | None, str]:
@@ -220,8 +353,10 @@ def completion_prompts(prompt: Any) -> list[str | list[int]]:
                         f"of int token ids, got {json.dumps(prompt)[:80]}", param="prompt")
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages for the chat template: content as one string (text parts joined by newlines)."""
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages for the chat template: content as one string (text parts joined by newlines; null:
+    empty), the other fields given, an assistant's tool calls with their arguments as objects (what
+    templates read, as transformers and vLLM pass them)."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     out = []
@@ -233,8 +368,76 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
                 raise APIError(400, f"messages.{i}.content: only text parts are supported, got type {bad!r}",
                                param="messages", code="unsupported_parameter")
             content = "\n".join(p.text for p in content)
-        out.append({"role": m.role, "content": content or ""} | ({} if m.name is None else {"name": m.name}))
+        extra = {"name": m.name, "tool_call_id": m.tool_call_id, "reasoning_content": m.reasoning_content}
+        out.append({"role": m.role, "content": content or ""} | {k: v for k, v in extra.items() if v is not None})
+        if m.tool_calls is not None:
+            out[-1]["tool_calls"] = [_template_call(c, f"messages.{i}.tool_calls.{j}")
+                                     for j, c in enumerate(m.tool_calls)]
     return out
+
+
+def _template_call(call: ToolCallParam, where: str) -> dict[str, Any]:
+    """An assistant's tool call for the chat template: its arguments' JSON text parsed (a 400 unless an object)."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise APIError(400, f"{where}.function.arguments must be a JSON object's text, got "
+                            f"{call.function.arguments[:80]!r}", param="messages")
+    body = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+    return body if call.id is None else {"id": call.id, **body}
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolUse:
+    """What a chat request asks of tools: the tools for the template (None: none) and tool_choice,
+    "none", "auto", "required" or "named" (then `function` names the one to call)."""
+
+    tools: list[dict[str, Any]] | None
+    choice: str
+    function: str | None = None
+    parallel: bool = True  # parallel_tool_calls: false holds "required" to one call
+
+    @property
+    def forced(self) -> bool:
+        """The reply must call a tool ("required", or a named function)."""
+        return self.choice in ("required", "named")
+
+
+def tool_use(request: ChatCompletionRequest, *, template_renders_tools: bool, parser: str | None) -> ToolUse:
+    """The request's tools and tool_choice, or a 400 naming the field that makes no sense: a
+    tool_choice without tools or naming a function not among them, two tools of one name, tools
+    for a chat template that does not render them, "auto" without a tool-call parser, a forced
+    call (its grammar) beside another constraint on the output (response_format...)."""
+    choice = request.tool_choice
+    label = choice if isinstance(choice, str) else "a named function"
+    if not request.tools:
+        if choice not in (None, "none"):
+            raise APIError(400, f"tool_choice {label!r} needs tools", param="tool_choice")
+        return ToolUse(None, "none")
+    tools = [t.model_dump(exclude_none=True) for t in request.tools]
+    names = [t["function"]["name"] for t in tools]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise APIError(400, f"tools: two tools are named {twice!r}", param="tools")
+    if not template_renders_tools:
+        raise APIError(400, "tools: this model's chat template does not render tools", param="tools",
+                       code="unsupported_parameter")
+    parallel = request.parallel_tool_calls is not False
+    use = (ToolUse(tools, "named", choice.function.name, parallel) if isinstance(choice, NamedToolChoice)
+           else ToolUse(tools, choice or "auto", parallel=parallel))
+    if use.function is not None and use.function not in names:
+        raise APIError(400, f"tool_choice names the function {use.function!r}, which is not among the tools "
+                            f"({', '.join(names)})", param="tool_choice")
+    if use.choice == "auto" and parser is None:
+        raise APIError(400, "tool_choice 'auto' needs a tool-call parser: this server runs without one "
+                            "(scripts/serve.py --tool_call_parser)", param="tool_choice",
+                       code="unsupported_parameter")
+    if use.forced and _constraint_sources(request):
+        raise APIError(400, f"tool_choice {label!r} constrains the output, and so does "
+                            f"{_constraint_sources(request)[0][0]}: send one of them", param="tool_choice")
+    return use
 
 
 def max_tokens(requested: int | None, prompt_len: int, max_model_len: int, default: int | None,
@@ -259,7 +462,8 @@ def max_tokens(requested: int | None, prompt_len: int, max_model_len: int, defau
 
 
 _PARAM_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "stop_token_ids", "stop",
-                 "ignore_eos", "prompt_logprobs")
+                 "ignore_eos", "prompt_logprobs", "n", "best_of", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "logit_bias", "min_tokens", "bad_words", "allowed_token_ids")
 
 
 def _param_named(message: str) -> str | None:
@@ -268,15 +472,30 @@ def _param_named(message: str) -> str | None:
     return min(found)[1] if found else None
 
 
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as JSON object keys) with int keys, or a 400 naming it."""
+    if bias is None:
+        return None
+    bad = next((key for key in bias if not re.fullmatch(r"-?\d+", key.strip())), None)
+    if bad is not None:
+        raise APIError(400, f"logit_bias: keys must be token ids, got {bad!r}", param="logit_bias")
+    return {int(key): value for key, value in bias.items()}
+
+
 def sampling_params(request: _Sampling, budget: int, prompt_logprobs: int | None = None) -> SamplingParams:
     """SamplingParams with OpenAI's defaults (temperature 1, top_p 1) for what the request leaves
     out; a value the engine refuses is a 400 naming its parameter."""
     logprobs, logprobs_param = requested_logprobs(request)
     given = {
+        "n": request.n, "best_of": request.best_of,
         "temperature": request.temperature, "top_p": request.top_p, "min_p": request.min_p,
         "top_k": -1 if request.top_k == 0 else request.top_k, "seed": request.seed, "stop": request.stop,
         "stop_token_ids": request.stop_token_ids, "ignore_eos": request.ignore_eos, "logprobs": logprobs,
-        "prompt_logprobs": prompt_logprobs,
+        "prompt_logprobs": prompt_logprobs, "structured_outputs": structured_outputs(request),
+        "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
+        "repetition_penalty": request.repetition_penalty, "logit_bias": logit_bias(request.logit_bias),
+        "min_tokens": request.min_tokens, "bad_words": request.bad_words,
+        "allowed_token_ids": request.allowed_token_ids,
     }
     try:
         return SamplingParams(max_tokens=budget, **{k: v for k, v in given.items() if v is not None})
@@ -316,23 +535,27 @@ def completion_body(rid: str, created: int, model: str, choices: list[dict], use
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None = None,
-                     logprobs: dict | None = None) -> dict:
+                     logprobs: dict | None = None, index: int = 0) -> dict:
+    """One streamed completion chunk, of choice `index`."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def chat_body(rid: str, created: int, model: str, text: str, finish_reason: str | None, use: dict,
-              logprobs: dict | None = None) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                         "finish_reason": finish_reason}],
+def chat_choice(index: int, message: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    """One choice of a (non-streamed) chat completion; `message` from server/chat_output.py."""
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_body(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": use}
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
-               logprobs: dict | None = None) -> dict:
+               logprobs: dict | None = None, index: int = 0) -> dict:
+    """One streamed chat chunk, of choice `index`."""
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 # The engine's per-token logprobs: {chosen token: logprob, then its top alternatives} (engine/request.py);

@@ -225,17 +225,18 @@ def test_interpret_kernels_match_xla(tiny):
 
 def test_decode_updates_cache_in_place(tiny):
     """The compiled decode loop never copies a layer's pages (a full-cache copy per step is the
-    costliest silent regression: it made decode ~10x slower once)."""
+    costliest silent regression: it made decode ~10x slower once), nor the penalty tables."""
     llm = tiny_llm(tiny)
     runner = llm.runner
     rows, pages = 1, llm.config.page_buckets[0]
     zeros = np.zeros((rows,), np.int32)
     from engine.sampler import SamplingTensors
     hlo = runner.decode_fn.lower(runner.state, runner.cache, np.zeros((rows, llm.config.decode_steps), np.int32),
-                                 zeros, np.zeros((rows, pages), np.int32),
-                                 np.ones((rows,), bool), SamplingTensors.build([], [], rows)).compile().as_text()
+                                 zeros, np.zeros((rows, pages), np.int32), np.ones((rows,), bool),
+                                 SamplingTensors.build([], [], rows), 0, runner.penalties).compile().as_text()
     hkv, num_pages, page_size, d = runner.cache[0][0].shape
-    layer_shapes = (f"[{hkv},{num_pages},{page_size},{d}]", f"[{hkv},{num_pages * page_size},{d}]")
+    layer_shapes = (f"[{hkv},{num_pages},{page_size},{d}]", f"[{hkv},{num_pages * page_size},{d}]",
+                    "[{},{}]".format(*runner.penalties.counts.shape))
     copies = [line for line in hlo.splitlines() if " copy(" in line and any(s in line.split("copy(")[0]
                                                                            for s in layer_shapes)]
     assert not copies, copies[:3]

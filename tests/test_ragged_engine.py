@@ -122,7 +122,7 @@ class LetterTokenizer:
 
     eos_token_ids: list[int] = []
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(ord("a") + t % 26) for t in ids)
 
 

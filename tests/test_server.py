@@ -156,6 +156,30 @@ def test_logprobs_equal_generate(urls, reference, smollm2):
     assert plain.choices[0].logprobs is None
 
 
+def test_penalties_and_biases_equal_generate(urls, reference, smollm2):
+    """OpenAI's presence/frequency_penalty and logit_bias (string keys) and vLLM's repetition_penalty,
+    min_tokens, bad_words and allowed_token_ids, through the openai client on completions and chat:
+    LLM.generate's tokens for the same params, which the biases visibly changed."""
+    c = client(urls["main"])
+    prompt, paris = "The capital of France is", smollm2.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    wire = dict(presence_penalty=0.8, frequency_penalty=0.6, logit_bias={str(paris): -100})
+    extra = dict(repetition_penalty=1.3, min_tokens=3, bad_words=["London"])
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, **wire | extra
+                            | {"logit_bias": {paris: -100}})
+    [expected] = reference.generate([prompt], params, use_tqdm=False)
+    [free] = reference.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+                                use_tqdm=False)
+    assert paris in free.token_ids and paris not in expected.token_ids
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0.0, **wire,
+                             extra_body={"ignore_eos": True, **extra})
+    assert r.choices[0].text == expected.text
+    allowed = sorted(set(free.token_ids))
+    chat = reference.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=6, allowed_token_ids=allowed))
+    r = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=6, temperature=0.0,
+                                  extra_body={"allowed_token_ids": allowed})
+    assert r.choices[0].message.content == chat.text and set(chat.token_ids) <= set(allowed)
+
+
 def test_32_concurrent_streaming_clients(urls, reference, smollm2):
     """32 clients x 3 streamed requests each: every one complete, with the greedy text of generate."""
     clients, per_client, max_tokens = 32, 3, 4
@@ -235,11 +259,19 @@ BAD = [  # path, body (bytes or a dict), status, the error's param (None: any), 
     (C, {**OK, "seed": -1}, 400, "seed", None),
     (C, {**OK, "stop": [""]}, 400, "stop", None),
     (C, {**OK, "max_tokens": 0}, 400, "max_tokens", None),
-    (C, {**OK, "n": 2}, 400, "n", "unsupported_parameter"),
-    (C, {**OK, "best_of": 3}, 400, "best_of", "unsupported_parameter"),
+    (C, {**OK, "n": 0}, 400, "n", None),
+    (C, {**OK, "n": 2, "best_of": 1}, 400, "best_of", None),
     (C, {**OK, "logprobs": 21}, 400, "logprobs", None),
     (C, {**OK, "logprobs": -1}, 400, "logprobs", None),
-    (C, {**OK, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
+    (C, {**OK, "presence_penalty": 2.5}, 400, "presence_penalty", None),
+    (C, {**OK, "frequency_penalty": -3}, 400, "frequency_penalty", None),
+    (C, {**OK, "repetition_penalty": 0}, 400, "repetition_penalty", None),
+    (C, {**OK, "logit_bias": {"abc": 1}}, 400, "logit_bias", None),
+    (C, {**OK, "logit_bias": {"5": "x"}}, 400, "logit_bias", None),
+    (C, {**OK, "logit_bias": {"1000000": 1}}, 400, "logit_bias", None),  # outside the vocabulary
+    (C, {**OK, "min_tokens": 3}, 400, "min_tokens", None),  # more than max_tokens
+    (C, {**OK, "bad_words": [""]}, 400, "bad_words", None),
+    (C, {**OK, "allowed_token_ids": []}, 400, "allowed_token_ids", None),
     (C, {**OK, "prompt": [10**6]}, 400, "prompt", None),
     (C, {**OK, "prompt": [1, True]}, 400, "prompt", None),
     (C, {**OK, "prompt": []}, 400, "prompt", None),
@@ -252,7 +284,9 @@ BAD = [  # path, body (bytes or a dict), status, the error's param (None: any), 
     (CHAT, {"model": MODEL}, 400, "messages", None),
     (CHAT, {**CHAT_OK, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
     (CHAT, {**CHAT_OK, "top_logprobs": 2}, 400, "top_logprobs", None),
-    (CHAT, {**CHAT_OK, "n": 3}, 400, "n", "unsupported_parameter"),
+    (CHAT, {**CHAT_OK, "n": 0}, 400, "n", None),
+    (CHAT, {**CHAT_OK, "presence_penalty": -2.1}, 400, "presence_penalty", None),
+    (CHAT, {**CHAT_OK, "allowed_token_ids": [10**6]}, 400, "allowed_token_ids", None),
     (CHAT, {**CHAT_OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
     (CHAT, {**CHAT_OK, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "messages", "unsupported_parameter"),
@@ -322,7 +356,7 @@ def test_api_key_is_enforced(urls):
 
 
 def test_models_and_metrics(urls):
-    assert httpx.post(f"{urls['main']}{C}", json={**OK, "n": 2}).status_code == 400
+    assert httpx.post(f"{urls['main']}{C}", json={**OK, "n": 0}).status_code == 400
     assert httpx.post(f"{urls['main']}{C}", json=OK).status_code == 200
     [card] = httpx.get(f"{urls['main']}/v1/models").json()["data"]
     assert card["id"] == MODEL and card["owned_by"] == "jaxserve" and card["max_model_len"] == 128

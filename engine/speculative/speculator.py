@@ -13,6 +13,7 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from engine import kv_cache
 from engine.attention_choice import AttentionChoice
@@ -68,10 +69,12 @@ class Speculator:
                      for s, n, d in zip(output.scheduled, slots, drafts)]
         return dataclasses.replace(output, scheduled=scheduled)
 
-    def verify(self, runner: ModelRunner, scheduled: list[ScheduledRequest]) -> StepResult:
-        """Run the target's verify (mixed) step, let the proposer see it, fetch the results."""
+    def verify(self, runner: ModelRunner, scheduled: list[ScheduledRequest],
+               masks: list[np.ndarray | None] | None = None) -> StepResult:
+        """Run the target's verify (mixed) step, let the proposer see it, fetch the results; masks:
+        the constrained requests' masks per verified position (engine/constrained_step.py)."""
         q = runner.padding_draft_probs if self._draft_probs is None else self._draft_probs
-        batch, _ = mixed_batch(scheduled, runner.config, q)  # one attention shard: scheduled order
+        batch, _ = mixed_batch(scheduled, runner.config, q, masks=masks)  # one attention shard: scheduled order
         self._draft_probs = None
         outputs = runner.run_mixed_arrays(batch, decode_only=not any(s.request.is_prefilling for s in scheduled))
         result = fetch(outputs)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import jinja2.sandbox
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
@@ -35,19 +37,27 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """The chat template rendered as transformers' apply_chat_template renders it (its `tojson`,
+        `strftime_now`, loop controls; `tools` as given: OpenAI's {"type": "function", ...} dicts)."""
         if not self.chat_template:
             raise ValueError("this checkpoint has no chat template")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
         token = lambda i: None if i is None else self.backend.id_to_token(i)  # noqa: E731
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+        return _template_environment().from_string(self.chat_template).render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
             bos_token=token(self.bos_token_id) or "", eos_token=token(self.eos_token_ids[0]) or "")
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Prompt ids for `messages` with the generation prompt appended (as HF tokenize=True)."""
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
+
+    def template_reads(self, name: str) -> bool:
+        """Whether the chat template reads the variable `name` (e.g. `tools`: it can render them)."""
+        if not self.chat_template:
+            return False
+        return name in jinja2.meta.find_undeclared_variables(_template_environment().parse(self.chat_template))
 
     def save(self, directory: Path) -> None:
         self.backend.save(str(directory / "tokenizer.json"))
@@ -64,6 +74,27 @@ class Tokenizer:
 
 def _raise_template_error(message: str) -> None:
     raise ValueError(f"chat template error: {message}")
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """transformers' `tojson` filter: plain json.dumps, keys in order (jinja2's own sorts them and
+    escapes HTML characters, which would render tools unlike the model was trained on)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:  # noqa: A002 (transformers' name for it)
+    """transformers' `strftime_now` global: today's date in the template's format (Llama 3.x's system prompt)."""
+    return datetime.datetime.now().strftime(format)
+
+
+def _template_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+    """A sandboxed jinja2 environment with transformers' chat-template additions."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_template_error, strftime_now=_strftime_now)
+    return env
 
 
 def tokenizer_from_gguf(fields: dict[str, Any]) -> Tokenizer:
