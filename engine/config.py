@@ -66,17 +66,26 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_bytes: int = 4 << 30  # pool budget when num_pages is None
     min_context_bucket: int = 256  # smallest block-table width, in tokens
+    # Count the tokens routed to each (MoE layer, expert) on every step (engine/expert_counts.py,
+    # LLM.expert_counts): every step of a MoE model runs the hooked variant (models/hooks.py) and
+    # decodes one token per call. Off: only steps holding a request that asks for routing count.
+    count_experts: bool = False
     # Drafts a speculative decode verifies at most (K); set by LLM from its speculative_config.
     num_speculative_tokens: int = 0
     # Data-parallel attention (sharding/attention_shards.py): the requests, the page pool,
     # max_num_seqs and the token budget split into this many equal shards, each attended on its
     # own devices. Set by LLM from the mesh and the rules' "pages" axes; 1: one shared pool.
     attention_shards: int = 1
+    # A request's tokens and logprobs bitwise the same whatever runs beside it (engine/batch_invariance.py):
+    # every step at one token shape (the budget), one attention kernel for every row, every LM head and
+    # sampler over max_num_seqs rows. Costs a full-budget forward per decode step.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is None:
             object.__setattr__(self, "max_num_batched_tokens", default_token_budget(jax.default_backend()))
         self._check_shards()
+        _check_batch_invariant(self)
         if self.prefill_chunk is None:
             object.__setattr__(self, "prefill_chunk", min(512, self.tokens_per_shard))
         for name in ("max_model_len", "page_size", "max_num_seqs", "prefill_chunk",
@@ -131,15 +140,21 @@ class EngineConfig:
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:
-        """Rows of a decode-only call (attention_shards equal groups of rows: multiples of it)."""
+        """Rows of a decode-only call (attention_shards equal groups of rows: multiples of it); batch
+        invariant: max_num_seqs only (its LM head and sampler then see the mixed step's row count)."""
+        if self.batch_invariant:
+            return (self.max_num_seqs,)
         return tuple(self.attention_shards * b for b in powers_of_two_upto(self.seqs_per_shard))
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
         """Flat token counts of a mixed (ragged) step: powers of two up to 128, then every multiple
         of 128 (a 256-token chunk beside 32 decodes pads to 384, not 512), as vLLM's graph sizes;
-        per shard, times attention_shards (every shard's segment has one length)."""
+        per shard, times attention_shards (every shard's segment has one length). Batch invariant:
+        the budget only, so every matmul and reduction sees one shape."""
         most = self.tokens_per_shard
+        if self.batch_invariant:
+            return (most,)
         small = powers_of_two_upto(min(128, most), start=min(8, most))
         shard = small + tuple(range(256, most, 128)) + ((most,) if most > small[-1] else ())
         return tuple(self.attention_shards * b for b in shard)
@@ -149,6 +164,8 @@ class EngineConfig:
         """Block-table widths: powers of two from min_context_bucket tokens, then the widest a call can
         reach (table_reach). Short contexts share one bucket: a few padded pages cost less than a compile."""
         most = -(-self.table_reach // self.page_size)
+        if self.batch_invariant:  # one table width: one program per kind of step
+            return (most,)
         return powers_of_two_upto(most, start=min(most, max(1, self.min_context_bucket // self.page_size)))
 
     @property
@@ -163,3 +180,26 @@ class EngineConfig:
         """The block-table width (a page bucket) of a call whose longest sequence spans num_tokens
         positions: the one place a table's width is decided (runner, draft model, MTP)."""
         return bucket(-(-num_tokens // self.page_size), self.page_buckets)
+
+
+_NOT_ROW_LOCAL = ("pallas", "interpret")  # decode tiles vs query tiles, KV splits by SM waves
+
+
+def _check_batch_invariant(config: EngineConfig) -> None:
+    """ValueError for what the mode cannot serve: a flag that is not a bool, data-parallel attention,
+    speculation, an attention kernel whose rows are not computed alone, a budget below max_num_seqs."""
+    if not isinstance(config.batch_invariant, bool):
+        raise ValueError(f"batch_invariant must be a bool, got {config.batch_invariant!r}")
+    if not config.batch_invariant:
+        return
+    if config.attention_shards != 1:
+        raise ValueError("batch_invariant=True does not support data-parallel attention (attention_shards > 1)")
+    if config.num_speculative_tokens:
+        raise ValueError("batch_invariant=True does not support speculative decoding")
+    if config.attention_impl in _NOT_ROW_LOCAL:
+        raise ValueError(f"batch_invariant=True needs attention_impl 'auto', 'cpu' or 'xla', not "
+                         f"{config.attention_impl!r}: the Pallas ragged kernel computes decode rows and "
+                         f"prefill rows in different tiles")
+    if config.max_num_batched_tokens < config.max_num_seqs:
+        raise ValueError(f"batch_invariant=True pads every decode to max_num_batched_tokens="
+                         f"{config.max_num_batched_tokens} rows, below max_num_seqs={config.max_num_seqs}")

@@ -16,9 +16,13 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from engine import attention_choice, bad_words, compilation_cache, kv_cache, structured_output
+from engine import batch_invariance
+from engine import (attention_choice, bad_words, compilation_cache, kv_cache, sleep_mode, structured_output,
+                    weight_updates)
 from engine.config import EngineConfig
+from engine.hook_params import check_against_model
 from engine.constrained_step import constrain
+from engine.logits_processor import LogitsProcessor, checked_args, checked_processors
 from engine.output_processor import OutputProcessor
 from engine.parallel_sampling import num_sequences, outputs, sequence_params, sequence_seed
 from engine.page_allocator import PageAllocator
@@ -29,6 +33,7 @@ from engine.request_constraint import constraint_for
 from engine.runner import ModelRunner, StepResult, fetch
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.speculative.config import SpeculativeConfig
+from engine.speculative.draft_model import DraftModelProposer
 from engine.speculative.speculator import Speculator, make_speculator
 from models import LoadedModel, load_model
 from pallas_kernels import ops
@@ -44,7 +49,8 @@ class LLM:
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m-instruct", *, dtype: str = "float32",
                  weights: str = "native", seed: int = 0, mesh: Mesh | None = None,
-                 rules: str | ShardingRules | None = None, speculative_config: dict | None = None, **engine_args):
+                 rules: str | ShardingRules | None = None, speculative_config: dict | None = None,
+                 logits_processors: Sequence[LogitsProcessor] = (), **engine_args):
         """engine_args: EngineConfig's fields (page_size, num_pages, max_num_seqs, max_model_len,
         attention_impl, kv_cache_dtype, decode_steps, prefill_chunk, max_num_batched_tokens, kv_cache_bytes,
         enable_prefix_caching); its defaults are the engine's. max_model_len defaults to the model's
@@ -66,9 +72,13 @@ class LLM:
         speculative_config: vLLM's dict (engine/speculative/config.py): {"method": "ngram" | "mtp" |
         "synthetic", or "model": a draft, "num_speculative_tokens": k, ...}; None: no speculation.
 
+        logits_processors: extra logits transforms compiled into every step, each request turning
+        them on by name with its own arguments (engine/logits_processor.py).
+
         Compiled steps persist on disk (engine/compilation_cache.py) for the next process.
         """
         spec = SpeculativeConfig.from_dict(speculative_config)
+        self.logits_processors = checked_processors(logits_processors)
         compilation_cache.enable()
         self.model = _placed_model(model, dtype, mesh, weights, rules)
         shards = data_parallel_shards(self.model.mesh, self.model.rules)
@@ -78,26 +88,31 @@ class LLM:
                                  f"{self.model.rules.name!r} split the page pool over {shards.axes})")
             engine_args["attention_shards"] = shards.size
         self.config = _engine_config(self.model, engine_args, spec)
+        batch_invariance.check_model(self.config, self.model.config)
         self.allocator = PageAllocator(self.config.num_pages, self.config.attention_shards)
         self.prefix_cache = PrefixCache(self.allocator, self.config.page_size, self.config.enable_prefix_caching,
                                         identity=(self.model.config, np.dtype(self.model.dtype).name),
                                         lookahead=int(spec is not None and spec.method == "mtp"))
         self.scheduler = Scheduler(self.config, self.allocator, self.prefix_cache)
-        self.attention = attention_choice.choose(self.config.attention_impl, _attention_shapes(self.model, self.config),
-                                                 on_mesh=self.model.mesh is not None,
-                                                 fp8_kv=self.config.kv_cache_dtype != "auto")
+        on_mesh, fp8_kv, shapes = self.model.mesh is not None, self.config.kv_cache_dtype != "auto", \
+            _attention_shapes(self.model, self.config)
+        self.attention = (batch_invariance.attention(self.config.attention_impl, shapes.head_dim, on_mesh, fp8_kv)
+                          if self.config.batch_invariant else
+                          attention_choice.choose(self.config.attention_impl, shapes, on_mesh=on_mesh, fp8_kv=fp8_kv))
         self.speculator: Speculator | None = (None if spec is None else
                                               make_speculator(spec, self.model, self.config, self.attention, dtype))
         accepts, q = (None, None) if spec is None else (self.speculator.synthetic_accepts,
                                                         self.speculator.padding_draft_probs)
         self.runner = ModelRunner(self.model.model, _allocate_cache(self.model, self.config), self.config,
-                                  self.attention.decode, self.attention.mixed, accepts, q, shards)
+                                  self.attention.decode, self.attention.mixed, accepts, q, shards,
+                                  self.logits_processors)
         self.processor = OutputProcessor(self.scheduler, self.model.tokenizer)
         self._requests: dict[int, Request] = {}
         self._groups: dict[int, list[Request]] = {}  # a prompt's first sequence's id -> its n > 1 sequences
         self._inflight: _InFlight | None = None  # a decode call dispatched before the last one was applied
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(seed)
+        self._asleep: sleep_mode.Asleep | None = None  # set by sleep(): what wake_up() restores
 
     # ---- requests -------------------------------------------------------------------------
     def _prompt_ids(self, prompt: object) -> list[int]:
@@ -127,6 +142,9 @@ class LLM:
 
     def _checked(self, prompt: object, params: object) -> tuple[list[int], SamplingParams]:
         """The prompt's ids and its params, or a ValueError naming what is wrong; admits nothing."""
+        if self._asleep is not None:
+            raise sleep_mode.EngineAsleepError("the engine is asleep (sleep() was called): wake_up() before "
+                                               "adding requests")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {params!r} ({type(params).__name__})")
@@ -143,7 +161,29 @@ class LLM:
                 raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})")
         bad_words.token_sequences(params.bad_words, self.model.tokenizer, vocab)  # they need a tokenizer
         structured_output.compile_spec(params.structured_outputs, self.model.tokenizer, vocab)  # cached for admission
+        self._check_hooks(params)
+        if params.logits_processor_args:  # as arrays of the registered shapes and dtypes
+            params = dataclasses.replace(params, logits_processor_args=checked_args(
+                self.logits_processors, params.logits_processor_args, vocab))
         return ids, params
+
+    def _check_hooks(self, params: SamplingParams) -> None:
+        """The research hooks' layers and vectors against the model (engine/hook_params.py); none
+        with speculative decoding (a verify step runs no hooks)."""
+        if params.hooked and self.speculator is not None:
+            raise ValueError("capture_layers, interventions and return_routed_experts are not supported with "
+                             "speculative decoding")
+        check_against_model(params.capture_layers, params.interventions, params.return_routed_experts,
+                            self.model.config)
+
+    def expert_counts(self, window: bool = False) -> np.ndarray:
+        """Tokens routed to each (MoE layer, expert) [num_moe_layers, num_experts]: since the start,
+        or over the last steps that computed routing (window=True). Every step counts with
+        LLM(count_experts=True); else only steps holding a request asking for return_routed_experts."""
+        counts = self.runner.expert_counts
+        if counts is None:
+            raise ValueError(f"expert_counts: {self.model.config.name} is a dense model (no MoE layers)")
+        return counts.window() if window else counts.total.copy()
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> Request:
         """Validate and enqueue one sequence; a bad request raises ValueError and leaves the others
@@ -181,8 +221,9 @@ class LLM:
     def _logits_row(self, params: SamplingParams) -> LogitsRow | None:
         """The request's penalties and biases for its device row (None: it asks for none)."""
         tokenizer, vocab = self.model.tokenizer, self.model.config.vocab_size
+        counted = any(p.reads_counts and p.name in params.logits_processor_args for p in self.logits_processors)
         return params.logits_row(bad_words.banned_tokens(params.bad_words, tokenizer, vocab),
-                                 tuple(tokenizer.eos_token_ids) if tokenizer else ())
+                                 tuple(tokenizer.eos_token_ids) if tokenizer else (), counted)
 
     def abort(self, request_id: int, *, siblings: bool = True) -> bool:
         """Stop a request now and free its pages; False if the id is unknown or already finished.
@@ -297,6 +338,79 @@ class LLM:
             self.scheduler.preempt_all()
             self.allocator.forget_cached()
 
+    # ---- weights: refit and sleep mode (engine/weight_updates.py, engine/sleep_mode.py) -------
+    def update_weights(self, source: weight_updates.WeightsSource, *, running: str = "finish",
+                       weights: str | None = None) -> None:
+        """Replace the weights in place with `source`'s (a params pytree, an orbax or HF checkpoint
+        directory) of the same shapes, dtypes and shardings: nothing recompiles. A mismatch is a
+        ValueError naming the first differing parameter, raised before anything changes. Unfinished
+        requests first: running="finish" runs them (and the queued ones) to completion on the old
+        weights, "abort" aborts them. The prefix cache is emptied. weights: how a checkpoint is
+        read (load_model's; None: "native" when served packed, else the model's dtype)."""
+        _check_running(running)
+        prepared = self.prepare_weights(source, weights)
+        self.settle(running)
+        weight_updates.apply(self.model, prepared)
+        self.allocator.forget_cached()
+
+    def prepare_weights(self, source: weight_updates.WeightsSource,
+                        weights: str | None = None) -> weight_updates.PreparedWeights:
+        """update_weights' first half, while requests keep running: load `source`, check it and place
+        it on the device (a ValueError changes nothing); update_weights(prepared) swaps it in."""
+        self._check_awake()
+        return weight_updates.prepare(self.model, source, weights)
+
+    def sleep(self, level: int = 1, *, running: str = "finish") -> sleep_mode.SleepReport:
+        """Free the device memory of an idle engine (vLLM's sleep levels): level 1 moves the weights
+        to host memory, level 2 discards them (reload with update_weights after wake_up); both
+        discard the KV cache. Unfinished requests first, as update_weights' `running`."""
+        self._check_awake()
+        sleep_mode.check_level(level)
+        _check_running(running)
+        self.settle(running)
+        proposer_cache = getattr(self.speculator and self.speculator.proposer, "cache", None)
+        weights = sleep_mode.weight_variables([self.runner.state, *self._draft_state()])
+        self._asleep, report = sleep_mode.sleep(weights, self.runner.cache, level,
+                                                [] if proposer_cache is None else proposer_cache)
+        self.runner.cache = None
+        self.allocator.forget_cached()
+        return report
+
+    def wake_up(self) -> None:
+        """Put back what sleep() freed, with the same shapes and shardings (nothing recompiles)."""
+        if self._asleep is None:
+            raise RuntimeError("wake_up() called on an engine that is not asleep")
+        self.runner.cache = sleep_mode.wake_up(self._asleep)
+        if self.speculator is not None:
+            self.speculator.proposer.reset_cache()
+        self._asleep = None
+
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether sleep() was called and wake_up() not yet."""
+        return self._asleep is not None
+
+    def settle(self, running: str) -> None:
+        """Leave no request unfinished: "finish" steps until every one (queued ones too) finished,
+        "abort" aborts them all; no decode call is left dispatched ahead afterwards."""
+        _check_running(running)
+        if running == "abort":
+            for request_id in list(self._requests):
+                self.abort(request_id)
+        while self.has_unfinished():
+            self.step()
+        self._inflight = None  # a decode call run ahead for requests that finished: nothing left to apply
+
+    def _check_awake(self) -> None:
+        """EngineAsleepError while asleep: the weights and KV cache are off the device."""
+        if self._asleep is not None:
+            raise sleep_mode.EngineAsleepError("the engine is asleep: wake_up() first")
+
+    def _draft_state(self) -> list:
+        """A draft model's parameters (its own; an MTP head's are the target's), if one proposes."""
+        proposer = self.speculator and self.speculator.proposer
+        return [proposer.state] if isinstance(proposer, DraftModelProposer) else []
+
     # ---- convenience APIs -----------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
                  = None, *, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -356,6 +470,12 @@ class LLM:
         """Compile every shape bucket now (with all-padding batches); returns the number of programs.
         logprobs: the logprob variants too (else they compile when a request first asks for them)."""
         return self.runner.warmup(logprobs) + (self.speculator.warmup() if self.speculator is not None else 0)
+
+
+def _check_running(running: object) -> None:
+    """ValueError unless `running` is one of update_weights' and sleep's modes."""
+    if running not in ("finish", "abort"):
+        raise ValueError(f"running must be \"finish\" or \"abort\", got {running!r}")
 
 
 @dataclasses.dataclass(frozen=True)

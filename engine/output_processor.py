@@ -20,6 +20,7 @@ import weakref
 import numpy as np
 from absl import logging
 
+from engine import model_hooks
 from engine.request import Request, Status
 from engine.runner import StepResult, wants_prompt_logprobs
 from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
@@ -61,6 +62,8 @@ class OutputProcessor:
                 if result.prompt_logprobs is not None and wants_prompt_logprobs(s):
                     _record_prompt_logprobs(s, int(result.prompt_starts[row]), result)
                 done = self._apply_one(request, s.end - len(s.drafts), s.samples, result, row, steps, now)
+                if result.hooks is not None:  # a hooked mixed step (decode and verify steps carry none)
+                    model_hooks.record(s, int(result.prompt_starts[row]), result.hooks)
                 if s.drafts:
                     request.metrics.speculation.record(len(s.drafts), steps - 1)
                 self.scheduler.prefix_cache.commit(request, s.start)  # before finish frees its pages

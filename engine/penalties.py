@@ -66,10 +66,11 @@ class LogitsRow:
     min_tokens: int = 0
     banned: tuple[int, ...] = ()
     stop_ids: tuple[int, ...] = ()
+    track_counts: bool = False  # a logits processor it names reads its counts (engine/logits_processor.py)
 
     def asks(self) -> bool:
         """Whether the row does anything (else the request takes no slot)."""
-        return (self.presence != 0 or self.frequency != 0 or self.repetition != 1 or bool(self.logit_bias)
+        return (self.track_counts or self.presence != 0 or self.frequency != 0 or self.repetition != 1 or bool(self.logit_bias)
                 or self.allowed_token_ids is not None or bool(self.banned)
                 or (self.min_tokens > 0 and bool(self.stop_ids)))
 
@@ -104,10 +105,7 @@ def apply(logits: jax.Array, slots: jax.Array, positions: jax.Array, tables: Pen
     generated after the row's counts were recorded (a verify step's earlier drafts; -1: none)."""
 
     def penalised(logits: jax.Array) -> jax.Array:
-        counts = tables.counts[slots]
-        if earlier is not None:
-            rows = jnp.arange(counts.shape[0])[:, None]
-            counts = counts.at[rows, jnp.where(earlier >= 0, earlier, counts.shape[1])].add(1, mode="drop")
+        counts = row_counts(tables, slots, earlier)
         flags = tables.flags[slots]
         logits = logits + tables.bias[slots]
         before_min = (positions < tables.min_end[slots])[:, None]
@@ -119,6 +117,16 @@ def apply(logits: jax.Array, slots: jax.Array, positions: jax.Array, tables: Pen
                 - tables.presence[slots][:, None] * (counts > 0))
 
     return jax.lax.cond(jnp.any(slots > 0), penalised, lambda x: x, logits)
+
+
+def row_counts(tables: PenaltyTables, slots: jax.Array, earlier: jax.Array | None = None) -> jax.Array:
+    """Each row's generated-token counts [B, V] int32: its slot's, plus `earlier` [B, K] (a verify
+    step's drafts before the position; -1: none)."""
+    counts = tables.counts[slots]
+    if earlier is not None:
+        rows = jnp.arange(counts.shape[0])[:, None]
+        counts = counts.at[rows, jnp.where(earlier >= 0, earlier, counts.shape[1])].add(1, mode="drop")
+    return counts
 
 
 def record(tables: PenaltyTables, slots: jax.Array, tokens: jax.Array, valid: jax.Array | None = None) -> PenaltyTables:

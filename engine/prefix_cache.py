@@ -77,8 +77,8 @@ class PrefixCache:
         of the request's own: with a fully cached prompt its whole last page is recomputed. A
         request asking for prompt logprobs computes its whole prompt (as vLLM). Only pages of
         attention shard `shard` are found (a shard's devices hold only their own pages)."""
-        if not self.enabled or request.params.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt position's logits: nothing may be skipped
+        if not self.enabled or request.params.prompt_logprobs is not None or request.params.hooked:
+            return []  # prompt logprobs (and captures, edits) need every prompt position: nothing may be skipped
         hits = []
         for i in range(self._keyable(request, request.prefill_target - 1)):
             page = self.allocator.cached(self._key(request, i), shard)
@@ -95,7 +95,7 @@ class PrefixCache:
 
     def commit(self, request: Request, start: int) -> None:
         """Register the pages a step filled: it computed tokens [start, request.num_computed)."""
-        if not self.enabled:
-            return
+        if not self.enabled or request.params.interventions:
+            return  # edited pages hold what the tokens alone would not: never shared
         for i in range(start // self.page_size, self._keyable(request, request.num_computed)):
             self.allocator.register(request.pages[i], self._key(request, i))

@@ -9,6 +9,9 @@ import time
 import numpy as np
 
 from engine.constraints import TokenConstraint
+from engine.hook_params import Intervention, checked_fields
+from engine.hook_record import HookRecord
+from engine.logits_processor import checked_form
 from engine.penalties import LogitsRow
 from engine.speculative.metrics import SpecMetrics
 from engine.structured_output import StructuredOutputs
@@ -47,6 +50,15 @@ class SamplingParams:
     # vLLM's: False keeps special tokens in the text (tool-call and reasoning markers some formats
     # make special, e.g. gpt-oss harmony's); the token that stops the output is never in it.
     skip_special_tokens: bool = True
+    # {processor name: {argument: value}}: the engine's registered logits processors this request
+    # runs and their per-row arguments (engine/logits_processor.py; checked by LLM.add_request).
+    logits_processor_args: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # Research hooks (engine/hook_params.py, models/hooks.py): the residual stream of these layers
+    # (transformers' output_hidden_states numbering) in RequestOutput.hidden_states; edits of it;
+    # the experts each token was routed to (a MoE model) in RequestOutput.routed_experts.
+    capture_layers: tuple[int, ...] = ()
+    interventions: tuple[Intervention, ...] = ()
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p"):
@@ -77,6 +89,16 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         self._check_parallel()
         self._check_penalties()
+        for name, value in zip(("capture_layers", "interventions", "return_routed_experts"),
+                               checked_fields(self.capture_layers, self.interventions, self.return_routed_experts)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "logits_processor_args", checked_form(self.logits_processor_args))
+
+    @property
+    def hooked(self) -> bool:
+        """Whether it asks for a research hook: such a request runs one token per call, computes its
+        whole prompt (no prefix-cache hits) and, with interventions, never shares its pages."""
+        return bool(self.capture_layers or self.interventions or self.return_routed_experts)
 
     def _check_parallel(self) -> None:
         """n >= 1 and best_of (None: n) >= n, as ints: a ValueError names the field."""
@@ -110,12 +132,13 @@ class SamplingParams:
                 raise ValueError("allowed_token_ids must not be empty (None: every token)")
             object.__setattr__(self, "allowed_token_ids", ids)
 
-    def logits_row(self, banned: tuple[int, ...], eos: tuple[int, ...]) -> LogitsRow | None:
+    def logits_row(self, banned: tuple[int, ...], eos: tuple[int, ...], track_counts: bool = False) -> LogitsRow | None:
         """This request's penalties and biases for its device row (engine/penalties.py), given its
-        single-token bad words and the model's EOS ids; None when it asks for none (no slot)."""
+        single-token bad words, the model's EOS ids and whether a logits processor it names reads its
+        token counts; None when it asks for none (no slot)."""
         row = LogitsRow(self.presence_penalty, self.frequency_penalty, self.repetition_penalty,
                         dict(self.logit_bias), self.allowed_token_ids, self.min_tokens, tuple(banned),
-                        tuple(self.stop_token_ids) + (() if self.ignore_eos else tuple(eos)))
+                        tuple(self.stop_token_ids) + (() if self.ignore_eos else tuple(eos)), track_counts)
         return row if row.asks() else None
 
 
@@ -268,6 +291,10 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     index: int = 0  # its place among its prompt's n outputs (engine/parallel_sampling.py)
     cumulative_logprob: float | None = None  # the sum of its tokens' logprobs, when they were computed
+    # params.capture_layers: {layer: [tokens, D]} per computed position (prompt, then each generated
+    # token but the last, which no step fed back), as transformers' output_hidden_states
+    hidden_states: dict[int, np.ndarray] | None = None
+    routed_experts: np.ndarray | None = None  # params.return_routed_experts: [tokens, num_moe_layers, k]
 
 
 class Status(enum.Enum):
@@ -309,9 +336,12 @@ class Request:
     logits_row: LogitsRow | None = None  # its penalties and biases, when it asks for any (engine/penalties.py)
     sampling_slot: int = 0  # its row of the device penalty tables while running (0: the null row)
     slot_lease: int = 0  # which holding of sampling_slot this is (the runner writes a new lease's row)
+    hook_record: HookRecord | None = None  # its captured rows, when it asks (engine/hook_record.py)
 
     def __post_init__(self) -> None:
         self.prefill_target = len(self.prompt_token_ids)
+        if self.params.capture_layers or self.params.return_routed_experts:
+            self.hook_record = HookRecord(self.params.capture_layers, self.params.return_routed_experts)
 
     @property
     def tokens(self) -> list[int]:
@@ -345,7 +375,9 @@ class Request:
         return RequestOutput(self.request_id, self.prompt_token_ids, self.text, list(self.output_token_ids),
                              self.finish_reason, self.metrics, list(self.output_logprobs) if asked[0] else None,
                              self.error, list(self.prompt_logprobs) if asked[1] else None, index=self.index,
-                             cumulative_logprob=cumulative_logprob(self.output_logprobs) if asked[0] else None)
+                             cumulative_logprob=cumulative_logprob(self.output_logprobs) if asked[0] else None,
+                             hidden_states=self.hook_record and self.hook_record.hidden_states(),
+                             routed_experts=self.hook_record and self.hook_record.routed_experts())
 
 
 def cumulative_logprob(entries: list[dict[int, float]]) -> float:

@@ -13,6 +13,8 @@ page ids (sharding/attention_shards.py); results come back to the host in schedu
 Top-k logprobs are a static variant: a call computes MAX_LOGPROBS alternatives only when one of its
 requests asks (compiled on first use, not by warmup), so other calls run the functions they always did.
 So is a host constraint's mask (SamplingTensors.allowed): a mixed step holding a constrained request.
+So are the research hooks (MixedBatch.hooks, models/hooks.py, engine/model_hooks.py): a mixed step
+holding a request that captures residuals, edits them or asks for its routed experts.
 
 Penalties and biases live in device tables (engine/penalties.py) that every step takes and returns,
 donated like the cache: the runner writes a request's row when it first runs in a new sampling
@@ -30,13 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engine import kv_cache, penalties
+from engine import batch_invariance, kv_cache, penalties
 from engine.config import EngineConfig, bucket
+from engine import model_hooks
+from engine.logits_processor import LogitsProcessor, ProcessorBatch
 from engine.penalties import PenaltyTables
 from engine.request import MAX_LOGPROBS, Request, SamplingParams
 from engine.sampler import SamplingTensors, sample, token_logprobs, top_logprobs
 from engine.scheduler import ScheduledRequest
 from engine.speculative import verify as spec_verify
+from models.hooks import ModelHooks
 from models.attention import AttentionMetadata, LayerCache
 from models.loading.progress import progress
 from sharding.attention_shards import AttentionShards
@@ -57,6 +62,7 @@ class StepResult:
     prompt_top_ids: np.ndarray | None = None
     prompt_top_logprobs: np.ndarray | None = None
     counts: np.ndarray | None = None
+    hooks: dict[str, np.ndarray] | None = None  # the asked research-hook reads, per flat token (models/hooks.py)
     prompt_starts: np.ndarray | None = None  # each scheduled request's first flat token (Placement.gather)
 
 
@@ -86,10 +92,12 @@ class Placement:
         """`result`'s rows, and its per flat token arrays, in scheduled order (request i's flat
         tokens from prompt_starts[i]: the one place that layout is decided)."""
         flat = np.concatenate([np.arange(s, s + n) for s, n in zip(self.starts, self.counts)] or [np.zeros(0, int)])
-        arrays = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "prompt_starts"}
+        arrays = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)
+                  if f.name not in ("prompt_starts", "hooks")}
         gathered = {name: None if x is None else x[flat if name.startswith("prompt") else self.rows]
                     for name, x in arrays.items()}
-        return StepResult(**gathered, prompt_starts=np.cumsum(self.counts) - self.counts)
+        read = None if result.hooks is None else {name: x[flat] for name, x in result.hooks.items()}
+        return StepResult(**gathered, hooks=read, prompt_starts=np.cumsum(self.counts) - self.counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +136,7 @@ class MixedBatch:
     num_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))  # 0 or MAX_LOGPROBS
     prompt_targets: jax.Array | None = None
     verify: spec_verify.VerifyRows | None = None
+    hooks: ModelHooks | None = None  # research hooks' edits: the hooked variant (engine/model_hooks.py)
 
 
 def num_logprobs(params: list[SamplingParams]) -> int:
@@ -153,13 +162,17 @@ SAMPLE_ROW_TIERS = (8,)  # a mixed step with at most this many sequences samples
 
 
 def _mixed_step(graphdef: nnx.GraphDef, impl: str, synthetic_accepts: float | None, state: nnx.State,
-                cache: list[LayerCache], batch: MixedBatch, tables: PenaltyTables | None = None) -> tuple:
+                cache: list[LayerCache], batch: MixedBatch, tables: PenaltyTables | None = None, *,
+                all_rows: bool = False) -> tuple:
     """One ragged step: every scheduled token through the model, one sample per sequence slot (a
     verify step: its accepted drafts and next token per slot, their count, and the hidden states
     [T, D] an MTP proposer continues from); the cache, and the penalty tables with the kept tokens
-    counted (rows whose sample is discarded are in the null slot)."""
+    counted (rows whose sample is discarded are in the null slot). all_rows: sample every slot
+    (batch-invariant mode, engine/batch_invariance.py)."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = model(batch.tokens[None], batch.positions[None], cache, batch.metadata, attention_impl=impl)
+    # batch.hooks None: the plain step; else the research hooks' variant (edits applied, residuals and routing read)
+    hidden, cache, read = model.hooked(batch.tokens[None], batch.positions[None], cache, batch.metadata, impl,
+                                       batch.hooks)
     if batch.verify is not None:
         logits = model.logits(hidden[0, batch.logits_indices])  # [L, V]
         positions = batch.positions[batch.logits_indices] + 1
@@ -169,22 +182,24 @@ def _mixed_step(graphdef: nnx.GraphDef, impl: str, synthetic_accepts: float | No
             kept = jnp.arange(tokens.shape[1])[None, :] < counts[:, None]
             tables = penalties.record(tables, batch.sampling.slot, tokens, kept)
         return tokens, logprobs, {"counts": counts}, hidden[0], cache, tables
-    next_tokens, logprobs, extras = _sample_rows(model, hidden[0], batch, tables)
+    next_tokens, logprobs, extras = _sample_rows(model, hidden[0], batch, tables, all_rows)
     if tables is not None:
         tables = penalties.record(tables, batch.sampling.slot, next_tokens)
     extras = jax.tree.map(lambda x: x[:, None], extras)
     if batch.prompt_targets is not None:
         extras |= _prompt_logprobs(model.logits(hidden[0]), batch.prompt_targets)
+    if read:
+        extras["hooks"] = read
     return next_tokens[:, None], logprobs[:, None], extras, cache, tables
 
 
 def _sample_rows(model: nnx.Module, hidden: jax.Array, batch: MixedBatch,
-                 tables: PenaltyTables | None) -> tuple[jax.Array, jax.Array, dict]:
+                 tables: PenaltyTables | None, all_rows: bool = False) -> tuple[jax.Array, jax.Array, dict]:
     """A sample (and the asked top-k) at each sequence slot's last token [S]. The LM head and sampler
     run over the fewest rows of SAMPLE_ROW_TIERS (or all S) that hold the step's sequences, picked
     on device by a switch inside one executable: at S = 64, one 256-token prompt spent ~7% of its
     prefill on the 63 empty slots' logits (SmolLM2), and a shape bucket per tier would multiply
-    compilations."""
+    compilations. all_rows: always all S (the decode call's row count: batch-invariant mode)."""
     slots = batch.logits_indices.shape[0]
     tiers = tuple(t for t in SAMPLE_ROW_TIERS if t < slots) + (slots,)
 
@@ -195,7 +210,7 @@ def _sample_rows(model: nnx.Module, hidden: jax.Array, batch: MixedBatch,
         outputs = (*sample(logits, sampling, batch.positions[index] + 1, tables), _top(logits, batch.num_logprobs))
         return jax.tree.map(lambda x: jnp.pad(x, [(0, slots - n)] + [(0, 0)] * (x.ndim - 1)), outputs)
 
-    if batch.metadata.shards is not None:  # DP attention: every shard's group of slots holds sequences
+    if batch.metadata.shards is not None or all_rows:  # DP attention (every shard's slots hold sequences) or the mode
         return rows(slots)
     qsl = batch.metadata.query_start_loc
     num_seqs = jnp.sum(qsl[1:] > qsl[:-1])  # scheduled sequences fill the first slots, each >= 1 token
@@ -206,23 +221,26 @@ def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: i
                  shards: AttentionShards | None, state: nnx.State,
                  cache: list[LayerCache], tokens: jax.Array, positions: jax.Array, block_tables: jax.Array,
                  active: jax.Array, sampling: SamplingTensors, num_logprobs: int = 0,
-                 tables: PenaltyTables | None = None
+                 tables: PenaltyTables | None = None, *, model_rows: int | None = None
                  ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], list[LayerCache], PenaltyTables | None]:
     """num_steps decode steps; step i feeds token i at positions + i. Inactive rows write page 0.
 
     tokens [B, num_steps]: the first fed token is its last column (so the previous call's sampled
     tokens feed a call dispatched before they reach the host, without an op outside the jit).
     num_logprobs (static): top alternatives per sampled token, [B, num_steps, k] (none when 0).
-    tables: the penalty tables, each step's tokens counted before the next step samples."""
+    tables: the penalty tables, each step's tokens counted before the next step samples.
+    model_rows: the model runs these many rows, the B rows padded (batch-invariant mode), and the
+    LM head and sampler the B rows."""
     model = nnx.merge(graphdef, state)
     b = tokens.shape[0]
 
     def step(i, carry):
         cache, tables, token, outs = carry
         pos = positions + i
-        metadata = AttentionMetadata.one_token_per_row(pos, active, block_tables, page_size, shards)
-        hidden, cache = model(token[None], pos[None], cache, metadata, attention_impl=impl)
-        logits = model.logits(hidden[0])
+        fed, fed_pos, fed_active, fed_tables = batch_invariance.pad_rows((token, pos, active, block_tables), model_rows)
+        metadata = AttentionMetadata.one_token_per_row(fed_pos, fed_active, fed_tables, page_size, shards)
+        hidden, cache = model(fed[None], fed_pos[None], cache, metadata, attention_impl=impl)
+        logits = model.logits(hidden[0, :b])
         token, logprob = sample(logits, sampling, pos + 1, tables)
         if tables is not None:
             tables = penalties.record(tables, sampling.slot, token)
@@ -239,17 +257,20 @@ def _decode_loop(graphdef: nnx.GraphDef, impl: str, page_size: int, num_steps: i
 
 @functools.lru_cache(maxsize=None)
 def jitted_steps(graphdef: nnx.GraphDef, decode_impl: str, mixed_impl: str, page_size: int, num_steps: int,
-                 synthetic_accepts: float | None = None, shards: AttentionShards | None = None):
+                 synthetic_accepts: float | None = None, shards: AttentionShards | None = None,
+                 model_rows: int | None = None):
     """The jitted mixed and decode functions with the static arguments closed over (shards: the
-    DP attention shards, which a mixed step's metadata carries itself). Each donates the cache and
+    DP attention shards, which a mixed step's metadata carries itself; model_rows: batch-invariant
+    mode's rows of every model call, engine/batch_invariance.py). Each donates the cache and
     the penalty tables (its last argument: None runs without penalties) and returns them last.
 
     Cached, so engines over the same model share compilations; closing over the GraphDef (rather
     than passing it as a static argument) spares hashing it on every call (~5 ms per call).
     """
-    mixed = jax.jit(partial(_mixed_step, graphdef, mixed_impl, synthetic_accepts), donate_argnums=(1, 3))
-    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps, shards), donate_argnums=(1, 8),
-                     static_argnums=(7,))
+    mixed = jax.jit(partial(_mixed_step, graphdef, mixed_impl, synthetic_accepts, all_rows=model_rows is not None),
+                    donate_argnums=(1, 3))
+    decode = jax.jit(partial(_decode_loop, graphdef, decode_impl, page_size, num_steps, shards, model_rows=model_rows),
+                     donate_argnums=(1, 8), static_argnums=(7,))
     return mixed, decode
 
 
@@ -265,7 +286,10 @@ def block_table(requests: list[Request], rows: int, width: int, pages_per_shard:
 
 
 def max_query_len(config: EngineConfig, decode_only: bool) -> int:
-    """The static bound on one sequence's tokens in a mixed step: a chunk, or a verify's 1 + K."""
+    """The static bound on one sequence's tokens in a mixed step: a chunk, or a verify's 1 + K;
+    batch-invariant: 1, so the jnp attention computes prefill rows per token, as it does decode rows."""
+    if config.batch_invariant:
+        return 1
     return config.num_speculative_tokens + 1 if decode_only and config.num_speculative_tokens else config.prefill_chunk
 
 
@@ -297,8 +321,8 @@ def padding_metadata(config: EngineConfig, num_tokens: int, pages: int, decode_o
 
 
 def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig, draft_probs: jax.Array | None = None,
-                shards: AttentionShards | None = None, masks: list[np.ndarray | None] | None = None
-                ) -> tuple[MixedBatch, Placement]:
+                shards: AttentionShards | None = None, masks: list[np.ndarray | None] | None = None,
+                processors: tuple[LogitsProcessor, ...] = ()) -> tuple[MixedBatch, Placement]:
     """The flat, bucketed numpy arrays of one mixed step (padding tokens write the null page's slot 0)
     and where its requests sit; with speculation on, the verify rows too (draft_probs [S, K, V]: the
     draft model's q), and a step of decodes only bounds each sequence's queries by 1 + K (attention
@@ -306,7 +330,8 @@ def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig, draft_p
     of tokens hold its own requests, and query_start_loc its D local offset lists end to end.
     masks (engine/constrained_step.py): per scheduled request its constraint's masks [1 + drafts, W]
     or None; None when no request is constrained. A row whose sample is discarded (mid-prompt)
-    samples in the null slot, so that nothing is counted for it."""
+    samples in the null slot, so that nothing is counted for it. processors: the engine's logits
+    processors (engine/logits_processor.py), each row's arguments riding in its sampling tensors."""
     d, requests, counts = config.attention_shards, [s.request for s in scheduled], [s.num_tokens for s in scheduled]
     per_shard = np.bincount([r.shard for r in requests], weights=counts, minlength=d).astype(np.int32)
     t, rows = bucket(d * int(per_shard.max()), config.token_buckets), config.max_num_seqs
@@ -333,6 +358,7 @@ def mixed_batch(scheduled: list[ScheduledRequest], config: EngineConfig, draft_p
     params = [r.params for r in requests]
     sampling = SamplingTensors.build(params, [r.seed for r in requests], rows, placement.rows,
                                      [s.request.sampling_slot if s.samples else 0 for s in scheduled])
+    sampling = dataclasses.replace(sampling, processors=ProcessorBatch.of(processors, requests, rows, placement.rows))
     ends = placement.starts + placement.counts
     if config.num_speculative_tokens:  # logprobs are refused with speculation (LLM._checked)
         indices, verify = spec_verify.build(list(ends), [s.drafts for s in scheduled], rows,
@@ -384,20 +410,27 @@ def _variants(run: str, logprobs: bool) -> list[tuple[int, bool]]:
     return [(top, prompt) for top in (0, MAX_LOGPROBS) for prompt in (False, True) if run == "mixed" or not prompt]
 
 
-def padding_decode(config: EngineConfig, rows: int, pages: int) -> tuple:
+def padding_sampling(rows: int, processors: tuple[LogitsProcessor, ...] = ()) -> SamplingTensors:
+    """The sampling tensors of `rows` padding rows (with the logits processors' default arguments,
+    so that warm-up compiles the programs requests run)."""
+    return dataclasses.replace(SamplingTensors.build([], [], rows), processors=ProcessorBatch.of(processors, [], rows))
+
+
+def padding_decode(config: EngineConfig, rows: int, pages: int, processors: tuple[LogitsProcessor, ...] = ()) -> tuple:
     """A decode call's arguments for `rows` padding rows (no request), for compiling its bucket."""
     zeros = np.zeros((rows,), np.int32)
     return (np.zeros((rows, config.decode_steps), np.int32), zeros, np.zeros((rows, pages), np.int32),
-            np.zeros((rows,), bool), SamplingTensors.build([], [], rows), 0)
+            np.zeros((rows,), bool), padding_sampling(rows, processors), 0)
 
 
 def padding_mixed(config: EngineConfig, num_tokens: int, pages: int, decode_only: bool = False,
-                  shards: AttentionShards | None = None, draft_probs: jax.Array | None = None) -> MixedBatch:
+                  shards: AttentionShards | None = None, draft_probs: jax.Array | None = None,
+                  processors: tuple[LogitsProcessor, ...] = ()) -> MixedBatch:
     """A mixed batch of `num_tokens` padding tokens (no sequence), for compiling its bucket."""
     rows = config.max_num_seqs
     zeros = np.zeros((num_tokens,), np.int32)
     metadata = padding_metadata(config, num_tokens, pages, decode_only, shards)
-    sampling = SamplingTensors.build([], [], rows)
+    sampling = padding_sampling(rows, processors)
     if config.num_speculative_tokens:
         indices, verify = spec_verify.padding(num_tokens, rows, config.num_speculative_tokens, draft_probs)
         return MixedBatch(zeros, zeros, metadata, indices, sampling, verify=verify)
@@ -409,22 +442,29 @@ class ModelRunner:
 
     def __init__(self, model: nnx.Module, cache: list[LayerCache], config: EngineConfig,
                  decode_impl: str, mixed_impl: str, synthetic_accepts: float | None = None,
-                 padding_draft_probs: jax.Array | None = None, shards: AttentionShards | None = None):
+                 padding_draft_probs: jax.Array | None = None, shards: AttentionShards | None = None,
+                 processors: tuple[LogitsProcessor, ...] = ()):
         """synthetic_accepts: the synthetic speculation mode's mean accepted drafts per step;
         padding_draft_probs: a [S, K, V] q for warm-up when a draft model supplies one;
-        shards: the DP attention shards (config.attention_shards of them), None without."""
+        shards: the DP attention shards (config.attention_shards of them), None without;
+        processors: the engine's logits processors (engine/logits_processor.py)."""
         graphdef, self.state = nnx.split(model)
         self.cache = cache
         self.config = config
         self.padding_draft_probs = padding_draft_probs
         self.shards = shards
+        self.processors = processors
         self.mixed_fn, self.decode_fn = jitted_steps(graphdef, decode_impl, mixed_impl, config.page_size,
-                                                      config.decode_steps, synthetic_accepts, shards)
+                                                      config.decode_steps, synthetic_accepts, shards,
+                                                      batch_invariance.model_rows(config))
         # A verify step of decodes only (1 + k tokens each) runs the decode attention impl (on a CPU
         # the C++ kernel, measured faster for short queries than the jnp path chosen for chunks).
         self.verify_fn = (jitted_steps(graphdef, decode_impl, decode_impl, config.page_size, config.decode_steps,
                                        synthetic_accepts)[0] if config.num_speculative_tokens else None)
         self.vocab_size = model.config.vocab_size
+        self.hidden_size = model.config.hidden_size
+        self.expert_counts = model_hooks.expert_counter(model.config, config.count_experts)  # None: dense
+        self.count_experts = config.count_experts
         self.penalties = PenaltyTables.allocate(config.sampling_slots, self.vocab_size)
         self._row_leases = np.zeros((config.sampling_slots,), np.int64)  # the lease each slot's row was written for
         self._write_row = jax.jit(penalties.write_row, donate_argnums=(0,))
@@ -461,6 +501,7 @@ class ModelRunner:
         params = [r.params for r in requests]
         sampling = SamplingTensors.build(params, [r.seed for r in requests], rows, at.rows,
                                          [r.sampling_slot for r in requests])
+        sampling = dataclasses.replace(sampling, processors=ProcessorBatch.of(self.processors, requests, rows, at.rows))
         return DecodeInputs(tokens, positions, block_table(requests, rows, pages, cfg.num_pages // d, at.rows), active,
                             sampling, num_logprobs(params), at)
 
@@ -474,9 +515,10 @@ class ModelRunner:
         for run, n, pages in progress(warmup_shapes(self.config), "compiling shapes"):
             for top, prompt in _variants(run, logprobs):
                 if run == "decode":
-                    self.run_decode_arrays(*padding_decode(self.config, n, pages)[:-1], top)
+                    self.run_decode_arrays(*padding_decode(self.config, n, pages, self.processors)[:-1], top)
                 else:
-                    batch = padding_mixed(self.config, n, pages, run == "verify", self.shards, self.padding_draft_probs)
+                    batch = padding_mixed(self.config, n, pages, run == "verify", self.shards, self.padding_draft_probs,
+                                          self.processors)
                     batch = dataclasses.replace(batch, num_logprobs=top,
                                                 prompt_targets=np.zeros((n,), np.int32) if prompt else None)
                     self.run_mixed_arrays(batch, run == "verify")
@@ -499,8 +541,15 @@ class ModelRunner:
 
     def mixed(self, scheduled: list[ScheduledRequest], masks: list[np.ndarray | None] | None = None) -> StepResult:
         """Run one (non-verify) mixed step; masks: its requests' constraint masks (mixed_batch)."""
-        batch, placement = mixed_batch(scheduled, self.config, shards=self.shards, masks=masks)
-        return placement.gather(fetch(self.run_mixed_arrays(batch)))
+        batch, placement = mixed_batch(scheduled, self.config, shards=self.shards, masks=masks,
+                                       processors=self.processors)
+        batch = dataclasses.replace(batch, hooks=model_hooks.build(scheduled, placement.starts, len(batch.tokens),
+                                                                   self.hidden_size, self.count_experts))
+        outputs = model_hooks.keep_asked(self.run_mixed_arrays(batch),
+                                         model_hooks.asked_outputs(scheduled, self.count_experts))
+        result = placement.gather(fetch(outputs))
+        model_hooks.count(self.expert_counts, result.hooks, int(placement.counts.sum()))
+        return result
 
 
 def fetch(outputs: tuple) -> StepResult:

@@ -3,18 +3,21 @@
 A row's randomness is one uniform drawn from key(seed) folded with the position of the token being
 sampled, so a request's tokens never depend on which other requests share its batch. Before any of
 it a row's own rules apply (`processed_logits`): a host constraint's packed mask (engine/constraints.py),
-then its penalties and biases (engine/penalties.py); logprobs stay the unprocessed model's.
+then its penalties and biases (engine/penalties.py), then the engine's registered logits processors
+(engine/logits_processor.py); logprobs stay the unprocessed model's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from engine import penalties
+from engine.logits_processor import ProcessorBatch
 from engine.penalties import PenaltyTables
 from engine.request import SamplingParams
 
@@ -24,7 +27,8 @@ from engine.request import SamplingParams
 class SamplingTensors:
     """Per-row sampling parameters [B]. top_k <= 0 disables top-k. slot: the row's sampling slot
     (engine/penalties.py; 0: none); allowed: a host constraint's packed masks [B, mask_words(V)],
-    None when no row of the batch is constrained (a pytree without it: its own compiled variant)."""
+    None when no row of the batch is constrained (a pytree without it: its own compiled variant);
+    processors: the registered logits processors' per-row arguments (None: the engine has none)."""
 
     temperature: jax.Array
     top_k: jax.Array
@@ -33,6 +37,7 @@ class SamplingTensors:
     seed: jax.Array
     slot: jax.Array | None = None
     allowed: jax.Array | None = None
+    processors: ProcessorBatch | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], rows: int,
@@ -143,12 +148,16 @@ def processed_logits(logits: jax.Array, s: SamplingTensors, positions: jax.Array
                      earlier: jax.Array | None = None) -> jax.Array:
     """float32 logits [B, V] under each row's own rules, before temperature and the cuts: -inf where
     its constraint's mask bit is clear, then its slot's biases, bans and penalties (earlier [B, K]:
-    tokens generated since its counts were recorded, engine/penalties.apply)."""
+    tokens generated since its counts were recorded, engine/penalties.apply), then the logits
+    processors its request names."""
     logits = logits.astype(jnp.float32)
     if s.allowed is not None:
         logits = jnp.where(unpack_mask(s.allowed, logits.shape[-1]), logits, -jnp.inf)
     if tables is not None and s.slot is not None:
         logits = penalties.apply(logits, s.slot, positions, tables, earlier)
+    if s.processors is not None:
+        counts = None if tables is None or s.slot is None else partial(penalties.row_counts, tables, s.slot, earlier)
+        logits = s.processors.apply(logits, positions, counts)
     return logits
 
 

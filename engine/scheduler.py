@@ -179,11 +179,14 @@ class Scheduler:
     def _decode_steps(self, scheduled: list[ScheduledRequest]) -> int:
         """decode_steps for a decode-only step whose requests all get pages for that many more
         tokens without preempting anyone (nothing waits that could be admitted), else 1. A step
-        holding a constrained request takes one token (its next mask depends on the token drawn)."""
+        holding a constrained request takes one token (its next mask depends on the token drawn), as
+        does one holding a research hook, and every step when the engine counts experts (the mixed
+        step runs the hooks: engine/model_hooks.py)."""
         steps = self.config.decode_steps
         if steps == 1 or not scheduled or (self.waiting and len(self.running) < self.config.max_num_seqs):
             return 1
-        if any(s.request.constraint is not None for s in scheduled):
+        if self.config.count_experts or any(s.request.constraint is not None or s.request.params.hooked
+                                            for s in scheduled):
             return 1
         if not SchedulerOutput(scheduled, 1).is_decode_only:
             return 1

@@ -15,6 +15,7 @@ from flax import nnx
 
 from models.attention import Attention, AttentionMetadata, LayerCache
 from models.config import ModelConfig
+from models.hooks import ModelHooks, edit
 from models.layers import MLP, Embedding, Linear, RMSNorm
 from models.moe import MoE
 
@@ -35,10 +36,20 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
                  metadata: AttentionMetadata | None, impl: str) -> tuple[jax.Array, LayerCache | None]:
+        x, cache, _ = self.routed(x, positions, cache, metadata, impl)
+        return x, cache
+
+    def routed(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
+               metadata: AttentionMetadata | None, impl: str) -> tuple[jax.Array, LayerCache | None, jax.Array | None]:
+        """`__call__`, plus a MoE feed-forward's expert ids [B*T, k] (None: dense), for `Decoder.hooked`."""
         h, cache = self.self_attn(self.input_layernorm(x), positions, cache, metadata, impl)
         x = x + h
         real = None if metadata is None else metadata.real_tokens().reshape(x.shape[:2])
-        return x + self.mlp(self.post_attention_layernorm(x), impl, real), cache
+        normed = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            y, ids = self.mlp.routed(normed, impl, real)
+            return x + y, cache, ids
+        return x + self.mlp(normed, impl, real), cache, None
 
 
 BlockFactory = Callable[[int], DecoderBlock]  # layer index -> block
@@ -66,13 +77,34 @@ class Decoder(nnx.Module):
 
         attention_impl picks the attention kernels and the experts' grouped GEMM (pallas_kernels.ops).
         """
-        x = self.embed_tokens(tokens_bt)
-        new_cache = [] if kv_cache is not None else None
+        hidden, new_cache, _ = self.hooked(tokens_bt, positions_bt, kv_cache, metadata, attention_impl, None)
+        return hidden, new_cache
+
+    def hooked(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_cache: list[LayerCache] | None,
+               metadata: AttentionMetadata | None, impl: str, hooks: ModelHooks | None
+               ) -> tuple[jax.Array, list[LayerCache] | None, dict[str, jax.Array]]:
+        """`__call__` with `hooks`' residual edits (models/hooks.py), plus what it read for the first
+        batch row: "hidden_states" [T, num_layers + 1, D] (transformers' numbering, the last entry
+        after the final norm) and, for a MoE model, "routed_experts" [T, num_moe_layers, k] int32
+        (padding tokens: num_experts). Without hooks nothing is read (the reads are dead code)."""
+        x = edit(hooks, 0, self.embed_tokens(tokens_bt))
+        residuals, routed, new_cache = [x], [], [] if kv_cache is not None else None
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions_bt, None if kv_cache is None else kv_cache[i], metadata, attention_impl)
+            x, layer_cache, ids = layer.routed(x, positions_bt, None if kv_cache is None else kv_cache[i],
+                                               metadata, impl)
+            x = edit(hooks, i + 1, x)
+            residuals.append(x)
             if new_cache is not None:
                 new_cache.append(layer_cache)
-        return self.norm(x), new_cache
+            if ids is not None:
+                routed.append(ids.reshape(*x.shape[:2], -1)[0])
+        hidden = self.norm(x)
+        if hooks is None:
+            return hidden, new_cache, {}
+        read = {"hidden_states": jnp.stack([r[0] for r in residuals[:-1]] + [hidden[0]], axis=1)}
+        if routed:
+            read["routed_experts"] = jnp.stack(routed, axis=1).astype(jnp.int32)
+        return hidden, new_cache, read
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits [..., vocab] from final hidden states."""

@@ -155,6 +155,12 @@ class MoE(nnx.Module):
         """x [B, T, D] -> [B, T, D]. impl: an `ops` impl for the grouped GEMMs, or "dense". real
         [B, T]: which tokens are not padding; padding routes to no expert (id E, weight 0: every
         path skips it, so an uneven step's padding costs no expert FLOPs or dispatched rows)."""
+        return self.routed(x_btd, impl, real)[0]
+
+    def routed(self, x_btd: jax.Array, impl: str = "auto", real: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+        """`__call__`'s output and the expert ids [B*T, k] each token was routed to (padding: E),
+        for the research hooks (models/hooks.py)."""
         x_nd = x_btd.reshape(-1, x_btd.shape[-1])
         weights_nk, ids_nk = self.router(x_nd)
         if real is not None:
@@ -169,7 +175,8 @@ class MoE(nnx.Module):
             if y_nd is None:
                 y_nd = self.experts.grouped(x_nd, weights_nk, ids_nk, impl)
         y = y_nd.reshape(x_btd.shape)
-        return y if self.shared_experts is None else y + self.shared_experts(x_btd, "xla" if impl == DENSE else impl)
+        y = y if self.shared_experts is None else y + self.shared_experts(x_btd, "xla" if impl == DENSE else impl)
+        return y, ids_nk
 
 
 def _stacked_experts(prefix: str, leaf: str, num_experts: int, get_tensor: TensorGetter) -> packed.HFWeight:

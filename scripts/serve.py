@@ -36,6 +36,10 @@ SERVED_NAME = flags.DEFINE_string("served_model_name", None, "the model's name i
 HOST = flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
 PORT = flags.DEFINE_integer("port", 8000, "port to bind (0: a free one)")
 API_KEY = flags.DEFINE_string("api_key", None, "if set, every endpoint but /health needs Authorization: Bearer KEY")
+WEIGHT_UPDATES = flags.DEFINE_bool("enable_weight_updates", False, "serve POST /update_weights, /sleep, /wake_up "
+                                    "without --api_key (with one they are on, behind the key): anyone who "
+                                    "reaches the server can then load weights from its disk "
+                                    "(server/admin_routes.py)")
 MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "requests that may wait beyond max_num_seqs (503 past that)")
 MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "largest request body (413 past that)")
 WARMUP = flags.DEFINE_bool("warmup", False, "compile every shape bucket, logprob variants included, before serving "
@@ -151,7 +155,7 @@ def main(argv: list[str]) -> None:
     family = llm.model.config.architecture
     engine = EngineLoop(llm, ServerMetrics(name, llm.config.num_pages)).start()
     api = create_app(engine, model_name=name, api_key=API_KEY.value, max_queue=MAX_QUEUE.value,
-                     max_body_bytes=MAX_BODY.value,
+                     max_body_bytes=MAX_BODY.value, enable_weight_updates=WEIGHT_UPDATES.value,
                      tool_call_parser=TOOL_PARSER.value or FAMILY_TOOL_PARSERS.get(family),
                      reasoning_parser=REASONING_PARSER.value or FAMILY_REASONING_PARSERS.get(family))
     config = uvicorn.Config(api, host=HOST.value, port=PORT.value, log_level="info", lifespan="off",

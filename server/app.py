@@ -46,6 +46,7 @@ from engine import structured_output
 from engine.parallel_sampling import num_sequences, selected
 from engine.request import SamplingParams, cumulative_logprob
 from server import protocol
+from server.admin_routes import add_admin_routes
 from server.engine_loop import Delta, EngineLoop, Rejected, Stream
 from server.chat_output import chat_output
 from server.metrics import CONTENT_TYPE
@@ -54,7 +55,7 @@ from server.reasoning_parsers import get_reasoning_parser
 from server.tool_parsers import get_tool_parser
 
 # Request fields the engine checks against the model (its vocabulary, its tokenizer): a refusal names its field.
-_ENGINE_CHECKED = ("stop_token_ids", "logit_bias", "allowed_token_ids", "bad_words")
+_ENGINE_CHECKED = ("stop_token_ids", "logit_bias", "allowed_token_ids", "bad_words", "logits_processor_args")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
@@ -76,8 +77,9 @@ class _Admission:
 
 def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = None, max_queue: int = 256,
                max_body_bytes: int = 1 << 20, tool_call_parser: str | None = None,
-               reasoning_parser: str | None = None) -> FastAPI:
-    """The app over a started EngineLoop (the caller starts and stops it). The parsers (by name:
+               reasoning_parser: str | None = None, enable_weight_updates: bool = False) -> FastAPI:
+    """The app over a started EngineLoop (the caller starts and stops it). The engine-control routes
+    (server/admin_routes.py) are on with an api_key or enable_weight_updates. The parsers (by name:
     server/tool_parsers.py, server/reasoning_parsers.py; None: none) split chat outputs into
     content, tool calls and reasoning."""
     tool_parser, reasoner = get_tool_parser(tool_call_parser), get_reasoning_parser(reasoning_parser)
@@ -88,6 +90,7 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
     metrics = engine.metrics
     app = FastAPI(title="jaxserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, on_error=metrics.http_error)
+    add_admin_routes(app, engine, enabled=bool(api_key) or enable_weight_updates)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -343,6 +346,9 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
                             choice_logprobs(entries, 0, prompt if echo else None, stream),
                             None if body.prompt_logprobs is None else
                             protocol.prompt_logprobs_body(prompt_logprobs(stream), body.prompt_logprobs, token_text)))
+                        if body.return_token_ids:  # the request finished: the engine thread no longer writes it
+                            output_ids = [] if body.score_only else stream.request.output_token_ids
+                            choices[-1] |= protocol.token_ids_fields(ids_list[p], output_ids)
                 completion_tokens = 0 if body.score_only else sum(r[2].num_tokens for g in groups for _, r in g)
                 return protocol.completion_body(rid, created, model_name, choices,
                                                 protocol.usage(sum(map(len, ids_list)), completion_tokens))
@@ -353,6 +359,7 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
         async def events() -> AsyncIterator[str]:
             # Per choice: text_offset of its next token; the prompt sent (or not asked); its tokens so far.
             offsets, echoed, tokens = [0] * len(streams), [not echo] * len(streams), [0] * len(streams)
+            ids_sent = [False] * len(streams)  # return_token_ids: the choice's prompt ids went out
             async for i, d in merged(streams):
                 stream = streams[i]
                 text, entries, tokens[i] = d.text, d.logprobs or [], d.num_tokens
@@ -362,12 +369,17 @@ def create_app(engine: EngineLoop, *, model_name: str, api_key: str | None = Non
                 if echo_now:
                     echoed[i] = True
                     text = await asyncio.to_thread(prompt_text, prompt) + text
-                if text or d.finish_reason or entries or echo_now or body.continuous_usage:
+                new_ids = () if body.score_only else d.token_ids
+                if text or d.finish_reason or entries or echo_now or body.continuous_usage or (
+                        body.return_token_ids and (new_ids or not ids_sent[i])):
                     chunk_logprobs = (await asyncio.to_thread(choice_logprobs, entries, offsets[i], prompt, stream)
                                       if echo_now else choice_logprobs(entries, offsets[i]))
                     offsets[i] += sum(map(len, chunk_logprobs["tokens"])) if chunk_logprobs else 0
                     chunk = protocol.completion_chunk(rid, created, model_name, text, d.finish_reason,
                                                       chunk_logprobs, index=i)
+                    if body.return_token_ids:
+                        chunk["choices"][0] |= protocol.token_ids_fields(None if ids_sent[i] else ids, new_ids)
+                        ids_sent[i] = True
                     yield protocol.sse(with_usage(chunk, body, len(ids), sum(tokens)))
                 if d.finish_reason == "error":
                     yield protocol.sse(protocol.error_body(f"generation failed: {d.error}", "server_error"))

@@ -18,6 +18,7 @@ ends with "error" alone, and stop() ends every open stream with "abort".
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import queue
 import threading
@@ -28,6 +29,8 @@ from absl import logging
 from engine.llm import LLM
 from engine.parallel_sampling import num_sequences
 from engine.request import Request, SamplingParams, Status
+from engine.sleep_mode import EngineAsleepError
+from server.engine_ops import EngineOp
 from server.metrics import ServerMetrics
 
 
@@ -52,6 +55,7 @@ class Delta:
     finish_reason: str | None = None
     error: str | None = None
     logprobs: list[dict[int, float]] | None = None
+    token_ids: tuple[int, ...] = ()  # the new output tokens
 
 
 class Stream:
@@ -90,6 +94,8 @@ class EngineLoop:
         self._active: dict[int, Stream] = {}  # request_id -> stream (engine thread only)
         self._idle_wait_s = idle_wait_s
         self._closed = False
+        self._ops: collections.deque[EngineOp] = collections.deque()  # engine operations, in order (engine thread)
+        self._held: list[tuple[Stream, ...]] = []  # prompts submitted while an operation waits: admitted after it
         self._lock = threading.Lock()  # orders submit()'s put against closing: nothing enters a closed inbox
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -118,6 +124,13 @@ class EngineLoop:
                 raise RuntimeError("the engine is not running")
             self._inbox.put(("add", streams))
 
+    def run_op(self, op: EngineOp) -> None:
+        """Queue an operation on the engine (server/engine_ops.py); RuntimeError once it stopped."""
+        with self._lock:
+            if not self.alive:
+                raise RuntimeError("the engine is not running")
+            self._inbox.put(("op", op))
+
     def abort(self, stream: Stream) -> None:
         """Abort the stream's sequence (a no-op once it finished). Safe after stop()."""
         self._inbox.put(("abort", stream))
@@ -130,9 +143,10 @@ class EngineLoop:
     # ---- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while self._drain(block=not self.llm.has_unfinished()):
+            while self._drain(block=not self.llm.has_unfinished() and not self._ops):
                 if self.llm.has_unfinished():
                     self._step()
+                self._run_ops()
         except BaseException as e:  # noqa: BLE001 (a bug here must not leave clients waiting forever)
             logging.exception("the engine thread failed")
             self._shut_down(f"the engine failed: {type(e).__name__}: {e}")
@@ -148,8 +162,13 @@ class EngineLoop:
         while True:
             if item is _STOP:
                 return False
-            kind, payload = item  # "add": one prompt's streams; "abort": one stream
-            self._add(payload) if kind == "add" else self._abort(payload)
+            kind, payload = item  # "add": one prompt's streams; "abort": one stream; "op": an EngineOp
+            if kind == "op":
+                self._ops.append(payload)
+            elif kind == "add":
+                self._held.append(payload) if self._ops else self._add(payload)
+            else:
+                self._abort(payload)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -162,9 +181,9 @@ class EngineLoop:
         prompt_ids, params = streams[0].prompt_ids, streams[0].params
         try:
             requests = self.llm.add_sequences(prompt_ids, params)
-        except ValueError as e:
+        except (ValueError, EngineAsleepError) as e:
             for stream in streams:
-                stream.post(Rejected(str(e)))
+                stream.post(Rejected(str(e), status=503 if isinstance(e, EngineAsleepError) else 400))
             return
         self.metrics.admitted(len(prompt_ids))
         for stream, request in zip(streams, requests):
@@ -174,9 +193,35 @@ class EngineLoop:
 
     def _abort(self, stream: Stream) -> None:
         request = stream.request
-        if request is None or request.request_id not in self._active:
-            return  # rejected, or already finished (its last delta is out)
+        if request is None:  # held back by an engine operation (its client left), or rejected
+            self._held = [streams for streams in self._held if stream not in streams]
+            return
+        if request.request_id not in self._active:
+            return  # already finished (its last delta is out)
         self._end_safely(stream, "abort")
+
+    def _run_ops(self) -> None:
+        """Advance the queued operations: the first one's prepare (then with running="abort" every
+        open stream ends), its apply once no request is unfinished, and so on; the prompts held
+        meanwhile are admitted once the queue is empty."""
+        if not self._ops and not self._held:
+            return
+        while self._ops:
+            op = self._ops[0]
+            if op.prepare_s is None:
+                if not op.start(self.llm):
+                    self._ops.popleft()
+                    continue
+                if op.running == "abort":
+                    for stream in list(self._active.values()):
+                        self._end_safely(stream, "abort", f"aborted by {op.name}")
+            if op.running is not None and self.llm.has_unfinished():
+                return
+            self._ops.popleft().finish(self.llm)
+        held, self._held = self._held, []
+        for streams in held:
+            self._add(streams)
+        self._publish_state()
 
     def _step(self) -> None:
         try:
@@ -212,8 +257,9 @@ class EngineLoop:
         ttft = request.metrics.first_token - stream.received if first else None
         self.metrics.generated(n - stream.tokens_sent, ttft=ttft)
         logprobs = None if request.params.logprobs is None else request.output_logprobs[stream.tokens_sent:n]
+        token_ids = tuple(request.output_token_ids[stream.tokens_sent:n])
         stream.tokens_sent = n
-        return Delta(delta, n, finish_reason, error, logprobs)
+        return Delta(delta, n, finish_reason, error, logprobs, token_ids)
 
     def _end(self, stream: Stream, finish_reason: str, error: str | None = None) -> None:
         """Abort the request unless it finished (pages freed at once) and post the stream's last delta:
@@ -243,12 +289,19 @@ class EngineLoop:
         scheduler, allocator, cached = self.llm.scheduler, self.llm.allocator, self.llm.prefix_cache.stats
         self.metrics.engine_state(len(scheduler.running), len(scheduler.waiting),
                                   allocator.capacity - allocator.num_free, cached.queries, cached.hits)
+        if self.llm.runner.expert_counts is not None:
+            self.metrics.expert_load(self.llm.runner.expert_counts.summary())
 
     def _shut_down(self, message: str) -> None:
         """Abort every request in flight and refuse every one in the inbox (closed first: no more come)."""
         self._close()
         for stream in list(self._active.values()):
             self._end_safely(stream, "abort", message)
+        for op in self._ops:
+            op.fail(RuntimeError(message))
+        for streams in self._held:
+            for stream in streams:
+                stream.post(Rejected(message, status=503))
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -257,3 +310,5 @@ class EngineLoop:
             if item is not _STOP and item[0] == "add":
                 for stream in item[1]:
                     stream.post(Rejected(message, status=503))
+            elif item is not _STOP and item[0] == "op":
+                item[1].fail(RuntimeError(message))

@@ -24,6 +24,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+MOE_SERIES = (  # per MoE layer (label layer: its index among the MoE layers), from ExpertCounts.summary()
+    ("jaxserve_moe_routed_total", "counter", "Token-expert assignments (tokens x top-k) routed since the start."),
+    ("jaxserve_moe_expert_load_imbalance", "gauge",
+     "Max over mean tokens per expert over the recent steps that computed routing (1: balanced)."),
+    ("jaxserve_moe_idle_experts", "gauge", "Experts given no token over the recent steps that computed routing."),
+)
 
 
 class Histogram:
@@ -62,6 +68,7 @@ class ServerMetrics:
         self.finished: collections.Counter[str] = collections.Counter()
         self.http_errors: collections.Counter[int] = collections.Counter()
         self.ttft, self.tpot, self.e2e = Histogram(TTFT_BUCKETS), Histogram(TPOT_BUCKETS), Histogram(E2E_BUCKETS)
+        self.moe_layers: list[tuple[int, float, int]] = []  # engine/expert_counts.py ExpertCounts.summary()
 
     # ---- writers ----------------------------------------------------------------------------
     def engine_state(self, running: int, waiting: int, pages_used: int, prefix_cache_queries: int | None = None,
@@ -72,6 +79,12 @@ class ServerMetrics:
             self.running, self.waiting, self.pages_used = running, waiting, pages_used
             if prefix_cache_queries is not None:
                 self.prefix_cache_queries, self.prefix_cache_hits = prefix_cache_queries, prefix_cache_hits
+
+    def expert_load(self, per_layer: list[tuple[int, float, int]]) -> None:
+        """A MoE engine's expert counts, per MoE layer (ExpertCounts.summary): three series a layer,
+        however many experts (256 experts x 60 layers would be 15360 series of their own)."""
+        with self._lock:
+            self.moe_layers = per_layer
 
     def admitted(self, prompt_tokens: int) -> None:
         with self._lock:
@@ -142,6 +155,9 @@ class ServerMetrics:
             for name in ("jaxserve_e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds"):
                 metric(name, "histogram", "Time from receiving a request to its last output token.",
                        self.e2e.samples(name, lab))
+            for i, (name, kind, help_text) in enumerate(MOE_SERIES if self.moe_layers else ()):
+                metric(name, kind, help_text, [f'{name}{{{lab},layer="{layer}"}} {_number(values[i])}'
+                                               for layer, values in enumerate(self.moe_layers)])
             return "\n".join(out) + "\n"
 
 

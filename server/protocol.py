@@ -139,6 +139,8 @@ class _Sampling(_Strict):
     min_tokens: int | None = None  # vLLM extension
     bad_words: list[str] | None = None  # vLLM extension
     allowed_token_ids: list[int] | None = None  # vLLM extension
+    # {processor name: {argument: value}} for the engine's registered logits processors (ours)
+    logits_processor_args: dict[str, dict[str, Any]] | None = None
     user: str | None = None  # an end-user id for OpenAI's abuse monitoring: accepted, no effect
     response_format: ResponseFormat | None = None  # structured outputs: OpenAI's field
     structured_outputs: StructuredOutputsField | None = None  # vLLM's field, and its older guided_* ones:
@@ -163,6 +165,7 @@ class CompletionRequest(_Sampling):
     echo: bool | None = None  # the prompt (and with logprobs its tokens' logprobs) before the output
     suffix: str | None = None
     prompt_logprobs: int | None = None  # vLLM extension: each choice's `prompt_logprobs`
+    return_token_ids: bool | None = None  # vLLM extension: each choice's prompt_token_ids and token_ids
 
     @property
     def score_only(self) -> bool:
@@ -463,7 +466,8 @@ def max_tokens(requested: int | None, prompt_len: int, max_model_len: int, defau
 
 _PARAM_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "stop_token_ids", "stop",
                  "ignore_eos", "prompt_logprobs", "n", "best_of", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "logit_bias", "min_tokens", "bad_words", "allowed_token_ids")
+                 "repetition_penalty", "logit_bias", "min_tokens", "bad_words", "allowed_token_ids",
+                 "logits_processor_args")
 
 
 def _param_named(message: str) -> str | None:
@@ -495,7 +499,7 @@ def sampling_params(request: _Sampling, budget: int, prompt_logprobs: int | None
         "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
         "repetition_penalty": request.repetition_penalty, "logit_bias": logit_bias(request.logit_bias),
         "min_tokens": request.min_tokens, "bad_words": request.bad_words,
-        "allowed_token_ids": request.allowed_token_ids,
+        "allowed_token_ids": request.allowed_token_ids, "logits_processor_args": request.logits_processor_args,
     }
     try:
         return SamplingParams(max_tokens=budget, **{k: v for k, v in given.items() if v is not None})
@@ -527,6 +531,12 @@ def completion_choice(index: int, text: str, finish_reason: str | None, logprobs
     """One choice of a (non-streamed) completion; `prompt_logprobs` is vLLM's (null unless asked)."""
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
             "prompt_logprobs": prompt_logprobs}
+
+
+def token_ids_fields(prompt_ids: list[int] | None, token_ids: list[int]) -> dict:
+    """vLLM's return_token_ids fields of a completion choice or chunk: the output's token ids, and
+    the prompt's (a stream's first chunk of a choice; None: not in this chunk)."""
+    return {"token_ids": list(token_ids)} | ({} if prompt_ids is None else {"prompt_token_ids": list(prompt_ids)})
 
 
 def completion_body(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict:

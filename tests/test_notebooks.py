@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 
 
-def test_the_four_notebooks_exist():
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_kernels", "03_sharding", "04_serving_economics"]
+def test_the_five_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_kernels", "03_sharding", "04_serving_economics",
+                                           "05_model_hooks"]
 
 
 @pytest.mark.slow

@@ -74,7 +74,8 @@ class Speculator:
         """Run the target's verify (mixed) step, let the proposer see it, fetch the results; masks:
         the constrained requests' masks per verified position (engine/constrained_step.py)."""
         q = runner.padding_draft_probs if self._draft_probs is None else self._draft_probs
-        batch, _ = mixed_batch(scheduled, runner.config, q, masks=masks)  # one attention shard: scheduled order
+        batch, _ = mixed_batch(scheduled, runner.config, q, masks=masks,  # one attention shard: scheduled order
+                               processors=runner.processors)
         self._draft_probs = None
         outputs = runner.run_mixed_arrays(batch, decode_only=not any(s.request.is_prefilling for s in scheduled))
         result = fetch(outputs)
