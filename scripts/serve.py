@@ -19,6 +19,7 @@ import uvicorn
 from absl import app, flags, logging
 from jax.sharding import Mesh
 
+from benchmarks.compilations import on_compilation
 from engine import LLM, kv_cache
 from models.loaded_model import load_config
 from pallas_kernels.ops import IMPLS
@@ -153,7 +154,9 @@ def main(argv: list[str]) -> None:
         logging.info("compiled %d programs", llm.warmup(logprobs=True))
     name = SERVED_NAME.value or MODEL.value
     family = llm.model.config.architecture
-    engine = EngineLoop(llm, ServerMetrics(name, llm.config.num_pages)).start()
+    metrics = ServerMetrics(name, llm.config.num_pages)
+    on_compilation(metrics.xla_compiled)  # after the warm-up: what serving compiles (a benchmark point's misses)
+    engine = EngineLoop(llm, metrics).start()
     api = create_app(engine, model_name=name, api_key=API_KEY.value, max_queue=MAX_QUEUE.value,
                      max_body_bytes=MAX_BODY.value, enable_weight_updates=WEIGHT_UPDATES.value,
                      tool_call_parser=TOOL_PARSER.value or FAMILY_TOOL_PARSERS.get(family),

@@ -1,5 +1,6 @@
 """The server's Prometheus metrics (text exposition format 0.0.4), written by hand: gauges of the
-engine's state, token, request and prefix-cache counters, and TTFT / TPOT / E2E histograms.
+engine's state, token, request, prefix-cache and XLA-compilation counters, and TTFT / TPOT / E2E
+histograms.
 
 Each has a `jaxserve_` name, and where vLLM (V1) exports the same quantity its `vllm:` name too,
 with vLLM's meaning, so clients and dashboards written for vLLM read ours unchanged:
@@ -69,6 +70,7 @@ class ServerMetrics:
         self.http_errors: collections.Counter[int] = collections.Counter()
         self.ttft, self.tpot, self.e2e = Histogram(TTFT_BUCKETS), Histogram(TPOT_BUCKETS), Histogram(E2E_BUCKETS)
         self.moe_layers: list[tuple[int, float, int]] = []  # engine/expert_counts.py ExpertCounts.summary()
+        self.xla_compilations = 0
 
     # ---- writers ----------------------------------------------------------------------------
     def engine_state(self, running: int, waiting: int, pages_used: int, prefix_cache_queries: int | None = None,
@@ -108,6 +110,11 @@ class ServerMetrics:
         with self._lock:
             self.http_errors[status] += 1
 
+    def xla_compiled(self) -> None:
+        """One more XLA compilation (benchmarks/compilations.py on_compilation: any thread)."""
+        with self._lock:
+            self.xla_compilations += 1
+
     # ---- the scrape -------------------------------------------------------------------------
     def render(self) -> str:
         with self._lock:
@@ -144,6 +151,8 @@ class ServerMetrics:
                                 ("vllm:request_success_total", "finished_reason")):
                 metric(name, "counter", "Finished requests by finish reason.",
                        [f'{name}{{{lab},{label}="{_escape(r)}"}} {n}' for r, n in sorted(self.finished.items())])
+            scalar("jaxserve_xla_compilations_total", "counter", "XLA compilations since the server started "
+                   "serving (after its warm-up; 0 in steady state).", self.xla_compilations)
             metric("jaxserve_http_errors_total", "counter", "Error responses by HTTP status.",
                    [f'jaxserve_http_errors_total{{{lab},status="{s}"}} {n}' for s, n in sorted(self.http_errors.items())])
             for name in ("jaxserve_time_to_first_token_seconds", "vllm:time_to_first_token_seconds"):

@@ -169,6 +169,7 @@ def test_served_end_to_end_tiny_llama(tmp_path):
         assert 4 * 6 <= p["output_tokens"] <= 4 * 8 and 4 * 19 <= p["input_tokens"] <= 4 * 24
         assert p["output_tok_s"] == pytest.approx(p["output_tokens"] / p["duration_s"])
         assert p["ttft_ms"]["median"] > 0 and 0 < p["roofline"]["fraction"] < 1
+        assert isinstance(p["compilations"], int)  # read from the server's jaxserve_xla_compilations_total
 
 
 BENCH = [sys.executable, str(ROOT / "scripts" / "benchmark_serving.py"), "--model=tiny-llama",

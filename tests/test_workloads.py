@@ -122,4 +122,4 @@ def test_server_metrics_export_vllm_names():
     assert "# TYPE vllm:prefix_cache_hits_total counter" in text and "# TYPE vllm:kv_cache_usage_perc gauge" in text
     assert values["vllm:kv_cache_usage_perc"] == values["jaxserve_kv_cache_usage_ratio"] == [0.5]
     assert 'vllm:request_success_total{model_name="tiny",finished_reason="length"} 1' in text
-    assert state_sample(text) == StateSample(0.5, 2.0, 1.0, 300.0, 120.0)
+    assert state_sample(text) == StateSample(0.5, 2.0, 1.0, 300.0, 120.0, compilations=0.0)
