@@ -33,6 +33,26 @@ def default_token_budget(platform: str) -> int:
     return 512 if platform == "cpu" else 2048
 
 
+def default_mixed_step_ratio(platform: str) -> float | None:
+    """mixed_step_ratio when none is given. A CPU is compute-bound: a 256-token prefill chunk beside
+    8 decodes took 6x a decode step there, the decodes' ITL p99 (docs/benchmark_results.md); 3 keeps
+    ITL p99 within 3x p50 for ~5% throughput. Elsewhere none: vLLM's budget-only policy."""
+    return 3.0 if platform == "cpu" else None
+
+
+def mixed_step_ratio_arg(text: str) -> dict[str, float | None]:
+    """A --mixed_step_ratio flag as LLM keyword arguments: "auto" none (the platform's default),
+    "none" no cap, else the number."""
+    if text == "auto":
+        return {}
+    if text == "none":
+        return {"mixed_step_ratio": None}
+    try:
+        return {"mixed_step_ratio": float(text)}
+    except ValueError:
+        raise ValueError(f"mixed_step_ratio must be a number > 1, 'none' or 'auto', got {text!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Cache geometry, batching limits and step shapes (the one source of the engine's defaults).
@@ -51,6 +71,15 @@ class EngineConfig:
     prefill_chunk: int | None = None
     max_num_batched_tokens: int | None = None
     decode_steps: int = 4
+    # A decode-only call runs decode_steps steps only while the host's measured share of a one-step
+    # decode exceeds this (engine/step_costs.py): multi-step saves at most that share of the time and
+    # delivers each client its tokens in bursts of decode_steps. 0: always decode_steps; 1: never.
+    multi_step_host_share: float = 0.1
+    # While requests decode, a step's prefill tokens are capped so that the step takes at most this
+    # many decode steps of its decodes (their inter-token latency), by the step-cost line the engine
+    # measures as it runs (engine/step_costs.py). None: the token budget alone; default by platform.
+    mixed_step_ratio: float | None = dataclasses.field(default_factory=lambda: default_mixed_step_ratio(
+        jax.default_backend()))
     # Dispatch a decode-only call's successor before waiting for its tokens (vLLM's async
     # scheduling). Off by default: on a CPU the "device" is the host's own cores, so nothing
     # overlaps, and an arrival waits for the call run ahead (TTFT p50 +56% at c=4, +121% at c=16:
@@ -95,6 +124,11 @@ class EngineConfig:
         check_kv_cache_dtype(self.kv_cache_dtype)
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if not 0.0 <= self.multi_step_host_share <= 1.0:
+            raise ValueError(f"multi_step_host_share must be in [0, 1], got {self.multi_step_host_share}")
+        if self.mixed_step_ratio is not None and not self.mixed_step_ratio > 1.0:
+            raise ValueError(f"mixed_step_ratio must be > 1 (a mixed step takes longer than a decode step) or "
+                             f"None, got {self.mixed_step_ratio}")
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.prefill_chunk > self.tokens_per_shard:

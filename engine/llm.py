@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from engine import batch_invariance
 from engine import (attention_choice, bad_words, compilation_cache, kv_cache, sleep_mode, structured_output,
                     weight_updates)
-from engine.config import EngineConfig
+from engine.config import EngineConfig, bucket
 from engine.hook_params import check_against_model
 from engine.constrained_step import constrain
 from engine.logits_processor import LogitsProcessor, checked_args, checked_processors
@@ -32,6 +33,7 @@ from engine.request import Request, RequestOutput, SamplingParams, Status, is_in
 from engine.request_constraint import constraint_for
 from engine.runner import ModelRunner, StepResult, fetch
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.step_costs import StepCosts
 from engine.speculative.config import SpeculativeConfig
 from engine.speculative.draft_model import DraftModelProposer
 from engine.speculative.speculator import Speculator, make_speculator
@@ -93,7 +95,8 @@ class LLM:
         self.prefix_cache = PrefixCache(self.allocator, self.config.page_size, self.config.enable_prefix_caching,
                                         identity=(self.model.config, np.dtype(self.model.dtype).name),
                                         lookahead=int(spec is not None and spec.method == "mtp"))
-        self.scheduler = Scheduler(self.config, self.allocator, self.prefix_cache)
+        self.costs = StepCosts()  # what steps cost as they run: the scheduler's adaptive policies read it
+        self.scheduler = Scheduler(self.config, self.allocator, self.prefix_cache, self.costs)
         on_mesh, fp8_kv, shapes = self.model.mesh is not None, self.config.kv_cache_dtype != "auto", \
             _attention_shapes(self.model, self.config)
         self.attention = (batch_invariance.attention(self.config.attention_impl, shapes.head_dim, on_mesh, fp8_kv)
@@ -261,6 +264,7 @@ class LLM:
         next call of the same requests is dispatched, fed those tokens on device, so the host's
         scheduling, input building and output processing run while the device computes.
         """
+        start = time.perf_counter()
         if self._inflight is not None:
             output, pending = self._inflight.output, self._inflight.pending
             self._inflight = None
@@ -285,6 +289,8 @@ class LLM:
         finished = failed + self.processor.apply(output, result)
         for request in finished:
             self._forget(request)
+        self.costs.observe(_step_tokens(output, self.config), time.perf_counter() - start, result.wait_s,
+                           output.decode_steps, output.is_decode_only)
         return finished
 
     def _run(self, output: SchedulerOutput, pending: tuple | None,
@@ -485,6 +491,13 @@ class _InFlight:
 
     output: SchedulerOutput
     pending: tuple  # ((tokens, logprobs, extras) on device, Placement)
+
+
+def _step_tokens(output: SchedulerOutput, config: EngineConfig) -> int:
+    """The flat tokens a step computes per decode step: its compiled shape's (padding included)."""
+    if output.decode_steps > 1:
+        return bucket(len(output.scheduled), config.batch_buckets)
+    return bucket(sum(s.num_tokens for s in output.scheduled), config.token_buckets)
 
 
 def _requests_of(output: SchedulerOutput) -> list[Request]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from functools import partial
+import time
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,7 @@ class StepResult:
     counts: np.ndarray | None = None
     hooks: dict[str, np.ndarray] | None = None  # the asked research-hook reads, per flat token (models/hooks.py)
     prompt_starts: np.ndarray | None = None  # each scheduled request's first flat token (Placement.gather)
+    wait_s: float = 0.0  # seconds the host blocked for these results (fetch): the call's device time as it saw it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +95,12 @@ class Placement:
         tokens from prompt_starts[i]: the one place that layout is decided)."""
         flat = np.concatenate([np.arange(s, s + n) for s, n in zip(self.starts, self.counts)] or [np.zeros(0, int)])
         arrays = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)
-                  if f.name not in ("prompt_starts", "hooks")}
+                  if f.name not in ("prompt_starts", "hooks", "wait_s")}
         gathered = {name: None if x is None else x[flat if name.startswith("prompt") else self.rows]
                     for name, x in arrays.items()}
         read = None if result.hooks is None else {name: x[flat] for name, x in result.hooks.items()}
-        return StepResult(**gathered, hooks=read, prompt_starts=np.cumsum(self.counts) - self.counts)
+        return StepResult(**gathered, hooks=read, prompt_starts=np.cumsum(self.counts) - self.counts,
+                          wait_s=result.wait_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,6 +557,8 @@ class ModelRunner:
 
 def fetch(outputs: tuple) -> StepResult:
     """The one host sync of a step: the sampled tokens, their logprobs and whatever logprobs were
-    asked (or a verify step's counts); a verify step's hidden states stay on the device."""
+    asked (or a verify step's counts); a verify step's hidden states stay on the device. Records
+    how long the host blocked on it (engine/step_costs.py)."""
+    start = time.perf_counter()
     tokens, logprobs, extras = jax.device_get(outputs[:3])
-    return StepResult(tokens, logprobs, **extras)
+    return StepResult(tokens, logprobs, **extras, wait_s=time.perf_counter() - start)

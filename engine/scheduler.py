@@ -19,11 +19,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, bucket
 from engine.page_allocator import PageAllocator
 from engine.prefix_cache import PrefixCache
 from engine.request import Request, Status
 from engine.sampling_slots import SlotAllocator
+from engine.step_costs import StepCosts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +68,11 @@ class SchedulerOutput:
 class Scheduler:
     """Waiting and running queues, admission, chunked prefill, preemption."""
 
-    def __init__(self, config: EngineConfig, allocator: PageAllocator, prefix_cache: PrefixCache | None = None):
+    def __init__(self, config: EngineConfig, allocator: PageAllocator, prefix_cache: PrefixCache | None = None,
+                 costs: StepCosts | None = None):
         self.config = config
         self.allocator = allocator
+        self.costs = costs or StepCosts()  # measured by LLM.step; read by the adaptive policies
         self.prefix_cache = prefix_cache or PrefixCache(allocator, config.page_size, config.enable_prefix_caching)
         self.slots = SlotAllocator(config.sampling_slots)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -83,25 +86,44 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budgets = [self.config.tokens_per_shard] * self.config.attention_shards  # per attention shard
+        prefill = self._prefill_budgets()
         scheduled, preempted = [], []
         for request in list(self.running):
             if request not in self.running or budgets[request.shard] == 0:
                 continue  # preempted on behalf of an older request, or no budget left
-            n = self._next_tokens(request, budgets[request.shard])
-            if self._grow_or_preempt(request, request.num_computed + n, preempted):
+            n = self._next_tokens(request, min(budgets[request.shard], prefill[request.shard]))
+            if n and self._grow_or_preempt(request, request.num_computed + n, preempted):
                 scheduled.append(ScheduledRequest(request, request.num_computed, n))
                 budgets[request.shard] -= n
+                prefill[request.shard] -= n if request.is_prefilling else 0
         scheduled = [self._with_draft_slots(s, budgets) for s in scheduled]
         if not preempted:
-            self._admit(scheduled, budgets)
+            self._admit(scheduled, [min(b, p) for b, p in zip(budgets, prefill)])
         return SchedulerOutput(scheduled, self._decode_steps(scheduled))
 
     def _next_tokens(self, request: Request, budget: int) -> int:
         """A decode: 1 (its draft slots come after every request's tokens: _with_draft_slots); else
-        the next prefill chunk that fits the budget."""
+        the next prefill chunk that fits the budget (`budget`: the step's prefill tokens left)."""
         if not request.is_prefilling:
             return 1
         return min(request.prefill_target - request.num_computed, self.config.prefill_chunk, budget)
+
+    def _prefill_budgets(self) -> list[int]:
+        """Per shard, the prefill tokens this step may carry: its token budget, or while requests decode
+        there, what fills the largest token bucket (the compiled step it runs as) that keeps the step
+        within mixed_step_ratio of their decode step, by the step-cost line measured so far
+        (StepCosts.max_tokens); at least one page, so prompts always advance."""
+        budgets = [self.config.tokens_per_shard] * self.config.attention_shards
+        if self.config.mixed_step_ratio is None:
+            return budgets
+        buckets = [b // self.config.attention_shards for b in self.config.token_buckets]
+        decodes = collections.Counter(r.shard for r in self.running if not r.is_prefilling)
+        for shard, n in decodes.items():
+            most = self.costs.max_tokens(bucket(n, tuple(buckets)), self.config.mixed_step_ratio)
+            if most is not None:
+                fits = max((b for b in buckets if b <= most), default=0)
+                budgets[shard] = min(budgets[shard], max(fits - n, self.config.page_size))
+        return budgets
 
     def _with_draft_slots(self, s: ScheduledRequest, budgets: list[int]) -> ScheduledRequest:
         """A speculative decode with K draft slots after its token, as many as it can still emit and
@@ -118,7 +140,8 @@ class Scheduler:
         return ScheduledRequest(request, s.start, s.num_tokens + slots)
 
     def _admit(self, scheduled: list[ScheduledRequest], budgets: list[int]) -> None:
-        """Start waiting requests (FCFS) while budget, sequence slots and pages allow (per shard)."""
+        """Start waiting requests (FCFS) while budget (of prefill tokens), sequence slots and pages
+        allow (per shard)."""
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if self._awaits_prompt(request):
@@ -178,12 +201,17 @@ class Scheduler:
 
     def _decode_steps(self, scheduled: list[ScheduledRequest]) -> int:
         """decode_steps for a decode-only step whose requests all get pages for that many more
-        tokens without preempting anyone (nothing waits that could be admitted), else 1. A step
+        tokens without preempting anyone (nothing waits that could be admitted), and while the host's
+        measured share of a decode step is at least multi_step_host_share (StepCosts.host_share:
+        otherwise one step, each token streamed as soon as it is sampled), else 1. A step
         holding a constrained request takes one token (its next mask depends on the token drawn), as
         does one holding a research hook, and every step when the engine counts experts (the mixed
         step runs the hooks: engine/model_hooks.py)."""
         steps = self.config.decode_steps
         if steps == 1 or not scheduled or (self.waiting and len(self.running) < self.config.max_num_seqs):
+            return 1
+        share, least = self.costs.host_share(), self.config.multi_step_host_share
+        if least > 0 and share is not None and share < least:
             return 1
         if self.config.count_experts or any(s.request.constraint is not None or s.request.params.hooked
                                             for s in scheduled):

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from benchmarks.compilations import on_compilation
 from engine import LLM, kv_cache
+from engine.config import mixed_step_ratio_arg
 from models.loaded_model import load_config
 from pallas_kernels.ops import IMPLS
 from sharding import DEFAULT_RULES, RULES
@@ -69,6 +70,12 @@ PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from --kv_cache_bytes)")
 KV_BYTES = flags.DEFINE_integer("kv_cache_bytes", 4 << 30, "KV pool budget when --num_pages is not set")
 DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted call")
+MULTI_STEP_SHARE = flags.DEFINE_float("multi_step_host_share", 0.1, "run --decode_steps per call only while the host's "
+                                      "measured share of a decode step is at least this (else one token per call, "
+                                      "streamed at once); 0: always")
+MIXED_RATIO = flags.DEFINE_string("mixed_step_ratio", "auto", "while requests decode, cap a step's prefill tokens so it "
+                                  "takes at most this many of their decode steps (their ITL): a number > 1, none, or "
+                                  "auto (3 on a CPU, none elsewhere)")
 ASYNC = flags.DEFINE_bool("async_scheduling", False, "dispatch a decode call's successor before its tokens")
 KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3"],
                                    "KV pool storage: model dtype, or FP8 e4m3 (half the bytes; jnp attention path)")
@@ -147,6 +154,7 @@ def main(argv: list[str]) -> None:
               max_model_len=max_model_len(mesh), max_num_batched_tokens=MAX_BATCHED.value,
               prefill_chunk=PREFILL_CHUNK.value, page_size=PAGE_SIZE.value, num_pages=NUM_PAGES.value,
               kv_cache_bytes=KV_BYTES.value, decode_steps=DECODE_STEPS.value, async_scheduling=ASYNC.value,
+              multi_step_host_share=MULTI_STEP_SHARE.value, **mixed_step_ratio_arg(MIXED_RATIO.value),
               attention_impl=ATTENTION_IMPL.value, kv_cache_dtype=KV_CACHE_DTYPE.value,
               enable_prefix_caching=PREFIX_CACHING.value)
     if WARMUP.value:

@@ -163,6 +163,22 @@ def test_no_recompilation_with_staggered_arrivals(tiny):
     assert all(r.status is Status.FINISHED and r.finish_reason == "length" for r in requests)
 
 
+def test_no_recompilation_with_prefix_hits_and_adaptive_steps(tiny):
+    """Prompts that hit the prefix cache at every offset within a page, while the engine measures its
+    steps and its adaptive policies (engine/step_costs.py) pick prefill caps and one-step decodes."""
+    llm = small_llm(tiny, mixed_step_ratio=1.5, multi_step_host_share=1.0)
+    llm.warmup()
+    base, extra = prompts_of(9, [50, 30])
+    with count_compilations() as compiles:
+        for i in range(10):
+            llm.add_request(base + extra[:3 * i + 1], SamplingParams(max_tokens=12, ignore_eos=True))
+            llm.step()
+        while llm.has_unfinished():
+            llm.step()
+    assert compiles[0] == 0
+    assert llm.prefix_cache.stats.hits > 0 and llm.costs.observations > 10
+
+
 def _slowed(impl_to_slow: str):
     """ops.ragged_paged_attention with `impl_to_slow` made ~20x slower (extra matmuls folded in)."""
     import jax.numpy as jnp

@@ -1,0 +1,78 @@
+"""What the engine's steps cost, measured as they run: a line fitted to a step's seconds against its
+flat tokens, and the host's seconds per call. The scheduler's two adaptive policies read it: how
+many prefill tokens a step may carry beside decodes (their inter-token latency), and whether a
+decode-only call runs one step or decode_steps (bursts of tokens for fewer host round trips).
+Pure Python: no JAX; LLM.step records every step it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MIN_OBSERVATIONS = 8  # steps seen before a policy trusts the measurements
+_FREE_TOKENS = 1e6  # a step whose per-token cost times this is within its fixed cost: tokens cost nothing
+_DECODE_EMA = 0.1  # weight of the newest decode-only call in the host and device averages
+
+
+@dataclasses.dataclass
+class StepCosts:
+    """Exponentially weighted statistics of recent steps (weight `decay` per newer step): a least-squares
+    line seconds = fixed + per_token * tokens over every step (a multi-step call counts as its steps,
+    each of `rows` tokens), and the host and device seconds of decode-only calls."""
+
+    decay: float = 0.97
+    observations: int = 0
+    _w: float = 0.0  # weighted sums for the line
+    _x: float = 0.0
+    _y: float = 0.0
+    _xx: float = 0.0
+    _xy: float = 0.0
+    _decode_calls: int = 0
+    _host_s: float = 0.0  # EMA of a decode-only call's host seconds
+    _device_s: float = 0.0  # EMA of a decode-only call's device seconds per step
+
+    def observe(self, tokens: int, seconds: float, wait_s: float, steps: int = 1, decode_only: bool = False) -> None:
+        """One call of `steps` steps of `tokens` flat tokens each, `seconds` wall, `wait_s` of them
+        blocked on the device's results."""
+        per_step = seconds / steps
+        self._w = self.decay * self._w + 1.0
+        self._x = self.decay * self._x + tokens
+        self._y = self.decay * self._y + per_step
+        self._xx = self.decay * self._xx + tokens * tokens
+        self._xy = self.decay * self._xy + tokens * per_step
+        self.observations += 1
+        if decode_only:
+            a = 1.0 if self._decode_calls == 0 else _DECODE_EMA
+            host, device = max(0.0, seconds - wait_s), wait_s / steps
+            self._host_s += a * (host - self._host_s)
+            self._device_s += a * (device - self._device_s)
+            self._decode_calls += 1
+
+    def line(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token) of a step, None until enough steps of different sizes."""
+        if self.observations < MIN_OBSERVATIONS:
+            return None
+        var = self._xx / self._w - (self._x / self._w) ** 2
+        if var <= 1.0:  # every step had (nearly) the same tokens: no slope to read
+            return None
+        slope = (self._xy / self._w - self._x * self._y / self._w ** 2) / var
+        fixed = self._y / self._w - slope * self._x / self._w
+        return max(fixed, 0.0), slope
+
+    def max_tokens(self, decode_tokens: int, ratio: float) -> float | None:
+        """Most flat tokens a step may hold to take at most `ratio` times a step of `decode_tokens`:
+        (ratio - 1) * fixed / per_token + ratio * decode_tokens. None: no bound (not measured yet, or
+        tokens cost nothing measurable)."""
+        line = self.line()
+        if line is None or line[1] * _FREE_TOKENS <= line[0]:
+            return None
+        fixed, per_token = line
+        return (ratio - 1.0) * fixed / per_token + ratio * decode_tokens
+
+    def host_share(self) -> float | None:
+        """The host's share of a one-step decode call (what running decode_steps steps per call could
+        save at most), None before MIN_OBSERVATIONS decode-only calls."""
+        if self._decode_calls < MIN_OBSERVATIONS:
+            return None
+        total = self._host_s + self._device_s
+        return self._host_s / total if total > 0 else None
