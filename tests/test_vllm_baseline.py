@@ -39,9 +39,29 @@ SERVE = ServeSettings("smollm2", "float32", max_model_len=320, max_num_seqs=8, k
 # ---- the comparison ------------------------------------------------------------------------------
 
 
-def point(system: str, c: int, tok_s: float, ttft: float, tpot: float, itl50: float, itl99: float) -> dict:
+def point(system: str, c: int, tok_s: float, ttft: float, tpot: float, itl50: float, itl99: float,
+          decode_bound_tok_s: float = 100.0, compilations: int | None = 0) -> dict:
     return {"system": system, "concurrency": c, "output_tok_s": tok_s, "ttft_ms": {"median": ttft},
-            "tpot_ms": {"median": tpot}, "itl_ms": {"median": itl50, "p99": itl99}}
+            "tpot_ms": {"median": tpot}, "itl_ms": {"median": itl50, "p99": itl99},
+            "roofline": {"decode_bound_tok_s": decode_bound_tok_s}, "compilations": compilations}
+
+
+def test_own_targets_itl_spread_tpot_over_roofline_and_compilations():
+    points = [point("jaxserve-served", 8, 90.0, 200, 60, 30, 90, decode_bound_tok_s=400.0),  # step 20 ms
+              point("jaxserve-served", 1, 30.0, 50.0, 20.0, 0.0, 80.0, compilations=2),
+              point("jaxserve-served", 32, 90.0, 200, 121, 40, 121, decode_bound_tok_s=533.3),
+              point("vllm-cpu", 8, 60.0, 100, 120, 1, 130)]
+    rows = compare(points, "jaxserve-served", ["vllm-cpu"])["own_targets"]["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 8, 32]  # ours only, in order
+    one, eight, big = rows
+    assert one["itl_p99_over_p50"] is None and not one["itl_smooth"] and one["compilations"] == 2  # bursts
+    assert eight["itl_p99_over_p50"] == 3.0 and eight["itl_smooth"]  # exactly 3x passes
+    assert big["itl_p99_over_p50"] > 3.0 and not big["itl_smooth"]
+    assert eight["roofline_decode_step_ms"] == pytest.approx(20.0) and eight["tpot_over_roofline"] == pytest.approx(3.0)
+    assert not eight["tpot_near_roofline"]
+    assert big["tpot_over_roofline"] == pytest.approx(121 / 60.0, rel=1e-3) and not big["tpot_near_roofline"]
+    table = format_comparison(compare(points, "jaxserve-served", ["vllm-cpu"]))
+    assert "| 8 | 3.00 | 60 / 20 ms (3.00x) | 0 |" in table and "| 1 | - |" in table
 
 
 def test_comparison_ratios_and_target():
