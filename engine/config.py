@@ -40,17 +40,17 @@ def default_mixed_step_ratio(platform: str) -> float | None:
     return 3.0 if platform == "cpu" else None
 
 
-def mixed_step_ratio_arg(text: str) -> dict[str, float | None]:
-    """A --mixed_step_ratio flag as LLM keyword arguments: "auto" none (the platform's default),
-    "none" no cap, else the number."""
+def optional_number_arg(name: str, text: str) -> dict[str, float | None]:
+    """A flag for an EngineConfig number that may be None, as LLM keyword arguments: "auto" none (the
+    field's default), "none" None, else the number."""
     if text == "auto":
         return {}
     if text == "none":
-        return {"mixed_step_ratio": None}
+        return {name: None}
     try:
-        return {"mixed_step_ratio": float(text)}
+        return {name: float(text)}
     except ValueError:
-        raise ValueError(f"mixed_step_ratio must be a number > 1, 'none' or 'auto', got {text!r}") from None
+        raise ValueError(f"{name} must be a number, 'none' or 'auto', got {text!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +71,11 @@ class EngineConfig:
     prefill_chunk: int | None = None
     max_num_batched_tokens: int | None = None
     decode_steps: int = 4
-    # A decode-only call runs decode_steps steps only while the host's measured share of a one-step
-    # decode exceeds this (engine/step_costs.py): multi-step saves at most that share of the time and
-    # delivers each client its tokens in bursts of decode_steps. 0: always decode_steps; 1: never.
-    multi_step_host_share: float = 0.1
+    # A decode-only call runs decode_steps steps (each client gets its tokens in bursts of that many)
+    # only where the engine measured that at least this much faster per token than one step (each
+    # token streamed as soon as it is sampled), per batch bucket (engine/step_costs.py). None: always
+    # decode_steps, unmeasured; decode_steps=1: never.
+    multi_step_min_gain: float | None = 0.1
     # While requests decode, a step's prefill tokens are capped so that the step takes at most this
     # many decode steps of its decodes (their inter-token latency), by the step-cost line the engine
     # measures as it runs (engine/step_costs.py). None: the token budget alone; default by platform.
@@ -124,8 +125,8 @@ class EngineConfig:
         check_kv_cache_dtype(self.kv_cache_dtype)
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
-        if not 0.0 <= self.multi_step_host_share <= 1.0:
-            raise ValueError(f"multi_step_host_share must be in [0, 1], got {self.multi_step_host_share}")
+        if self.multi_step_min_gain is not None and not self.multi_step_min_gain >= 0.0:
+            raise ValueError(f"multi_step_min_gain must be >= 0 or None, got {self.multi_step_min_gain}")
         if self.mixed_step_ratio is not None and not self.mixed_step_ratio > 1.0:
             raise ValueError(f"mixed_step_ratio must be > 1 (a mixed step takes longer than a decode step) or "
                              f"None, got {self.mixed_step_ratio}")

@@ -113,6 +113,7 @@ class LLM:
         self._requests: dict[int, Request] = {}
         self._groups: dict[int, list[Request]] = {}  # a prompt's first sequence's id -> its n > 1 sequences
         self._inflight: _InFlight | None = None  # a decode call dispatched before the last one was applied
+        self._cycle: tuple[float, int, int] | None = None  # the last decode-only call's (start, rows, steps)
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(seed)
         self._asleep: sleep_mode.Asleep | None = None  # set by sleep(): what wake_up() restores
@@ -265,6 +266,9 @@ class LLM:
         scheduling, input building and output processing run while the device computes.
         """
         start = time.perf_counter()
+        if self._cycle is not None:  # the engine stayed busy since: its whole cycle, the caller's part too
+            self.costs.observe_cycle(self._cycle[1], self._cycle[2], start - self._cycle[0])
+            self._cycle = None
         if self._inflight is not None:
             output, pending = self._inflight.output, self._inflight.pending
             self._inflight = None
@@ -291,6 +295,8 @@ class LLM:
             self._forget(request)
         self.costs.observe(_step_tokens(output, self.config), time.perf_counter() - start, result.wait_s,
                            output.decode_steps, output.is_decode_only)
+        if output.is_decode_only and self.has_unfinished():
+            self._cycle = (start, bucket(len(output.scheduled), self.config.batch_buckets), output.decode_steps)
         return finished
 
     def _run(self, output: SchedulerOutput, pending: tuple | None,

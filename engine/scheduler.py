@@ -201,23 +201,23 @@ class Scheduler:
 
     def _decode_steps(self, scheduled: list[ScheduledRequest]) -> int:
         """decode_steps for a decode-only step whose requests all get pages for that many more
-        tokens without preempting anyone (nothing waits that could be admitted), and while the host's
-        measured share of a decode step is at least multi_step_host_share (StepCosts.host_share:
-        otherwise one step, each token streamed as soon as it is sampled), else 1. A step
+        tokens without preempting anyone (nothing waits that could be admitted), and where that was
+        measured to pay by multi_step_min_gain (StepCosts.decode_steps: else one step, each token
+        streamed as soon as it is sampled), else 1. A step
         holding a constrained request takes one token (its next mask depends on the token drawn), as
         does one holding a research hook, and every step when the engine counts experts (the mixed
         step runs the hooks: engine/model_hooks.py)."""
         steps = self.config.decode_steps
         if steps == 1 or not scheduled or (self.waiting and len(self.running) < self.config.max_num_seqs):
             return 1
-        share, least = self.costs.host_share(), self.config.multi_step_host_share
-        if least > 0 and share is not None and share < least:
-            return 1
         if self.config.count_experts or any(s.request.constraint is not None or s.request.params.hooked
                                             for s in scheduled):
             return 1
         if not SchedulerOutput(scheduled, 1).is_decode_only:
             return 1
+        if self.config.multi_step_min_gain is not None:
+            rows = bucket(len(scheduled), self.config.batch_buckets)
+            steps = self.costs.decode_steps(rows, steps, self.config.multi_step_min_gain)
         for s in scheduled:
             if not self._try_grow(s.request, min(s.start + steps, s.request.max_total_len)):
                 return 1

@@ -1,8 +1,10 @@
 """What the engine's steps cost, measured as they run: a line fitted to a step's seconds against its
-flat tokens, and the host's seconds per call. The scheduler's two adaptive policies read it: how
-many prefill tokens a step may carry beside decodes (their inter-token latency), and whether a
-decode-only call runs one step or decode_steps (bursts of tokens for fewer host round trips).
-Pure Python: no JAX; LLM.step records every step it runs.
+flat tokens, and the seconds per token of decode-only calls of one step and of decode_steps steps,
+per batch bucket, over the engine's whole cycle (the step, then whatever its caller does before
+the next one: a server publishing tokens). The scheduler's two adaptive policies read it: how many
+prefill tokens a step may carry beside decodes (their inter-token latency), and whether a
+decode-only call runs one step (each token streamed as soon as it is sampled) or decode_steps
+(bursts of tokens, fewer host round trips). Pure Python: no JAX; LLM.step records every step.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import dataclasses
 MIN_OBSERVATIONS = 8  # steps seen before a policy trusts the measurements
 _FREE_TOKENS = 1e6  # a step whose per-token cost times this is within its fixed cost: tokens cost nothing
 _DECODE_EMA = 0.1  # weight of the newest decode-only call in the host and device averages
+MIN_DECODE_CALLS = 3  # calls of a (batch bucket, steps) timed before the policy compares it
+EXPLORE_EVERY = 32  # decode calls of the chosen kind, per batch bucket, between re-timings of the other
 
 
 @dataclasses.dataclass
@@ -30,6 +34,7 @@ class StepCosts:
     _decode_calls: int = 0
     _host_s: float = 0.0  # EMA of a decode-only call's host seconds
     _device_s: float = 0.0  # EMA of a decode-only call's device seconds per step
+    _cycles: dict = dataclasses.field(default_factory=dict)  # (rows bucket, steps) -> [EMA s per token-step, calls]
 
     def observe(self, tokens: int, seconds: float, wait_s: float, steps: int = 1, decode_only: bool = False) -> None:
         """One call of `steps` steps of `tokens` flat tokens each, `seconds` wall, `wait_s` of them
@@ -68,6 +73,26 @@ class StepCosts:
             return None
         fixed, per_token = line
         return (ratio - 1.0) * fixed / per_token + ratio * decode_tokens
+
+    def observe_cycle(self, rows: int, steps: int, seconds: float) -> None:
+        """A decode-only call of `steps` steps over `rows` (its batch bucket) and `seconds` from its
+        start to the next step's start, the engine busy all along. The first of each kind is only
+        counted: it may have compiled."""
+        ema = self._cycles.setdefault((rows, steps), [0.0, 0])
+        ema[0] = seconds / steps if ema[1] == 1 else ema[0] + _DECODE_EMA * (seconds / steps - ema[0])
+        ema[1] += 1
+
+    def decode_steps(self, rows: int, most: int, min_gain: float) -> int:
+        """The steps a decode-only call over `rows` should run: `most` where that was measured at least
+        `min_gain` faster per token than one step, else 1; a kind timed fewer than MIN_DECODE_CALLS
+        times runs first (one step before `most`), and every EXPLORE_EVERY calls the other kind runs
+        once, so the choice follows the machine's load."""
+        one, many = self._cycles.get((rows, 1), [0.0, 0]), self._cycles.get((rows, most), [0.0, 0])
+        for steps, (_, calls) in ((1, one), (most, many)):
+            if calls < MIN_DECODE_CALLS:
+                return steps
+        best, other = (most, 1) if many[0] * (1.0 + min_gain) < one[0] else (1, most)
+        return other if (one[1] + many[1]) % EXPLORE_EVERY == 0 else best
 
     def host_share(self) -> float | None:
         """The host's share of a one-step decode call (what running decode_steps steps per call could

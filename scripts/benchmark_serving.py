@@ -59,7 +59,7 @@ from benchmarks.server_process import free_port
 from benchmarks.vllm_baseline import (JAXSERVE_SYSTEM, VLLM_SYSTEMS, ServeSettings, jaxserve_launch, package_versions,
                                       served_run, vllm_launch)
 from benchmarks.workloads import SHAPES, max_model_len, shape_lengths
-from engine.config import EngineConfig, mixed_step_ratio_arg
+from engine.config import EngineConfig, optional_number_arg
 from engine.llm import LLM
 from models import load_model
 from models.loaded_model import EMBEDDED_WEIGHTS, embedded_weights_path, load_config
@@ -81,8 +81,8 @@ _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", None, "Engine prefill chu
 _MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", None, "Engine token budget per (ragged) step "
                                     "(default: the engine's, by platform).")
 _MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", None, "Engine sequence slots (default: the largest concurrency).")
-_MULTI_STEP_SHARE = flags.DEFINE_float("multi_step_host_share", 0.1, "Engine: decode_steps per call only while the "
-                                       "host's measured share of a decode step is at least this (0: always).")
+_MIN_GAIN = flags.DEFINE_string("multi_step_min_gain", "auto", "Engine: decode_steps per call only where measured "
+                                "at least this much faster per token than one step (a number, none: always, auto: 0.1).")
 _MIXED_RATIO = flags.DEFINE_string("mixed_step_ratio", "auto", "Engine: a step beside decodes takes at most this many "
                                    "of their decode steps (a number > 1, none, or auto: 3 on a CPU, none elsewhere).")
 _ASYNC = flags.DEFINE_bool("async_scheduling", False, "Engine: dispatch a decode call's successor before its tokens.")
@@ -231,8 +231,8 @@ def main(argv: list[str]) -> None:
                                               settings.num_turns, settings.tool_result_len),
                   prefill_chunk=_PREFILL_CHUNK.value, max_num_batched_tokens=_MAX_BATCHED.value, seed=_SEED.value,
                   async_scheduling=_ASYNC.value, enable_prefix_caching=caching, speculative_config=speculative_config,
-                  attention_impl=_ATTENTION.value, multi_step_host_share=_MULTI_STEP_SHARE.value,
-                  **mixed_step_ratio_arg(_MIXED_RATIO.value))
+                  attention_impl=_ATTENTION.value, **optional_number_arg("multi_step_min_gain", _MIN_GAIN.value),
+                  **optional_number_arg("mixed_step_ratio", _MIXED_RATIO.value))
         points += engine_points(llm, settings, concurrencies, num_prompts, _DTYPE.value)
     versions = {"jax": jax.__version__}
     header = report_header(llm, settings, started)
@@ -284,7 +284,7 @@ def jaxserve_engine_flags() -> list[str]:
     """This script's engine flags in scripts/serve.py's words (the ones ServeSettings does not hold)."""
     out = [f"--decode_steps={_DECODE_STEPS.value}", f"--page_size={_PAGE_SIZE.value}",
            f"--attention_impl={_ATTENTION.value}", f"--seed={_SEED.value}",
-           f"--{'' if _ASYNC.value else 'no'}async_scheduling", f"--multi_step_host_share={_MULTI_STEP_SHARE.value}",
+           f"--{'' if _ASYNC.value else 'no'}async_scheduling", f"--multi_step_min_gain={_MIN_GAIN.value}",
            f"--mixed_step_ratio={_MIXED_RATIO.value}"]
     return out + ([] if _PREFILL_CHUNK.value is None else [f"--prefill_chunk={_PREFILL_CHUNK.value}"])
 

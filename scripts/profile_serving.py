@@ -28,7 +28,7 @@ from benchmarks.metrics import point_metrics
 from benchmarks.serving_sweep import run_closed_loop
 from benchmarks.workloads import make_workload
 from engine import LLM
-from engine.config import mixed_step_ratio_arg
+from engine.config import optional_number_arg
 from models import load_model
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "Preset or checkpoint.")
@@ -39,7 +39,7 @@ _ISL = flags.DEFINE_integer("isl", 256, "Longest prompt (lengths uniform in [0.8
 _OSL = flags.DEFINE_integer("osl", 64, "Longest output.")
 _BUDGET = flags.DEFINE_integer("max_num_batched_tokens", None, "Token budget (default: the platform's).")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "Most decode steps per call.")
-_SHARE = flags.DEFINE_float("multi_step_host_share", 0.1, "EngineConfig.multi_step_host_share.")
+_MIN_GAIN = flags.DEFINE_string("multi_step_min_gain", "auto", "EngineConfig.multi_step_min_gain: a number, none or auto.")
 _RATIO = flags.DEFINE_string("mixed_step_ratio", "auto", "EngineConfig.mixed_step_ratio: a number, none or auto.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file to write.", required=True)
 
@@ -129,7 +129,8 @@ def main(argv: list[str]) -> None:
     model = load_model(_MODEL.value, dtype=_DTYPE.value)
     llm = LLM(model, max_num_seqs=max(concurrencies), max_model_len=_ISL.value + _OSL.value,
               max_num_batched_tokens=_BUDGET.value, decode_steps=_DECODE_STEPS.value, enable_prefix_caching=False,
-              multi_step_host_share=_SHARE.value, **mixed_step_ratio_arg(_RATIO.value))
+              **optional_number_arg("multi_step_min_gain", _MIN_GAIN.value),
+              **optional_number_arg("mixed_step_ratio", _RATIO.value))
     llm.warmup()
     peaks = roofline.device_peaks(_DTYPE.value)
     points = [profile_point(llm, c, _NUM_PROMPTS.value or max(48, 6 * c), peaks) for c in concurrencies]

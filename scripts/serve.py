@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from benchmarks.compilations import on_compilation
 from engine import LLM, kv_cache
-from engine.config import mixed_step_ratio_arg
+from engine.config import optional_number_arg
 from models.loaded_model import load_config
 from pallas_kernels.ops import IMPLS
 from sharding import DEFAULT_RULES, RULES
@@ -70,9 +70,9 @@ PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from --kv_cache_bytes)")
 KV_BYTES = flags.DEFINE_integer("kv_cache_bytes", 4 << 30, "KV pool budget when --num_pages is not set")
 DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted call")
-MULTI_STEP_SHARE = flags.DEFINE_float("multi_step_host_share", 0.1, "run --decode_steps per call only while the host's "
-                                      "measured share of a decode step is at least this (else one token per call, "
-                                      "streamed at once); 0: always")
+MIN_GAIN = flags.DEFINE_string("multi_step_min_gain", "auto", "run --decode_steps per call (tokens in bursts) only "
+                               "where measured at least this much faster per token than one step (each token "
+                               "streamed at once): a number, none (always bursts), or auto (0.1)")
 MIXED_RATIO = flags.DEFINE_string("mixed_step_ratio", "auto", "while requests decode, cap a step's prefill tokens so it "
                                   "takes at most this many of their decode steps (their ITL): a number > 1, none, or "
                                   "auto (3 on a CPU, none elsewhere)")
@@ -154,7 +154,8 @@ def main(argv: list[str]) -> None:
               max_model_len=max_model_len(mesh), max_num_batched_tokens=MAX_BATCHED.value,
               prefill_chunk=PREFILL_CHUNK.value, page_size=PAGE_SIZE.value, num_pages=NUM_PAGES.value,
               kv_cache_bytes=KV_BYTES.value, decode_steps=DECODE_STEPS.value, async_scheduling=ASYNC.value,
-              multi_step_host_share=MULTI_STEP_SHARE.value, **mixed_step_ratio_arg(MIXED_RATIO.value),
+              **optional_number_arg("multi_step_min_gain", MIN_GAIN.value),
+              **optional_number_arg("mixed_step_ratio", MIXED_RATIO.value),
               attention_impl=ATTENTION_IMPL.value, kv_cache_dtype=KV_CACHE_DTYPE.value,
               enable_prefix_caching=PREFIX_CACHING.value)
     if WARMUP.value:

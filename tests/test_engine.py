@@ -32,7 +32,8 @@ def test_smollm2_greedy_matches_forward(smollm2):
     prompts = random_prompts(1, 16, smollm2.config.vocab_size, 2, 60)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     llm = LLM(smollm2, page_size=16, max_model_len=128, max_num_seqs=8, prefill_chunk=32,
-              max_num_batched_tokens=128, decode_steps=3)
+              max_num_batched_tokens=128, decode_steps=3,
+              multi_step_min_gain=None)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == greedy_reference(smollm2, prompts, params.max_tokens, pad_to=72)
 

@@ -13,7 +13,7 @@ def test_profile_serving_writes_consistent_json(tmp_path):
     out = tmp_path / "profile.json"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_serving.py"), "--model=tiny-llama",
                     "--concurrency=4", "--num_prompts=12", "--isl=40", "--osl=12", "--max_num_batched_tokens=64",
-                    "--multi_step_host_share=0", f"--output={out}"], check=True, cwd=tmp_path, timeout=300)
+                    "--multi_step_min_gain=none", f"--output={out}"], check=True, cwd=tmp_path, timeout=300)
     report = json.loads(out.read_text())
     (point,) = report["points"]
     assert point["concurrency"] == 4 and point["num_requests"] == 12

@@ -25,7 +25,7 @@ def tiny():
 
 def small_llm(model, **overrides) -> LLM:
     kwargs = dict(page_size=8, max_model_len=192, max_num_seqs=12, prefill_chunk=32,
-                  max_num_batched_tokens=64, decode_steps=4)
+                  max_num_batched_tokens=64, decode_steps=4, multi_step_min_gain=None)
     return LLM(model, **{**kwargs, **overrides})
 
 
@@ -166,7 +166,7 @@ def test_no_recompilation_with_staggered_arrivals(tiny):
 def test_no_recompilation_with_prefix_hits_and_adaptive_steps(tiny):
     """Prompts that hit the prefix cache at every offset within a page, while the engine measures its
     steps and its adaptive policies (engine/step_costs.py) pick prefill caps and one-step decodes."""
-    llm = small_llm(tiny, mixed_step_ratio=1.5, multi_step_host_share=1.0)
+    llm = small_llm(tiny, mixed_step_ratio=1.5, multi_step_min_gain=1.0)
     llm.warmup()
     base, extra = prompts_of(9, [50, 30])
     with count_compilations() as compiles:

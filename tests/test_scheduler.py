@@ -9,7 +9,8 @@ from engine.scheduler import Scheduler, SchedulerOutput
 
 def make(num_pages: int = 64, **kwargs) -> Scheduler:
     cfg = EngineConfig(**{"max_model_len": 128, "page_size": 4, "num_pages": num_pages, "max_num_seqs": 4,
-                          "prefill_chunk": 16, "max_num_batched_tokens": 32, "decode_steps": 2, **kwargs})
+                          "prefill_chunk": 16, "max_num_batched_tokens": 32, "decode_steps": 2,
+                          "multi_step_min_gain": None, **kwargs})
     return Scheduler(cfg, PageAllocator(num_pages))
 
 

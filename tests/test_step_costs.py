@@ -1,5 +1,5 @@
 """The measured step costs (engine/step_costs.py) and the two adaptive policies that read them: the
-prefill tokens a step may carry beside decodes, and one-step vs multi-step decode calls (no JAX)."""
+prefill tokens a step may carry beside decodes, and one-step vs multi-step decode calls."""
 
 import numpy as np
 import pytest
@@ -46,6 +46,7 @@ def test_line_follows_the_newest_steps():
 
 
 def test_host_share_of_decode_calls():
+    """Reported by scripts/profile_serving.py."""
     assert costs_of(0.02, 0.0, [8] * (MIN_OBSERVATIONS - 1), host=0.002).host_share() is None
     assert costs_of(0.02, 0.0, [8] * 30, host=0.002).host_share() == pytest.approx(0.002 / 0.022, rel=0.01)
     four = StepCosts()
@@ -98,30 +99,75 @@ def test_prefill_alone_takes_the_whole_chunk():
     assert s.schedule().scheduled[0].num_tokens == 128
 
 
-@pytest.mark.parametrize("host, threshold, steps", [(0.001, 0.1, 1), (0.01, 0.1, 4), (0.001, 0.0, 4)])
-def test_multi_step_only_while_the_host_share_is_large(host, threshold, steps):
-    """1 ms host per 20 ms step (5%): one step per call, tokens streamed one by one; 10 ms (33%): 4."""
-    s = make(costs_of(0.02, 0.0, [4] * 20, host=host), multi_step_host_share=threshold)
+def timed(one: float, many: float, calls: int = 10, rows: int = 4, most: int = 4) -> StepCosts:
+    """StepCosts whose decode cycles over `rows` cost `one` s per token in one-step calls and `many` in
+    `most`-step calls, `calls` of each."""
+    costs = StepCosts()
+    for _ in range(calls):
+        costs.observe_cycle(rows, 1, one)
+        costs.observe_cycle(rows, most, many * most)
+    return costs
+
+
+@pytest.mark.parametrize("one, many, gain, steps", [(0.027, 0.018, 0.1, 4), (0.030, 0.029, 0.1, 1),
+                                                    (0.030, 0.029, 0.0, 4), (0.030, 0.028, 0.1, 1)])
+def test_multi_step_only_where_measured_faster_per_token(one, many, gain, steps):
+    """Bursts only where they pay by min_gain: 27 vs 18 ms per token (served, concurrency 1): 4 steps;
+    30 vs 29 ms (concurrency 8): one step, each token streamed alone."""
+    s = make(timed(one, many, calls=11), multi_step_min_gain=gain)  # 22 calls: not a re-timing call
     decoding(s, 4)
     assert s.schedule().decode_steps == steps
 
 
-def test_multi_step_before_measurements():
-    s = make(StepCosts())
+def test_each_kind_is_timed_first_then_retimed():
+    costs = StepCosts()
+    assert costs.decode_steps(4, 4, 0.1) == 1  # one step first
+    costs.observe_cycle(4, 1, 5.0)  # the first call of a kind compiled: counted, not averaged
+    for _ in range(2):
+        costs.observe_cycle(4, 1, 0.03)
+    assert costs.decode_steps(4, 4, 0.1) == 4  # then decode_steps
+    for _ in range(3):
+        costs.observe_cycle(4, 4, 0.04)  # 10 ms per token: far faster
+    assert costs._cycles[4, 1][0] == pytest.approx(0.03)
+    assert costs.decode_steps(4, 4, 0.1) == 4 and costs.decode_steps(8, 4, 0.1) == 1  # per batch bucket
+    choices = []
+    for _ in range(64):
+        choices.append(costs.decode_steps(4, 4, 0.1))
+        costs.observe_cycle(4, choices[-1], 0.03 if choices[-1] == 1 else 0.04)
+    assert choices.count(1) == 2 and choices.count(4) == 62  # the slower kind, once every 32 calls
+
+
+def test_decode_steps_unmeasured_when_min_gain_is_none():
+    s = make(timed(0.02, 0.03), multi_step_min_gain=None)  # bursts measured slower, but not asked
     decoding(s, 4)
     assert s.schedule().decode_steps == 4
+
+
+def test_engine_times_its_whole_cycle():
+    """LLM.step times a decode-only call to the next step's start (the caller's part included)."""
+    import time
+    from engine.llm import LLM
+    llm = LLM("tiny-llama", max_model_len=64, max_num_seqs=4, decode_steps=4, multi_step_min_gain=0.1)
+    llm.add_request([1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True))
+    while llm.has_unfinished():
+        llm.step()
+        time.sleep(0.01)  # a caller that takes 10 ms per step: bursts pay 4x less of it per token
+    cycles = llm.costs._cycles
+    assert {steps for _, steps in cycles} == {1, 4}
+    assert cycles[1, 1][0] > 0.01 and cycles[1, 4][0] < cycles[1, 1][0]
 
 
 def test_config_refuses_bad_ratios():
     with pytest.raises(ValueError, match="mixed_step_ratio"):
         EngineConfig(max_model_len=64, mixed_step_ratio=1.0)
-    with pytest.raises(ValueError, match="multi_step_host_share"):
-        EngineConfig(max_model_len=64, multi_step_host_share=1.5)
+    with pytest.raises(ValueError, match="multi_step_min_gain"):
+        EngineConfig(max_model_len=64, multi_step_min_gain=-0.5)
 
 
-def test_mixed_step_ratio_flag():
-    from engine.config import mixed_step_ratio_arg
-    assert mixed_step_ratio_arg("auto") == {} and mixed_step_ratio_arg("none") == {"mixed_step_ratio": None}
-    assert mixed_step_ratio_arg("2.5") == {"mixed_step_ratio": 2.5}
+def test_optional_number_flags():
+    from engine.config import optional_number_arg
+    assert optional_number_arg("mixed_step_ratio", "auto") == {}
+    assert optional_number_arg("mixed_step_ratio", "none") == {"mixed_step_ratio": None}
+    assert optional_number_arg("multi_step_min_gain", "0.25") == {"multi_step_min_gain": 0.25}
     with pytest.raises(ValueError, match="mixed_step_ratio"):
-        mixed_step_ratio_arg("fast")
+        optional_number_arg("mixed_step_ratio", "fast")
