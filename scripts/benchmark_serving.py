@@ -82,7 +82,7 @@ _MAX_BATCHED = flags.DEFINE_integer("max_num_batched_tokens", None, "Engine toke
                                     "(default: the engine's, by platform).")
 _MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", None, "Engine sequence slots (default: the largest concurrency).")
 _MIN_GAIN = flags.DEFINE_string("multi_step_min_gain", "auto", "Engine: decode_steps per call only where measured "
-                                "at least this much faster per token than one step (a number, none: always, auto: 0.1).")
+                                "at least this much faster per token than one step (a number, none: always, auto: 0.5).")
 _MIXED_RATIO = flags.DEFINE_string("mixed_step_ratio", "auto", "Engine: a step beside decodes takes at most this many "
                                    "of their decode steps (a number > 1, none, or auto: 3 on a CPU, none elsewhere).")
 _ASYNC = flags.DEFINE_bool("async_scheduling", False, "Engine: dispatch a decode call's successor before its tokens.")

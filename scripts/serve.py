@@ -72,7 +72,7 @@ KV_BYTES = flags.DEFINE_integer("kv_cache_bytes", 4 << 30, "KV pool budget when 
 DECODE_STEPS = flags.DEFINE_integer("decode_steps", 4, "decode steps per jitted call")
 MIN_GAIN = flags.DEFINE_string("multi_step_min_gain", "auto", "run --decode_steps per call (tokens in bursts) only "
                                "where measured at least this much faster per token than one step (each token "
-                               "streamed at once): a number, none (always bursts), or auto (0.1)")
+                               "streamed at once): a number, none (always bursts), or auto (0.5)")
 MIXED_RATIO = flags.DEFINE_string("mixed_step_ratio", "auto", "while requests decode, cap a step's prefill tokens so it "
                                   "takes at most this many of their decode steps (their ITL): a number > 1, none, or "
                                   "auto (3 on a CPU, none elsewhere)")
