@@ -13,16 +13,17 @@ import dataclasses
 
 MIN_OBSERVATIONS = 8  # steps seen before a policy trusts the measurements
 _FREE_TOKENS = 1e6  # a step whose per-token cost times this is within its fixed cost: tokens cost nothing
-_DECODE_EMA = 0.1  # weight of the newest decode-only call in the host and device averages
+_DECODE_EMA = 0.1  # weight of the newest decode-only call in its averages (host, device, cycle)
 MIN_DECODE_CALLS = 3  # calls of a (batch bucket, steps) timed before the policy compares it
-EXPLORE_EVERY = 32  # decode calls of the chosen kind, per batch bucket, between re-timings of the other
+EXPLORE_EVERY = 32  # decode calls per batch bucket between re-timings of the slower kind
 
 
 @dataclasses.dataclass
 class StepCosts:
     """Exponentially weighted statistics of recent steps (weight `decay` per newer step): a least-squares
     line seconds = fixed + per_token * tokens over every step (a multi-step call counts as its steps,
-    each of `rows` tokens), and the host and device seconds of decode-only calls."""
+    each of `rows` tokens), the host and device seconds of decode-only calls (reported), and their
+    whole cycles' seconds per token by (batch bucket, steps) (the multi-step choice)."""
 
     decay: float = 0.97
     observations: int = 0
@@ -96,7 +97,8 @@ class StepCosts:
 
     def host_share(self) -> float | None:
         """The host's share of a one-step decode call (what running decode_steps steps per call could
-        save at most), None before MIN_OBSERVATIONS decode-only calls."""
+        save at most; scripts/profile_serving.py reports it), None before MIN_OBSERVATIONS decode-only
+        calls."""
         if self._decode_calls < MIN_OBSERVATIONS:
             return None
         total = self._host_s + self._device_s
