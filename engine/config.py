@@ -35,8 +35,8 @@ def default_token_budget(platform: str) -> int:
 
 def default_mixed_step_ratio(platform: str) -> float | None:
     """mixed_step_ratio when none is given. A CPU is compute-bound: a 256-token prefill chunk beside
-    8 decodes took 6x a decode step there, the decodes' ITL p99 (docs/benchmark_results.md); 3 keeps
-    ITL p99 within 3x p50 for ~5% throughput. Elsewhere none: vLLM's budget-only policy."""
+    8 decodes took 6x a decode step there, the decodes' ITL p99; 3 keeps ITL p99 within 3x p50 for
+    8-12% of output tok/s (served, docs/benchmark_results.md). Elsewhere none: vLLM's budget-only policy."""
     return 3.0 if platform == "cpu" else None
 
 
