@@ -75,7 +75,7 @@ class EngineConfig:
     # only where the engine measured that at least this much faster per token than one step (each
     # token streamed as soon as it is sampled), per batch bucket (engine/step_costs.py). 0.5: a burst
     # of 4 must cost at most 2/3 of 4 single steps (served on CPU, concurrency 1: 16.5 vs 27 ms per
-    # token, bursts; 8: ~31 vs ~39 ms, one by one). None: always decode_steps; decode_steps=1: never.
+    # token, bursts; 8: an estimated ~31 vs ~39 ms from the step profile, one by one). None: always decode_steps; decode_steps=1: never.
     multi_step_min_gain: float | None = 0.5
     # While requests decode, a step's prefill tokens are capped so that the step takes at most this
     # many decode steps of its decodes (their inter-token latency), by the step-cost line the engine

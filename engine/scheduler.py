@@ -11,6 +11,9 @@ With data-parallel attention (EngineConfig.attention_shards > 1) each admission 
 to a shard: the one with the longest cached prefix for it, then the most free pages, among those
 with a free sequence slot and budget left. A shard has its own page pool, max_num_seqs / shards
 slots and budget / shards tokens; preemption frees pages on the shard that needs them.
+Two policies read what the engine measured (engine/step_costs.py): while requests decode, a step's
+prefill is capped to mixed_step_ratio of their decode step, and decode-only calls run decode_steps
+steps only where that was measured multi_step_min_gain faster per token.
 Policy only: no JAX, no sampled tokens (engine/output_processor.py applies those).
 """
 

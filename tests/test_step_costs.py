@@ -155,6 +155,7 @@ def test_engine_times_its_whole_cycle():
     cycles = llm.costs._cycles
     assert {steps for _, steps in cycles} == {1, 4}
     assert cycles[1, 1][0] > 0.01 and cycles[1, 4][0] < cycles[1, 1][0]
+    assert cycles[1, 4][1] >= 2 and cycles[1, 4][0] > 0  # an averaged 4-step cycle, not the first (compiling) one
 
 
 def test_config_refuses_bad_ratios():
